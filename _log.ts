@@ -1,0 +1,43 @@
+/**
+ * Logs go to stderr, one line each, so stdout stays for what a node promises to print
+ * (`listening at ...`).
+ *
+ * @module
+ */
+
+/** Log levels, least to most severe. */
+export const LOG_LEVELS = ["debug", "info", "warn", "error", "silent"] as const;
+/** A log level. */
+export type LogLevel = typeof LOG_LEVELS[number];
+
+/** Where nodes write what happens. */
+export interface Logger {
+  /** Details a developer needs to follow the exchange. */
+  debug(message: string): void;
+  /** Normal milestones: listening, a worker joined. */
+  info(message: string): void;
+  /** Something went wrong, and the node carries on. */
+  warn(message: string): void;
+  /** Something went wrong that the node cannot repair. */
+  error(message: string): void;
+}
+
+const encoder = new TextEncoder();
+
+/** A logger that writes lines at `level` and above to stderr, tagged with `name`. */
+export function createLogger(name: string, level: LogLevel = "info"): Logger {
+  const threshold = LOG_LEVELS.indexOf(level);
+  const at = (l: LogLevel) => (message: string) => {
+    if (LOG_LEVELS.indexOf(l) < threshold) return;
+    const line = `${new Date().toISOString()} ${l.toUpperCase().padEnd(5)} ${name}: ${message}\n`;
+    try {
+      Deno.stderr.writeSync(encoder.encode(line));
+    } catch {
+      // stderr gone (the parent closed it): logging must never take the node down.
+    }
+  };
+  return { debug: at("debug"), info: at("info"), warn: at("warn"), error: at("error") };
+}
+
+/** A logger that drops everything. */
+export const silentLogger: Logger = createLogger("", "silent");

@@ -1,0 +1,52 @@
+/**
+ * dist: a distributed computing runtime for TypeScript on Deno. One scheduler keeps
+ * the metadata; workers hold data in memory, compute on it, and move it peer to peer.
+ *
+ * ```ts
+ * import { ref, rpc, startScheduler, startWorker } from "./mod.ts";
+ *
+ * await using scheduler = await startScheduler({ port: 0 });
+ * await using alice = await startWorker({ scheduler: scheduler.address, name: "alice" });
+ * await using bob = await startWorker({ scheduler: scheduler.address, name: "bob" });
+ *
+ * await using a = rpc(alice.address);
+ * await using b = rpc(bob.address);
+ * await a.update_data({ data: { x: 1 } });
+ * await b.update_data({ data: { a: 2 } });
+ * // Alice asks the scheduler who has `a`, fetches it from Bob, computes z, keeps it.
+ * await a.compute({ key: "z", function: (x: number, y: number) => x + y, keys: ["x", "a"] });
+ * console.log(await a.get_data({ keys: ["z"] })); // { z: 3 }
+ * ```
+ *
+ * @module
+ */
+
+export { Ref, ref, type TypedArray } from "./protocol/codec.ts";
+export { type Address, formatAddress, parseAddress } from "./protocol/address.ts";
+export {
+  ConnectionClosedError,
+  MissingDataError,
+  ProtocolError,
+  RemoteError,
+  type RemoteErrorInfo,
+  TimeoutError,
+} from "./protocol/errors.ts";
+export type { CallOptions } from "./protocol/comm.ts";
+export type {
+  FunctionSpec,
+  OkReply,
+  SchedulerIdentity,
+  SchedulerOps,
+  WorkerIdentity,
+  WorkerInfo,
+  WorkerOps,
+} from "./protocol/ops.ts";
+export type { Sendable } from "./protocol/functions.ts";
+export { type CallArgs, type NodeOps, type Rpc, rpc, RpcClient, type RpcOptions } from "./protocol/rpc.ts";
+export {
+  SCHEDULER_PORT,
+  type SchedulerNode,
+  type SchedulerOptions,
+  startScheduler,
+} from "./scheduler/scheduler.ts";
+export { startWorker, type WorkerNode, type WorkerOptions } from "./worker/worker.ts";

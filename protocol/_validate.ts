@@ -1,0 +1,167 @@
+/**
+ * Small schemas for op arguments: each checks an unknown value at the boundary and
+ * names the field and what was wrong, so handlers only ever see valid data.
+ *
+ * @module
+ */
+
+/** Checks and types one value. */
+export interface Schema<T> {
+  /** Returns the value typed, or throws TypeError naming `path`. */
+  parse(value: unknown, path: string): T;
+  /** What the schema expects, for messages: "an array of strings". */
+  readonly expected: string;
+  /** True for fields that may be absent. */
+  readonly optional?: boolean;
+}
+
+/** The type a schema checks for. */
+export type Infer<S> = S extends Schema<infer T> ? T : never;
+
+/** Names the type of a value for error messages. */
+export function describe(value: unknown): string {
+  if (value === null) return "null";
+  if (Array.isArray(value)) return "an array";
+  if (value instanceof Uint8Array) return "bytes";
+  if (ArrayBuffer.isView(value)) return `a ${value.constructor.name}`;
+  const type = typeof value;
+  if (type === "object") {
+    const proto = Object.getPrototypeOf(value);
+    return proto === Object.prototype || proto === null
+      ? "an object"
+      : `a ${proto.constructor?.name ?? "object"}`;
+  }
+  return `${type === "undefined" ? "nothing" : `a ${type}`} (${String(value).slice(0, 40)})`;
+}
+
+function fail(path: string, expected: string, value: unknown): never {
+  throw new TypeError(`${path}: expected ${expected}, got ${describe(value)}`);
+}
+
+function schema<T>(expected: string, check: (v: unknown) => boolean): Schema<T> {
+  return {
+    expected,
+    parse(value, path) {
+      if (!check(value)) fail(path, expected, value);
+      return value as T;
+    },
+  };
+}
+
+/** Any string. */
+export const string: Schema<string> = schema("a string", (v) => typeof v === "string");
+/** A non-empty string. */
+export const name: Schema<string> = schema(
+  "a non-empty string",
+  (v) => typeof v === "string" && v.length > 0,
+);
+/** true or false. */
+export const boolean: Schema<boolean> = schema("a boolean", (v) => typeof v === "boolean");
+/** A whole number from 0 up. */
+export const count: Schema<number> = schema(
+  "a whole number from 0 up",
+  (v) => typeof v === "number" && Number.isSafeInteger(v) && v >= 0,
+);
+/** Anything that arrived (values are user data). */
+export const unknown: Schema<unknown> = { expected: "any value", parse: (v) => v };
+
+/** A field that may be absent (or null). */
+export function optional<T>(inner: Schema<T>): Schema<T | undefined> & { optional: true } {
+  return {
+    expected: inner.expected,
+    optional: true,
+    parse: (v, path) => (v === undefined || v === null ? undefined : inner.parse(v, path)),
+  };
+}
+
+/** An array whose items all match `item`. */
+export function arrayOf<T>(item: Schema<T>, options: { itemsMax?: number } = {}): Schema<T[]> {
+  const expected = `an array of ${item.expected.replace(/^an? /, "")}s`;
+  return {
+    expected,
+    parse(value, path) {
+      if (!Array.isArray(value)) fail(path, expected, value);
+      if (options.itemsMax !== undefined && value.length > options.itemsMax) {
+        throw new RangeError(`${path}: at most ${options.itemsMax} items, got ${value.length}`);
+      }
+      for (let i = 0; i < value.length; i++) item.parse(value[i], `${path}[${i}]`);
+      return value as T[];
+    },
+  };
+}
+
+function isPlainObject(v: unknown): v is Record<string, unknown> {
+  if (typeof v !== "object" || v === null || Array.isArray(v)) return false;
+  const proto = Object.getPrototypeOf(v);
+  return proto === Object.prototype || proto === null;
+}
+
+/** An object used as a map: any keys, every value matching `item`. */
+export function recordOf<T>(item: Schema<T>): Schema<Record<string, T>> {
+  const expected = `an object of ${item.expected.replace(/^an? /, "")} values`;
+  return {
+    expected,
+    parse(value, path) {
+      if (!isPlainObject(value)) fail(path, expected, value);
+      for (const key in value) item.parse(value[key], `${path}.${key}`);
+      return value as Record<string, T>;
+    },
+  };
+}
+
+type Shape = Record<string, Schema<unknown>>;
+type Required<S extends Shape> = {
+  [K in keyof S as S[K] extends { optional: true } ? never : K]: Infer<S[K]>;
+};
+type Optional<S extends Shape> = {
+  [K in keyof S as S[K] extends { optional: true } ? K : never]?: Infer<S[K]>;
+};
+type Flatten<T> = { [K in keyof T]: T[K] };
+/** The typed object an object schema checks for. */
+export type ObjectOf<S extends Shape> = Flatten<Required<S> & Optional<S>>;
+
+/** An object with exactly these fields (unknown fields are refused: they are typos). */
+export function object<S extends Shape>(shape: S): Schema<ObjectOf<S>> {
+  const keys = Object.keys(shape);
+  const expected = keys.length === 0 ? "an object with no fields" : `an object with ${keys.join(", ")}`;
+  return {
+    expected,
+    parse(value, path) {
+      if (value === undefined || value === null) value = {};
+      if (!isPlainObject(value)) fail(path, expected, value);
+      for (const key in value) {
+        if (!(key in shape)) {
+          throw new TypeError(
+            `${path}: unknown field ${JSON.stringify(key)} (known: ${keys.join(", ") || "none"})`,
+          );
+        }
+      }
+      for (const key of keys) {
+        const s = shape[key];
+        const v = value[key];
+        if ((v === undefined || v === null) && !s.optional) {
+          throw new TypeError(`${path}.${key}: missing (expected ${s.expected})`);
+        }
+        s.parse(v, `${path}.${key}`);
+      }
+      return value as ObjectOf<S>;
+    },
+  };
+}
+
+/** One of several schemas; the first that accepts wins. */
+export function oneOf<T>(expected: string, ...schemas: Schema<T>[]): Schema<T> {
+  return {
+    expected,
+    parse(value, path) {
+      for (const s of schemas) {
+        try {
+          return s.parse(value, path);
+        } catch {
+          // Try the next.
+        }
+      }
+      return fail(path, expected, value);
+    },
+  };
+}

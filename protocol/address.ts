@@ -1,0 +1,54 @@
+/**
+ * Node addresses: `tcp://host:port`, the form every address takes in replies.
+ *
+ * @module
+ */
+
+/** A parsed node address. */
+export interface Address {
+  /** Host name or IP (IPv6 without brackets). */
+  host: string;
+  /** TCP port, 0 to 65535. */
+  port: number;
+}
+
+/** Reads a port number, throwing RangeError with what was wrong. */
+export function parsePort(text: string | number, what = "port"): number {
+  const port = typeof text === "number" ? text : /^\d+$/.test(text) ? Number(text) : NaN;
+  if (!Number.isInteger(port) || port < 0 || port > 65535) {
+    throw new RangeError(
+      `Invalid ${what} ${JSON.stringify(String(text))}: expected a whole number from 0 to 65535`,
+    );
+  }
+  return port;
+}
+
+/**
+ * Parses `"tcp://host:port"` (or `{ host, port }`). Throws TypeError or RangeError that
+ * says what was wrong.
+ */
+export function parseAddress(address: string | Address): Address {
+  if (typeof address === "object" && address !== null) {
+    if (typeof address.host !== "string" || address.host === "") {
+      throw new TypeError(`Invalid address: host must be a non-empty string`);
+    }
+    return { host: address.host, port: parsePort(address.port) };
+  }
+  if (typeof address !== "string") {
+    throw new TypeError(
+      `Invalid address: expected "tcp://host:port" or { host, port }, got ${typeof address}`,
+    );
+  }
+  const match = /^tcp:\/\/(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):([^/]*)$/.exec(address);
+  if (!match) {
+    throw new TypeError(`Invalid address ${JSON.stringify(address)}: expected tcp://host:port`);
+  }
+  const host = match[1].startsWith("[") ? match[1].slice(1, -1) : match[1];
+  return { host, port: parsePort(match[2], `port in address ${JSON.stringify(address)}`) };
+}
+
+/** Formats an address as `tcp://host:port` (brackets around IPv6 hosts). */
+export function formatAddress(address: Address): string {
+  const host = address.host.includes(":") ? `[${address.host}]` : address.host;
+  return `tcp://${host}:${address.port}`;
+}

@@ -1,0 +1,759 @@
+/**
+ * Values <-> msgpack bytes. Standard msgpack (any msgpack library reads it) with four
+ * extension types for what msgpack lacks: bigint, typed arrays inline, typed arrays out
+ * of band (their bytes travel as frames of their own, never copied through the
+ * encoder), Set and Map; Date uses msgpack's own timestamp type. PROTOCOL.md has the
+ * byte layouts.
+ *
+ * @module
+ */
+
+import { ProtocolError } from "./errors.ts";
+
+/** Extension type codes (PROTOCOL.md, "Extension types"). */
+export const EXT_BIGINT = 1;
+/** A typed array whose bytes follow the kind byte. */
+export const EXT_TYPED_INLINE = 2;
+/** A typed array whose bytes are frame `index + 1` of the message. */
+export const EXT_TYPED_FRAME = 3;
+/** A Set; the payload is a msgpack array of its members. */
+export const EXT_SET = 4;
+/** A Map; the payload is a msgpack array of alternating keys and values. */
+export const EXT_MAP = 5;
+/** A reference to a key's value (`ref("x")`); the payload is the key as UTF-8. */
+export const EXT_REF = 6;
+const EXT_TIMESTAMP = -1;
+
+/**
+ * Refers to the value a worker holds under `key`, inside a computation's `args`.
+ *
+ * @example
+ * ```ts
+ * import { ref, rpc } from "./mod.ts";
+ * const alice = rpc("tcp://127.0.0.1:8788");
+ * await alice.compute({ key: "y", function: (x: number, n: number) => x * n, args: [ref("x"), 3] });
+ * await alice.close();
+ * ```
+ */
+export function ref(key: string): Ref {
+  return new Ref(key);
+}
+
+/**
+ * A reference to the value a worker holds under `key`: in a computation's arguments it
+ * stands for that value, fetched from a peer when the worker lacks it.
+ */
+export class Ref {
+  /** The key referred to. */
+  readonly key: string;
+  /** Builds a reference to `key`. */
+  constructor(key: string) {
+    if (typeof key !== "string") throw new TypeError(`A ref takes a key string, got ${typeof key}`);
+    this.key = key;
+  }
+}
+
+/** Values nested deeper than this are refused (also what stops a circular reference). */
+export const VALUE_DEPTH_MAX = 256;
+/** Binary values at least this long travel as frames of their own. */
+export const INLINE_BYTES_MAX = 16 * 1024;
+
+type TypedArrayConstructor =
+  | Uint8ArrayConstructor
+  | Int8ArrayConstructor
+  | Uint8ClampedArrayConstructor
+  | Int16ArrayConstructor
+  | Uint16ArrayConstructor
+  | Int32ArrayConstructor
+  | Uint32ArrayConstructor
+  | Float32ArrayConstructor
+  | Float64ArrayConstructor
+  | BigInt64ArrayConstructor
+  | BigUint64ArrayConstructor;
+
+/** Any typed array kind dist carries. */
+export type TypedArray = InstanceType<TypedArrayConstructor>;
+
+// The index into this table is the kind byte on the wire; never reorder it.
+const KINDS: (TypedArrayConstructor | undefined)[] = [
+  Uint8Array,
+  Int8Array,
+  Uint8ClampedArray,
+  Int16Array,
+  Uint16Array,
+  Int32Array,
+  Uint32Array,
+  Float32Array,
+  Float64Array,
+  BigInt64Array,
+  BigUint64Array,
+  // deno-lint-ignore no-explicit-any
+  (globalThis as any).Float16Array,
+];
+const KIND_ARRAY_BUFFER = 12;
+const KIND_OF = new Map<unknown, number>();
+KINDS.forEach((ctor, kind) => ctor && KIND_OF.set(ctor.prototype, kind));
+
+const textEncoder = new TextEncoder();
+const textDecoder = new TextDecoder("utf-8", { fatal: true });
+
+/** A value that cannot travel; `path` says where inside the value it sits. */
+class UnsendableError extends TypeError {
+  readonly segments: (string | number)[] = [];
+  readonly what: string;
+  readonly advice: string;
+  constructor(what: string, advice: string) {
+    super(what);
+    this.what = what;
+    this.advice = advice;
+  }
+}
+
+/** Formats a path like `data.x[3].y` from its segments. */
+export function formatPath(root: string, segments: readonly (string | number)[]): string {
+  let out = root;
+  for (const s of segments) {
+    out += typeof s === "number"
+      ? `[${s}]`
+      : /^[A-Za-z_$][\w$]*$/.test(s)
+      ? `.${s}`
+      : `[${JSON.stringify(s)}]`;
+  }
+  return out;
+}
+
+/** An encoded message: the msgpack head and the out-of-band buffers it refers to. */
+export interface Encoded {
+  /** The msgpack bytes. */
+  head: Uint8Array;
+  /** Out-of-band buffers, frame `i + 1` of the message. */
+  buffers: Uint8Array[];
+}
+
+/**
+ * A reusable msgpack encoder. Not re-entrant: one `encode` at a time (JS is single
+ * threaded, and encoding never awaits).
+ */
+export class Encoder {
+  #buf = new Uint8Array(64 * 1024);
+  #view = new DataView(this.#buf.buffer);
+  #pos = 0;
+  #buffers: Uint8Array[] = [];
+  #inlineBytesMax: number;
+
+  /** `inlineBytesMax`: binary values at least this long travel out of band. */
+  constructor(options: { inlineBytesMax?: number } = {}) {
+    this.#inlineBytesMax = options.inlineBytesMax ?? INLINE_BYTES_MAX;
+  }
+
+  /**
+   * Encodes `value`. Throws a TypeError naming `root` and the path inside the value
+   * when part of it cannot travel.
+   */
+  encode(value: unknown, root = "value"): Encoded {
+    this.#pos = 0;
+    this.#buffers = [];
+    try {
+      this.#value(value, 0);
+    } catch (error) {
+      if (error instanceof UnsendableError) {
+        throw new TypeError(
+          `Cannot send ${formatPath(root, error.segments)}: ${error.what}; ${error.advice}`,
+        );
+      }
+      throw error;
+    }
+    const head = this.#buf.slice(0, this.#pos);
+    const buffers = this.#buffers;
+    this.#buffers = [];
+    return { head, buffers };
+  }
+
+  #ensure(n: number): void {
+    if (this.#pos + n <= this.#buf.length) return;
+    let size = this.#buf.length * 2;
+    while (size < this.#pos + n) size *= 2;
+    const next = new Uint8Array(size);
+    next.set(this.#buf.subarray(0, this.#pos));
+    this.#buf = next;
+    this.#view = new DataView(next.buffer);
+  }
+
+  #byte(b: number): void {
+    this.#ensure(1);
+    this.#buf[this.#pos++] = b;
+  }
+
+  #value(v: unknown, depth: number): void {
+    switch (typeof v) {
+      case "string":
+        return this.#string(v);
+      case "number":
+        return this.#number(v);
+      case "boolean":
+        return this.#byte(v ? 0xc3 : 0xc2);
+      case "undefined":
+        return this.#byte(0xc0);
+      case "bigint":
+        return this.#bigint(v);
+      case "object":
+        if (v === null) return this.#byte(0xc0);
+        if (depth >= VALUE_DEPTH_MAX) {
+          throw new UnsendableError(
+            `nested deeper than ${VALUE_DEPTH_MAX} levels`,
+            "is it a circular reference?",
+          );
+        }
+        return this.#object(v, depth + 1);
+      case "function":
+        throw new UnsendableError(
+          "a function cannot travel as a value",
+          "pass functions as the task's function, or send data only",
+        );
+      default:
+        throw new UnsendableError(
+          `a ${typeof v} cannot travel`,
+          "send strings, numbers, booleans, null, bigints, arrays, plain objects or typed arrays",
+        );
+    }
+  }
+
+  #number(n: number): void {
+    this.#ensure(9);
+    const b = this.#buf;
+    if (Number.isSafeInteger(n) && !Object.is(n, -0)) {
+      if (n >= 0) {
+        if (n < 0x80) b[this.#pos++] = n;
+        else if (n < 0x100) (b[this.#pos++] = 0xcc, b[this.#pos++] = n);
+        else if (n < 0x10000) (b[this.#pos++] = 0xcd, this.#view.setUint16(this.#pos, n), this.#pos += 2);
+        else if (n < 0x100000000) (b[this.#pos++] = 0xce, this.#view.setUint32(this.#pos, n), this.#pos += 4);
+        else {
+          b[this.#pos++] = 0xcf;
+          this.#view.setUint32(this.#pos, Math.floor(n / 0x100000000));
+          this.#view.setUint32(this.#pos + 4, n >>> 0);
+          this.#pos += 8;
+        }
+      } else {
+        if (n >= -32) b[this.#pos++] = n & 0xff;
+        else if (n >= -0x80) (b[this.#pos++] = 0xd0, this.#view.setInt8(this.#pos, n), this.#pos += 1);
+        else if (n >= -0x8000) (b[this.#pos++] = 0xd1, this.#view.setInt16(this.#pos, n), this.#pos += 2);
+        else if (n >= -0x80000000) (b[this.#pos++] = 0xd2, this.#view.setInt32(this.#pos, n), this.#pos += 4);
+        else {
+          b[this.#pos++] = 0xd3;
+          this.#view.setBigInt64(this.#pos, BigInt(n));
+          this.#pos += 8;
+        }
+      }
+      return;
+    }
+    b[this.#pos++] = 0xcb;
+    this.#view.setFloat64(this.#pos, n);
+    this.#pos += 8;
+  }
+
+  #string(s: string): void {
+    const len = s.length;
+    const max = len * 3;
+    this.#ensure(max + 5);
+    const b = this.#buf;
+    const headerSize = max < 0x20 ? 1 : max < 0x100 ? 2 : max < 0x10000 ? 3 : 5;
+    const start = this.#pos + headerSize;
+    let n = 0;
+    // Short ASCII is the common case (keys, ops); it skips TextEncoder's call overhead.
+    if (len < 64) {
+      for (; n < len; n++) {
+        const c = s.charCodeAt(n);
+        if (c >= 0x80) break;
+        b[start + n] = c;
+      }
+    }
+    if (n < len) n = textEncoder.encodeInto(s, b.subarray(start)).written;
+    const at = this.#pos;
+    if (headerSize === 1) b[at] = 0xa0 | n;
+    else if (headerSize === 2) (b[at] = 0xd9, b[at + 1] = n);
+    else if (headerSize === 3) (b[at] = 0xda, this.#view.setUint16(at + 1, n));
+    else (b[at] = 0xdb, this.#view.setUint32(at + 1, n));
+    this.#pos = start + n;
+  }
+
+  #extHeader(type: number, length: number): void {
+    this.#ensure(6);
+    const b = this.#buf;
+    if (length === 1) b[this.#pos++] = 0xd4;
+    else if (length === 2) b[this.#pos++] = 0xd5;
+    else if (length === 4) b[this.#pos++] = 0xd6;
+    else if (length === 8) b[this.#pos++] = 0xd7;
+    else if (length === 16) b[this.#pos++] = 0xd8;
+    else if (length < 0x100) (b[this.#pos++] = 0xc7, b[this.#pos++] = length);
+    else if (length < 0x10000) {
+      (b[this.#pos++] = 0xc8, this.#view.setUint16(this.#pos, length), this.#pos += 2);
+    } else (b[this.#pos++] = 0xc9, this.#view.setUint32(this.#pos, length), this.#pos += 4);
+    b[this.#pos++] = type & 0xff;
+  }
+
+  #bigint(v: bigint): void {
+    const negative = v < 0n;
+    let mag = negative ? -v : v;
+    const bytes: number[] = [];
+    while (mag > 0n) {
+      bytes.push(Number(mag & 0xffn));
+      mag >>= 8n;
+    }
+    bytes.reverse();
+    this.#extHeader(EXT_BIGINT, bytes.length + 1);
+    this.#ensure(bytes.length + 1);
+    this.#buf[this.#pos++] = negative ? 1 : 0;
+    this.#buf.set(bytes, this.#pos);
+    this.#pos += bytes.length;
+  }
+
+  #binary(kind: number, bytes: Uint8Array): void {
+    if (bytes.byteLength >= this.#inlineBytesMax) {
+      this.#extHeader(EXT_TYPED_FRAME, 5);
+      this.#ensure(5);
+      this.#buf[this.#pos++] = kind;
+      this.#view.setUint32(this.#pos, this.#buffers.length);
+      this.#pos += 4;
+      this.#buffers.push(bytes);
+      return;
+    }
+    const n = bytes.byteLength;
+    if (kind === 0) {
+      this.#ensure(n + 5);
+      if (n < 0x100) (this.#buf[this.#pos++] = 0xc4, this.#buf[this.#pos++] = n);
+      else if (n < 0x10000) {
+        (this.#buf[this.#pos++] = 0xc5, this.#view.setUint16(this.#pos, n), this.#pos += 2);
+      } else (this.#buf[this.#pos++] = 0xc6, this.#view.setUint32(this.#pos, n), this.#pos += 4);
+    } else {
+      this.#extHeader(EXT_TYPED_INLINE, n + 1);
+      this.#ensure(n + 1);
+      this.#buf[this.#pos++] = kind;
+    }
+    this.#buf.set(bytes, this.#pos);
+    this.#pos += n;
+  }
+
+  #arrayHeader(n: number): void {
+    this.#ensure(5);
+    if (n < 0x10) this.#buf[this.#pos++] = 0x90 | n;
+    else if (n < 0x10000) (this.#buf[this.#pos++] = 0xdc, this.#view.setUint16(this.#pos, n), this.#pos += 2);
+    else (this.#buf[this.#pos++] = 0xdd, this.#view.setUint32(this.#pos, n), this.#pos += 4);
+  }
+
+  #mapHeader(n: number): void {
+    this.#ensure(5);
+    if (n < 0x10) this.#buf[this.#pos++] = 0x80 | n;
+    else if (n < 0x10000) (this.#buf[this.#pos++] = 0xde, this.#view.setUint16(this.#pos, n), this.#pos += 2);
+    else (this.#buf[this.#pos++] = 0xdf, this.#view.setUint32(this.#pos, n), this.#pos += 4);
+  }
+
+  #items(items: Iterable<unknown>, depth: number): void {
+    let i = 0;
+    for (const item of items) {
+      try {
+        this.#value(item, depth);
+      } catch (error) {
+        if (error instanceof UnsendableError) error.segments.unshift(i);
+        throw error;
+      }
+      i++;
+    }
+  }
+
+  #object(v: object, depth: number): void {
+    if (Array.isArray(v)) {
+      this.#arrayHeader(v.length);
+      // Indexing (not iterating) turns holes into nil.
+      for (let i = 0; i < v.length; i++) {
+        try {
+          this.#value(v[i], depth);
+        } catch (error) {
+          if (error instanceof UnsendableError) error.segments.unshift(i);
+          throw error;
+        }
+      }
+      return;
+    }
+    const proto = Object.getPrototypeOf(v);
+    if (proto === Object.prototype || proto === null) {
+      const record = v as Record<string, unknown>;
+      let count = 0;
+      for (const key in record) if (record[key] !== undefined) count++;
+      this.#mapHeader(count);
+      for (const key in record) {
+        const item = record[key];
+        if (item === undefined) continue;
+        this.#string(key);
+        try {
+          this.#value(item, depth);
+        } catch (error) {
+          if (error instanceof UnsendableError) error.segments.unshift(key);
+          throw error;
+        }
+      }
+      return;
+    }
+    if (ArrayBuffer.isView(v) && !(v instanceof DataView)) {
+      const kind = KIND_OF.get(proto);
+      if (kind !== undefined) {
+        return this.#binary(kind, new Uint8Array(v.buffer, v.byteOffset, v.byteLength));
+      }
+    }
+    if (v instanceof ArrayBuffer) return this.#binary(KIND_ARRAY_BUFFER, new Uint8Array(v));
+    if (v instanceof Date) {
+      const ms = v.getTime();
+      if (Number.isNaN(ms)) throw new UnsendableError("an invalid Date cannot travel", "send a valid date");
+      const sec = Math.floor(ms / 1000);
+      this.#extHeader(EXT_TIMESTAMP, 12);
+      this.#ensure(12);
+      this.#view.setUint32(this.#pos, (ms - sec * 1000) * 1e6);
+      this.#view.setBigInt64(this.#pos + 4, BigInt(sec));
+      this.#pos += 12;
+      return;
+    }
+    if (v instanceof Ref) {
+      const bytes = textEncoder.encode(v.key);
+      this.#extHeader(EXT_REF, bytes.length);
+      this.#ensure(bytes.length);
+      this.#buf.set(bytes, this.#pos);
+      this.#pos += bytes.length;
+      return;
+    }
+    if (v instanceof Set || v instanceof Map) {
+      // The payload's length is known only once it is written: reserve an ext32 header.
+      this.#ensure(6);
+      const at = this.#pos;
+      this.#pos += 6;
+      const start = this.#pos;
+      if (v instanceof Set) {
+        this.#arrayHeader(v.size);
+        this.#items(v, depth);
+      } else {
+        this.#arrayHeader(v.size * 2);
+        let i = 0;
+        for (const [key, item] of v) {
+          try {
+            this.#value(key, depth);
+            this.#value(item, depth);
+          } catch (error) {
+            if (error instanceof UnsendableError) error.segments.unshift(i);
+            throw error;
+          }
+          i++;
+        }
+      }
+      this.#buf[at] = 0xc9;
+      this.#view.setUint32(at + 1, this.#pos - start);
+      this.#buf[at + 5] = v instanceof Set ? EXT_SET : EXT_MAP;
+      return;
+    }
+    const name = (proto && proto.constructor && proto.constructor.name) || "object";
+    throw new UnsendableError(
+      `a ${name} instance cannot travel`,
+      "convert it to a plain object, an array or a typed array first",
+    );
+  }
+}
+
+/** Decodes msgpack bytes, resolving out-of-band references against `buffers`. */
+export class Decoder {
+  #buf: Uint8Array = new Uint8Array(0);
+  #view: DataView = new DataView(this.#buf.buffer);
+  #pos = 0;
+  #buffers: readonly Uint8Array[] = [];
+
+  /**
+   * Decodes one value that must fill `head` exactly. Throws ProtocolError on anything
+   * that is not well-formed msgpack of the kinds dist knows.
+   */
+  decode(head: Uint8Array, buffers: readonly Uint8Array[] = []): unknown {
+    this.#buf = head;
+    this.#view = new DataView(head.buffer, head.byteOffset, head.byteLength);
+    this.#pos = 0;
+    this.#buffers = buffers;
+    try {
+      const value = this.#value(0);
+      if (this.#pos !== head.length) {
+        throw new ProtocolError(`Malformed msgpack: ${head.length - this.#pos} bytes after the value`);
+      }
+      return value;
+    } catch (error) {
+      if (error instanceof ProtocolError) throw error;
+      throw new ProtocolError(`Malformed msgpack: ${(error as Error).message}`, { cause: error });
+    } finally {
+      this.#buffers = [];
+      this.#buf = new Uint8Array(0);
+    }
+  }
+
+  #need(n: number): void {
+    if (this.#pos + n > this.#buf.length) {
+      throw new ProtocolError(`Malformed msgpack: truncated (needs ${n} bytes at offset ${this.#pos})`);
+    }
+  }
+
+  #u8(): number {
+    this.#need(1);
+    return this.#buf[this.#pos++];
+  }
+  #u16(): number {
+    this.#need(2);
+    const v = this.#view.getUint16(this.#pos);
+    this.#pos += 2;
+    return v;
+  }
+  #u32(): number {
+    this.#need(4);
+    const v = this.#view.getUint32(this.#pos);
+    this.#pos += 4;
+    return v;
+  }
+
+  #bytes(n: number): Uint8Array {
+    this.#need(n);
+    const out = this.#buf.slice(this.#pos, this.#pos + n);
+    this.#pos += n;
+    return out;
+  }
+
+  #string(n: number): string {
+    this.#need(n);
+    const b = this.#buf;
+    const start = this.#pos;
+    this.#pos += n;
+    if (n < 24) {
+      let out = "";
+      for (let i = start; i < start + n; i++) {
+        const c = b[i];
+        if (c >= 0x80) return textDecoder.decode(b.subarray(start, start + n));
+        out += String.fromCharCode(c);
+      }
+      return out;
+    }
+    return textDecoder.decode(b.subarray(start, start + n));
+  }
+
+  #container(n: number, depth: number): void {
+    if (depth >= VALUE_DEPTH_MAX) {
+      throw new ProtocolError(`Malformed msgpack: nested deeper than ${VALUE_DEPTH_MAX}`);
+    }
+    // Every item takes a byte at least: refuse counts the bytes cannot hold before allocating.
+    if (n > this.#buf.length - this.#pos) {
+      throw new ProtocolError(
+        `Malformed msgpack: a container of ${n} items in ${this.#buf.length - this.#pos} bytes`,
+      );
+    }
+  }
+
+  #array(n: number, depth: number): unknown[] {
+    this.#container(n, depth);
+    const out = new Array(n);
+    for (let i = 0; i < n; i++) out[i] = this.#value(depth + 1);
+    return out;
+  }
+
+  #map(n: number, depth: number): Record<string, unknown> {
+    this.#container(n * 2, depth);
+    const out: Record<string, unknown> = {};
+    for (let i = 0; i < n; i++) {
+      const k = this.#value(depth + 1);
+      const key = typeof k === "string" ? k : String(k);
+      const value = this.#value(depth + 1);
+      // A "__proto__" key must stay data, never become the object's prototype.
+      if (key === "__proto__") {
+        Object.defineProperty(out, key, { value, enumerable: true, writable: true, configurable: true });
+      } else out[key] = value;
+    }
+    return out;
+  }
+
+  #value(depth: number): unknown {
+    const t = this.#u8();
+    if (t < 0x80) return t;
+    if (t >= 0xe0) return t - 0x100;
+    if (t < 0x90) return this.#map(t & 0x0f, depth);
+    if (t < 0xa0) return this.#array(t & 0x0f, depth);
+    if (t < 0xc0) return this.#string(t & 0x1f);
+    let v: number;
+    switch (t) {
+      case 0xc0:
+        return null;
+      case 0xc2:
+        return false;
+      case 0xc3:
+        return true;
+      case 0xc4:
+        return this.#bytes(this.#u8());
+      case 0xc5:
+        return this.#bytes(this.#u16());
+      case 0xc6:
+        return this.#bytes(this.#u32());
+      case 0xc7:
+        return this.#ext(this.#u8(), depth);
+      case 0xc8:
+        return this.#ext(this.#u16(), depth);
+      case 0xc9:
+        return this.#ext(this.#u32(), depth);
+      case 0xca:
+        this.#need(4);
+        v = this.#view.getFloat32(this.#pos);
+        this.#pos += 4;
+        return v;
+      case 0xcb:
+        this.#need(8);
+        v = this.#view.getFloat64(this.#pos);
+        this.#pos += 8;
+        return v;
+      case 0xcc:
+        return this.#u8();
+      case 0xcd:
+        return this.#u16();
+      case 0xce:
+        return this.#u32();
+      case 0xcf: {
+        this.#need(8);
+        const big = this.#view.getBigUint64(this.#pos);
+        this.#pos += 8;
+        return big <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(big) : big;
+      }
+      case 0xd0:
+        this.#need(1);
+        return this.#view.getInt8(this.#pos++);
+      case 0xd1:
+        this.#need(2);
+        v = this.#view.getInt16(this.#pos);
+        this.#pos += 2;
+        return v;
+      case 0xd2:
+        this.#need(4);
+        v = this.#view.getInt32(this.#pos);
+        this.#pos += 4;
+        return v;
+      case 0xd3: {
+        this.#need(8);
+        const big = this.#view.getBigInt64(this.#pos);
+        this.#pos += 8;
+        return big <= BigInt(Number.MAX_SAFE_INTEGER) && big >= BigInt(Number.MIN_SAFE_INTEGER)
+          ? Number(big)
+          : big;
+      }
+      case 0xd4:
+        return this.#ext(1, depth);
+      case 0xd5:
+        return this.#ext(2, depth);
+      case 0xd6:
+        return this.#ext(4, depth);
+      case 0xd7:
+        return this.#ext(8, depth);
+      case 0xd8:
+        return this.#ext(16, depth);
+      case 0xd9:
+        return this.#string(this.#u8());
+      case 0xda:
+        return this.#string(this.#u16());
+      case 0xdb:
+        return this.#string(this.#u32());
+      case 0xdc:
+        return this.#array(this.#u16(), depth);
+      case 0xdd:
+        return this.#array(this.#u32(), depth);
+      case 0xde:
+        return this.#map(this.#u16(), depth);
+      case 0xdf:
+        return this.#map(this.#u32(), depth);
+      default:
+        throw new ProtocolError(
+          `Malformed msgpack: byte 0x${t.toString(16)} at offset ${this.#pos - 1} starts no value`,
+        );
+    }
+  }
+
+  #ext(length: number, depth: number): unknown {
+    this.#need(1);
+    const type = this.#view.getInt8(this.#pos);
+    this.#pos += 1;
+    this.#need(length);
+    const end = this.#pos + length;
+    switch (type) {
+      case EXT_BIGINT: {
+        if (length < 1) throw new ProtocolError("Malformed msgpack: empty bigint");
+        const sign = this.#buf[this.#pos];
+        let mag = 0n;
+        for (let i = this.#pos + 1; i < end; i++) mag = (mag << 8n) | BigInt(this.#buf[i]);
+        this.#pos = end;
+        return sign === 1 ? -mag : mag;
+      }
+      case EXT_TYPED_INLINE: {
+        if (length < 1) throw new ProtocolError("Malformed msgpack: empty typed array");
+        const kind = this.#buf[this.#pos];
+        // A copy: the result must own aligned memory, apart from the message buffer.
+        const bytes = this.#buf.slice(this.#pos + 1, end);
+        this.#pos = end;
+        return typedFromBytes(kind, bytes);
+      }
+      case EXT_TYPED_FRAME: {
+        if (length !== 5) throw new ProtocolError("Malformed msgpack: a frame reference takes 5 bytes");
+        const kind = this.#buf[this.#pos];
+        const index = this.#view.getUint32(this.#pos + 1);
+        this.#pos = end;
+        const frame = this.#buffers[index];
+        if (frame === undefined) {
+          throw new ProtocolError(
+            `Malformed msgpack: reference to frame ${index + 1}, which the message lacks`,
+          );
+        }
+        return typedFromBytes(kind, frame);
+      }
+      case EXT_REF: {
+        const key = textDecoder.decode(this.#buf.subarray(this.#pos, end));
+        this.#pos = end;
+        return new Ref(key);
+      }
+      case EXT_SET:
+      case EXT_MAP: {
+        const items = this.#value(depth + 1);
+        if (this.#pos !== end || !Array.isArray(items)) {
+          throw new ProtocolError("Malformed msgpack: a Set or Map payload must be exactly one array");
+        }
+        if (type === EXT_SET) return new Set(items);
+        if (items.length % 2 !== 0) throw new ProtocolError("Malformed msgpack: a Map needs key-value pairs");
+        const map = new Map();
+        for (let i = 0; i < items.length; i += 2) map.set(items[i], items[i + 1]);
+        return map;
+      }
+      case EXT_TIMESTAMP: {
+        let ms: number;
+        if (length === 4) ms = this.#view.getUint32(this.#pos) * 1000;
+        else if (length === 8) {
+          const hi = this.#view.getUint32(this.#pos);
+          const lo = this.#view.getUint32(this.#pos + 4);
+          ms = ((hi & 0x3) * 0x100000000 + lo) * 1000 + Math.floor((hi >>> 2) / 1e6);
+        } else if (length === 12) {
+          ms = Number(this.#view.getBigInt64(this.#pos + 4)) * 1000 +
+            Math.floor(this.#view.getUint32(this.#pos) / 1e6);
+        } else throw new ProtocolError(`Malformed msgpack: a timestamp of ${length} bytes`);
+        this.#pos = end;
+        return new Date(ms);
+      }
+      default:
+        throw new ProtocolError(`Malformed msgpack: unknown extension type ${type}`);
+    }
+  }
+}
+
+/** Builds a typed array of wire kind `kind` over `bytes`, copying only if misaligned. */
+function typedFromBytes(kind: number, bytes: Uint8Array): unknown {
+  if (kind === KIND_ARRAY_BUFFER) {
+    return bytes.byteOffset === 0 && bytes.byteLength === bytes.buffer.byteLength
+      ? bytes.buffer
+      : bytes.slice().buffer;
+  }
+  const ctor = KINDS[kind];
+  if (ctor === undefined) throw new ProtocolError(`Malformed msgpack: unknown typed array kind ${kind}`);
+  const size = ctor.BYTES_PER_ELEMENT;
+  if (bytes.byteLength % size !== 0) {
+    throw new ProtocolError(`Malformed msgpack: ${bytes.byteLength} bytes do not make a ${ctor.name}`);
+  }
+  const aligned = bytes.byteOffset % size === 0 ? bytes : bytes.slice();
+  return new ctor(aligned.buffer as ArrayBuffer, aligned.byteOffset, aligned.byteLength / size);
+}

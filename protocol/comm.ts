@@ -1,0 +1,294 @@
+/**
+ * A Comm is one connection that carries calls both ways: requests it sends and the
+ * replies to them, and requests it receives, dispatched to handlers. Envelopes:
+ *
+ *     request   { op, id, args }        a reply is owed to `id`
+ *     notice    { op, args }            one-way, no reply
+ *     reply     { reply: id, result }   or { reply: id, error: { name, message, stack } }
+ *
+ * @module
+ */
+
+import { type Logger, silentLogger } from "../_log.ts";
+import { Decoder, Encoder } from "./codec.ts";
+import {
+  ConnectionClosedError,
+  ProtocolError,
+  RemoteError,
+  type RemoteErrorInfo,
+  TimeoutError,
+  toRemoteErrorInfo,
+} from "./errors.ts";
+import { MessageReader, MessageWriter } from "./framing.ts";
+import type { Conn } from "./transport.ts";
+
+/** Most calls one Comm may have waiting for replies. */
+export const PENDING_CALLS_MAX = 100_000;
+/** Most incoming requests one connection may have running at once. */
+export const REQUESTS_IN_FLIGHT_MAX = 10_000;
+
+/** Handles a request that arrived: the op name, its raw arguments, the Comm it came on. */
+export type Dispatch = (op: string, args: unknown, comm: Comm) => unknown;
+
+/** Options of a Comm. */
+export interface CommOptions {
+  /** Handles incoming requests; without it, requests get an error reply. */
+  dispatch?: Dispatch;
+  /** Largest frame (and message) accepted, in bytes. */
+  frameBytesMax?: number;
+  /** Most calls waiting for replies. */
+  pendingCallsMax?: number;
+  /** Where protocol errors are reported. */
+  log?: Logger;
+}
+
+/** Per-call options. */
+export interface CallOptions {
+  /** Reject with TimeoutError after this long. */
+  timeoutMs?: number;
+  /** Reject when this aborts. */
+  signal?: AbortSignal;
+}
+
+interface Pending {
+  op: string;
+  resolve: (value: unknown) => void;
+  reject: (error: unknown) => void;
+  cleanup?: () => void;
+}
+
+// One encoder for the whole process: encoding is synchronous, so it is never shared.
+const encoder = new Encoder();
+
+/** One connection carrying calls both ways. */
+export class Comm {
+  /** The underlying connection. */
+  readonly conn: Conn;
+  /** Resolves once the connection has closed and its read loop has ended. */
+  readonly closed: Promise<void>;
+  /** Why it closed: null while open or after a clean close. */
+  closeReason: Error | null = null;
+  /** Free for the owner (a server keeps what registered on this connection here). */
+  readonly tags = new Map<string, unknown>();
+
+  #pending = new Map<number, Pending>();
+  #nextId = 1;
+  #isClosed = false;
+  #inFlight = 0;
+  #writer: MessageWriter;
+  #options: CommOptions;
+  #log: Logger;
+
+  /** Starts reading `conn` at once. */
+  constructor(conn: Conn, options: CommOptions = {}) {
+    this.conn = conn;
+    this.#options = options;
+    this.#log = options.log ?? silentLogger;
+    this.#writer = new MessageWriter(conn);
+    this.closed = this.#readLoop();
+  }
+
+  /** True once closed. */
+  get isClosed(): boolean {
+    return this.#isClosed;
+  }
+
+  /** How many calls wait for replies. */
+  get pendingCalls(): number {
+    return this.#pending.size;
+  }
+
+  /** Sends a request and resolves its reply; rejects with RemoteError if it failed there. */
+  call(op: string, args: unknown = {}, options: CallOptions = {}): Promise<unknown> {
+    if (this.#isClosed) {
+      return Promise.reject(
+        new ConnectionClosedError(
+          `Cannot call ${op} on ${this.conn.remoteAddress}: the connection is closed`,
+          {
+            cause: this.closeReason ?? undefined,
+          },
+        ),
+      );
+    }
+    const max = this.#options.pendingCallsMax ?? PENDING_CALLS_MAX;
+    if (this.#pending.size >= max) {
+      return Promise.reject(
+        new RangeError(`Cannot call ${op}: ${max} calls already wait for replies (the limit)`),
+      );
+    }
+    options.signal?.throwIfAborted();
+    const id = this.#nextId++;
+    let frames: Uint8Array[];
+    try {
+      frames = this.#encode({ op, id, args }, "args");
+    } catch (error) {
+      return Promise.reject(error);
+    }
+    return new Promise((resolve, reject) => {
+      const pending: Pending = { op, resolve, reject };
+      this.#pending.set(id, pending);
+      const { timeoutMs, signal } = options;
+      if (timeoutMs !== undefined || signal) {
+        const timer = timeoutMs === undefined ? undefined : setTimeout(() => {
+          this.#settle(id)?.reject(
+            new TimeoutError(`Call ${op} to ${this.conn.remoteAddress} timed out after ${timeoutMs} ms`),
+          );
+        }, timeoutMs);
+        const onAbort = () => this.#settle(id)?.reject(signal!.reason);
+        signal?.addEventListener("abort", onAbort, { once: true });
+        pending.cleanup = () => {
+          clearTimeout(timer);
+          signal?.removeEventListener("abort", onAbort);
+        };
+      }
+      this.#writer.write(frames).catch((error) => this.close(error));
+    });
+  }
+
+  /** Resolves when everything queued so far has been written (or the write failed). */
+  flushed(): Promise<void> {
+    return this.#writer.flushed();
+  }
+
+  /** Sends a one-way message; no reply comes. */
+  notify(op: string, args: unknown = {}): void {
+    if (this.#isClosed) throw new ConnectionClosedError(`Cannot send ${op}: the connection is closed`);
+    this.#writer.write(this.#encode({ op, args }, "args")).catch((error) => this.close(error));
+  }
+
+  /**
+   * Closes the connection; every waiting call rejects with ConnectionClosedError.
+   * Resolves when the read loop has ended.
+   */
+  close(reason?: unknown): Promise<void> {
+    this.#shutdown(reason);
+    return this.closed;
+  }
+
+  #shutdown(reason: unknown): void {
+    if (this.#isClosed) return;
+    this.#isClosed = true;
+    if (reason !== undefined) this.closeReason = reason instanceof Error ? reason : new Error(String(reason));
+    const error = new ConnectionClosedError(
+      `Connection to ${this.conn.remoteAddress} closed${
+        this.closeReason ? `: ${this.closeReason.message}` : ""
+      }`,
+      { cause: this.closeReason ?? undefined },
+    );
+    for (const id of [...this.#pending.keys()]) this.#settle(id)?.reject(error);
+    this.conn.close();
+  }
+
+  #encode(message: Record<string, unknown>, root: string): Uint8Array[] {
+    const { head, buffers } = encoder.encode(message, root);
+    return buffers.length === 0 ? [head] : [head, ...buffers];
+  }
+
+  #settle(id: number): Pending | undefined {
+    const pending = this.#pending.get(id);
+    if (pending === undefined) return undefined;
+    this.#pending.delete(id);
+    pending.cleanup?.();
+    return pending;
+  }
+
+  async #readLoop(): Promise<void> {
+    // Let the constructor finish (and `closed` be assigned) before the first await.
+    await Promise.resolve();
+    const reader = new MessageReader(this.conn, { frameBytesMax: this.#options.frameBytesMax });
+    const decoder = new Decoder();
+    let reason: unknown = undefined;
+    try {
+      while (!this.#isClosed) {
+        const frames = await reader.next();
+        if (frames === null) break;
+        this.#receive(decoder.decode(frames[0], frames.slice(1)));
+      }
+    } catch (error) {
+      if (!this.#isClosed) {
+        reason = error;
+        if (error instanceof ProtocolError) {
+          this.#log.warn(`Closing connection from ${this.conn.remoteAddress}: ${error.message}`);
+        }
+      }
+    }
+    this.#shutdown(reason);
+  }
+
+  #receive(message: unknown): void {
+    if (typeof message !== "object" || message === null || Array.isArray(message)) {
+      this.#log.warn(`Ignoring a message from ${this.conn.remoteAddress}: not an envelope object`);
+      return;
+    }
+    const m = message as Record<string, unknown>;
+    if (typeof m.reply === "number") {
+      const pending = this.#settle(m.reply);
+      if (pending === undefined) return; // Timed out or aborted already.
+      if ("error" in m) pending.reject(new RemoteError(pending.op, toInfo(m.error)));
+      else pending.resolve(m.result);
+      return;
+    }
+    const id = m.id;
+    const hasId = typeof id === "number" && Number.isSafeInteger(id);
+    if (typeof m.op !== "string") {
+      const problem = `Bad envelope: field "op" must be a string, got ${typeof m.op}`;
+      if (hasId) this.#reply(id, undefined, new ProtocolError(problem));
+      else this.#log.warn(`Ignoring a message from ${this.conn.remoteAddress}: ${problem}`);
+      return;
+    }
+    if (id !== undefined && !hasId) {
+      this.#log.warn(`Ignoring ${m.op} from ${this.conn.remoteAddress}: field "id" must be an integer`);
+      return;
+    }
+    this.#handle(m.op, m.args, hasId ? id : undefined);
+  }
+
+  async #handle(op: string, args: unknown, id: number | undefined): Promise<void> {
+    const max = REQUESTS_IN_FLIGHT_MAX;
+    if (this.#inFlight >= max) {
+      if (id !== undefined) {
+        this.#reply(id, undefined, new RangeError(`Busy: ${max} calls already run on this connection`));
+      }
+      return;
+    }
+    this.#inFlight++;
+    try {
+      const dispatch = this.#options.dispatch;
+      if (!dispatch) throw new ProtocolError(`Unknown op ${JSON.stringify(op)}: this end serves no ops`);
+      const result = await dispatch(op, args, this);
+      if (id !== undefined) this.#reply(id, result);
+    } catch (error) {
+      if (id !== undefined) this.#reply(id, undefined, error);
+      else this.#log.warn(`Notice ${op} from ${this.conn.remoteAddress} failed: ${(error as Error).message}`);
+    } finally {
+      this.#inFlight--;
+    }
+  }
+
+  #reply(id: number, result: unknown, error?: unknown): void {
+    if (this.#isClosed) return;
+    let frames: Uint8Array[];
+    if (error === undefined) {
+      try {
+        frames = this.#encode({ reply: id, result }, "result");
+      } catch (encodeError) {
+        frames = this.#encode({ reply: id, error: toRemoteErrorInfo(encodeError) }, "error");
+      }
+    } else {
+      frames = this.#encode({ reply: id, error: toRemoteErrorInfo(error) }, "error");
+    }
+    this.#writer.write(frames).catch((e) => this.close(e));
+  }
+}
+
+function toInfo(error: unknown): RemoteErrorInfo {
+  if (typeof error === "object" && error !== null) {
+    const e = error as Record<string, unknown>;
+    return {
+      name: typeof e.name === "string" ? e.name : "Error",
+      message: typeof e.message === "string" ? e.message : String(e.message),
+      stack: typeof e.stack === "string" ? e.stack : "",
+    };
+  }
+  return { name: "Error", message: String(error), stack: "" };
+}

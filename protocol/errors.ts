@@ -1,0 +1,89 @@
+/**
+ * The few error classes of dist, each catchable for a reason.
+ *
+ * @module
+ */
+
+/** The connection closed (or was never made) while a call was in flight. */
+export class ConnectionClosedError extends Error {
+  /** Builds the error; `cause` carries the transport's own error, if any. */
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.name = "ConnectionClosedError";
+  }
+}
+
+/** A peer sent bytes or a message that break the protocol. */
+export class ProtocolError extends Error {
+  /** Builds the error. */
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.name = "ProtocolError";
+  }
+}
+
+/** A call took longer than its timeout. */
+export class TimeoutError extends Error {
+  /** Builds the error. */
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.name = "TimeoutError";
+  }
+}
+
+/** The keys a computation needs exist nowhere the cluster can reach. */
+export class MissingDataError extends Error {
+  /** The keys that could not be found. */
+  readonly keys: string[];
+  /** Builds the error for `keys`. */
+  constructor(keys: string[], options?: ErrorOptions) {
+    super(
+      `Missing data: no reachable worker holds ${keys.map((k) => JSON.stringify(k)).join(", ")}`,
+      options,
+    );
+    this.name = "MissingDataError";
+    this.keys = keys;
+  }
+}
+
+/** What a remote error looks like on the wire. */
+export interface RemoteErrorInfo {
+  /** The remote error's class name, e.g. `TypeError`. */
+  name: string;
+  /** The remote error's message. */
+  message: string;
+  /** The remote stack trace, when there was one. */
+  stack?: string;
+}
+
+/**
+ * A call failed on the remote node. `remoteName`, `message` and `remoteStack` are the
+ * remote error's own; `op` is the operation that failed.
+ */
+export class RemoteError extends Error {
+  /** The remote error's class name, e.g. `TypeError` or `MissingDataError`. */
+  readonly remoteName: string;
+  /** The remote error's stack trace ("" when the remote sent none). */
+  readonly remoteStack: string;
+  /** The op whose call failed. */
+  readonly op: string;
+  /** Builds the error from what the remote sent. */
+  constructor(op: string, info: RemoteErrorInfo, options?: ErrorOptions) {
+    super(info.message, options);
+    this.name = "RemoteError";
+    this.op = op;
+    this.remoteName = info.name;
+    this.remoteStack = info.stack ?? "";
+  }
+}
+
+/** Turns anything thrown into what travels in an error reply. */
+export function toRemoteErrorInfo(error: unknown): RemoteErrorInfo {
+  if (error instanceof RemoteError) {
+    return { name: error.remoteName, message: error.message, stack: error.remoteStack };
+  }
+  if (error instanceof Error) {
+    return { name: error.name, message: error.message, stack: error.stack ?? "" };
+  }
+  return { name: "Error", message: String(error), stack: "" };
+}

@@ -1,0 +1,235 @@
+/**
+ * Bytes <-> messages of frames. A message on the wire is
+ *
+ *     u32 LE  n              number of frames, 1..MESSAGE_FRAMES_MAX
+ *     u64 LE  length[n]      byte length of each frame
+ *     bytes   frame[0..n-1]  frame 0 is msgpack; the rest are out-of-band buffers
+ *
+ * Every length is checked against the limits before anything is allocated.
+ *
+ * @module
+ */
+
+import { ConnectionClosedError, ProtocolError } from "./errors.ts";
+
+/** Most frames one message may have. */
+export const MESSAGE_FRAMES_MAX = 1024;
+/** Default for the largest frame, and the largest message, a node accepts: 1 GiB. */
+export const FRAME_BYTES_MAX = 1024 * 1024 * 1024;
+/** How much a reader asks the socket for at once. */
+const READ_CHUNK_BYTES = 256 * 1024;
+/** Frames at most this long are copied out of the read buffer; longer ones get their own. */
+const SMALL_FRAME_BYTES = 64 * 1024;
+
+/** The part of a connection that framing reads from. */
+export interface ByteReader {
+  /** Reads into `p`; resolves the count, or null at end of stream. */
+  read(p: Uint8Array): Promise<number | null>;
+}
+
+/** The part of a connection that framing writes to. */
+export interface ByteWriter {
+  /** Writes some prefix of `p`; resolves how many bytes were written. */
+  write(p: Uint8Array): Promise<number>;
+}
+
+/** The header that precedes `frames` on the wire. */
+export function frameHeader(frames: readonly Uint8Array[]): Uint8Array {
+  const header = new Uint8Array(4 + 8 * frames.length);
+  const view = new DataView(header.buffer);
+  view.setUint32(0, frames.length, true);
+  for (let i = 0; i < frames.length; i++) {
+    const n = frames[i].byteLength;
+    view.setUint32(4 + 8 * i, n >>> 0, true);
+    view.setUint32(8 + 8 * i, Math.floor(n / 0x100000000), true);
+  }
+  return header;
+}
+
+/** Reads whole messages (arrays of frames) from a byte stream. */
+export class MessageReader {
+  #source: ByteReader;
+  #frameBytesMax: number;
+  #buf = new Uint8Array(READ_CHUNK_BYTES);
+  #start = 0;
+  #end = 0;
+
+  /** Reads from `source`; frames (and messages) over `frameBytesMax` are refused. */
+  constructor(source: ByteReader, options: { frameBytesMax?: number } = {}) {
+    this.#source = source;
+    this.#frameBytesMax = options.frameBytesMax ?? FRAME_BYTES_MAX;
+  }
+
+  /**
+   * The next message's frames, or null when the stream ends between messages.
+   * Throws ProtocolError on a bad header and ConnectionClosedError when the stream
+   * ends inside a message.
+   */
+  async next(): Promise<Uint8Array[] | null> {
+    if (!(await this.#fill(4, true))) return null;
+    const count = new DataView(this.#buf.buffer).getUint32(this.#start, true);
+    if (count < 1 || count > MESSAGE_FRAMES_MAX) {
+      throw new ProtocolError(`Bad frame header: ${count} frames (1 to ${MESSAGE_FRAMES_MAX} allowed)`);
+    }
+    await this.#fill(4 + 8 * count, false);
+    const view = new DataView(this.#buf.buffer);
+    const lengths: number[] = new Array(count);
+    let total = 0;
+    for (let i = 0; i < count; i++) {
+      const at = this.#start + 4 + 8 * i;
+      const lo = view.getUint32(at, true);
+      const hi = view.getUint32(at + 4, true);
+      const n = hi * 0x100000000 + lo;
+      if (hi >= 0x200000 || n > this.#frameBytesMax) {
+        throw new ProtocolError(
+          `Frame too large: frame ${i} declares ${
+            hi >= 0x200000 ? "over 2^53" : n
+          } bytes (the limit is ${this.#frameBytesMax})`,
+        );
+      }
+      total += n;
+      lengths[i] = n;
+    }
+    if (total > this.#frameBytesMax) {
+      throw new ProtocolError(
+        `Message too large: ${total} bytes in frames (the limit is ${this.#frameBytesMax})`,
+      );
+    }
+    this.#start += 4 + 8 * count;
+    const frames: Uint8Array[] = new Array(count);
+    for (let i = 0; i < count; i++) frames[i] = await this.#frame(lengths[i]);
+    return frames;
+  }
+
+  async #frame(n: number): Promise<Uint8Array> {
+    if (n <= SMALL_FRAME_BYTES) {
+      await this.#fill(n, false);
+      const out = this.#buf.slice(this.#start, this.#start + n);
+      this.#start += n;
+      return out;
+    }
+    // A large frame is read straight into memory of its own: one copy, kernel to frame.
+    const out = new Uint8Array(n);
+    const buffered = Math.min(n, this.#end - this.#start);
+    out.set(this.#buf.subarray(this.#start, this.#start + buffered));
+    this.#start += buffered;
+    let filled = buffered;
+    while (filled < n) {
+      const got = await this.#source.read(out.subarray(filled));
+      if (got === null) {
+        throw new ConnectionClosedError(`Connection closed inside a frame (${filled} of ${n} bytes)`);
+      }
+      filled += got;
+    }
+    return out;
+  }
+
+  /** Makes `n` bytes available at #start; false only if `eofOk` and the stream ended clean. */
+  async #fill(n: number, eofOk: boolean): Promise<boolean> {
+    if (this.#end - this.#start >= n) return true;
+    if (this.#start + n > this.#buf.length) {
+      if (n <= this.#buf.length) this.#buf.copyWithin(0, this.#start, this.#end);
+      else {
+        const next = new Uint8Array(n);
+        next.set(this.#buf.subarray(this.#start, this.#end));
+        this.#buf = next;
+      }
+      this.#end -= this.#start;
+      this.#start = 0;
+    }
+    while (this.#end - this.#start < n) {
+      const got = await this.#source.read(this.#buf.subarray(this.#end));
+      if (got === null) {
+        if (eofOk && this.#end === this.#start) return false;
+        throw new ConnectionClosedError(
+          `Connection closed inside a message (${this.#end - this.#start} of ${n} bytes)`,
+        );
+      }
+      this.#end += got;
+    }
+    return true;
+  }
+}
+
+/**
+ * Writes messages, coalescing small pieces into one write and passing large ones
+ * through untouched, so a 256 MiB buffer is never copied on the way out.
+ */
+export class MessageWriter {
+  #sink: ByteWriter;
+  #queue: Uint8Array[] = [];
+  #queuedBytes = 0;
+  #writing: Promise<void> | null = null;
+  #error: unknown = null;
+  #out = new Uint8Array(READ_CHUNK_BYTES);
+
+  /** Writes to `sink`. */
+  constructor(sink: ByteWriter) {
+    this.#sink = sink;
+  }
+
+  /** Bytes queued and not yet written. */
+  get queuedBytes(): number {
+    return this.#queuedBytes;
+  }
+
+  /**
+   * Queues a message; resolves when it is written (callers may ignore that). Rejects if
+   * the stream fails.
+   */
+  write(frames: readonly Uint8Array[]): Promise<void> {
+    if (this.#error) return Promise.reject(this.#error);
+    this.#queue.push(frameHeader(frames));
+    this.#queuedBytes += 4 + 8 * frames.length;
+    for (const f of frames) {
+      this.#queue.push(f);
+      this.#queuedBytes += f.byteLength;
+    }
+    if (this.#writing === null) {
+      this.#writing = this.#drain();
+      // Callers may ignore the promise; the failure still reaches whoever awaits it.
+      this.#writing.catch(() => {});
+    }
+    return this.#writing;
+  }
+
+  /** Resolves when the queue is empty, whether the writes succeeded or not. */
+  flushed(): Promise<void> {
+    return this.#writing ? this.#writing.catch(() => {}) : Promise.resolve();
+  }
+
+  async #drain(): Promise<void> {
+    // Let the rest of this turn queue its messages too: one write for all of them.
+    await Promise.resolve();
+    try {
+      while (this.#queue.length > 0) {
+        const first = this.#queue[0];
+        if (first.byteLength > this.#out.length / 2) {
+          this.#queue.shift();
+          await this.#writeAll(first);
+          this.#queuedBytes -= first.byteLength;
+          continue;
+        }
+        let n = 0;
+        while (this.#queue.length > 0 && n + this.#queue[0].byteLength <= this.#out.length) {
+          const piece = this.#queue.shift()!;
+          this.#out.set(piece, n);
+          n += piece.byteLength;
+        }
+        await this.#writeAll(this.#out.subarray(0, n));
+        this.#queuedBytes -= n;
+      }
+    } catch (error) {
+      this.#error = error;
+      this.#queue = [];
+      throw error;
+    } finally {
+      this.#writing = null;
+    }
+  }
+
+  async #writeAll(p: Uint8Array): Promise<void> {
+    let done = 0;
+    while (done < p.byteLength) done += await this.#sink.write(p.subarray(done));
+  }
+}

@@ -1,0 +1,143 @@
+/**
+ * Every op of both node kinds, in one place: the argument schemas checked when a call
+ * arrives, and the reply types. PROTOCOL.md documents the same table for other
+ * languages.
+ *
+ * @module
+ */
+
+import * as v from "./_validate.ts";
+
+/** How a function travels: as source, or named by module. */
+export type FunctionSpec = { source: string } | { module: string; name: string };
+
+const functionSpec: v.Schema<FunctionSpec> = v.oneOf<FunctionSpec>(
+  "{ source } or { module, name }",
+  v.object({ source: v.name }),
+  v.object({ module: v.name, name: v.name }),
+);
+
+/** One op: its argument schema, and its reply type as a phantom. */
+export interface OpSpec<A, R> {
+  /** Checks the arguments at the boundary. */
+  readonly args: v.Schema<A>;
+  /** Never set: it carries the reply type. */
+  readonly reply?: R;
+}
+
+function op<R>() {
+  return <A>(args: v.Schema<A>): OpSpec<A, R> => ({ args });
+}
+
+/** `{ status: "OK" }`, the reply of ops that only act. */
+export interface OkReply {
+  /** Always "OK". */
+  status: "OK";
+}
+
+/** What a worker says of itself. */
+export interface WorkerIdentity {
+  /** "worker". */
+  type: "worker";
+  /** A unique id, fresh at every start. */
+  id: string;
+  /** Where it listens, `tcp://host:port`. */
+  address: string;
+  /** Its name (its address unless given one). */
+  name: string;
+  /** How many tasks it runs at once. */
+  nthreads: number;
+  /** The scheduler it registers with. */
+  scheduler: string;
+}
+
+/** What a scheduler says of itself. */
+export interface SchedulerIdentity {
+  /** "scheduler". */
+  type: "scheduler";
+  /** A unique id, fresh at every start. */
+  id: string;
+  /** Where it listens, `tcp://host:port`. */
+  address: string;
+  /** How many workers are registered. */
+  workers: number;
+}
+
+/** A registered worker as the scheduler knows it. */
+export interface WorkerInfo {
+  /** Where it listens. */
+  address: string;
+  /** Its name. */
+  name: string;
+  /** How many tasks it runs at once. */
+  nthreads: number;
+  /** How many keys it holds. */
+  nkeys: number;
+  /** Bytes it holds, by the nbytes it reported. */
+  nbytes: number;
+}
+
+const keys = v.arrayOf(v.string);
+const address = v.name;
+
+/** The ops a worker serves. */
+export const workerOps = {
+  get_data: op<Record<string, unknown>>()(v.object({ keys })),
+  update_data: op<OkReply & { nbytes: Record<string, number> }>()(
+    v.object({ data: v.recordOf(v.unknown), report: v.optional(v.boolean) }),
+  ),
+  delete_data: op<OkReply>()(v.object({ keys, report: v.optional(v.boolean) })),
+  keys: op<string[]>()(v.object({})),
+  identity: op<WorkerIdentity>()(v.object({})),
+  ping: op<"pong">()(v.object({})),
+  terminate: op<OkReply>()(v.object({})),
+  compute: op<OkReply & { key: string; nbytes: number }>()(
+    v.object({
+      key: v.string,
+      function: functionSpec,
+      keys: v.optional(keys),
+      args: v.optional(v.arrayOf(v.unknown)),
+    }),
+  ),
+};
+
+/** The ops a scheduler serves. */
+export const schedulerOps = {
+  register: op<OkReply>()(
+    v.object({
+      address,
+      name: v.optional(v.string),
+      nthreads: v.optional(v.count),
+      keys: v.optional(keys),
+      nbytes: v.optional(v.recordOf(v.count)),
+    }),
+  ),
+  unregister: op<OkReply>()(v.object({ address })),
+  add_keys: op<OkReply>()(v.object({ address, keys, nbytes: v.optional(v.recordOf(v.count)) })),
+  remove_keys: op<OkReply>()(v.object({ address, keys })),
+  who_has: op<Record<string, string[]>>()(v.object({ keys: v.optional(keys) })),
+  has_what: op<Record<string, string[]>>()(v.object({ workers: v.optional(v.arrayOf(address)) })),
+  ncores: op<Record<string, number>>()(v.object({})),
+  workers: op<WorkerInfo[]>()(v.object({})),
+  delete_data: op<OkReply>()(v.object({ keys })),
+  broadcast: op<Record<string, unknown>>()(
+    v.object({
+      msg: v.object({ op: v.name, args: v.optional(v.unknown) }),
+      workers: v.optional(v.arrayOf(address)),
+    }),
+  ),
+  identity: op<SchedulerIdentity>()(v.object({})),
+  ping: op<"pong">()(v.object({})),
+  terminate: op<OkReply>()(v.object({})),
+};
+
+/** A table of ops. */
+export type OpTable = Record<string, OpSpec<unknown, unknown>>;
+/** The worker's op table type. */
+export type WorkerOps = typeof workerOps;
+/** The scheduler's op table type. */
+export type SchedulerOps = typeof schedulerOps;
+/** The checked arguments of op `K`. */
+export type ArgsOf<T extends OpTable, K extends keyof T> = T[K] extends OpSpec<infer A, unknown> ? A : never;
+/** The reply of op `K`. */
+export type ReplyOf<T extends OpTable, K extends keyof T> = T[K] extends OpSpec<unknown, infer R> ? R : never;

@@ -1,0 +1,101 @@
+/**
+ * The server side: an accept loop that gives each connection a Comm, and the typed
+ * op dispatch that checks arguments before any handler sees them.
+ *
+ * @module
+ */
+
+import { type Logger, silentLogger } from "../_log.ts";
+import { type Address, formatAddress } from "./address.ts";
+import { Comm, type Dispatch } from "./comm.ts";
+import { ProtocolError } from "./errors.ts";
+import type { ArgsOf, OpTable, ReplyOf } from "./ops.ts";
+import { listen } from "./transport.ts";
+
+/** Most connections a node keeps open at once; more are closed on arrival. */
+export const CONNECTIONS_MAX = 10_000;
+
+/** A handler for every op of table `T`; a missing one is a compile error. */
+export type Handlers<T extends OpTable> = {
+  [K in keyof T]: (args: ArgsOf<T, K>, comm: Comm) => ReplyOf<T, K> | Promise<ReplyOf<T, K>>;
+};
+
+/**
+ * Builds a dispatch for `ops`: an unknown op or bad arguments throw an error that
+ * names the op and the field; the handler sees checked arguments only.
+ */
+export function dispatchTo<T extends OpTable>(kind: string, ops: T, handlers: Handlers<T>): Dispatch {
+  const known = Object.keys(ops).sort().join(", ");
+  return (op, args, comm) => {
+    if (!Object.hasOwn(ops, op)) {
+      throw new ProtocolError(`Unknown op ${JSON.stringify(op)}: a ${kind} serves ${known}`);
+    }
+    let checked: unknown;
+    try {
+      checked = ops[op].args.parse(args, "args");
+    } catch (error) {
+      const e = error as Error;
+      const wrapped = e instanceof RangeError ? RangeError : TypeError;
+      throw new wrapped(`Bad arguments for op ${op}: ${e.message}`);
+    }
+    // deno-lint-ignore no-explicit-any
+    return (handlers[op] as any)(checked, comm);
+  };
+}
+
+/** Options of a server. */
+export interface ServeOptions {
+  /** Largest frame accepted. */
+  frameBytesMax?: number;
+  /** Most open connections. */
+  connectionsMax?: number;
+  /** Called for every connection that closes (after its Comm has closed). */
+  onClose?: (comm: Comm) => void;
+  /** Where it logs. */
+  log?: Logger;
+}
+
+/** A listening server. */
+export interface Server {
+  /** Where it listens (the real port when asked for 0). */
+  readonly address: Address;
+  /** `tcp://host:port`. */
+  readonly url: string;
+  /** The open connections. */
+  readonly comms: ReadonlySet<Comm>;
+  /** Stops accepting and closes every connection. */
+  close(): Promise<void>;
+}
+
+/** Listens on `address` and serves `dispatch` on every connection. */
+export function serve(address: Address, dispatch: Dispatch, options: ServeOptions = {}): Server {
+  const log = options.log ?? silentLogger;
+  const listener = listen(address);
+  const comms = new Set<Comm>();
+  const max = options.connectionsMax ?? CONNECTIONS_MAX;
+  const accepting = (async () => {
+    for await (const conn of listener) {
+      if (comms.size >= max) {
+        log.warn(`Refusing connection from ${conn.remoteAddress}: ${max} connections open (the limit)`);
+        conn.close();
+        continue;
+      }
+      const comm = new Comm(conn, { dispatch, frameBytesMax: options.frameBytesMax, log });
+      comms.add(comm);
+      comm.closed.then(() => {
+        comms.delete(comm);
+        options.onClose?.(comm);
+      });
+    }
+  })();
+  return {
+    address: listener.address,
+    url: formatAddress(listener.address),
+    comms,
+    async close() {
+      listener.close();
+      await accepting;
+      await Promise.all([...comms].map((comm) => comm.close()));
+    },
+  };
+}

@@ -1,0 +1,392 @@
+/**
+ * The worker node: holds data, serves it, and computes on it, fetching missing inputs
+ * straight from the peers that hold them. It keeps one long-lived connection to the
+ * scheduler, registers on it (with the keys it holds), and serves the scheduler's
+ * calls on it too.
+ *
+ * @module
+ */
+
+import { createLogger, type Logger } from "../_log.ts";
+import { type Address, formatAddress, parseAddress } from "../protocol/address.ts";
+import { Comm, type Dispatch } from "../protocol/comm.ts";
+import { ConnectionClosedError, MissingDataError } from "../protocol/errors.ts";
+import { type ArgsOf, type WorkerIdentity, type WorkerOps, workerOps } from "../protocol/ops.ts";
+import { dispatchTo, type Handlers, serve } from "../protocol/server.ts";
+import { connect } from "../protocol/transport.ts";
+import { callFunction, FunctionCache } from "./functions.ts";
+import { DataStore, refsIn, resolveRefs } from "./store.ts";
+
+/** Default for how long a worker keeps trying to reach its scheduler: 60 s. */
+export const DEATH_TIMEOUT_MS = 60_000;
+/** Most peer connections a worker keeps open; the oldest is closed past it. */
+export const PEER_CONNECTIONS_MAX = 256;
+/** The first and the largest wait between attempts to reach the scheduler. */
+const BACKOFF_FIRST_MS = 50;
+const BACKOFF_MAX_MS = 2_000;
+/** How long a call to a peer or the scheduler may take. */
+const CALL_TIMEOUT_MS = 60_000;
+
+/** Options of `startWorker`. */
+export interface WorkerOptions {
+  /** The scheduler, `tcp://host:port` or `{ host, port }`. */
+  scheduler: string | Address;
+  /** Interface to listen on; default 127.0.0.1. */
+  host?: string;
+  /** Port; default 0, any free port. */
+  port?: number;
+  /** A name for logs and listings; default its address. */
+  name?: string;
+  /** How many tasks it runs at once; default the machine's cores. */
+  nthreads?: number;
+  /** Give up reaching the scheduler after this long; default 60 s. */
+  deathTimeoutMs?: number;
+  /** Largest frame accepted, in bytes. */
+  frameBytesMax?: number;
+  /** Where it logs; default stderr at info. */
+  log?: Logger;
+}
+
+/** A running worker. */
+export interface WorkerNode {
+  /** Where it listens, `tcp://host:port`. */
+  readonly address: string;
+  /** What it says of itself. */
+  readonly identity: WorkerIdentity;
+  /** Its data. */
+  readonly data: DataStore;
+  /** Resolves once closed: by `close()`, `terminate`, or losing the scheduler for good. */
+  readonly closed: Promise<void>;
+  /** Unregisters from the scheduler and closes every connection. */
+  close(): Promise<void>;
+  /** `await using` closes it. */
+  [Symbol.asyncDispose](): Promise<void>;
+}
+
+/**
+ * Starts a worker and registers it with the scheduler, retrying with backoff until
+ * `deathTimeoutMs`. Resolves once registered.
+ *
+ * @example
+ * ```ts
+ * import { startScheduler, startWorker } from "./mod.ts";
+ * const scheduler = await startScheduler({ port: 0 });
+ * const worker = await startWorker({ scheduler: scheduler.address, name: "alice" });
+ * await worker.close();
+ * await scheduler.close();
+ * ```
+ */
+export async function startWorker(options: WorkerOptions): Promise<WorkerNode> {
+  const worker = new Worker(options);
+  await worker.start();
+  return worker;
+}
+
+class Worker implements WorkerNode {
+  readonly data = new DataStore();
+  readonly closed: Promise<void>;
+  #options: WorkerOptions;
+  #log: Logger;
+  #scheduler: Address;
+  #schedulerUrl: string;
+  #server: ReturnType<typeof serve>;
+  #dispatch: Dispatch;
+  #functions = new FunctionCache();
+  #schedulerComm: Comm | null = null;
+  #reconnecting: Promise<void> | null = null;
+  #peers = new Map<string, Promise<Comm>>();
+  #closing: Promise<void> | null = null;
+  #resolveClosed!: () => void;
+  #identity: WorkerIdentity;
+
+  constructor(options: WorkerOptions) {
+    this.#options = options;
+    this.#scheduler = parseAddress(options.scheduler);
+    this.#schedulerUrl = formatAddress(this.#scheduler);
+    this.closed = new Promise((resolve) => this.#resolveClosed = resolve);
+    const nthreads = options.nthreads ?? navigator.hardwareConcurrency;
+    if (!Number.isInteger(nthreads) || nthreads < 1) {
+      throw new RangeError(`Invalid nthreads ${nthreads}: expected a whole number from 1 up`);
+    }
+    this.#log = options.log ?? createLogger(options.name ? `worker ${options.name}` : "worker");
+    this.#dispatch = dispatchTo("worker", workerOps, this.#handlers());
+    this.#server = serve(
+      { host: options.host ?? "127.0.0.1", port: options.port ?? 0 },
+      this.#dispatch,
+      { frameBytesMax: options.frameBytesMax, log: this.#log },
+    );
+    this.#identity = {
+      type: "worker",
+      id: crypto.randomUUID(),
+      address: this.#server.url,
+      name: options.name ?? this.#server.url,
+      nthreads,
+      scheduler: this.#schedulerUrl,
+    };
+  }
+
+  get address(): string {
+    return this.#identity.address;
+  }
+
+  get identity(): WorkerIdentity {
+    return this.#identity;
+  }
+
+  async start(): Promise<void> {
+    try {
+      await this.#register(Date.now() + (this.#options.deathTimeoutMs ?? DEATH_TIMEOUT_MS));
+    } catch (error) {
+      await this.#shutdown(false);
+      throw error;
+    }
+  }
+
+  close(): Promise<void> {
+    return this.#shutdown(true);
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.close();
+  }
+
+  // ---- the scheduler connection ----
+
+  /** Connects and registers, retrying with backoff until `deadline`. */
+  async #register(deadline: number): Promise<void> {
+    let wait = BACKOFF_FIRST_MS;
+    for (let attempt = 1;; attempt++) {
+      let comm: Comm | null = null;
+      try {
+        const conn = await connect(this.#scheduler);
+        if (this.#closing) {
+          conn.close();
+          return;
+        }
+        comm = new Comm(conn, {
+          dispatch: this.#dispatch,
+          frameBytesMax: this.#options.frameBytesMax,
+          log: this.#log,
+        });
+        if (
+          this.#identity.address.startsWith("tcp://0.0.0.0:") ||
+          this.#identity.address.startsWith("tcp://[::]:")
+        ) {
+          // Listening on every interface: advertise the one that reaches the scheduler.
+          this.#identity.address = formatAddress({ host: conn.local.host, port: this.#server.address.port });
+          if (this.#options.name === undefined) this.#identity.name = this.#identity.address;
+        }
+        const keys = this.data.keys();
+        await comm.call("register", {
+          address: this.address,
+          name: this.#identity.name,
+          nthreads: this.#identity.nthreads,
+          keys,
+          nbytes: this.data.nbytes(keys),
+        }, { timeoutMs: CALL_TIMEOUT_MS });
+        this.#schedulerComm = comm;
+        comm.closed.then(() => this.#onSchedulerLost(comm!));
+        this.#log.info(`Registered with ${this.#schedulerUrl} as ${this.address}`);
+        return;
+      } catch (error) {
+        await comm?.close();
+        const now = Date.now();
+        if (now >= deadline || this.#closing) {
+          throw new ConnectionClosedError(
+            `Cannot register with scheduler ${this.#schedulerUrl} after ${attempt} attempts: ${
+              (error as Error).message
+            }`,
+            { cause: error },
+          );
+        }
+        if (attempt === 1) {
+          this.#log.info(`Waiting for scheduler ${this.#schedulerUrl}: ${(error as Error).message}`);
+        }
+        await new Promise((resolve) => setTimeout(resolve, Math.min(wait, deadline - now)));
+        wait = Math.min(wait * 2, BACKOFF_MAX_MS);
+      }
+    }
+  }
+
+  #onSchedulerLost(comm: Comm): void {
+    if (this.#closing || this.#schedulerComm !== comm) return;
+    this.#schedulerComm = null;
+    this.#log.warn(`Lost the scheduler ${this.#schedulerUrl}; reconnecting`);
+    const deadline = Date.now() + (this.#options.deathTimeoutMs ?? DEATH_TIMEOUT_MS);
+    this.#reconnecting = this.#register(deadline).catch((error) => {
+      if (this.#closing) return;
+      this.#log.error(`${(error as Error).message}; closing`);
+      this.#shutdown(false);
+    }).finally(() => this.#reconnecting = null);
+  }
+
+  async #schedulerCall(op: string, args: unknown): Promise<unknown> {
+    const comm = this.#schedulerComm;
+    if (comm === null) throw new ConnectionClosedError(`Not connected to scheduler ${this.#schedulerUrl}`);
+    return await comm.call(op, args, { timeoutMs: CALL_TIMEOUT_MS });
+  }
+
+  /** Tells the scheduler what changed; a scheduler that is away learns it at re-registration. */
+  async #report(op: "add_keys" | "remove_keys", keys: string[]): Promise<void> {
+    if (keys.length === 0 || this.#schedulerComm === null) return;
+    const args = op === "add_keys"
+      ? { address: this.address, keys, nbytes: this.data.nbytes(keys) }
+      : { address: this.address, keys };
+    try {
+      await this.#schedulerCall(op, args);
+    } catch (error) {
+      this.#log.warn(`Could not tell the scheduler ${op} ${keys.join(", ")}: ${(error as Error).message}`);
+    }
+  }
+
+  // ---- peers ----
+
+  #peer(address: string): Promise<Comm> {
+    let peer = this.#peers.get(address);
+    if (peer === undefined) {
+      if (this.#peers.size >= PEER_CONNECTIONS_MAX) {
+        const [oldest, comm] = this.#peers.entries().next().value!;
+        this.#peers.delete(oldest);
+        comm.then((c) => c.close(), () => {});
+      }
+      peer = connect(parseAddress(address)).then((conn) => {
+        const comm = new Comm(conn, { frameBytesMax: this.#options.frameBytesMax, log: this.#log });
+        comm.closed.then(() => {
+          if (this.#peers.get(address) === peer) this.#peers.delete(address);
+        });
+        return comm;
+      });
+      peer.catch(() => {
+        if (this.#peers.get(address) === peer) this.#peers.delete(address);
+      });
+      this.#peers.set(address, peer);
+    }
+    return peer;
+  }
+
+  /**
+   * Fetches `keys` from the peers that hold them: one batch per peer, all peers at
+   * once; a key whose holder fails is asked of its next holder. Stores what arrives
+   * as replicas and tells the scheduler.
+   */
+  async #gather(keys: string[]): Promise<void> {
+    this.#log.debug(`Asking the scheduler who has ${keys.join(", ")}`);
+    const whoHas = await this.#schedulerCall("who_has", { keys }) as Record<string, string[]>;
+    const remaining = new Set(keys);
+    const tried = new Map<string, Set<string>>(keys.map((k) => [k, new Set([this.address])]));
+    const fetched: string[] = [];
+    for (;;) {
+      const batches = new Map<string, string[]>();
+      for (const key of remaining) {
+        const holders = (whoHas[key] ?? []).filter((a) => !tried.get(key)!.has(a));
+        if (holders.length === 0) continue;
+        const holder = holders.find((a) => batches.has(a)) ?? holders[0];
+        tried.get(key)!.add(holder);
+        let batch = batches.get(holder);
+        if (batch === undefined) batches.set(holder, batch = []);
+        batch.push(key);
+      }
+      if (batches.size === 0) break;
+      await Promise.all([...batches].map(async ([holder, batch]) => {
+        try {
+          this.#log.debug(`Fetching ${batch.join(", ")} from ${holder}`);
+          const comm = await this.#peer(holder);
+          const got = await comm.call("get_data", { keys: batch }, { timeoutMs: CALL_TIMEOUT_MS }) as Record<
+            string,
+            unknown
+          >;
+          for (const key of batch) {
+            if (!Object.hasOwn(got, key) || !remaining.has(key)) continue;
+            this.data.set(key, got[key]);
+            remaining.delete(key);
+            fetched.push(key);
+          }
+          this.#log.debug(
+            `Got ${batch.filter((k) => Object.hasOwn(got, k)).join(", ") || "nothing"} from ${holder}`,
+          );
+        } catch (error) {
+          this.#log.warn(`Fetching ${batch.join(", ")} from ${holder} failed: ${(error as Error).message}`);
+        }
+      }));
+    }
+    await this.#report("add_keys", fetched);
+    if (remaining.size > 0) throw new MissingDataError([...remaining]);
+  }
+
+  // ---- ops ----
+
+  #handlers(): Handlers<WorkerOps> {
+    return {
+      get_data: ({ keys }) => {
+        const out: Record<string, unknown> = {};
+        for (const key of keys) if (this.data.has(key)) out[key] = this.data.get(key);
+        return out;
+      },
+      update_data: async ({ data, report }) => {
+        const nbytes: Record<string, number> = {};
+        for (const key in data) nbytes[key] = this.data.set(key, data[key]);
+        if (report !== false) await this.#report("add_keys", Object.keys(data));
+        return { status: "OK", nbytes };
+      },
+      delete_data: async ({ keys, report }) => {
+        const deleted = keys.filter((key) => this.data.delete(key));
+        if (report !== false) await this.#report("remove_keys", deleted);
+        return { status: "OK" };
+      },
+      keys: () => this.data.keys(),
+      identity: () => this.#identity,
+      ping: () => "pong",
+      terminate: (_args, comm) => {
+        setTimeout(() => comm.flushed().then(() => this.close()), 0);
+        return { status: "OK" };
+      },
+      compute: (args) => this.#compute(args),
+    };
+  }
+
+  async #compute(args: ArgsOf<WorkerOps, "compute">) {
+    const { key, keys = [], args: extra = [] } = args;
+    const fn = await this.#functions.get(args.function);
+    const needed = refsIn(extra, new Set(keys));
+    const missing = [...needed].filter((k) => !this.data.has(k));
+    if (missing.length > 0) await this.#gather(missing);
+    const lookup = (k: string) => this.data.get(k);
+    const result = await callFunction(fn, [
+      ...keys.map(lookup),
+      ...(resolveRefs(extra, lookup) as unknown[]),
+    ]);
+    let nbytes: number;
+    try {
+      nbytes = this.data.set(key, result);
+    } catch (error) {
+      throw new TypeError(`The result of ${key} cannot be kept: ${(error as Error).message}`);
+    }
+    this.#log.debug(`Computed ${key} (${nbytes} bytes)`);
+    await this.#report("add_keys", [key]);
+    return { status: "OK" as const, key, nbytes };
+  }
+
+  // ---- shutdown ----
+
+  #shutdown(unregister: boolean): Promise<void> {
+    this.#closing ??= (async () => {
+      const comm = this.#schedulerComm;
+      if (unregister && comm && !comm.isClosed) {
+        try {
+          await comm.call("unregister", { address: this.address }, { timeoutMs: 5_000 });
+        } catch (error) {
+          this.#log.warn(`Could not unregister: ${(error as Error).message}`);
+        }
+      }
+      await this.#reconnecting?.catch(() => {});
+      await comm?.close();
+      await this.#server.close();
+      const peers = await Promise.allSettled(this.#peers.values());
+      this.#peers.clear();
+      await Promise.all(peers.map((p) => p.status === "fulfilled" ? p.value.close() : undefined));
+      this.#log.info("Worker closed");
+      this.#resolveClosed();
+    })();
+    return this.#closing;
+  }
+}
