@@ -44,7 +44,7 @@ export function parseAddress(address: string | Address): Address {
     throw new TypeError(`Invalid address ${JSON.stringify(address)}: expected tcp://host:port`);
   }
   const host = match[1].startsWith("[") ? match[1].slice(1, -1) : match[1];
-  return { host, port: parsePort(match[2], `port in address ${JSON.stringify(address)}`) };
+  return { host, port: parsePort(match[2], `address ${JSON.stringify(address)}`) };
 }
 
 /** Formats an address as `tcp://host:port` (brackets around IPv6 hosts). */

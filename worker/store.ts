@@ -10,11 +10,12 @@ import { Encoder, Ref } from "../protocol/codec.ts";
 const measurer = new Encoder({ inlineBytesMax: 0 });
 
 /**
- * The size of `value` in bytes: what it takes on the wire (typed arrays: their
- * byteLength, plus a few bytes). Throws TypeError naming `root` and the path of any
+ * The size of `value` in bytes: a typed array's byteLength; for anything else, what
+ * it takes on the wire. Throws TypeError naming `root` and the path of any
  * part that cannot travel.
  */
 export function nbytesOf(value: unknown, root = "value"): number {
+  if (ArrayBuffer.isView(value) && !(value instanceof DataView)) return value.byteLength;
   const { head, buffers } = measurer.encode(value, root);
   let n = head.byteLength;
   for (const b of buffers) n += b.byteLength;

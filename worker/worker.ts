@@ -57,6 +57,8 @@ export interface WorkerNode {
   readonly data: DataStore;
   /** Resolves once closed: by `close()`, `terminate`, or losing the scheduler for good. */
   readonly closed: Promise<void>;
+  /** Why it closed on its own (the scheduler was lost for good); null otherwise. */
+  readonly error: Error | null;
   /** Unregisters from the scheduler and closes every connection. */
   close(): Promise<void>;
   /** `await using` closes it. */
@@ -85,6 +87,7 @@ export async function startWorker(options: WorkerOptions): Promise<WorkerNode> {
 class Worker implements WorkerNode {
   readonly data = new DataStore();
   readonly closed: Promise<void>;
+  error: Error | null = null;
   #options: WorkerOptions;
   #log: Logger;
   #scheduler: Address;
@@ -215,7 +218,8 @@ class Worker implements WorkerNode {
     const deadline = Date.now() + (this.#options.deathTimeoutMs ?? DEATH_TIMEOUT_MS);
     this.#reconnecting = this.#register(deadline).catch((error) => {
       if (this.#closing) return;
-      this.#log.error(`${(error as Error).message}; closing`);
+      this.error = error as Error;
+      this.#log.error(`${this.error.message}; closing`);
       this.#shutdown(false);
     }).finally(() => this.#reconnecting = null);
   }

@@ -1,0 +1,126 @@
+/**
+ * Runs `dist` nodes as real processes (`deno run main.ts ...`, what the compiled binary
+ * runs), for the demo, the CLI tests and the benchmarks.
+ *
+ * @module
+ */
+
+const MAIN = new URL("./main.ts", import.meta.url);
+/** The permissions a node process runs with. */
+export const NODE_PERMISSIONS = ["--allow-net", "--allow-read", "--allow-env"];
+/** How long a node may take to print its `listening at` line. */
+const START_TIMEOUT_MS = 30_000;
+
+/** A node running as a child process. */
+export interface NodeProcess {
+  /** The address it printed in `listening at ADDRESS`. */
+  readonly address: string;
+  /** The process. */
+  readonly child: Deno.ChildProcess;
+  /** Every stderr line so far. */
+  readonly log: string[];
+  /** Resolves with the exit status. */
+  readonly status: Promise<Deno.CommandStatus>;
+  /** Sends SIGTERM (if still running) and waits for the exit. */
+  stop(): Promise<Deno.CommandStatus>;
+  /** Resolves when a stderr line matches `pattern`; rejects after `timeoutMs`. */
+  waitForLog(pattern: RegExp, timeoutMs?: number): Promise<string>;
+}
+
+/** Options of `spawnNode`. */
+export interface SpawnOptions {
+  /** Called with each stderr line as it arrives. */
+  onLog?: (line: string) => void;
+}
+
+async function* lines(stream: ReadableStream<Uint8Array>): AsyncGenerator<string> {
+  let rest = "";
+  for await (const chunk of stream.pipeThrough(new TextDecoderStream())) {
+    rest += chunk;
+    let nl: number;
+    while ((nl = rest.indexOf("\n")) >= 0) {
+      yield rest.slice(0, nl);
+      rest = rest.slice(nl + 1);
+    }
+  }
+  if (rest) yield rest;
+}
+
+/**
+ * Starts `dist ARGS...` and resolves once it prints `listening at ADDRESS`. Rejects
+ * (after killing it) if it exits or stays silent first.
+ */
+export async function spawnNode(args: string[], options: SpawnOptions = {}): Promise<NodeProcess> {
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", ...NODE_PERMISSIONS, MAIN.href, ...args],
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const log: string[] = [];
+  const waiters = new Set<{ pattern: RegExp; resolve: (line: string) => void }>();
+  const stderrDone = (async () => {
+    for await (const line of lines(child.stderr)) {
+      log.push(line);
+      options.onLog?.(line);
+      for (const w of waiters) {
+        if (w.pattern.test(line)) {
+          waiters.delete(w);
+          w.resolve(line);
+        }
+      }
+    }
+  })();
+  const stdout = lines(child.stdout);
+  let timer: number | undefined;
+  const first = await Promise.race([
+    stdout.next(),
+    new Promise<"timeout">((resolve) => timer = setTimeout(() => resolve("timeout"), START_TIMEOUT_MS)),
+  ]);
+  clearTimeout(timer);
+  const drainStdout = (async () => {
+    for await (const _ of stdout) { /* keep the pipe flowing */ }
+  })();
+  const status = Promise.all([child.status, stderrDone, drainStdout]).then(([s]) => s);
+  const match = first !== "timeout" && !first.done ? /^listening at (\S+)$/.exec(first.value) : null;
+  if (!match) {
+    try {
+      child.kill("SIGKILL");
+    } catch { /* exited already */ }
+    await status;
+    throw new Error(
+      `dist ${args.join(" ")} did not start: ${first === "timeout" ? "no output in time" : "it printed no address"}\n` +
+        log.join("\n"),
+    );
+  }
+  return {
+    address: match[1],
+    child,
+    log,
+    status,
+    async stop() {
+      try {
+        child.kill("SIGTERM");
+      } catch { /* exited already */ }
+      return await status;
+    },
+    waitForLog(pattern, timeoutMs = 10_000) {
+      const seen = log.find((line) => pattern.test(line));
+      if (seen !== undefined) return Promise.resolve(seen);
+      return new Promise((resolve, reject) => {
+        const waiter = {
+          pattern,
+          resolve: (line: string) => {
+            clearTimeout(t);
+            resolve(line);
+          },
+        };
+        const t = setTimeout(() => {
+          waiters.delete(waiter);
+          reject(new Error(`No log line matched ${pattern} within ${timeoutMs} ms`));
+        }, timeoutMs);
+        waiters.add(waiter);
+      });
+    },
+  };
+}

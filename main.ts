@@ -1,0 +1,199 @@
+/**
+ * The `dist` program: `dist scheduler` and `dist worker SCHEDULER` start a node. The
+ * only file that prints usage or calls Deno.exit.
+ *
+ * @module
+ */
+
+import { parseArgs } from "node:util";
+import config from "./deno.json" with { type: "json" };
+import { createLogger, LOG_LEVELS, type LogLevel } from "./_log.ts";
+import { parseAddress, parsePort } from "./protocol/address.ts";
+import { SCHEDULER_PORT, startScheduler } from "./scheduler/scheduler.ts";
+import { DEATH_TIMEOUT_MS, startWorker } from "./worker/worker.ts";
+
+/** A flag: its parseArgs type, default, and help text. */
+interface Flag {
+  type: "string" | "boolean";
+  default?: string;
+  help: string;
+  value?: string;
+}
+
+const common: Record<string, Flag> = {
+  "log-level": { type: "string", default: "info", value: "LEVEL", help: `one of ${LOG_LEVELS.join(", ")}` },
+  help: { type: "boolean", help: "show this help" },
+};
+
+const commands: Record<string, { usage: string; summary: string; flags: Record<string, Flag> }> = {
+  scheduler: {
+    usage: "dist scheduler [flags]",
+    summary: "Start a scheduler: it keeps which worker holds which key.",
+    flags: {
+      host: { type: "string", default: "127.0.0.1", value: "HOST", help: "interface to listen on" },
+      port: { type: "string", default: String(SCHEDULER_PORT), value: "PORT", help: "port to listen on (0: any)" },
+      ...common,
+    },
+  },
+  worker: {
+    usage: "dist worker SCHEDULER_ADDRESS [flags]",
+    summary: "Start a worker that registers with the scheduler at SCHEDULER_ADDRESS (tcp://host:port).",
+    flags: {
+      host: { type: "string", default: "127.0.0.1", value: "HOST", help: "interface to listen on" },
+      port: { type: "string", default: "0", value: "PORT", help: "port to listen on (0: any)" },
+      name: { type: "string", value: "NAME", help: "name in logs and listings (default: its address)" },
+      nthreads: {
+        type: "string",
+        default: String(navigator.hardwareConcurrency),
+        value: "N",
+        help: "tasks run at once, the machine's cores by default",
+      },
+      "death-timeout": {
+        type: "string",
+        default: String(DEATH_TIMEOUT_MS / 1000),
+        value: "SECONDS",
+        help: "give up reaching the scheduler after this long",
+      },
+      ...common,
+    },
+  },
+};
+
+const mainHelp = `dist ${config.version}: a distributed computing runtime for TypeScript on Deno
+
+Usage:
+  dist scheduler [flags]                   start a scheduler
+  dist worker SCHEDULER_ADDRESS [flags]    start a worker
+  dist COMMAND --help                      flags of a command
+  dist --version                           print the version
+`;
+
+function helpOf(name: string): string {
+  const command = commands[name];
+  const rows = Object.entries(command.flags).map(([flag, f]) => {
+    const left = `  --${flag}${f.value ? ` ${f.value}` : ""}`;
+    return `${left.padEnd(30)}${f.help}${f.default !== undefined ? ` (default: ${f.default})` : ""}`;
+  });
+  return `${command.summary}\n\nUsage:\n  ${command.usage}\n\nFlags:\n${rows.join("\n")}\n`;
+}
+
+/** A usage error: printed as one line, exit code 2. */
+class UsageError extends Error {}
+
+function parse(name: string, argv: string[]) {
+  const command = commands[name];
+  const options = Object.fromEntries(
+    Object.entries(command.flags).map(([flag, f]) => [flag, { type: f.type, default: f.default }]),
+  );
+  try {
+    return parseArgs({ args: argv, options, allowPositionals: true, strict: true });
+  } catch (error) {
+    const message = (error as Error).message;
+    const unknown = /Unknown option '([^']+)'/.exec(message);
+    if (unknown) throw new UsageError(`unknown flag ${unknown[1]} (see dist ${name} --help)`);
+    const missing = /Option '([^']+?)(?: <value>)?' argument missing/.exec(message);
+    if (missing) throw new UsageError(`flag ${missing[1].replace(/^-., /, "")} needs a value`);
+    throw new UsageError(message.split("\n")[0]);
+  }
+}
+
+function logLevel(text: string): LogLevel {
+  if (!(LOG_LEVELS as readonly string[]).includes(text)) {
+    throw new UsageError(`invalid --log-level ${JSON.stringify(text)}: expected one of ${LOG_LEVELS.join(", ")}`);
+  }
+  return text as LogLevel;
+}
+
+function positiveNumber(flag: string, text: string, integer: boolean): number {
+  const n = Number(text);
+  if (text.trim() === "" || !Number.isFinite(n) || n <= 0 || (integer && !Number.isInteger(n))) {
+    throw new UsageError(`invalid --${flag} ${JSON.stringify(text)}: expected a ${integer ? "whole " : ""}number above 0`);
+  }
+  return n;
+}
+
+function checked<T>(fn: () => T): T {
+  try {
+    return fn();
+  } catch (error) {
+    if (error instanceof TypeError || error instanceof RangeError) throw new UsageError(error.message);
+    throw error;
+  }
+}
+
+/** Closes `node` on SIGINT or SIGTERM, then exits. */
+function exitOnSignal(node: { close(): Promise<void> }): void {
+  let stopping = false;
+  const stop = async () => {
+    if (stopping) return;
+    stopping = true;
+    await node.close();
+    Deno.exit(0);
+  };
+  for (const signal of ["SIGINT", "SIGTERM"] as const) Deno.addSignalListener(signal, stop);
+}
+
+async function run(argv: string[]): Promise<number> {
+  const [name, ...rest] = argv;
+  if (name === undefined || name === "--help" || name === "-h" || name === "help") {
+    console.log(mainHelp);
+    return name === undefined ? 2 : 0;
+  }
+  if (name === "--version" || name === "-V") {
+    console.log(`dist ${config.version}`);
+    return 0;
+  }
+  if (!Object.hasOwn(commands, name)) throw new UsageError(`unknown command ${JSON.stringify(name)} (see dist --help)`);
+  const { values, positionals } = parse(name, rest);
+  if (values.help) {
+    console.log(helpOf(name));
+    return 0;
+  }
+  const flags = values as Record<string, string>;
+  const level = logLevel(flags["log-level"]);
+  const port = checked(() => parsePort(flags.port, "--port"));
+
+  if (name === "scheduler") {
+    if (positionals.length > 0) throw new UsageError(`unexpected argument ${JSON.stringify(positionals[0])}`);
+    const node = await startScheduler({ host: flags.host, port, log: createLogger("scheduler", level) });
+    exitOnSignal(node);
+    console.log(`listening at ${node.address}`);
+    await node.closed;
+    return 0;
+  }
+
+  if (positionals.length !== 1) {
+    throw new UsageError(
+      positionals.length === 0
+        ? "missing SCHEDULER_ADDRESS, e.g. dist worker tcp://127.0.0.1:8786"
+        : `unexpected argument ${JSON.stringify(positionals[1])}`,
+    );
+  }
+  const scheduler = checked(() => parseAddress(positionals[0]));
+  const nthreads = positiveNumber("nthreads", flags.nthreads, true);
+  const deathTimeoutMs = positiveNumber("death-timeout", flags["death-timeout"], false) * 1000;
+  const node = await startWorker({
+    scheduler,
+    host: flags.host,
+    port,
+    name: flags.name,
+    nthreads,
+    deathTimeoutMs,
+    log: createLogger(flags.name ? `worker ${flags.name}` : "worker", level),
+  });
+  exitOnSignal(node);
+  console.log(`listening at ${node.address}`);
+  await node.closed;
+  if (node.error) throw node.error;
+  return 0;
+}
+
+if (import.meta.main) {
+  try {
+    Deno.exit(await run(Deno.args));
+  } catch (error) {
+    const usage = error instanceof UsageError;
+    console.error(`dist: ${usage ? "" : "error: "}${(error as Error).message}`);
+    Deno.exit(usage ? 2 : 1);
+  }
+}
