@@ -89,7 +89,9 @@ export async function spawnNode(args: string[], options: SpawnOptions = {}): Pro
     } catch { /* exited already */ }
     await status;
     throw new Error(
-      `dist ${args.join(" ")} did not start: ${first === "timeout" ? "no output in time" : "it printed no address"}\n` +
+      `dist ${args.join(" ")} did not start: ${
+        first === "timeout" ? "no output in time" : "it printed no address"
+      }\n` +
         log.join("\n"),
     );
   }

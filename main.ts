@@ -31,7 +31,12 @@ const commands: Record<string, { usage: string; summary: string; flags: Record<s
     summary: "Start a scheduler: it keeps which worker holds which key.",
     flags: {
       host: { type: "string", default: "127.0.0.1", value: "HOST", help: "interface to listen on" },
-      port: { type: "string", default: String(SCHEDULER_PORT), value: "PORT", help: "port to listen on (0: any)" },
+      port: {
+        type: "string",
+        default: String(SCHEDULER_PORT),
+        value: "PORT",
+        help: "port to listen on (0: any)",
+      },
       ...common,
     },
   },
@@ -99,7 +104,9 @@ function parse(name: string, argv: string[]) {
 
 function logLevel(text: string): LogLevel {
   if (!(LOG_LEVELS as readonly string[]).includes(text)) {
-    throw new UsageError(`invalid --log-level ${JSON.stringify(text)}: expected one of ${LOG_LEVELS.join(", ")}`);
+    throw new UsageError(
+      `invalid --log-level ${JSON.stringify(text)}: expected one of ${LOG_LEVELS.join(", ")}`,
+    );
   }
   return text as LogLevel;
 }
@@ -107,7 +114,9 @@ function logLevel(text: string): LogLevel {
 function positiveNumber(flag: string, text: string, integer: boolean): number {
   const n = Number(text);
   if (text.trim() === "" || !Number.isFinite(n) || n <= 0 || (integer && !Number.isInteger(n))) {
-    throw new UsageError(`invalid --${flag} ${JSON.stringify(text)}: expected a ${integer ? "whole " : ""}number above 0`);
+    throw new UsageError(
+      `invalid --${flag} ${JSON.stringify(text)}: expected a ${integer ? "whole " : ""}number above 0`,
+    );
   }
   return n;
 }
@@ -143,7 +152,9 @@ async function run(argv: string[]): Promise<number> {
     console.log(`dist ${config.version}`);
     return 0;
   }
-  if (!Object.hasOwn(commands, name)) throw new UsageError(`unknown command ${JSON.stringify(name)} (see dist --help)`);
+  if (!Object.hasOwn(commands, name)) {
+    throw new UsageError(`unknown command ${JSON.stringify(name)} (see dist --help)`);
+  }
   const { values, positionals } = parse(name, rest);
   if (values.help) {
     console.log(helpOf(name));

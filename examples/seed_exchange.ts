@@ -16,7 +16,9 @@ const names = new Map<string, string>();
 const show = (who: string) => (line: string) => {
   // Keep the node's message, drop its timestamp and level.
   const message = line.replace(/^\S+ +\w+ +[^:]+: /, "");
-  if (/Scheduler at|Registered with|registered \(|Worker closed|Scheduler closed|left \(/.test(message)) return;
+  if (/Scheduler at|Registered with|registered \(|Worker closed|Scheduler closed|left \(/.test(message)) {
+    return;
+  }
   console.log(`    ${who.padEnd(9)} | ${message.replace(/tcp:\/\/[\d.]+:\d+/g, (a) => names.get(a) ?? a)}`);
 };
 

@@ -17,7 +17,7 @@ export function parsePort(text: string | number, what = "port"): number {
   const port = typeof text === "number" ? text : /^\d+$/.test(text) ? Number(text) : NaN;
   if (!Number.isInteger(port) || port < 0 || port > 65535) {
     throw new RangeError(
-      `Invalid ${what} ${JSON.stringify(String(text))}: expected a whole number from 0 to 65535`,
+      `Invalid ${what}: expected a port from 0 to 65535, got ${JSON.stringify(String(text))}`,
     );
   }
   return port;

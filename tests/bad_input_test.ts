@@ -1,0 +1,202 @@
+import assert from "node:assert/strict";
+import { RemoteError, rpc, type SchedulerOps, type WorkerOps } from "../mod.ts";
+import { Decoder, Encoder } from "../protocol/codec.ts";
+import { frameHeader, MessageReader } from "../protocol/framing.ts";
+import { schedulerOps, workerOps } from "../protocol/ops.ts";
+import { connect } from "../protocol/transport.ts";
+import { parseAddress } from "../protocol/address.ts";
+import { startCluster } from "./_helpers.ts";
+
+const encoder = new Encoder();
+const decoder = new Decoder();
+
+/** A raw connection that sends hand-made bytes and reads whole replies. */
+async function raw(address: string) {
+  const conn = await connect(parseAddress(address));
+  const reader = new MessageReader(conn);
+  return {
+    async send(bytes: Uint8Array) {
+      let done = 0;
+      while (done < bytes.length) done += await conn.write(bytes.subarray(done));
+    },
+    async sendMessage(message: unknown) {
+      const { head, buffers } = encoder.encode(message);
+      const frames = [head, ...buffers];
+      await this.send(frameHeader(frames));
+      for (const f of frames) await this.send(f);
+    },
+    async reply(): Promise<Record<string, unknown> | null> {
+      const frames = await reader.next();
+      return frames && decoder.decode(frames[0], frames.slice(1)) as Record<string, unknown>;
+    },
+    /** Resolves true if the node closed the connection. */
+    async closedByPeer(): Promise<boolean> {
+      try {
+        return (await reader.next()) === null;
+      } catch {
+        return true;
+      }
+    },
+    close: () => conn.close(),
+  };
+}
+
+/** Stores a value on the worker and checks, after the abuse, that it is intact. */
+async function withData(address: string, abuse: () => Promise<void>) {
+  await using alice = rpc<WorkerOps>(address);
+  const x = new Float64Array([1, 2, 3]);
+  await alice.update_data({ data: { x } });
+  await abuse();
+  assert.deepEqual((await alice.get_data({ keys: ["x"] })).x, x);
+  assert.equal(await alice.ping(), "pong");
+}
+
+Deno.test("garbage bytes close that connection only; the node keeps serving and keeps its data", async () => {
+  await using cluster = await startCluster(1);
+  const address = cluster.workers[0].address;
+  await withData(address, async () => {
+    const garbage = [
+      new TextEncoder().encode("GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+      new Uint8Array([1, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0xc1, 0xc1, 0xc1]), // a frame of bytes no msgpack starts with
+      new Uint8Array([0, 0, 0, 0]), // zero frames
+      new Uint8Array(64).fill(0xff),
+    ];
+    for (const bytes of garbage) {
+      const c = await raw(address);
+      await c.send(bytes);
+      assert.ok(await c.closedByPeer(), `closed after ${bytes.slice(0, 8)}`);
+      c.close();
+    }
+  });
+});
+
+Deno.test("an oversize frame is refused from its header, before the body arrives", async () => {
+  await using cluster = await startCluster(1, { frameBytesMax: 1024 });
+  const address = cluster.workers[0].address;
+  await withData(address, async () => {
+    const c = await raw(address);
+    const header = new Uint8Array(12);
+    new DataView(header.buffer).setUint32(0, 1, true);
+    new DataView(header.buffer).setUint32(4, 2 ** 31, true); // 2 GiB declared, never sent
+    await c.send(header);
+    assert.ok(await c.closedByPeer());
+    c.close();
+  });
+  // Large values are refused by the node's limit too, and it keeps serving.
+  await using alice = rpc<WorkerOps>(address);
+  await assert.rejects(alice.update_data({ data: { big: new Uint8Array(4096) } }));
+  assert.equal(await alice.ping(), "pong");
+});
+
+Deno.test("bad envelopes get an error reply when they carry an id, and the connection stays usable", async () => {
+  await using cluster = await startCluster(1);
+  const c = await raw(cluster.workers[0].address);
+  try {
+    await c.sendMessage({ id: 1, op: 42 });
+    const r1 = await c.reply();
+    assert.equal(r1?.reply, 1);
+    assert.match((r1?.error as { message: string }).message, /field "op" must be a string/);
+    await c.sendMessage(["not", "an", "envelope"]); // no id: ignored
+    await c.sendMessage({ op: "ping", id: 2 });
+    assert.deepEqual(await c.reply(), { reply: 2, result: "pong" });
+    await c.sendMessage({ op: "no_such_op", id: 3, args: {} });
+    const r3 = await c.reply();
+    assert.match(
+      (r3?.error as { message: string }).message,
+      /Unknown op "no_such_op": a worker serves compute/,
+    );
+  } finally {
+    c.close();
+  }
+});
+
+/** Arguments that are wrong for every op: not an object, and an unknown field. */
+const wrongForEveryOp: [unknown, RegExp][] = [
+  [42, /expected an object/],
+  [{ bogus: 1 }, /unknown field "bogus"/],
+];
+
+/** Arguments with a wrong type in a named field, per op. */
+const wrongField: Record<string, [unknown, RegExp][]> = {
+  get_data: [
+    [{ keys: "x" }, /args\.keys: expected an array of strings/],
+    [{ keys: [1] }, /args\.keys\[0\]/],
+    [
+      {},
+      /args\.keys: missing/,
+    ],
+  ],
+  update_data: [[{ data: [1] }, /args\.data: expected an object/], [
+    { data: {}, report: "yes" },
+    /args\.report/,
+  ]],
+  delete_data: [[{ keys: [null] }, /args\.keys\[0\]/], [{ keys: [], report: 1 }, /args\.report/]],
+  compute: [
+    [{ key: 1, function: { source: "(x) => x" } }, /args\.key: expected a string/],
+    [{ key: "k", function: { code: "(x) => x" } }, /expected a function or \{ module, name \}, got object/],
+    [{ key: "k", function: { source: "(x) => x" }, keys: "x" }, /args\.keys/],
+    [{ key: "k", function: { source: "(x) => x" }, args: {} }, /args\.args: expected an array/],
+    [{ key: "k", function: { source: "not javascript (" } }, /does not compile/],
+  ],
+  register: [[{ address: "" }, /args\.address: expected a non-empty string/], [
+    { address: "tcp://a:1", nthreads: -1 },
+    /args\.nthreads/,
+  ]],
+  unregister: [[{}, /args\.address: missing/]],
+  add_keys: [[{ address: "tcp://a:1", keys: [1] }, /args\.keys\[0\]/], [
+    { address: "tcp://nobody:1", keys: ["k"] },
+    /Unknown worker tcp:\/\/nobody:1/,
+  ]],
+  remove_keys: [[{ address: "tcp://a:1" }, /args\.keys: missing/]],
+  who_has: [[{ keys: "k" }, /args\.keys/]],
+  has_what: [[{ workers: [1] }, /args\.workers\[0\]/]],
+  broadcast: [[{ msg: { op: "" } }, /args\.msg\.op/], [{ msg: "ping" }, /args\.msg: expected an object/]],
+};
+
+async function checkEveryOp(address: string, ops: Record<string, unknown>, kind: string) {
+  await using node = rpc(address);
+  for (const op of Object.keys(ops)) {
+    const cases = [...(Object.hasOwn(wrongField, op) ? wrongField[op] : []), ...wrongForEveryOp];
+    for (const [args, pattern] of cases) {
+      if (op === "delete_data" && kind === "scheduler" && JSON.stringify(args).includes("report")) continue;
+      const error = await node.call(op, args).catch((e) => e);
+      assert.ok(error instanceof Error, `${kind} ${op} ${JSON.stringify(args)} should fail`);
+      assert.match(error.message, pattern, `${kind} ${op} ${JSON.stringify(args)}`);
+      if (error instanceof RemoteError && /^(args|expected)/.test(pattern.source)) {
+        assert.match(error.message, new RegExp(`^Bad arguments for op ${op}: `));
+      }
+    }
+  }
+  assert.equal(await node.call("ping"), "pong");
+}
+
+Deno.test("bad arguments for every worker op get an error naming the op and the field", async () => {
+  await using cluster = await startCluster(1);
+  await withData(
+    cluster.workers[0].address,
+    () => checkEveryOp(cluster.workers[0].address, workerOps, "worker"),
+  );
+});
+
+Deno.test("bad arguments for every scheduler op get an error naming the op and the field", async () => {
+  await using cluster = await startCluster(1);
+  await checkEveryOp(cluster.scheduler.address, schedulerOps, "scheduler");
+  await using center = rpc<SchedulerOps>(cluster.scheduler.address);
+  assert.deepEqual(Object.keys(await center.ncores()), [cluster.workers[0].address]);
+});
+
+Deno.test("a compute whose function field is malformed on the wire is refused by the worker", async () => {
+  await using cluster = await startCluster(1);
+  const c = await raw(cluster.workers[0].address);
+  try {
+    await c.sendMessage({ op: "compute", id: 7, args: { key: "k", function: "(x) => x" } });
+    const r = await c.reply();
+    assert.equal(r?.reply, 7);
+    assert.equal(
+      (r?.error as { message: string }).message,
+      "Bad arguments for op compute: args.function: expected { source } or { module, name }, got a string ((x) => x)",
+    );
+  } finally {
+    c.close();
+  }
+});

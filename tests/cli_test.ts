@@ -1,0 +1,440 @@
+/**
+ * The real CLI, run as child processes: `deno run main.ts scheduler|worker ...`.
+ *
+ * @module
+ */
+
+import assert from "node:assert/strict";
+import config from "../deno.json" with { type: "json" };
+import { rpc, type SchedulerOps, type WorkerOps } from "../mod.ts";
+import { NODE_PERMISSIONS, type NodeProcess, spawnNode } from "../_spawn.ts";
+
+const MAIN = new URL("../main.ts", import.meta.url);
+/** How long a poll waits for the scheduler to notice something, and its step. */
+const POLL_TIMEOUT_MS = 5_000;
+const POLL_STEP_MS = 50;
+/** How long a raw child may take to print its first stdout line. */
+const FIRST_LINE_TIMEOUT_MS = 30_000;
+
+const delay = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/** Runs `dist ARGS...` to the end. */
+async function dist(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: ["run", ...NODE_PERMISSIONS, MAIN.href, ...args],
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const text = new TextDecoder();
+  return { code: out.code, stdout: text.decode(out.stdout), stderr: text.decode(out.stderr) };
+}
+
+/** A free TCP port on 127.0.0.1 (free a moment ago, at least). */
+function freePort(): number {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const { port } = listener.addr as Deno.NetAddr;
+  listener.close();
+  return port;
+}
+
+/** Nodes started by one test, all stopped (SIGTERM, workers first) at the end of its scope. */
+class Nodes implements AsyncDisposable {
+  readonly #nodes: NodeProcess[] = [];
+
+  async spawn(...args: string[]): Promise<NodeProcess> {
+    return this.add(await spawnNode(args));
+  }
+
+  add(node: NodeProcess): NodeProcess {
+    this.#nodes.push(node);
+    return node;
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    for (const node of this.#nodes.reverse()) await node.stop();
+  }
+}
+
+/** Polls `probe` until `ok` holds, for at most POLL_TIMEOUT_MS. */
+async function eventually<T>(what: string, probe: () => Promise<T>, ok: (value: T) => boolean): Promise<T> {
+  const deadline = Date.now() + POLL_TIMEOUT_MS;
+  for (;;) {
+    const value = await probe();
+    if (ok(value)) return value;
+    if (Date.now() >= deadline) {
+      throw new Error(`Expected ${what} within ${POLL_TIMEOUT_MS} ms; last saw ${JSON.stringify(value)}`);
+    }
+    await delay(POLL_STEP_MS);
+  }
+}
+
+/** What the scheduler knows of workers and keys, in one look. */
+async function snapshot(scheduler: string) {
+  await using s = rpc<SchedulerOps>(scheduler);
+  const [whoHas, hasWhat, ncores, workers] = await Promise.all([
+    s.who_has(),
+    s.has_what(),
+    s.ncores(),
+    s.workers(),
+  ]);
+  return { whoHas, hasWhat, ncores, workers: workers.map((w) => w.address).sort() };
+}
+
+/** A child whose whole stdout and stderr are kept, for checking exactly what it prints. */
+function spawnRaw(args: string[]) {
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", ...NODE_PERMISSIONS, MAIN.href, ...args],
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const out = { stdout: "", stderr: "" };
+  let gotLine!: (line: string | null) => void;
+  const firstLine = new Promise<string | null>((resolve) => gotLine = resolve);
+  const collect = async (stream: ReadableStream<Uint8Array>, which: "stdout" | "stderr") => {
+    for await (const chunk of stream.pipeThrough(new TextDecoderStream())) {
+      out[which] += chunk;
+      const nl = out.stdout.indexOf("\n");
+      if (nl >= 0) gotLine(out.stdout.slice(0, nl));
+    }
+  };
+  const done = Promise.all([child.status, collect(child.stdout, "stdout"), collect(child.stderr, "stderr")])
+    .then(([status]) => {
+      gotLine(null);
+      return status;
+    });
+  return {
+    out,
+    child,
+    done,
+    async firstLine(): Promise<string> {
+      let timer: number | undefined;
+      const line = await Promise.race([
+        firstLine,
+        new Promise<"timeout">((resolve) =>
+          timer = setTimeout(() => resolve("timeout"), FIRST_LINE_TIMEOUT_MS)
+        ),
+      ]);
+      clearTimeout(timer);
+      if (typeof line !== "string") throw new Error(`dist ${args.join(" ")} printed no line: ${out.stderr}`);
+      return line;
+    },
+    async stop(): Promise<Deno.CommandStatus> {
+      try {
+        child.kill("SIGTERM");
+      } catch { /* exited already */ }
+      return await done;
+    },
+  };
+}
+
+Deno.test("cli: the seed exchange across three processes", async () => {
+  await using nodes = new Nodes();
+  const scheduler = await nodes.spawn("scheduler", "--port", "0");
+  const aliceNode = await nodes.spawn("worker", scheduler.address, "--name", "alice");
+  const bobNode = await nodes.spawn("worker", scheduler.address, "--name", "bob");
+  await using alice = rpc<WorkerOps>(aliceNode.address);
+  await using bob = rpc<WorkerOps>(bobNode.address);
+  await using center = rpc<SchedulerOps>(scheduler.address);
+
+  const x = new Float64Array([1, 2, 3]);
+  const a = new Float64Array([10, 20, 30]);
+  assert.deepEqual(await alice.update_data({ data: { x } }), { status: "OK", nbytes: { x: x.byteLength } });
+  assert.deepEqual(await bob.update_data({ data: { a } }), { status: "OK", nbytes: { a: a.byteLength } });
+  assert.deepEqual(await center.who_has({ keys: ["x", "a"] }), {
+    x: [aliceNode.address],
+    a: [bobNode.address],
+  });
+
+  const add = (p: Float64Array, q: Float64Array) => p.map((v, i) => v + q[i]);
+  const reply = await alice.compute({ key: "z", function: add, keys: ["x", "a"] });
+  assert.deepEqual(reply, { status: "OK", key: "z", nbytes: 3 * Float64Array.BYTES_PER_ELEMENT });
+
+  const whoHas = await center.who_has({ keys: ["z", "a"] });
+  assert.deepEqual(whoHas.z, [aliceNode.address]);
+  assert.deepEqual(new Set(whoHas.a), new Set([bobNode.address, aliceNode.address]));
+  assert.equal(whoHas.a.length, 2);
+
+  const { z } = await alice.get_data({ keys: ["z"] });
+  assert.ok(
+    z instanceof Float64Array,
+    `z should be a Float64Array, got ${Object.prototype.toString.call(z)}`,
+  );
+  assert.deepEqual(Array.from(z), [11, 22, 33]);
+  assert.deepEqual((await alice.keys()).sort(), ["a", "x", "z"]);
+  assert.deepEqual(await bob.keys(), ["a"]);
+  assert.deepEqual(await center.ncores(), {
+    [aliceNode.address]: navigator.hardwareConcurrency,
+    [bobNode.address]: navigator.hardwareConcurrency,
+  });
+});
+
+Deno.test("cli: stdout is exactly the listening line; logs go to stderr", async () => {
+  const scheduler = spawnRaw(["scheduler", "--port", "0"]);
+  let worker: ReturnType<typeof spawnRaw> | null = null;
+  try {
+    const line = await scheduler.firstLine();
+    const match = /^listening at tcp:\/\/127\.0\.0\.1:(\d+)$/.exec(line);
+    assert.ok(match, `first stdout line: ${JSON.stringify(line)}`);
+    const port = Number(match[1]);
+    assert.ok(port > 0 && port <= 65535, `port ${port}`);
+    const address = `tcp://127.0.0.1:${port}`;
+    {
+      // The port is real: the scheduler answers there.
+      await using s = rpc<SchedulerOps>(address);
+      assert.equal(await s.ping(), "pong");
+      assert.equal((await s.identity()).address, address);
+    }
+
+    worker = spawnRaw(["worker", address, "--name", "w"]);
+    const workerLine = await worker.firstLine();
+    const workerMatch = /^listening at (tcp:\/\/127\.0\.0\.1:(\d+))$/.exec(workerLine);
+    assert.ok(workerMatch, `worker's first stdout line: ${JSON.stringify(workerLine)}`);
+    assert.notEqual(Number(workerMatch[2]), 0);
+    assert.deepEqual(Object.keys((await snapshot(address)).ncores), [workerMatch[1]]);
+
+    const workerStatus = await worker.stop();
+    assert.equal(workerStatus.code, 0);
+    assert.equal(worker.out.stdout, `${workerLine}\n`);
+    assert.match(worker.out.stderr, /INFO +worker w: Registered with tcp:\/\/127\.0\.0\.1:\d+/);
+
+    const status = await scheduler.stop();
+    assert.equal(status.code, 0);
+    assert.equal(scheduler.out.stdout, `${line}\n`);
+    assert.match(scheduler.out.stderr, /INFO +scheduler: Scheduler at tcp:\/\/127\.0\.0\.1:\d+/);
+    assert.match(scheduler.out.stderr, /Scheduler closed/);
+  } finally {
+    await worker?.stop();
+    await scheduler.stop();
+  }
+});
+
+Deno.test("cli: --version prints the version from deno.json", async () => {
+  const { code, stdout, stderr } = await dist("--version");
+  assert.equal(code, 0);
+  assert.equal(stdout, `dist ${config.version}\n`);
+  assert.equal(stderr, "");
+});
+
+Deno.test("cli: --help of each command lists every flag with its default", async () => {
+  const expected: Record<string, Record<string, string | null>> = {
+    scheduler: { host: "127.0.0.1", port: "8786", "log-level": "info", help: null },
+    worker: {
+      host: "127.0.0.1",
+      port: "0",
+      name: "its address",
+      nthreads: String(navigator.hardwareConcurrency),
+      "death-timeout": "60",
+      "log-level": "info",
+      help: null,
+    },
+  };
+  for (const [command, flags] of Object.entries(expected)) {
+    const { code, stdout, stderr } = await dist(command, "--help");
+    assert.equal(code, 0, `dist ${command} --help`);
+    assert.equal(stderr, "");
+    assert.match(stdout, new RegExp(`Usage:\\n  dist ${command}`));
+    const listed = stdout.split("\n").filter((l) => /^\s+--/.test(l));
+    assert.deepEqual(
+      listed.map((l) => /^\s+--([\w-]+)/.exec(l)![1]).sort(),
+      Object.keys(flags).sort(),
+      `flags of dist ${command} --help`,
+    );
+    for (const [flag, value] of Object.entries(flags)) {
+      const row = listed.find((l) => l.trimStart().startsWith(`--${flag} `) || l.trim() === `--${flag}`)!;
+      if (value !== null) assert.ok(row.includes(`(default: ${value})`), `dist ${command} --help: ${row}`);
+    }
+  }
+});
+
+Deno.test("cli: bad usage exits 2 with one line saying what was wrong", async () => {
+  const scheduler = "tcp://127.0.0.1:8786";
+  const cases: [string[], RegExp][] = [
+    [["scheduler", "--bogus"], /unknown flag --bogus/],
+    [["worker", scheduler, "--frobnicate", "3"], /unknown flag --frobnicate/],
+    [["worker", "127.0.0.1:8786"], /"127\.0\.0\.1:8786".*expected tcp:\/\/host:port/],
+    [["worker", "tcp://host:99999"], /99999.*0 to 65535/],
+    [["scheduler", "--port", "abc"], /--port "abc".*0 to 65535/],
+    [["scheduler", "--port", "70000"], /--port "70000".*0 to 65535/],
+    [["scheduler", "--port"], /--port needs a value/],
+    [["worker", scheduler, "--port", "abc"], /--port "abc"/],
+    [["worker", scheduler, "--nthreads", "0"], /--nthreads "0".*above 0/],
+    [["worker", scheduler, "--nthreads=-1"], /--nthreads "-1".*above 0/],
+    [["worker", scheduler, "--nthreads", "1.5"], /--nthreads "1\.5".*whole number/],
+    [["worker", scheduler, "--death-timeout", "0"], /--death-timeout "0"/],
+    [["scheduler", "--log-level", "loud"], /--log-level "loud".*debug, info/],
+    [["frobnicate"], /unknown command "frobnicate"/],
+    [["worker"], /missing SCHEDULER_ADDRESS/],
+    [["scheduler", "extra"], /unexpected argument "extra"/],
+  ];
+  for (const [args, pattern] of cases) {
+    const { code, stdout, stderr } = await dist(...args);
+    const what = `dist ${args.join(" ")}`;
+    assert.equal(code, 2, `${what}: exit code (stderr: ${stderr})`);
+    assert.equal(stdout, "", `${what}: stdout`);
+    assert.ok(stderr.endsWith("\n"), `${what}: stderr ends its line`);
+    const lines = stderr.trimEnd().split("\n");
+    assert.equal(lines.length, 1, `${what}: stderr should be one line: ${stderr}`);
+    assert.match(lines[0], /^dist: /, what);
+    assert.match(lines[0], pattern, what);
+  }
+});
+
+// `--nthreads -1` (a space, not `=`) is what people type. Node's parseArgs calls the
+// value "ambiguous" and main.ts keeps only that first sentence, so the line names
+// neither the value nor the fix (`--nthreads=-1`, or "expected a whole number above 0").
+Deno.test("cli: --nthreads -1 (with a space) says what was wrong", async () => {
+  const { code, stdout, stderr } = await dist("worker", "tcp://127.0.0.1:8786", "--nthreads", "-1");
+  assert.equal(code, 2);
+  assert.equal(stdout, "");
+  const lines = stderr.trimEnd().split("\n");
+  assert.equal(lines.length, 1, stderr);
+  assert.match(lines[0], /--nthreads/);
+  assert.match(lines[0], /-1/, `the line should name the bad value: ${lines[0]}`);
+});
+
+Deno.test("cli: a worker started before its scheduler registers once it appears", async () => {
+  const port = freePort();
+  const address = `tcp://127.0.0.1:${port}`;
+  await using nodes = new Nodes();
+  const early = spawnNode(["worker", address, "--death-timeout", "20", "--name", "early", "--nthreads", "3"]);
+  await delay(1_000);
+  const late = spawnNode(["scheduler", "--port", String(port)]);
+  const [w, s] = await Promise.allSettled([early, late]);
+  // Register whatever started before judging, so that the finally stops it.
+  if (s.status === "fulfilled") nodes.add(s.value);
+  if (w.status === "fulfilled") nodes.add(w.value);
+  if (s.status === "rejected") throw s.reason;
+  if (w.status === "rejected") throw w.reason;
+  const [worker, scheduler] = [w.value, s.value];
+
+  assert.equal(scheduler.address, address);
+  assert.ok(
+    worker.log.some((l) => l.includes(`Waiting for scheduler ${address}`)),
+    `the worker should have waited:\n${worker.log.join("\n")}`,
+  );
+  await using center = rpc<SchedulerOps>(address);
+  assert.deepEqual(await center.ncores(), { [worker.address]: 3 });
+  assert.deepEqual((await center.workers()).map((i) => i.name), ["early"]);
+});
+
+Deno.test("cli: --death-timeout 1 with no scheduler exits 1 saying it cannot register", async () => {
+  const address = `tcp://127.0.0.1:${freePort()}`;
+  const { code, stdout, stderr } = await dist("worker", address, "--death-timeout", "1");
+  assert.equal(code, 1, stderr);
+  assert.equal(stdout, "");
+  const last = stderr.trimEnd().split("\n").at(-1)!;
+  assert.match(
+    last,
+    new RegExp(`^dist: error: Cannot register with scheduler ${address} after \\d+ attempts: `),
+  );
+  assert.match(last, /connection refused/);
+});
+
+Deno.test("cli: SIGTERM and SIGINT make a worker unregister and exit 0", async () => {
+  await using nodes = new Nodes();
+  const scheduler = await nodes.spawn("scheduler", "--port", "0");
+  const alice = await nodes.spawn("worker", scheduler.address, "--name", "alice");
+  const bob = await nodes.spawn("worker", scheduler.address, "--name", "bob");
+  const carol = await nodes.spawn("worker", scheduler.address, "--name", "carol");
+  {
+    await using a = rpc<WorkerOps>(alice.address);
+    await using b = rpc<WorkerOps>(bob.address);
+    await a.update_data({ data: { x: new Float64Array([1]), shared: 1 } });
+    await b.update_data({ data: { y: new Float64Array([2]), shared: 1 } });
+  }
+  const before = await snapshot(scheduler.address);
+  assert.deepEqual(before.workers, [alice.address, bob.address, carol.address].sort());
+  assert.deepEqual(before.whoHas.x, [alice.address]);
+
+  alice.child.kill("SIGTERM");
+  const aliceStatus = await alice.status;
+  assert.equal(aliceStatus.code, 0, alice.log.join("\n"));
+  assert.ok(alice.log.some((l) => l.includes("Worker closed")), alice.log.join("\n"));
+  // It said goodbye before exiting, so the scheduler already knows: no polling.
+  await scheduler.waitForLog(new RegExp(`Worker ${alice.address} left \\(unregistered\\)`));
+  const afterTerm = await snapshot(scheduler.address);
+  assert.deepEqual(afterTerm.workers, [bob.address, carol.address].sort());
+  assert.equal(afterTerm.ncores[alice.address], undefined);
+  assert.equal(afterTerm.hasWhat[alice.address], undefined);
+  assert.equal(afterTerm.whoHas.x, undefined, "x lived only on alice");
+  assert.deepEqual(afterTerm.whoHas.y, [bob.address]);
+  assert.deepEqual(afterTerm.whoHas.shared, [bob.address]);
+
+  bob.child.kill("SIGINT");
+  assert.equal((await bob.status).code, 0, bob.log.join("\n"));
+  await scheduler.waitForLog(new RegExp(`Worker ${bob.address} left \\(unregistered\\)`));
+  const afterInt = await snapshot(scheduler.address);
+  assert.deepEqual(afterInt.workers, [carol.address]);
+  assert.deepEqual(afterInt.whoHas, {});
+});
+
+Deno.test("cli: SIGTERM and the terminate op make a scheduler exit 0", async () => {
+  await using nodes = new Nodes();
+  const scheduler = await nodes.spawn("scheduler", "--port", "0");
+  const worker = await nodes.spawn("worker", scheduler.address, "--death-timeout", "30");
+  scheduler.child.kill("SIGTERM");
+  const status = await scheduler.status;
+  assert.equal(status.code, 0, scheduler.log.join("\n"));
+  assert.ok(scheduler.log.some((l) => l.includes("Scheduler closed")), scheduler.log.join("\n"));
+  await worker.waitForLog(/Lost the scheduler/);
+
+  const other = await nodes.spawn("scheduler", "--port", "0");
+  {
+    await using s = rpc<SchedulerOps>(other.address);
+    assert.deepEqual(await s.terminate(), { status: "OK" });
+  }
+  assert.equal((await other.status).code, 0, other.log.join("\n"));
+});
+
+Deno.test("cli: the terminate op makes a worker exit 0 and the scheduler drops it", async () => {
+  await using nodes = new Nodes();
+  const scheduler = await nodes.spawn("scheduler", "--port", "0");
+  const alice = await nodes.spawn("worker", scheduler.address, "--name", "alice");
+  const bob = await nodes.spawn("worker", scheduler.address, "--name", "bob");
+  {
+    await using a = rpc<WorkerOps>(alice.address);
+    await a.update_data({ data: { x: 1 } });
+    assert.deepEqual(await a.terminate(), { status: "OK" });
+  }
+  assert.equal((await alice.status).code, 0, alice.log.join("\n"));
+  await scheduler.waitForLog(new RegExp(`Worker ${alice.address} left \\(unregistered\\)`));
+  const after = await snapshot(scheduler.address);
+  assert.deepEqual(after.workers, [bob.address]);
+  assert.deepEqual(Object.keys(after.ncores), [bob.address]);
+  assert.deepEqual(after.whoHas, {});
+});
+
+Deno.test("cli: a SIGKILLed worker is dropped once its connection closes", async () => {
+  await using nodes = new Nodes();
+  const scheduler = await nodes.spawn("scheduler", "--port", "0");
+  const alice = await nodes.spawn("worker", scheduler.address, "--name", "alice");
+  const bob = await nodes.spawn("worker", scheduler.address, "--name", "bob");
+  {
+    await using a = rpc<WorkerOps>(alice.address);
+    await using b = rpc<WorkerOps>(bob.address);
+    await a.update_data({ data: { x: new Float64Array([1, 2]), both: 0 } });
+    await b.update_data({ data: { y: new Float64Array([3]), both: 0 } });
+  }
+  const before = await snapshot(scheduler.address);
+  assert.deepEqual(before.hasWhat[alice.address]?.sort(), ["both", "x"]);
+
+  alice.child.kill("SIGKILL");
+  const status = await alice.status;
+  assert.equal(status.success, false);
+  assert.equal(status.signal, "SIGKILL");
+
+  const after = await eventually(
+    `${alice.address} gone from the scheduler`,
+    () => snapshot(scheduler.address),
+    (s) => !(alice.address in s.ncores),
+  );
+  assert.deepEqual(after.workers, [bob.address]);
+  assert.deepEqual(after.ncores, { [bob.address]: navigator.hardwareConcurrency });
+  assert.deepEqual(Object.keys(after.hasWhat), [bob.address]);
+  assert.equal(after.whoHas.x, undefined, "x lived only on alice");
+  assert.deepEqual(after.whoHas.both, [bob.address]);
+  assert.deepEqual(after.whoHas.y, [bob.address]);
+  await scheduler.waitForLog(new RegExp(`Worker ${alice.address} left \\(connection closed\\)`));
+});

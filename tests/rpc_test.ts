@@ -1,0 +1,176 @@
+import assert from "node:assert/strict";
+import { ConnectionClosedError, RemoteError, rpc, TimeoutError, type WorkerOps } from "../mod.ts";
+import type { Dispatch } from "../protocol/comm.ts";
+import { serve } from "../protocol/server.ts";
+import { startCluster } from "./_helpers.ts";
+
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/** A real server on 127.0.0.1:0 with ops made for the test. */
+function testServer(dispatch: Dispatch) {
+  return serve({ host: "127.0.0.1", port: 0 }, dispatch);
+}
+
+Deno.test("one rpc reuses one connection; concurrent calls each get their own reply", async () => {
+  const server = testServer(async (op, args) => {
+    const { n, delayMs } = args as { n: number; delayMs: number };
+    await sleep(delayMs);
+    return { op, n };
+  });
+  try {
+    await using client = rpc(server.url);
+    // Later calls finish first: replies must still reach the right callers.
+    const replies = await Promise.all(
+      Array.from({ length: 50 }, (_, n) => client.call("echo", { n, delayMs: 50 - n })),
+    );
+    assert.deepEqual(replies, Array.from({ length: 50 }, (_, n) => ({ op: "echo", n })));
+    assert.equal(server.comms.size, 1);
+    await client.call("echo", { n: 0, delayMs: 0 });
+    assert.equal(server.comms.size, 1);
+  } finally {
+    await server.close();
+  }
+});
+
+Deno.test("a remote failure rejects with RemoteError carrying name, message and stack", async () => {
+  const server = testServer(() => {
+    throw new SyntaxError("bad thing");
+  });
+  try {
+    await using client = rpc(server.url);
+    const error = await client.call("anything").catch((e) => e);
+    assert.ok(error instanceof RemoteError);
+    assert.equal(error.name, "RemoteError");
+    assert.equal(error.remoteName, "SyntaxError");
+    assert.equal(error.message, "bad thing");
+    assert.equal(error.op, "anything");
+    assert.match(error.remoteStack, /SyntaxError: bad thing/);
+  } finally {
+    await server.close();
+  }
+});
+
+Deno.test("a lost connection rejects every pending call at once; the next call reconnects", async () => {
+  const never = Promise.withResolvers<void>();
+  const server = testServer(async (op) => {
+    if (op === "hang") await never.promise;
+    return "pong";
+  });
+  try {
+    await using client = rpc(server.url);
+    const pending = [client.call("hang"), client.call("hang"), client.call("hang")];
+    await sleep(20);
+    for (const comm of server.comms) comm.close();
+    const results = await Promise.allSettled(pending);
+    for (const r of results) {
+      assert.equal(r.status, "rejected");
+      assert.ok((r as PromiseRejectedResult).reason instanceof ConnectionClosedError);
+    }
+    assert.equal(await client.call("ping"), "pong");
+  } finally {
+    never.resolve();
+    await server.close();
+  }
+});
+
+Deno.test("timeouts and abort signals reject the call; the connection stays usable", async () => {
+  const release = Promise.withResolvers<void>();
+  const server = testServer(async (op) => {
+    if (op === "slow") await release.promise;
+    return op;
+  });
+  try {
+    await using client = rpc(server.url);
+    await assert.rejects(client.call("slow", {}, { timeoutMs: 30 }), TimeoutError);
+    const controller = new AbortController();
+    const aborted = client.call("slow", {}, { signal: controller.signal });
+    controller.abort(new Error("changed my mind"));
+    await assert.rejects(aborted, /changed my mind/);
+    const already = AbortSignal.abort(new Error("before"));
+    await assert.rejects(client.call("fast", {}, { signal: already }), /before/);
+    assert.equal(await client.call("fast"), "fast");
+  } finally {
+    release.resolve();
+    await server.close();
+  }
+});
+
+Deno.test("connecting to nothing says where and why", async () => {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (listener.addr as Deno.NetAddr).port;
+  listener.close();
+  await using client = rpc({ host: "127.0.0.1", port });
+  const error = await client.call("ping").catch((e) => e);
+  assert.ok(error instanceof ConnectionClosedError);
+  assert.equal(error.message, `Cannot connect to tcp://127.0.0.1:${port}: connection refused`);
+});
+
+Deno.test("bad addresses are refused with a clear error", () => {
+  assert.throws(() => rpc("127.0.0.1:8786"), /expected tcp:\/\/host:port/);
+  assert.throws(() => rpc("tcp://host:99999"), /expected a port from 0 to 65535/);
+  assert.throws(() => rpc({ host: "", port: 1 }), /host must be a non-empty string/);
+  assert.throws(() => rpc(42 as never), TypeError);
+  assert.equal(rpc("tcp://[::1]:8786").address, "tcp://[::1]:8786");
+});
+
+Deno.test("an rpc is not a thenable, closes with await using, and refuses calls once closed", async () => {
+  await using cluster = await startCluster(1);
+  const client = rpc<WorkerOps>(cluster.workers[0].address);
+  assert.equal(await client, client);
+  assert.equal(await client.ping(), "pong");
+  const identity = await client.identity();
+  assert.equal(identity.type, "worker");
+  assert.equal(identity.name, "alice");
+  assert.equal(identity.address, cluster.workers[0].address);
+  assert.equal(identity.scheduler, cluster.scheduler.address);
+  assert.equal(identity.nthreads, 1);
+  await client.close();
+  await assert.rejects(client.ping(), ConnectionClosedError);
+});
+
+Deno.test("typed arrays of every kind, bigints and large buffers cross the wire intact", async () => {
+  await using cluster = await startCluster(1);
+  await using alice = rpc<WorkerOps>(cluster.workers[0].address);
+  const big = new Float64Array(4 * 1024 * 1024).map((_, i) => i * 0.5); // 32 MiB, out of band
+  const data: Record<string, unknown> = {
+    u8: new Uint8Array([1, 2, 255]),
+    i8: new Int8Array([-128, 127]),
+    c8: new Uint8ClampedArray([0, 255]),
+    i16: new Int16Array([-32768, 32767]),
+    u16: new Uint16Array([65535]),
+    i32: new Int32Array([-(2 ** 31)]),
+    u32: new Uint32Array([2 ** 32 - 1]),
+    f32: new Float32Array([1.5, -0.25]),
+    f64: new Float64Array([Math.PI, -0]),
+    b64: new BigInt64Array([-(2n ** 63n)]),
+    bu64: new BigUint64Array([2n ** 64n - 1n]),
+    big,
+    n: 2n ** 100n,
+    nested: { list: [1, "two", null, true, new Float32Array([3])], when: new Date(0) },
+  };
+  const reply = await alice.update_data({ data });
+  assert.equal(reply.nbytes.big, big.byteLength);
+  const back = await alice.get_data({ keys: Object.keys(data) });
+  for (const [key, value] of Object.entries(data)) {
+    if (ArrayBuffer.isView(value)) assert.equal(back[key]!.constructor, value.constructor, key);
+    assert.deepEqual(back[key], value, key);
+  }
+});
+
+Deno.test("values that cannot travel are refused at the sender, naming the key and path", async () => {
+  await using cluster = await startCluster(1);
+  await using alice = rpc<WorkerOps>(cluster.workers[0].address);
+  await assert.rejects(
+    alice.update_data({ data: { x: { deep: [1, () => 2] } } }),
+    (e: Error) => e instanceof TypeError && /args\.data\.x\.deep\[1\]: a function/.test(e.message),
+  );
+  await assert.rejects(
+    alice.update_data({ data: { y: Symbol("s") } }),
+    /args\.data\.y: a symbol cannot travel/,
+  );
+  class Point {
+    x = 1;
+  }
+  await assert.rejects(alice.update_data({ data: { p: new Point() } }), /args\.data\.p: a Point instance/);
+  assert.deepEqual(await alice.keys(), []);
+});
