@@ -72,7 +72,7 @@ export async function spawnNode(args: string[], options: SpawnOptions = {}): Pro
     }
   })();
   const stdout = lines(child.stdout);
-  let timer: number | undefined;
+  let timer: ReturnType<typeof setTimeout> | undefined;
   const first = await Promise.race([
     stdout.next(),
     new Promise<"timeout">((resolve) => timer = setTimeout(() => resolve("timeout"), START_TIMEOUT_MS)),

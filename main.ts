@@ -96,6 +96,16 @@ function parse(name: string, argv: string[]) {
     const message = (error as Error).message;
     const unknown = /Unknown option '([^']+)'/.exec(message);
     if (unknown) throw new UsageError(`unknown flag ${unknown[1]} (see dist ${name} --help)`);
+    const ambiguous = /Option '([^']+)' argument is ambiguous/.exec(message);
+    if (ambiguous) {
+      const flag = ambiguous[1].replace(/^-., /, "");
+      const value = argv[argv.indexOf(flag) + 1];
+      throw new UsageError(
+        `flag ${flag} got ${
+          JSON.stringify(value)
+        }, which looks like a flag; write ${flag}=${value} if you mean it`,
+      );
+    }
     const missing = /Option '([^']+?)(?: <value>)?' argument missing/.exec(message);
     if (missing) throw new UsageError(`flag ${missing[1].replace(/^-., /, "")} needs a value`);
     throw new UsageError(message.split("\n")[0]);

@@ -5,6 +5,8 @@
  * @module
  */
 
+import { parseAddress } from "./address.ts";
+
 /** Checks and types one value. */
 export interface Schema<T> {
   /** Returns the value typed, or throws TypeError naming `path`. */
@@ -55,12 +57,35 @@ export const name: Schema<string> = schema(
   "a non-empty string",
   (v) => typeof v === "string" && v.length > 0,
 );
+/** A node address, `tcp://host:port`. */
+export const address: Schema<string> = {
+  expected: "an address tcp://host:port",
+  parse(value, path) {
+    if (typeof value !== "string") fail(path, "an address tcp://host:port", value);
+    try {
+      parseAddress(value);
+    } catch (error) {
+      throw new TypeError(`${path}: ${(error as Error).message}`);
+    }
+    return value;
+  },
+};
+/** An absolute module specifier: a URL (`file:`, `https:`, ...) or `npm:`/`jsr:`. */
+export const moduleSpecifier: Schema<string> = schema(
+  "an absolute module specifier (file:, https:, npm:, ...)",
+  (v) => typeof v === "string" && /^[a-z][a-z0-9+.-]*:/i.test(v),
+);
 /** true or false. */
 export const boolean: Schema<boolean> = schema("a boolean", (v) => typeof v === "boolean");
 /** A whole number from 0 up. */
 export const count: Schema<number> = schema(
   "a whole number from 0 up",
   (v) => typeof v === "number" && Number.isSafeInteger(v) && v >= 0,
+);
+/** A whole number from 1 up. */
+export const positive: Schema<number> = schema(
+  "a whole number from 1 up",
+  (v) => typeof v === "number" && Number.isSafeInteger(v) && v >= 1,
 );
 /** Anything that arrived (values are user data). */
 export const unknown: Schema<unknown> = { expected: "any value", parse: (v) => v };

@@ -1,9 +1,9 @@
 /**
- * Values <-> msgpack bytes. Standard msgpack (any msgpack library reads it) with four
+ * Values <-> msgpack bytes. Standard msgpack (any msgpack library reads it) with six
  * extension types for what msgpack lacks: bigint, typed arrays inline, typed arrays out
  * of band (their bytes travel as frames of their own, never copied through the
- * encoder), Set and Map; Date uses msgpack's own timestamp type. PROTOCOL.md has the
- * byte layouts.
+ * encoder), Set, Map and key references; Date uses msgpack's own timestamp type.
+ * PROTOCOL.md has the byte layouts.
  *
  * @module
  */
@@ -55,6 +55,8 @@ export class Ref {
 
 /** Values nested deeper than this are refused (also what stops a circular reference). */
 export const VALUE_DEPTH_MAX = 256;
+/** Most out-of-band buffers in one message; binary values past it go inline. */
+export const BUFFERS_MAX = 1023;
 /** Binary values at least this long travel as frames of their own. */
 export const INLINE_BYTES_MAX = 16 * 1024;
 
@@ -308,7 +310,7 @@ export class Encoder {
   }
 
   #binary(kind: number, bytes: Uint8Array): void {
-    if (bytes.byteLength >= this.#inlineBytesMax) {
+    if (bytes.byteLength >= this.#inlineBytesMax && this.#buffers.length < BUFFERS_MAX) {
       this.#extHeader(EXT_TYPED_FRAME, 5);
       this.#ensure(5);
       this.#buf[this.#pos++] = kind;
@@ -678,6 +680,7 @@ export class Decoder {
       case EXT_BIGINT: {
         if (length < 1) throw new ProtocolError("Malformed msgpack: empty bigint");
         const sign = this.#buf[this.#pos];
+        if (sign > 1) throw new ProtocolError(`Malformed msgpack: bigint sign byte ${sign} (0 or 1 allowed)`);
         let mag = 0n;
         for (let i = this.#pos + 1; i < end; i++) mag = (mag << 8n) | BigInt(this.#buf[i]);
         this.#pos = end;

@@ -19,7 +19,7 @@ import {
   TimeoutError,
   toRemoteErrorInfo,
 } from "./errors.ts";
-import { MessageReader, MessageWriter } from "./framing.ts";
+import { FRAME_BYTES_MAX, MessageReader, MessageWriter } from "./framing.ts";
 import type { Conn } from "./transport.ts";
 
 /** Most calls one Comm may have waiting for replies. */
@@ -181,6 +181,13 @@ export class Comm {
 
   #encode(message: Record<string, unknown>, root: string): Uint8Array[] {
     const { head, buffers } = encoder.encode(message, root);
+    // The peer would close the connection over a message past the limit: refuse it here.
+    const max = this.#options.frameBytesMax ?? FRAME_BYTES_MAX;
+    let total = head.byteLength;
+    for (const b of buffers) total += b.byteLength;
+    if (total > max) {
+      throw new RangeError(`Cannot send ${root}: the message takes ${total} bytes, over the limit of ${max}`);
+    }
     return buffers.length === 0 ? [head] : [head, ...buffers];
   }
 

@@ -14,7 +14,7 @@ export type FunctionSpec = { source: string } | { module: string; name: string }
 const functionSpec: v.Schema<FunctionSpec> = v.oneOf<FunctionSpec>(
   "{ source } or { module, name }",
   v.object({ source: v.name }),
-  v.object({ module: v.name, name: v.name }),
+  v.object({ module: v.moduleSpecifier, name: v.name }),
 );
 
 /** One op: its argument schema, and its reply type as a phantom. */
@@ -78,7 +78,7 @@ export interface WorkerInfo {
 }
 
 const keys = v.arrayOf(v.string);
-const address = v.name;
+const address = v.address;
 
 /** The ops a worker serves. */
 export const workerOps = {
@@ -107,7 +107,7 @@ export const schedulerOps = {
     v.object({
       address,
       name: v.optional(v.string),
-      nthreads: v.optional(v.count),
+      nthreads: v.optional(v.positive),
       keys: v.optional(keys),
       nbytes: v.optional(v.recordOf(v.count)),
     }),

@@ -138,10 +138,18 @@ const wrongField: Record<string, [unknown, RegExp][]> = {
     [{ key: "k", function: { source: "(x) => x" }, args: {} }, /args\.args: expected an array/],
     [{ key: "k", function: { source: "not javascript (" } }, /does not compile/],
   ],
-  register: [[{ address: "" }, /args\.address: expected a non-empty string/], [
-    { address: "tcp://a:1", nthreads: -1 },
-    /args\.nthreads/,
-  ]],
+  register: [
+    [{ address: 7 }, /args\.address: expected an address tcp:\/\/host:port, got a number/],
+    [
+      { address: "not an address" },
+      /args\.address: Invalid address "not an address": expected tcp:\/\/host:port/,
+    ],
+    [{ address: "tcp://a:1", nthreads: 0 }, /args\.nthreads: expected a whole number from 1 up/],
+    [
+      { address: "tcp://a:1", nthreads: -1 },
+      /args\.nthreads/,
+    ],
+  ],
   unregister: [[{}, /args\.address: missing/]],
   add_keys: [[{ address: "tcp://a:1", keys: [1] }, /args\.keys\[0\]/], [
     { address: "tcp://nobody:1", keys: ["k"] },

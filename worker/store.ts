@@ -42,9 +42,9 @@ export class DataStore {
     return this.#values.get(key);
   }
 
-  /** Stores `value` under `key`; returns its size. */
+  /** Stores `value` under `key` (undefined as null: it must travel); returns its size. */
   set(key: string, value: unknown, nbytes = nbytesOf(value, key)): number {
-    this.#values.set(key, value);
+    this.#values.set(key, value === undefined ? null : value);
     this.#nbytes.set(key, nbytes);
     return nbytes;
   }
