@@ -51,7 +51,7 @@ const commands: Record<string, { usage: string; summary: string; flags: Record<s
         type: "string",
         default: String(navigator.hardwareConcurrency),
         value: "N",
-        help: "tasks run at once, the machine's cores by default",
+        help: "tasks run at once; the default is this machine's cores",
       },
       "death-timeout": {
         type: "string",
@@ -115,7 +115,7 @@ function parse(name: string, argv: string[]) {
 function logLevel(text: string): LogLevel {
   if (!(LOG_LEVELS as readonly string[]).includes(text)) {
     throw new UsageError(
-      `invalid --log-level ${JSON.stringify(text)}: expected one of ${LOG_LEVELS.join(", ")}`,
+      `Invalid --log-level ${JSON.stringify(text)}: expected one of ${LOG_LEVELS.join(", ")}`,
     );
   }
   return text as LogLevel;
@@ -125,7 +125,7 @@ function positiveNumber(flag: string, text: string, integer: boolean): number {
   const n = Number(text);
   if (text.trim() === "" || !Number.isFinite(n) || n <= 0 || (integer && !Number.isInteger(n))) {
     throw new UsageError(
-      `invalid --${flag} ${JSON.stringify(text)}: expected a ${integer ? "whole " : ""}number above 0`,
+      `Invalid --${flag} ${JSON.stringify(text)}: expected a ${integer ? "whole " : ""}number above 0`,
     );
   }
   return n;
@@ -154,9 +154,10 @@ function exitOnSignal(node: { close(): Promise<void> }): void {
 
 async function run(argv: string[]): Promise<number> {
   const [name, ...rest] = argv;
-  if (name === undefined || name === "--help" || name === "-h" || name === "help") {
+  if (name === undefined) throw new UsageError("missing command: scheduler or worker (see dist --help)");
+  if (name === "--help" || name === "-h" || name === "help") {
     console.log(mainHelp);
-    return name === undefined ? 2 : 0;
+    return 0;
   }
   if (name === "--version" || name === "-V") {
     console.log(`dist ${config.version}`);
