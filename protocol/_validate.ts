@@ -77,6 +77,11 @@ export const moduleSpecifier: Schema<string> = schema(
 );
 /** true or false. */
 export const boolean: Schema<boolean> = schema("a boolean", (v) => typeof v === "boolean");
+/** A finite number. */
+export const number: Schema<number> = schema(
+  "a finite number",
+  (v) => typeof v === "number" && Number.isFinite(v),
+);
 /** A whole number from 0 up. */
 export const count: Schema<number> = schema(
   "a whole number from 0 up",

@@ -38,6 +38,8 @@ export interface CommOptions {
   frameBytesMax?: number;
   /** Most calls waiting for replies. */
   pendingCallsMax?: number;
+  /** Receive large frames into shared memory (workers do, for their executors). */
+  sharedFrames?: boolean;
   /** Where protocol errors are reported. */
   log?: Logger;
 }
@@ -202,7 +204,10 @@ export class Comm {
   async #readLoop(): Promise<void> {
     // Let the constructor finish (and `closed` be assigned) before the first await.
     await Promise.resolve();
-    const reader = new MessageReader(this.conn, { frameBytesMax: this.#options.frameBytesMax });
+    const reader = new MessageReader(this.conn, {
+      frameBytesMax: this.#options.frameBytesMax,
+      sharedFrames: this.#options.sharedFrames,
+    });
     const decoder = new Decoder();
     let reason: unknown = undefined;
     try {

@@ -46,6 +46,18 @@ export class MissingDataError extends Error {
   }
 }
 
+/** A future's task was cancelled (by `Future.cancel()` or a deleted dependency). */
+export class CancelledError extends Error {
+  /** The key that was cancelled. */
+  readonly key: string;
+  /** Builds the error for `key`. */
+  constructor(key: string, reason = "cancelled", options?: ErrorOptions) {
+    super(`Task ${key} was ${reason}`, options);
+    this.name = "CancelledError";
+    this.key = key;
+  }
+}
+
 /** What a remote error looks like on the wire. */
 export interface RemoteErrorInfo {
   /** The remote error's class name, e.g. `TypeError`. */
@@ -86,4 +98,35 @@ export function toRemoteErrorInfo(error: unknown): RemoteErrorInfo {
     return { name: error.name, message: error.message, stack: error.stack ?? "" };
   }
   return { name: "Error", message: String(error), stack: "" };
+}
+
+const BUILT_IN_ERRORS: Record<string, ErrorConstructor> = {
+  Error,
+  TypeError,
+  RangeError,
+  SyntaxError,
+  ReferenceError,
+  EvalError,
+  URIError,
+};
+
+/** A task's error as its future rejects with it: the original's class (where built in), message and stack. */
+export interface TaskError extends Error {
+  /** The key of the task that failed first (a dependency's key when this task inherited its failure). */
+  task: string;
+}
+
+/**
+ * Rebuilds a task's error on the client: a built-in class comes back as itself
+ * (`instanceof RangeError` holds), anything else as an Error with the original name.
+ */
+export function reviveError(info: RemoteErrorInfo, task: string): TaskError {
+  const ctor = Object.hasOwn(BUILT_IN_ERRORS, info.name) ? BUILT_IN_ERRORS[info.name] : Error;
+  const error = new ctor(info.message) as TaskError;
+  if (error.name !== info.name) {
+    Object.defineProperty(error, "name", { value: info.name, writable: true, configurable: true });
+  }
+  if (info.stack) error.stack = info.stack;
+  error.task = task;
+  return error;
 }

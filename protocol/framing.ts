@@ -51,14 +51,20 @@ export function frameHeader(frames: readonly Uint8Array[]): Uint8Array {
 export class MessageReader {
   #source: ByteReader;
   #frameBytesMax: number;
+  #sharedFrames: boolean;
   #buf = new Uint8Array(READ_CHUNK_BYTES);
   #start = 0;
   #end = 0;
 
-  /** Reads from `source`; frames (and messages) over `frameBytesMax` are refused. */
-  constructor(source: ByteReader, options: { frameBytesMax?: number } = {}) {
+  /**
+   * Reads from `source`; frames (and messages) over `frameBytesMax` are refused. With
+   * `sharedFrames`, large frames land in SharedArrayBuffers, which executors read
+   * without a copy.
+   */
+  constructor(source: ByteReader, options: { frameBytesMax?: number; sharedFrames?: boolean } = {}) {
     this.#source = source;
     this.#frameBytesMax = options.frameBytesMax ?? FRAME_BYTES_MAX;
+    this.#sharedFrames = options.sharedFrames ?? false;
   }
 
   /**
@@ -110,7 +116,7 @@ export class MessageReader {
       return out;
     }
     // A large frame is read straight into memory of its own: one copy, kernel to frame.
-    const out = new Uint8Array(n);
+    const out = new Uint8Array(this.#sharedFrames ? new SharedArrayBuffer(n) : new ArrayBuffer(n));
     const buffered = Math.min(n, this.#end - this.#start);
     out.set(this.#buf.subarray(this.#start, this.#start + buffered));
     this.#start += buffered;

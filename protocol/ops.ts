@@ -79,6 +79,35 @@ export interface WorkerInfo {
 
 const keys = v.arrayOf(v.string);
 const address = v.address;
+const errorInfo = v.object({ name: v.string, message: v.string, stack: v.optional(v.string) });
+
+/** A task as a client submits it in `update_graph`. */
+export interface GraphTask {
+  /** The key its result is stored under. */
+  key: string;
+  /** Index into the message's `functions`. */
+  fn: number;
+  /** Positional arguments; `Ref`s stand for the values of `deps`. */
+  args: unknown[];
+  /** Keys whose values it needs. */
+  deps: string[];
+  /** Higher runs first. */
+  priority?: number;
+  /** Times to run again after it throws. */
+  retries?: number;
+  /** Worker addresses or names it may run on. */
+  workers?: string[];
+}
+
+const graphTask: v.Schema<GraphTask> = v.object({
+  key: v.string,
+  fn: v.count,
+  args: v.arrayOf(v.unknown),
+  deps: keys,
+  priority: v.optional(v.number),
+  retries: v.optional(v.count),
+  workers: v.optional(v.arrayOf(v.name)),
+});
 
 /** The ops a worker serves. */
 export const workerOps = {
@@ -99,6 +128,18 @@ export const workerOps = {
       args: v.optional(v.arrayOf(v.unknown)),
     }),
   ),
+  // From the scheduler, as notices on the worker's registration connection:
+  compute_task: op<void>()(
+    v.object({
+      key: v.string,
+      fnId: v.count,
+      function: v.optional(functionSpec),
+      args: v.arrayOf(v.unknown),
+      who_has: v.recordOf(v.arrayOf(address)),
+    }),
+  ),
+  free_keys: op<OkReply>()(v.object({ keys })),
+  cancel_task: op<OkReply>()(v.object({ keys })),
 };
 
 /** The ops a scheduler serves. */
@@ -129,6 +170,18 @@ export const schedulerOps = {
   identity: op<SchedulerIdentity>()(v.object({})),
   ping: op<"pong">()(v.object({})),
   terminate: op<OkReply>()(v.object({})),
+  // Clients: the connection that registers is the client's for its lifetime.
+  register_client: op<OkReply>()(v.object({ id: v.name })),
+  update_graph: op<OkReply>()(
+    v.object({ functions: v.arrayOf(functionSpec), tasks: v.arrayOf(graphTask), wanted: keys }),
+  ),
+  release_keys: op<OkReply>()(v.object({ keys })),
+  cancel_keys: op<OkReply>()(v.object({ keys })),
+  scatter: op<OkReply>()(v.object({ who_has: v.recordOf(v.arrayOf(address)), nbytes: v.recordOf(v.count) })),
+  progress: op<Record<string, Record<string, number>>>()(v.object({})),
+  // Workers, as notices on their registration connection:
+  task_finished: op<void>()(v.object({ key: v.string, nbytes: v.count, duration: v.number })),
+  task_erred: op<void>()(v.object({ key: v.string, error: errorInfo })),
 };
 
 /** A table of ops. */

@@ -49,6 +49,8 @@ export interface ServeOptions {
   frameBytesMax?: number;
   /** Most open connections. */
   connectionsMax?: number;
+  /** Receive large frames into shared memory. */
+  sharedFrames?: boolean;
   /** Called for every connection that closes (after its Comm has closed). */
   onClose?: (comm: Comm) => void;
   /** Where it logs. */
@@ -80,7 +82,12 @@ export function serve(address: Address, dispatch: Dispatch, options: ServeOption
         conn.close();
         continue;
       }
-      const comm = new Comm(conn, { dispatch, frameBytesMax: options.frameBytesMax, log });
+      const comm = new Comm(conn, {
+        dispatch,
+        frameBytesMax: options.frameBytesMax,
+        sharedFrames: options.sharedFrames,
+        log,
+      });
       comms.add(comm);
       comm.closed.then(() => {
         comms.delete(comm);

@@ -1,7 +1,8 @@
 /**
- * The scheduler node: a thin shell around SchedulerState. It turns ops into state
- * changes, ties each registration to the connection it came on (a worker whose
- * connection drops is gone), and calls workers back on those same connections.
+ * The scheduler node: a thin shell around SchedulerTasks. It turns ops into state
+ * changes and sends what the state decided: tasks to workers, results' whereabouts to
+ * clients. Each registration (worker or client) is tied to the connection it came on,
+ * and the scheduler talks back to it on that same long-lived connection.
  *
  * @module
  */
@@ -10,9 +11,9 @@ import { createLogger, type Logger } from "../_log.ts";
 import { parseAddress } from "../protocol/address.ts";
 import type { Comm } from "../protocol/comm.ts";
 import { RemoteError, toRemoteErrorInfo } from "../protocol/errors.ts";
-import { schedulerOps } from "../protocol/ops.ts";
+import { type FunctionSpec, type GraphTask, schedulerOps } from "../protocol/ops.ts";
 import { dispatchTo, type Handlers, serve } from "../protocol/server.ts";
-import { SchedulerState } from "./state.ts";
+import { SchedulerTasks, type TaskSpec } from "./tasks.ts";
 
 /** Default scheduler port, as Dask's. */
 export const SCHEDULER_PORT = 8786;
@@ -38,7 +39,7 @@ export interface SchedulerNode {
   /** A fresh id per start. */
   readonly id: string;
   /** What it knows (read it; do not change it). */
-  readonly state: SchedulerState;
+  readonly state: SchedulerTasks;
   /** Resolves once it has closed, by `close()` or the `terminate` op. */
   readonly closed: Promise<void>;
   /** Closes every connection and stops listening. */
@@ -48,6 +49,7 @@ export interface SchedulerNode {
 }
 
 const WORKER_TAG = "worker";
+const CLIENT_TAG = "client";
 
 /**
  * Starts a scheduler.
@@ -66,10 +68,28 @@ export async function startScheduler(options: SchedulerOptions = {}): Promise<Sc
   const port = options.port ?? SCHEDULER_PORT;
   parseAddress({ host, port });
   const log = options.log ?? createLogger("scheduler");
-  const state = new SchedulerState();
+  const state = new SchedulerTasks();
   const id = crypto.randomUUID();
-  // The connection each worker registered on: the scheduler calls it back there.
+  // The connection each worker and client registered on: the scheduler talks back there.
   const commOf = new Map<string, Comm>();
+  const clients = new Map<string, Comm>();
+
+  /** Sends what the state decided. A peer whose connection is gone is dropped by its close handler. */
+  const flush = () => {
+    for (const m of state.drain()) {
+      const comm = m.to === "worker" ? commOf.get(m.address) : clients.get(m.client);
+      if (comm === undefined || comm.isClosed) continue;
+      try {
+        comm.notify(m.op, m.args);
+      } catch (error) {
+        log.warn(
+          `Could not send ${m.op} to ${m.to === "worker" ? m.address : m.client}: ${
+            (error as Error).message
+          }`,
+        );
+      }
+    }
+  };
   let closing: Promise<void> | null = null;
   let resolveClosed!: () => void;
   const closed = new Promise<void>((resolve) => resolveClosed = resolve);
@@ -78,6 +98,7 @@ export async function startScheduler(options: SchedulerOptions = {}): Promise<Sc
     if (!state.workers.has(address)) return;
     const lost = state.removeWorker(address);
     commOf.delete(address);
+    flush();
     log.info(
       `Worker ${address} left (${why})` +
         (lost.length ? `; ${lost.length} keys lost their last copy: ${lost.slice(0, 10).join(", ")}` : ""),
@@ -125,6 +146,7 @@ export async function startScheduler(options: SchedulerOptions = {}): Promise<Sc
     workers: () => state.workerList(),
     async delete_data({ keys }) {
       const orders = state.deleteKeys(keys);
+      flush();
       await Promise.all(
         [...orders].map(([address, list]) =>
           callWorker(address, "delete_data", { keys: list, report: false }).catch((error) =>
@@ -147,6 +169,48 @@ export async function startScheduler(options: SchedulerOptions = {}): Promise<Sc
       return Object.fromEntries(replies);
     },
     identity: () => ({ type: "scheduler", id, address: server.url, workers: state.workers.size }),
+    register_client({ id: client }, comm) {
+      if (clients.has(client)) throw new RangeError(`A client with id ${client} is connected already`);
+      clients.set(client, comm);
+      comm.tags.set(CLIENT_TAG, client);
+      log.info(`Client ${client} connected`);
+      return { status: "OK" };
+    },
+    update_graph({ functions, tasks, wanted }, comm) {
+      const client = clientOf(comm);
+      const fnIds = functions.map((f) => state.functionId(f));
+      const specs = tasks.map((t) => toSpec(t, functions, fnIds));
+      state.updateGraph(client, specs, wanted);
+      return { status: "OK" };
+    },
+    release_keys({ keys }, comm) {
+      state.releaseKeys(clientOf(comm), keys);
+      return { status: "OK" };
+    },
+    cancel_keys({ keys }) {
+      state.cancelKeys(keys);
+      return { status: "OK" };
+    },
+    scatter({ who_has, nbytes }, comm) {
+      const client = clientOf(comm);
+      for (const [key, holders] of Object.entries(who_has)) {
+        for (const address of holders) state.addKeys(address, [key], nbytes);
+      }
+      state.updateGraph(client, [], Object.keys(who_has));
+      // Scattered data belongs to the client's futures, not pinned like update_data.
+      for (const key of Object.keys(who_has)) {
+        const ts = state.tasks.get(key);
+        if (ts) ts.external = false;
+      }
+      return { status: "OK" };
+    },
+    progress: () => state.progress() as Record<string, Record<string, number>>,
+    task_finished({ key, nbytes, duration }, comm) {
+      for (const address of workersOf(comm)) state.taskFinished(address, key, nbytes, duration);
+    },
+    task_erred({ key, error }, comm) {
+      for (const address of workersOf(comm)) state.taskErred(address, key, error);
+    },
     ping: () => "pong",
     terminate(_args, comm) {
       // Reply first, then close: the caller learns the order was taken.
@@ -155,13 +219,36 @@ export async function startScheduler(options: SchedulerOptions = {}): Promise<Sc
     },
   };
 
-  const server = serve({ host, port }, dispatchTo("scheduler", schedulerOps, handlers), {
+  const clientOf = (comm: Comm): string => {
+    const client = comm.tags.get(CLIENT_TAG);
+    if (typeof client !== "string") {
+      throw new RangeError("This connection has not registered as a client (register_client)");
+    }
+    return client;
+  };
+  const workersOf = (comm: Comm): Set<string> =>
+    (comm.tags.get(WORKER_TAG) as Set<string> | undefined) ?? new Set();
+
+  const dispatch = dispatchTo("scheduler", schedulerOps, handlers);
+  const server = serve({ host, port }, async (op, args, comm) => {
+    try {
+      return await dispatch(op, args, comm);
+    } finally {
+      flush();
+    }
+  }, {
     frameBytesMax: options.frameBytesMax,
     log,
     onClose(comm) {
-      const registered = comm.tags.get(WORKER_TAG) as Set<string> | undefined;
-      for (const address of registered ?? []) {
+      for (const address of workersOf(comm)) {
         if (commOf.get(address) === comm) forget(address, "connection closed");
+      }
+      const client = comm.tags.get(CLIENT_TAG);
+      if (typeof client === "string" && clients.get(client) === comm) {
+        clients.delete(client);
+        state.removeClient(client);
+        flush();
+        log.info(`Client ${client} left`);
       }
     },
   });
@@ -184,4 +271,19 @@ export async function startScheduler(options: SchedulerOptions = {}): Promise<Sc
   };
   log.info(`Scheduler at ${server.url}`);
   return node;
+}
+
+/** A task from the wire, with its function resolved against the message's table. */
+function toSpec(t: GraphTask, functions: FunctionSpec[], fnIds: number[]): TaskSpec {
+  if (t.fn >= functions.length) {
+    throw new RangeError(`Task ${t.key}: fn ${t.fn} is past the ${functions.length} functions sent`);
+  }
+  return {
+    key: t.key,
+    run: { function: functions[t.fn], fnId: fnIds[t.fn], args: t.args },
+    deps: t.deps,
+    priority: t.priority,
+    retries: t.retries,
+    workers: t.workers,
+  };
 }

@@ -103,7 +103,7 @@ Deno.test("bad envelopes get an error reply when they carry an id, and the conne
     const r3 = await c.reply();
     assert.match(
       (r3?.error as { message: string }).message,
-      /Unknown op "no_such_op": a worker serves compute/,
+      /Unknown op "no_such_op": a worker serves cancel_task, compute, compute_task/,
     );
   } finally {
     c.close();

@@ -1,10 +1,10 @@
 import assert from "node:assert/strict";
 import { rpc, type SchedulerOps, startScheduler, startWorker, type WorkerOps } from "../mod.ts";
-import { SchedulerState } from "../scheduler/state.ts";
+import { SchedulerTasks } from "../scheduler/tasks.ts";
 import { eventually, startCluster, testLogger } from "./_helpers.ts";
 
 Deno.test("state: workers, keys, replicas and sizes", () => {
-  const s = new SchedulerState();
+  const s = new SchedulerTasks();
   s.addWorker({ address: "tcp://a:1", name: "a", nthreads: 2, keys: ["x"], nbytes: { x: 8 } });
   s.addWorker({ address: "tcp://b:1" });
   s.addKeys("tcp://b:1", ["x", "y"], { x: 8, y: 100 });
@@ -29,7 +29,7 @@ Deno.test("state: workers, keys, replicas and sizes", () => {
 });
 
 Deno.test("state: removing a worker reports the keys that lost their last copy", () => {
-  const s = new SchedulerState();
+  const s = new SchedulerTasks();
   s.addWorker({ address: "tcp://a:1", keys: ["shared", "only-a"] });
   s.addWorker({ address: "tcp://b:1", keys: ["shared"] });
   assert.deepEqual(s.removeWorker("tcp://a:1"), ["only-a"]);
@@ -41,13 +41,13 @@ Deno.test("state: removing a worker reports the keys that lost their last copy",
 });
 
 Deno.test("state: deleting keys returns which worker must delete what", () => {
-  const s = new SchedulerState();
+  const s = new SchedulerTasks();
   s.addWorker({ address: "tcp://a:1", keys: ["x", "y"] });
   s.addWorker({ address: "tcp://b:1", keys: ["x"] });
   const orders = s.deleteKeys(["x", "y", "unknown"]);
   assert.deepEqual(Object.fromEntries(orders), { "tcp://a:1": ["x", "y"], "tcp://b:1": ["x"] });
   assert.deepEqual(s.whoHasOf(), {});
-  assert.equal(s.nbytes.size, 0);
+  assert.equal(s.tasks.size, 0);
 });
 
 Deno.test("register records the keys a worker already holds, tied to its connection", async () => {

@@ -10,11 +10,17 @@
 import { createLogger, type Logger } from "../_log.ts";
 import { type Address, formatAddress, parseAddress } from "../protocol/address.ts";
 import { Comm, type Dispatch } from "../protocol/comm.ts";
-import { ConnectionClosedError, MissingDataError } from "../protocol/errors.ts";
-import { type ArgsOf, type WorkerIdentity, type WorkerOps, workerOps } from "../protocol/ops.ts";
+import { ConnectionClosedError, MissingDataError, toRemoteErrorInfo } from "../protocol/errors.ts";
+import {
+  type ArgsOf,
+  type FunctionSpec,
+  type WorkerIdentity,
+  type WorkerOps,
+  workerOps,
+} from "../protocol/ops.ts";
 import { dispatchTo, type Handlers, serve } from "../protocol/server.ts";
 import { connect } from "../protocol/transport.ts";
-import { callFunction, FunctionCache } from "./functions.ts";
+import { ExecutorPool, shared } from "./executors.ts";
 import { DataStore, refsIn, resolveRefs } from "./store.ts";
 
 /** Default for how long a worker keeps trying to reach its scheduler: 60 s. */
@@ -94,7 +100,11 @@ class Worker implements WorkerNode {
   #schedulerUrl: string;
   #server: ReturnType<typeof serve>;
   #dispatch: Dispatch;
-  #functions = new FunctionCache();
+  #executors: ExecutorPool;
+  /** Functions the scheduler sent, by its ids. */
+  #schedulerFunctions = new Map<number, FunctionSpec>();
+  /** Tasks from the scheduler being fetched for or run, and whether they were cancelled. */
+  #tasks = new Map<string, { cancelled: boolean }>();
   #schedulerComm: Comm | null = null;
   #reconnecting: Promise<void> | null = null;
   #peers = new Map<string, Promise<Comm>>();
@@ -116,8 +126,9 @@ class Worker implements WorkerNode {
     this.#server = serve(
       { host: options.host ?? "127.0.0.1", port: options.port ?? 0 },
       this.#dispatch,
-      { frameBytesMax: options.frameBytesMax, log: this.#log },
+      { frameBytesMax: options.frameBytesMax, sharedFrames: true, log: this.#log },
     );
+    this.#executors = new ExecutorPool(nthreads);
     this.#identity = {
       type: "worker",
       id: crypto.randomUUID(),
@@ -230,14 +241,19 @@ class Worker implements WorkerNode {
     return await comm.call(op, args, { timeoutMs: CALL_TIMEOUT_MS });
   }
 
-  /** Tells the scheduler what changed; a scheduler that is away learns it at re-registration. */
-  async #report(op: "add_keys" | "remove_keys", keys: string[]): Promise<void> {
-    if (keys.length === 0 || this.#schedulerComm === null) return;
+  /**
+   * Tells the scheduler what changed, as a call (waiting for its ack) or a notice; a
+   * scheduler that is away learns it at re-registration.
+   */
+  async #report(op: "add_keys" | "remove_keys", keys: string[], notice = false): Promise<void> {
+    const comm = this.#schedulerComm;
+    if (keys.length === 0 || comm === null) return;
     const args = op === "add_keys"
       ? { address: this.address, keys, nbytes: this.data.nbytes(keys) }
       : { address: this.address, keys };
     try {
-      await this.#schedulerCall(op, args);
+      if (notice) comm.notify(op, args);
+      else await this.#schedulerCall(op, args);
     } catch (error) {
       this.#log.warn(`Could not tell the scheduler ${op} ${keys.join(", ")}: ${(error as Error).message}`);
     }
@@ -254,7 +270,11 @@ class Worker implements WorkerNode {
         comm.then((c) => c.close(), () => {});
       }
       peer = connect(parseAddress(address)).then((conn) => {
-        const comm = new Comm(conn, { frameBytesMax: this.#options.frameBytesMax, log: this.#log });
+        const comm = new Comm(conn, {
+          frameBytesMax: this.#options.frameBytesMax,
+          sharedFrames: true,
+          log: this.#log,
+        });
         comm.closed.then(() => {
           if (this.#peers.get(address) === peer) this.#peers.delete(address);
         });
@@ -273,9 +293,12 @@ class Worker implements WorkerNode {
    * once; a key whose holder fails is asked of its next holder. Stores what arrives
    * as replicas and tells the scheduler.
    */
-  async #gather(keys: string[]): Promise<void> {
-    this.#log.debug(`Asking the scheduler who has ${keys.join(", ")}`);
-    const whoHas = await this.#schedulerCall("who_has", { keys }) as Record<string, string[]>;
+  async #gather(keys: string[], known?: Record<string, string[]>): Promise<void> {
+    let whoHas = known;
+    if (whoHas === undefined) {
+      this.#log.debug(`Asking the scheduler who has ${keys.join(", ")}`);
+      whoHas = await this.#schedulerCall("who_has", { keys }) as Record<string, string[]>;
+    }
     const remaining = new Set(keys);
     const tried = new Map<string, Set<string>>(keys.map((k) => [k, new Set([this.address])]));
     const fetched: string[] = [];
@@ -313,7 +336,7 @@ class Worker implements WorkerNode {
         }
       }));
     }
-    await this.#report("add_keys", fetched);
+    await this.#report("add_keys", fetched, known !== undefined);
     if (remaining.size > 0) throw new MissingDataError([...remaining]);
   }
 
@@ -345,26 +368,75 @@ class Worker implements WorkerNode {
         return { status: "OK" };
       },
       compute: (args) => this.#compute(args),
+      compute_task: (args, comm) => {
+        // A notice: the reply is task_finished or task_erred, later.
+        this.#computeTask(args, comm);
+      },
+      free_keys: ({ keys }) => {
+        for (const key of keys) this.data.delete(key);
+        return { status: "OK" };
+      },
+      cancel_task: ({ keys }) => {
+        for (const key of keys) {
+          const task = this.#tasks.get(key);
+          if (task) task.cancelled = true;
+          this.#executors.cancel(key);
+        }
+        return { status: "OK" };
+      },
     };
+  }
+
+  /** The value of `key` for an executor: large typed arrays move to shared memory once. */
+  #forExecutor = (key: string): unknown => {
+    const value = this.data.get(key);
+    const s = shared(value);
+    if (s !== value) this.data.set(key, s, this.data.nbytes([key])[key]);
+    return s;
+  };
+
+  async #computeTask(args: ArgsOf<WorkerOps, "compute_task">, comm: Comm): Promise<void> {
+    const { key, fnId, who_has } = args;
+    if (args.function) this.#schedulerFunctions.set(fnId, args.function);
+    const task = { cancelled: false };
+    this.#tasks.set(key, task);
+    const started = performance.now();
+    try {
+      const spec = this.#schedulerFunctions.get(fnId);
+      if (spec === undefined) {
+        throw new RangeError(`Task ${key} names function ${fnId}, which this worker was never sent`);
+      }
+      const missing = Object.keys(who_has).filter((k) => !this.data.has(k));
+      if (missing.length > 0) await this.#gather(missing, who_has);
+      if (task.cancelled) return;
+      const { result, nbytes } = await this.#executors.run(
+        spec,
+        resolveRefs(args.args, this.#forExecutor) as unknown[],
+        key,
+      );
+      if (task.cancelled) return;
+      this.data.set(key, result, nbytes);
+      comm.notify("task_finished", { key, nbytes, duration: (performance.now() - started) / 1000 });
+    } catch (error) {
+      if (task.cancelled || comm.isClosed) return;
+      comm.notify("task_erred", { key, error: toRemoteErrorInfo(error) });
+    } finally {
+      if (this.#tasks.get(key) === task) this.#tasks.delete(key);
+    }
   }
 
   async #compute(args: ArgsOf<WorkerOps, "compute">) {
     const { key, keys = [], args: extra = [] } = args;
-    const fn = await this.#functions.get(args.function);
     const needed = refsIn(extra, new Set(keys));
     const missing = [...needed].filter((k) => !this.data.has(k));
     if (missing.length > 0) await this.#gather(missing);
-    const lookup = (k: string) => this.data.get(k);
-    const result = await callFunction(fn, [
-      ...keys.map(lookup),
-      ...(resolveRefs(extra, lookup) as unknown[]),
-    ]);
-    let nbytes: number;
-    try {
-      nbytes = this.data.set(key, result);
-    } catch (error) {
-      throw new TypeError(`The result of ${key} cannot be kept: ${(error as Error).message}`);
-    }
+    const lookup = this.#forExecutor;
+    const { result, nbytes } = await this.#executors.run(
+      args.function,
+      [...keys.map(lookup), ...(resolveRefs(extra, lookup) as unknown[])],
+      key,
+    );
+    this.data.set(key, result, nbytes);
     this.#log.debug(`Computed ${key} (${nbytes} bytes)`);
     await this.#report("add_keys", [key]);
     return { status: "OK" as const, key, nbytes };
@@ -383,6 +455,7 @@ class Worker implements WorkerNode {
         }
       }
       await this.#reconnecting?.catch(() => {});
+      this.#executors.close();
       await comm?.close();
       await this.#server.close();
       const peers = await Promise.allSettled(this.#peers.values());

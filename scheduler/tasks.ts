@@ -1,0 +1,790 @@
+/**
+ * The scheduler's state: every key as a task in a state machine, every worker with
+ * what it holds and runs. It does no I/O and reads no clock: events come in as method
+ * calls (with `now` where time matters), and what must be said to workers and clients
+ * comes out as messages for the server shell to send.
+ *
+ *     released -> waiting -> queued -> processing -> memory -> released -> forgotten
+ *                     \________________/     \-> erred
+ *
+ * @module
+ */
+
+import type { RemoteErrorInfo } from "../protocol/errors.ts";
+import type { FunctionSpec, WorkerInfo } from "../protocol/ops.ts";
+
+/** The states a task moves through. */
+export type TaskStateName =
+  | "released"
+  | "waiting"
+  | "queued"
+  | "processing"
+  | "memory"
+  | "erred"
+  | "forgotten";
+
+/** What a worker is asked to run. */
+export interface TaskRun {
+  /** The function to call. */
+  function: FunctionSpec;
+  /** Its id in the scheduler's function table (workers cache functions by it). */
+  fnId: number;
+  /** Positional arguments; `Ref`s stand for dependencies' values. */
+  args: unknown[];
+}
+
+/** A task as a client submits it. */
+export interface TaskSpec {
+  /** The key its result is stored under. */
+  key: string;
+  /** The function and arguments; absent for a key that is data only. */
+  run?: TaskRun;
+  /** Keys whose values the task needs. */
+  deps: string[];
+  /** Higher runs first. */
+  priority?: number;
+  /** Times to run again after an error. */
+  retries?: number;
+  /** Worker addresses (or names) it may run on. */
+  workers?: string[];
+}
+
+/** One key and everything the scheduler knows of it. */
+export interface TaskState {
+  readonly key: string;
+  /** The key's prefix (the function name), for progress per kind of task. */
+  readonly prefix: string;
+  state: TaskStateName;
+  run: TaskRun | null;
+  readonly dependencies: Set<TaskState>;
+  readonly dependents: Set<TaskState>;
+  /** Dependencies not yet in memory, while waiting. */
+  readonly waitingOn: Set<TaskState>;
+  /** Dependents that still need this task's value. */
+  readonly waiters: Set<TaskState>;
+  readonly whoHas: Set<WorkerState>;
+  processingOn: WorkerState | null;
+  /** Clients holding a future for it. */
+  readonly whoWants: Set<string>;
+  /** Data put on a worker outside any graph (update_data): kept until deleted. */
+  external: boolean;
+  /** Lower runs first: [-user priority, submission order]. */
+  priority: [number, number];
+  retries: number;
+  restrictions: Set<string> | null;
+  nbytes: number;
+  error: RemoteErrorInfo | null;
+  /** The key whose failure this task inherited. */
+  erredOn: string | null;
+}
+
+/** A worker as the scheduler knows it. */
+export interface WorkerState {
+  readonly address: string;
+  readonly name: string;
+  readonly nthreads: number;
+  readonly processing: Set<TaskState>;
+  readonly hasWhat: Set<TaskState>;
+  nbytes: number;
+  /** Function ids this worker has been sent in full. */
+  readonly knownFunctions: Set<number>;
+}
+
+/** A message the shell must send. */
+export type Outgoing =
+  | { to: "worker"; address: string; op: "compute_task"; args: ComputeTaskArgs }
+  | { to: "worker"; address: string; op: "free_keys" | "cancel_task"; args: { keys: string[] } }
+  | { to: "client"; client: string; op: "key_done"; args: { key: string; nbytes: number; workers: string[] } }
+  | {
+    to: "client";
+    client: string;
+    op: "key_erred";
+    args: { key: string; error: RemoteErrorInfo; task: string };
+  }
+  | { to: "client"; client: string; op: "key_cancelled" | "key_lost"; args: { key: string; reason: string } };
+
+/** What a worker gets to run one task. */
+export interface ComputeTaskArgs {
+  key: string;
+  fnId: number;
+  /** Sent only the first time this worker sees `fnId`. */
+  function?: FunctionSpec;
+  args: unknown[];
+  /** Where each dependency can be fetched. */
+  who_has: Record<string, string[]>;
+}
+
+/** Tasks a worker may hold beyond its threads, so it never waits on a round trip. */
+export const WORKER_EXTRA_TASKS = 8;
+/** Assumed bytes per second between workers when weighing a transfer against load. */
+const BANDWIDTH_BYTES_PER_S = 500e6;
+/** Assumed duration of a task whose kind has not finished once yet. */
+const DEFAULT_DURATION_S = 0.001;
+
+/** The prefix of a key: its text before the last "-", as Dask names task kinds. */
+export function keyPrefix(key: string): string {
+  const dash = key.lastIndexOf("-");
+  return dash > 0 ? key.slice(0, dash) : key;
+}
+
+/** Min-heap of tasks by priority. */
+class TaskHeap {
+  #items: TaskState[] = [];
+  get size(): number {
+    return this.#items.length;
+  }
+  static #less(a: TaskState, b: TaskState): boolean {
+    return a.priority[0] < b.priority[0] ||
+      (a.priority[0] === b.priority[0] && a.priority[1] < b.priority[1]);
+  }
+  push(t: TaskState): void {
+    const items = this.#items;
+    items.push(t);
+    let i = items.length - 1;
+    while (i > 0) {
+      const parent = (i - 1) >> 1;
+      if (!TaskHeap.#less(items[i], items[parent])) break;
+      [items[i], items[parent]] = [items[parent], items[i]];
+      i = parent;
+    }
+  }
+  peek(): TaskState | undefined {
+    return this.#items[0];
+  }
+  pop(): TaskState | undefined {
+    const items = this.#items;
+    const top = items[0];
+    const last = items.pop();
+    if (items.length > 0 && last !== undefined) {
+      items[0] = last;
+      let i = 0;
+      for (;;) {
+        const l = 2 * i + 1, r = l + 1;
+        let m = i;
+        if (l < items.length && TaskHeap.#less(items[l], items[m])) m = l;
+        if (r < items.length && TaskHeap.#less(items[r], items[m])) m = r;
+        if (m === i) break;
+        [items[i], items[m]] = [items[m], items[i]];
+        i = m;
+      }
+    }
+    return top;
+  }
+}
+
+/** Counts of tasks per prefix and state, for progress. */
+export type Progress = Record<string, Partial<Record<TaskStateName, number>>>;
+
+/** The scheduler's tasks and workers. */
+export class SchedulerTasks {
+  readonly tasks = new Map<string, TaskState>();
+  readonly workers = new Map<string, WorkerState>();
+  /** Average seconds per task kind, from tasks that finished. */
+  readonly durations = new Map<string, number>();
+  /** Tasks that reached memory or erred, in all. */
+  completed = 0;
+  failed = 0;
+  #queue = new TaskHeap();
+  /** Queued tasks that may run only on some workers. */
+  #restricted = new Set<TaskState>();
+  #order = 0;
+  #out: Outgoing[] = [];
+  #roundRobin = 0;
+  #functions = new Map<string, number>();
+
+  /** The messages produced since the last call, to be sent by the shell. */
+  drain(): Outgoing[] {
+    const out = this.#out;
+    this.#out = [];
+    return out;
+  }
+
+  /** The id of a function in the function table. */
+  functionId(spec: FunctionSpec): number {
+    const k = "source" in spec ? spec.source : `${spec.module}\0${spec.name}`;
+    let id = this.#functions.get(k);
+    if (id === undefined) this.#functions.set(k, id = this.#functions.size + 1);
+    return id;
+  }
+
+  // ---- workers ----
+
+  /** Adds a worker holding `keys`; queued tasks may go to it at once. */
+  addWorker(
+    w: {
+      address: string;
+      name?: string;
+      nthreads?: number;
+      keys?: string[];
+      nbytes?: Record<string, number>;
+    },
+  ): void {
+    if (this.workers.has(w.address)) this.removeWorker(w.address);
+    const ws: WorkerState = {
+      address: w.address,
+      name: w.name || w.address,
+      nthreads: w.nthreads ?? 1,
+      processing: new Set(),
+      hasWhat: new Set(),
+      nbytes: 0,
+      knownFunctions: new Set(),
+    };
+    this.workers.set(w.address, ws);
+    this.addKeys(w.address, w.keys ?? [], w.nbytes);
+    this.#fill(ws);
+  }
+
+  /**
+   * Removes a worker: its running tasks run elsewhere, keys it held alone are
+   * recomputed where wanted (or reported lost when they have no lineage). Returns
+   * the keys that lost their last copy.
+   */
+  removeWorker(address: string): string[] {
+    const ws = this.workers.get(address);
+    if (ws === undefined) return [];
+    this.workers.delete(address);
+    const lost: string[] = [];
+    for (const ts of ws.processing) {
+      ts.processingOn = null;
+      ts.state = "released";
+    }
+    const rerun = [...ws.processing];
+    ws.processing.clear();
+    for (const ts of ws.hasWhat) {
+      ts.whoHas.delete(ws);
+      if (ts.whoHas.size === 0 && ts.state === "memory") {
+        lost.push(ts.key);
+        this.#lose(ts, `its last copy was on ${address}, which left`);
+      }
+    }
+    ws.hasWhat.clear();
+    for (const ts of rerun) this.#ready(ts);
+    return lost;
+  }
+
+  // ---- keys reported by workers (the rpc path) ----
+
+  /** Records that `address` holds `keys`; unknown keys become external data. */
+  addKeys(address: string, keys: readonly string[], nbytes: Record<string, number> = {}): void {
+    const ws = this.#worker(address);
+    for (const key of keys) {
+      let ts = this.tasks.get(key);
+      if (ts === undefined) {
+        ts = this.#newTask(key);
+        ts.external = true;
+      }
+      const size = nbytes[key] ?? ts.nbytes;
+      if (ws.hasWhat.has(ts)) ws.nbytes -= ts.nbytes;
+      ts.nbytes = size;
+      ws.hasWhat.add(ts);
+      ws.nbytes += size;
+      ts.whoHas.add(ws);
+      if (ts.state !== "memory" && ts.state !== "processing") this.#toMemory(ts);
+    }
+  }
+
+  /** Records that `address` no longer holds `keys`. */
+  removeKeys(address: string, keys: readonly string[]): void {
+    const ws = this.#worker(address);
+    for (const key of keys) {
+      const ts = this.tasks.get(key);
+      if (ts === undefined || !ws.hasWhat.delete(ts)) continue;
+      ws.nbytes -= ts.nbytes;
+      ts.whoHas.delete(ws);
+      if (ts.whoHas.size === 0 && ts.state === "memory") {
+        if (ts.external && ts.run === null && ts.whoWants.size === 0) this.#forget(ts);
+        else this.#lose(ts, `${address} deleted it`);
+      }
+    }
+  }
+
+  /**
+   * Forgets `keys` everywhere (the delete_data op), cancelling what depends on them.
+   * Returns, per worker, the keys it must delete: the shell tells each holder and
+   * waits for it, so the data is gone when the op replies.
+   */
+  deleteKeys(keys: readonly string[]): Map<string, string[]> {
+    const orders = new Map<string, string[]>();
+    for (const key of keys) {
+      const ts = this.tasks.get(key);
+      if (ts === undefined) continue;
+      for (const ws of ts.whoHas) {
+        let list = orders.get(ws.address);
+        if (list === undefined) orders.set(ws.address, list = []);
+        list.push(key);
+        ws.hasWhat.delete(ts);
+        ws.nbytes -= ts.nbytes;
+      }
+      ts.whoHas.clear();
+      this.#cancel(ts, "deleted");
+    }
+    return orders;
+  }
+
+  // ---- graphs from clients ----
+
+  /**
+   * Adds tasks from `client` and marks `wanted` as wanted by it. A key that exists
+   * already (and has not failed) is shared, not run again: `pure` submits land here.
+   */
+  updateGraph(client: string, specs: readonly TaskSpec[], wanted: readonly string[]): void {
+    const fresh: TaskState[] = [];
+    const byKey = new Map(specs.map((s) => [s.key, s]));
+    for (const spec of specs) {
+      let ts = this.tasks.get(spec.key);
+      if (ts !== undefined && ts.state !== "erred" && ts.state !== "forgotten") {
+        if (ts.run === null && spec.run) ts.run = spec.run;
+        continue;
+      }
+      if (ts !== undefined) this.#forget(ts, true);
+      ts = this.#newTask(spec.key);
+      ts.run = spec.run ?? null;
+      ts.priority = [-(spec.priority ?? 0), this.#order++];
+      ts.retries = spec.retries ?? 0;
+      ts.restrictions = spec.workers?.length ? new Set(spec.workers) : null;
+      fresh.push(ts);
+    }
+    for (const ts of fresh) {
+      for (const dep of byKey.get(ts.key)!.deps) {
+        let d = this.tasks.get(dep);
+        if (d === undefined) {
+          // A dependency nobody can produce: the task fails at once, saying which.
+          d = this.#newTask(dep);
+          d.state = "erred";
+          d.error = {
+            name: "MissingDataError",
+            message: `Unknown key ${JSON.stringify(dep)}: no task or data has it`,
+          };
+          d.erredOn = dep;
+        }
+        ts.dependencies.add(d);
+        d.dependents.add(ts);
+      }
+    }
+    for (const key of wanted) this.tasks.get(key)?.whoWants.add(client);
+    for (const ts of fresh) if (ts.state === "released") this.#want(ts);
+    for (const key of wanted) {
+      const ts = this.tasks.get(key);
+      if (ts === undefined) continue;
+      if (ts.state === "memory") this.#tellDone(ts, client);
+      else if (ts.state === "erred") this.#tellErred(ts, client);
+    }
+  }
+
+  /** `client` drops its futures for `keys`; keys nobody needs are released. */
+  releaseKeys(client: string, keys: readonly string[]): void {
+    for (const key of keys) {
+      const ts = this.tasks.get(key);
+      if (ts === undefined || !ts.whoWants.delete(client)) continue;
+      this.#maybeRelease(ts);
+    }
+  }
+
+  /** Cancels `keys` (and what depends on them) for every client. */
+  cancelKeys(keys: readonly string[]): void {
+    for (const key of keys) {
+      const ts = this.tasks.get(key);
+      if (ts !== undefined) this.#cancel(ts, "cancelled");
+    }
+  }
+
+  /** Forgets every want of a client that disconnected. */
+  removeClient(client: string): void {
+    for (const ts of [...this.tasks.values()]) {
+      if (ts.whoWants.delete(client)) this.#maybeRelease(ts);
+    }
+  }
+
+  // ---- events from workers ----
+
+  /** A worker finished `key`, holding `nbytes`; `durationS` feeds the load estimate. */
+  taskFinished(address: string, key: string, nbytes: number, durationS: number): void {
+    const ws = this.workers.get(address);
+    const ts = this.tasks.get(key);
+    if (ws === undefined || ts === undefined || ts.processingOn !== ws) return;
+    ws.processing.delete(ts);
+    ts.processingOn = null;
+    const avg = this.durations.get(ts.prefix);
+    this.durations.set(ts.prefix, avg === undefined ? durationS : avg * 0.8 + durationS * 0.2);
+    ts.nbytes = nbytes;
+    ws.hasWhat.add(ts);
+    ws.nbytes += nbytes;
+    ts.whoHas.add(ws);
+    this.completed++;
+    this.#toMemory(ts);
+    this.#fill(ws);
+  }
+
+  /** A worker's run of `key` threw `error`. */
+  taskErred(address: string, key: string, error: RemoteErrorInfo): void {
+    const ws = this.workers.get(address);
+    const ts = this.tasks.get(key);
+    if (ws === undefined || ts === undefined || ts.processingOn !== ws) return;
+    ws.processing.delete(ts);
+    ts.processingOn = null;
+    if (ts.retries > 0) {
+      ts.retries--;
+      ts.state = "released";
+      this.#ready(ts);
+    } else {
+      this.failed++;
+      this.#err(ts, error, ts.key);
+    }
+    this.#fill(ws);
+  }
+
+  // ---- reading ----
+
+  /** `{ key: [address, ...] }` for `keys` (all keys in memory when omitted). */
+  whoHasOf(keys?: readonly string[]): Record<string, string[]> {
+    const out: Record<string, string[]> = {};
+    if (keys === undefined) {
+      for (const ts of this.tasks.values()) {
+        if (ts.whoHas.size > 0) out[ts.key] = [...ts.whoHas].map((w) => w.address);
+      }
+    } else {
+      for (const key of keys) out[key] = [...(this.tasks.get(key)?.whoHas ?? [])].map((w) => w.address);
+    }
+    return out;
+  }
+
+  /** `{ address: [key, ...] }` for `workers` (all when omitted). */
+  hasWhatOf(workers?: readonly string[]): Record<string, string[]> {
+    const out: Record<string, string[]> = {};
+    for (const address of workers ?? this.workers.keys()) {
+      out[address] = [...(this.workers.get(address)?.hasWhat ?? [])].map((t) => t.key);
+    }
+    return out;
+  }
+
+  /** `{ address: nthreads }`. */
+  ncores(): Record<string, number> {
+    const out: Record<string, number> = {};
+    for (const [address, w] of this.workers) out[address] = w.nthreads;
+    return out;
+  }
+
+  /** Every worker, as the `workers` op replies. */
+  workerList(): WorkerInfo[] {
+    return [...this.workers.values()].map((w) => ({
+      address: w.address,
+      name: w.name,
+      nthreads: w.nthreads,
+      nkeys: w.hasWhat.size,
+      nbytes: w.nbytes,
+    }));
+  }
+
+  /** Task counts per prefix and state. */
+  progress(): Progress {
+    const out: Progress = {};
+    for (const ts of this.tasks.values()) {
+      const p = out[ts.prefix] ??= {};
+      p[ts.state] = (p[ts.state] ?? 0) + 1;
+    }
+    return out;
+  }
+
+  /** Tasks waiting on the scheduler for a free worker. */
+  get queued(): number {
+    return this.#queue.size + this.#restricted.size;
+  }
+
+  // ---- transitions ----
+
+  #newTask(key: string): TaskState {
+    const ts: TaskState = {
+      key,
+      prefix: keyPrefix(key),
+      state: "released",
+      run: null,
+      dependencies: new Set(),
+      dependents: new Set(),
+      waitingOn: new Set(),
+      waiters: new Set(),
+      whoHas: new Set(),
+      processingOn: null,
+      whoWants: new Set(),
+      external: false,
+      priority: [0, this.#order++],
+      retries: 0,
+      restrictions: null,
+      nbytes: 0,
+      error: null,
+      erredOn: null,
+    };
+    this.tasks.set(key, ts);
+    return ts;
+  }
+
+  #worker(address: string): WorkerState {
+    const ws = this.workers.get(address);
+    if (ws === undefined) throw new RangeError(`Unknown worker ${address}: it must register first`);
+    return ws;
+  }
+
+  /** A released task is needed: wait for its dependencies, or run it. */
+  #want(ts: TaskState): void {
+    if (ts.state !== "released") return;
+    if (ts.run === null) {
+      // Data with no lineage that is gone cannot come back.
+      this.#err(ts, {
+        name: "MissingDataError",
+        message: `Key ${ts.key} was lost and has no task to recompute it`,
+      }, ts.key);
+      return;
+    }
+    ts.state = "waiting";
+    ts.waitingOn.clear();
+    for (const dep of ts.dependencies) {
+      if (dep.state === "erred") {
+        this.#err(ts, dep.error!, dep.erredOn ?? dep.key);
+        return;
+      }
+      dep.waiters.add(ts);
+      if (dep.state !== "memory") {
+        ts.waitingOn.add(dep);
+        if (dep.state === "released") this.#want(dep);
+      }
+    }
+    if (ts.state === "waiting" && ts.waitingOn.size === 0) this.#ready(ts);
+  }
+
+  /** All dependencies are in memory: run it now, or queue it. */
+  #ready(ts: TaskState): void {
+    if (ts.state === "released") {
+      // Coming back from a lost worker: check its dependencies again.
+      for (const dep of ts.dependencies) {
+        if (dep.state !== "memory") {
+          this.#want(ts);
+          return;
+        }
+      }
+    }
+    const ws = this.#pickWorker(ts);
+    if (ws === null) {
+      ts.state = "queued";
+      if (ts.restrictions) this.#restricted.add(ts);
+      else this.#queue.push(ts);
+      return;
+    }
+    this.#send(ts, ws);
+  }
+
+  #send(ts: TaskState, ws: WorkerState): void {
+    ts.state = "processing";
+    ts.processingOn = ws;
+    ws.processing.add(ts);
+    const run = ts.run!;
+    const whoHas: Record<string, string[]> = {};
+    for (const dep of ts.dependencies) whoHas[dep.key] = [...dep.whoHas].map((w) => w.address);
+    const args: ComputeTaskArgs = { key: ts.key, fnId: run.fnId, args: run.args, who_has: whoHas };
+    if (!ws.knownFunctions.has(run.fnId)) {
+      ws.knownFunctions.add(run.fnId);
+      args.function = run.function;
+    }
+    this.#out.push({ to: "worker", address: ws.address, op: "compute_task", args });
+  }
+
+  #allowed(ts: TaskState, ws: WorkerState): boolean {
+    return ts.restrictions === null || ts.restrictions.has(ws.address) || ts.restrictions.has(ws.name);
+  }
+
+  #hasRoom(ws: WorkerState): boolean {
+    return ws.processing.size < ws.nthreads + WORKER_EXTRA_TASKS;
+  }
+
+  /**
+   * The worker where `ts` would finish soonest: the bytes it must fetch weighed
+   * against the work already there. Null when every allowed worker is full.
+   */
+  #pickWorker(ts: TaskState): WorkerState | null {
+    let best: WorkerState | null = null;
+    let bestCost = Infinity;
+    const duration = this.durations.get(ts.prefix) ?? DEFAULT_DURATION_S;
+    const n = this.workers.size;
+    if (n === 0) return null;
+    const all = [...this.workers.values()];
+    const start = this.#roundRobin++ % n;
+    for (let i = 0; i < n; i++) {
+      const ws = all[(start + i) % n];
+      if (!this.#hasRoom(ws) || !this.#allowed(ts, ws)) continue;
+      let missing = 0;
+      for (const dep of ts.dependencies) if (!dep.whoHas.has(ws)) missing += dep.nbytes;
+      const cost = missing / BANDWIDTH_BYTES_PER_S + (ws.processing.size / ws.nthreads) * duration;
+      if (cost < bestCost) {
+        best = ws;
+        bestCost = cost;
+      }
+    }
+    return best;
+  }
+
+  /** A worker has room: give it queued tasks. */
+  #fill(ws: WorkerState): void {
+    for (const ts of this.#restricted) {
+      if (!this.#hasRoom(ws)) return;
+      if (!this.#allowed(ts, ws)) continue;
+      this.#restricted.delete(ts);
+      this.#send(ts, ws);
+    }
+    while (this.#hasRoom(ws) && this.#queue.size > 0) {
+      const ts = this.#queue.pop()!;
+      if (ts.state !== "queued") continue; // released while queued
+      const target = this.#pickWorker(ts) ?? ws;
+      this.#send(ts, target);
+    }
+  }
+
+  #toMemory(ts: TaskState): void {
+    ts.state = "memory";
+    ts.error = null;
+    for (const client of ts.whoWants) this.#tellDone(ts, client);
+    for (const dependent of ts.dependents) {
+      if (dependent.state === "waiting" && dependent.waitingOn.delete(ts) && dependent.waitingOn.size === 0) {
+        this.#ready(dependent);
+      }
+    }
+    for (const dep of ts.dependencies) {
+      if (dep.waiters.delete(ts)) this.#maybeRelease(dep);
+    }
+    this.#maybeRelease(ts);
+  }
+
+  #tellDone(ts: TaskState, client: string): void {
+    this.#out.push({
+      to: "client",
+      client,
+      op: "key_done",
+      args: { key: ts.key, nbytes: ts.nbytes, workers: [...ts.whoHas].map((w) => w.address) },
+    });
+  }
+
+  #tellErred(ts: TaskState, client: string): void {
+    this.#out.push({
+      to: "client",
+      client,
+      op: "key_erred",
+      args: { key: ts.key, error: ts.error!, task: ts.erredOn ?? ts.key },
+    });
+  }
+
+  /** `ts` failed (or inherited `origin`'s failure); so does everything waiting on it. */
+  #err(ts: TaskState, error: RemoteErrorInfo, origin: string): void {
+    const stack = [ts];
+    while (stack.length > 0) {
+      const t = stack.pop()!;
+      if (t.state === "erred" && t !== ts) continue;
+      this.#unqueue(t);
+      t.state = "erred";
+      t.error = error;
+      t.erredOn = origin;
+      for (const client of t.whoWants) this.#tellErred(t, client);
+      for (const dep of t.dependencies) {
+        if (dep.waiters.delete(t)) this.#maybeRelease(dep);
+      }
+      t.waitingOn.clear();
+      for (const dependent of t.dependents) {
+        if (dependent.state === "waiting" || dependent.state === "queued") stack.push(dependent);
+      }
+    }
+  }
+
+  /** A key in memory lost its last copy: recompute it if needed, or report it lost. */
+  #lose(ts: TaskState, reason: string): void {
+    if (ts.run === null && ts.whoWants.size === 0 && ts.waiters.size === 0) {
+      this.#forget(ts);
+      return;
+    }
+    ts.state = "released";
+    if (ts.run === null) {
+      for (const client of ts.whoWants) {
+        this.#out.push({ to: "client", client, op: "key_lost", args: { key: ts.key, reason } });
+      }
+      const dependents = [...ts.waiters];
+      this.#err(ts, { name: "MissingDataError", message: `Key ${ts.key} was lost: ${reason}` }, ts.key);
+      for (const d of dependents) if (d.state !== "erred") this.#err(d, ts.error!, ts.key);
+      return;
+    }
+    // Dependents that were ready must wait for it again.
+    for (const dependent of ts.dependents) {
+      if (dependent.state === "waiting") dependent.waitingOn.add(ts);
+    }
+    if (ts.whoWants.size > 0 || ts.waiters.size > 0) this.#want(ts);
+  }
+
+  #unqueue(ts: TaskState): void {
+    if (ts.state === "queued") this.#restricted.delete(ts); // the heap skips it lazily
+    if (ts.state === "processing" && ts.processingOn) {
+      const ws = ts.processingOn;
+      ws.processing.delete(ts);
+      ts.processingOn = null;
+      this.#out.push({ to: "worker", address: ws.address, op: "cancel_task", args: { keys: [ts.key] } });
+      this.#fill(ws);
+    }
+  }
+
+  #maybeRelease(ts: TaskState): void {
+    if (ts.whoWants.size > 0 || ts.waiters.size > 0 || ts.external) return;
+    if (ts.state === "memory") {
+      this.#free(ts);
+      ts.state = "released";
+    } else if (ts.state === "waiting" || ts.state === "queued" || ts.state === "processing") {
+      this.#unqueue(ts);
+      ts.state = "released";
+      for (const dep of ts.dependencies) if (dep.waiters.delete(ts)) this.#maybeRelease(dep);
+    }
+    this.#maybeForget(ts);
+  }
+
+  /** Tells the holders of `ts` to free it. */
+  #free(ts: TaskState): void {
+    for (const ws of ts.whoHas) {
+      ws.hasWhat.delete(ts);
+      ws.nbytes -= ts.nbytes;
+      this.#out.push({ to: "worker", address: ws.address, op: "free_keys", args: { keys: [ts.key] } });
+    }
+    ts.whoHas.clear();
+  }
+
+  /** Drops a released or erred task nobody refers to any more. */
+  #maybeForget(ts: TaskState): void {
+    if (ts.state !== "released" && ts.state !== "erred") return;
+    if (ts.whoWants.size > 0 || ts.waiters.size > 0) return;
+    for (const d of ts.dependents) if (d.state !== "forgotten") return;
+    this.#forget(ts);
+  }
+
+  #forget(ts: TaskState, replaced = false): void {
+    this.#unqueue(ts);
+    if (ts.whoHas.size > 0) this.#free(ts);
+    ts.state = "forgotten";
+    if (this.tasks.get(ts.key) === ts) this.tasks.delete(ts.key);
+    for (const dep of ts.dependencies) {
+      dep.dependents.delete(ts);
+      dep.waiters.delete(ts);
+      if (!replaced) this.#maybeRelease(dep);
+    }
+  }
+
+  /** Cancels `ts` and everything that depends on it, for every client. */
+  #cancel(ts: TaskState, reason: string): void {
+    const stack = [ts];
+    const seen = new Set<TaskState>();
+    while (stack.length > 0) {
+      const t = stack.pop()!;
+      if (seen.has(t)) continue;
+      seen.add(t);
+      for (const client of t.whoWants) {
+        this.#out.push({ to: "client", client, op: "key_cancelled", args: { key: t.key, reason } });
+      }
+      t.whoWants.clear();
+      t.external = false;
+      for (const d of t.dependents) if (d.state !== "memory" && d.state !== "forgotten") stack.push(d);
+    }
+    for (const t of [...seen].reverse()) {
+      t.waiters.clear();
+      this.#forget(t);
+    }
+  }
+}

@@ -1,0 +1,176 @@
+/**
+ * A pool of executors (Web Workers), one task at a time each. Large typed arrays reach
+ * an executor through shared memory, so neither side copies them; results come back
+ * by transfer.
+ *
+ * @module
+ */
+
+import { CancelledError, RemoteError } from "../protocol/errors.ts";
+import type { FunctionSpec } from "../protocol/ops.ts";
+import type { DoneMessage, RunMessage } from "./executor.ts";
+
+/** Typed arrays at least this large are moved to shared memory before a task reads them. */
+export const SHARE_BYTES_MIN = 64 * 1024;
+/** Most tasks waiting for an executor on one worker. */
+export const EXECUTOR_QUEUE_MAX = 100_000;
+
+const EXECUTOR_URL = new URL("./executor.ts", import.meta.url).href;
+
+interface Job {
+  id: number;
+  key: string;
+  spec: FunctionSpec;
+  args: unknown[];
+  resolve: (done: { result: unknown; nbytes: number }) => void;
+  reject: (error: Error) => void;
+}
+
+interface Executor {
+  worker: Worker;
+  job: Job | null;
+  known: Set<number>;
+}
+
+/**
+ * `value` with large typed arrays (at its top level) in shared memory: a copy made
+ * once, after which every executor reads the same bytes. Returns `value` itself when
+ * nothing needed moving.
+ */
+export function shared(value: unknown): unknown {
+  if (
+    ArrayBuffer.isView(value) && !(value instanceof DataView) && !(value.buffer instanceof SharedArrayBuffer)
+  ) {
+    if (value.byteLength < SHARE_BYTES_MIN) return value;
+    const ctor = value.constructor as new (b: SharedArrayBuffer) => ArrayBufferView;
+    const sab = new SharedArrayBuffer(value.byteLength);
+    new Uint8Array(sab).set(new Uint8Array(value.buffer, value.byteOffset, value.byteLength));
+    return new ctor(sab);
+  }
+  return value;
+}
+
+/** Runs functions on `size` executors. */
+export class ExecutorPool {
+  #executors: Executor[] = [];
+  #queue: Job[] = [];
+  #nextId = 1;
+  #fnIds = new Map<string, number>();
+  #closed = false;
+
+  /** Starts `size` executors. */
+  constructor(size: number) {
+    for (let i = 0; i < size; i++) this.#executors.push(this.#spawn());
+  }
+
+  /** Tasks running now. */
+  get running(): number {
+    return this.#executors.filter((e) => e.job !== null).length;
+  }
+
+  /** Tasks waiting for an executor. */
+  get queued(): number {
+    return this.#queue.length;
+  }
+
+  /** Runs `spec` on `args` for `key`; resolves the result and its size. */
+  run(spec: FunctionSpec, args: unknown[], key: string): Promise<{ result: unknown; nbytes: number }> {
+    if (this.#closed) return Promise.reject(new CancelledError(key, "not run: the worker is closing"));
+    if (this.#queue.length >= EXECUTOR_QUEUE_MAX) {
+      return Promise.reject(new RangeError(`Cannot run ${key}: ${EXECUTOR_QUEUE_MAX} tasks wait already`));
+    }
+    return new Promise((resolve, reject) => {
+      this.#queue.push({ id: this.#nextId++, key, spec, args, resolve, reject });
+      this.#pump();
+    });
+  }
+
+  /**
+   * Cancels `key`: a waiting run is dropped; a running one stops with its executor,
+   * which is replaced by a fresh one. True if there was something to cancel.
+   */
+  cancel(key: string): boolean {
+    const waiting = this.#queue.findIndex((j) => j.key === key);
+    if (waiting >= 0) {
+      this.#queue.splice(waiting, 1)[0].reject(new CancelledError(key));
+      return true;
+    }
+    const i = this.#executors.findIndex((e) => e.job?.key === key);
+    if (i < 0) return false;
+    const executor = this.#executors[i];
+    executor.worker.terminate();
+    executor.job!.reject(new CancelledError(key));
+    this.#executors[i] = this.#spawn();
+    this.#pump();
+    return true;
+  }
+
+  /** Stops every executor; waiting and running tasks reject. */
+  close(): void {
+    this.#closed = true;
+    for (const job of this.#queue.splice(0)) {
+      job.reject(new CancelledError(job.key, "not run: the worker closed"));
+    }
+    for (const e of this.#executors) {
+      e.worker.terminate();
+      e.job?.reject(new CancelledError(e.job.key, "stopped: the worker closed"));
+      e.job = null;
+    }
+  }
+
+  #spawn(): Executor {
+    const worker = new Worker(EXECUTOR_URL, { type: "module" });
+    const executor: Executor = { worker, job: null, known: new Set() };
+    worker.onmessage = (event: MessageEvent<DoneMessage>) => {
+      const job = executor.job;
+      const done = event.data;
+      if (job === null || job.id !== done.id) return;
+      executor.job = null;
+      if (done.ok) job.resolve({ result: done.result, nbytes: done.nbytes });
+      else job.reject(new RemoteError("task", done.error));
+      this.#pump();
+    };
+    worker.onerror = (event: ErrorEvent) => {
+      event.preventDefault();
+      // The executor itself broke (not the task's function): replace it.
+      const i = this.#executors.indexOf(executor);
+      executor.worker.terminate();
+      executor.job?.reject(new Error(`The executor failed: ${event.message}`));
+      executor.job = null;
+      if (i >= 0 && !this.#closed) {
+        this.#executors[i] = this.#spawn();
+        this.#pump();
+      }
+    };
+    return executor;
+  }
+
+  #pump(): void {
+    for (const executor of this.#executors) {
+      if (this.#queue.length === 0) return;
+      if (executor.job !== null) continue;
+      const job = this.#queue.shift()!;
+      executor.job = job;
+      const k = "source" in job.spec ? job.spec.source : `${job.spec.module}\0${job.spec.name}`;
+      let fn = this.#fnIds.get(k);
+      if (fn === undefined) this.#fnIds.set(k, fn = this.#fnIds.size + 1);
+      const message: RunMessage = { id: job.id, fn, args: job.args, key: job.key };
+      if (!executor.known.has(fn)) {
+        executor.known.add(fn);
+        message.spec = job.spec;
+      }
+      try {
+        executor.worker.postMessage(message);
+      } catch (error) {
+        // The arguments could not be cloned to the executor.
+        executor.job = null;
+        executor.known.delete(fn);
+        job.reject(
+          new TypeError(
+            `Cannot pass the arguments of ${job.key} to an executor: ${(error as Error).message}`,
+          ),
+        );
+      }
+    }
+  }
+}
