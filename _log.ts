@@ -6,9 +6,9 @@
  */
 
 /** Log levels, least to most severe. */
-export const LOG_LEVELS = ["debug", "info", "warn", "error", "silent"] as const;
+export const LOG_LEVELS: readonly LogLevel[] = ["debug", "info", "warn", "error", "silent"];
 /** A log level. */
-export type LogLevel = typeof LOG_LEVELS[number];
+export type LogLevel = "debug" | "info" | "warn" | "error" | "silent";
 
 /** Where nodes write what happens. */
 export interface Logger {

@@ -24,25 +24,63 @@
 export { Ref, ref, type TypedArray } from "./protocol/codec.ts";
 export { type Address, formatAddress, parseAddress } from "./protocol/address.ts";
 export {
+  asCompleted,
+  Client,
+  type ClientOptions,
+  Future,
+  type FutureStatus,
+  type Gathered,
+  type Graph,
+  type ResultOf,
+  type SubmitOptions,
+  type TaskFunction,
+  TaskOptions,
+  taskOptions,
+  wait,
+} from "./client/client.ts";
+export {
+  CancelledError,
   ConnectionClosedError,
   MissingDataError,
   ProtocolError,
   RemoteError,
   type RemoteErrorInfo,
+  type TaskError,
   TimeoutError,
 } from "./protocol/errors.ts";
 export type { CallOptions } from "./protocol/comm.ts";
-export type {
-  FunctionSpec,
-  OkReply,
-  SchedulerIdentity,
-  SchedulerOps,
-  WorkerIdentity,
-  WorkerInfo,
-  WorkerOps,
+export {
+  type ArgsOf,
+  type ClientOps,
+  clientOps,
+  type FunctionSpec,
+  type GraphTask,
+  type OkReply,
+  type OpSpec,
+  type OpTable,
+  type ReplyOf,
+  type SchedulerIdentity,
+  type SchedulerOps,
+  schedulerOps,
+  type WorkerIdentity,
+  type WorkerInfo,
+  type WorkerOps,
+  workerOps,
 } from "./protocol/ops.ts";
+export type { Schema } from "./protocol/_validate.ts";
+export { createLogger, type Logger, type LogLevel } from "./_log.ts";
+export { DataStore } from "./worker/store.ts";
 export type { Sendable } from "./protocol/functions.ts";
-export { type CallArgs, type NodeOps, type Rpc, rpc, RpcClient, type RpcOptions } from "./protocol/rpc.ts";
+export {
+  type CallArgs,
+  type MergeOps,
+  type NodeOps,
+  type Rpc,
+  rpc,
+  RpcClient,
+  type RpcMethod,
+  type RpcOptions,
+} from "./protocol/rpc.ts";
 export {
   SCHEDULER_PORT,
   type SchedulerNode,

@@ -60,21 +60,25 @@ export const BUFFERS_MAX = 1023;
 /** Binary values at least this long travel as frames of their own. */
 export const INLINE_BYTES_MAX = 16 * 1024;
 
-type TypedArrayConstructor =
-  | Uint8ArrayConstructor
-  | Int8ArrayConstructor
-  | Uint8ClampedArrayConstructor
-  | Int16ArrayConstructor
-  | Uint16ArrayConstructor
-  | Int32ArrayConstructor
-  | Uint32ArrayConstructor
-  | Float32ArrayConstructor
-  | Float64ArrayConstructor
-  | BigInt64ArrayConstructor
-  | BigUint64ArrayConstructor;
-
 /** Any typed array kind dist carries. */
-export type TypedArray = InstanceType<TypedArrayConstructor>;
+export type TypedArray =
+  | Uint8Array
+  | Int8Array
+  | Uint8ClampedArray
+  | Int16Array
+  | Uint16Array
+  | Int32Array
+  | Uint32Array
+  | Float32Array
+  | Float64Array
+  | BigInt64Array
+  | BigUint64Array;
+
+type TypedArrayConstructor = {
+  new (buffer: ArrayBuffer, byteOffset: number, length: number): TypedArray;
+  readonly BYTES_PER_ELEMENT: number;
+  readonly name: string;
+};
 
 // The index into this table is the kind byte on the wire; never reorder it.
 const KINDS: (TypedArrayConstructor | undefined)[] = [

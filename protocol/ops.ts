@@ -184,12 +184,22 @@ export const schedulerOps = {
   task_erred: op<void>()(v.object({ key: v.string, error: errorInfo })),
 };
 
+/** The notices a scheduler sends a client about the keys it wants. */
+export const clientOps = {
+  key_done: op<void>()(v.object({ key: v.string, nbytes: v.count, workers: v.arrayOf(address) })),
+  key_erred: op<void>()(v.object({ key: v.string, error: errorInfo, task: v.string })),
+  key_cancelled: op<void>()(v.object({ key: v.string, reason: v.string })),
+  key_lost: op<void>()(v.object({ key: v.string, reason: v.string })),
+};
+
 /** A table of ops. */
 export type OpTable = Record<string, OpSpec<unknown, unknown>>;
 /** The worker's op table type. */
 export type WorkerOps = typeof workerOps;
 /** The scheduler's op table type. */
 export type SchedulerOps = typeof schedulerOps;
+/** The client's op table type. */
+export type ClientOps = typeof clientOps;
 /** The checked arguments of op `K`. */
 export type ArgsOf<T extends OpTable, K extends keyof T> = T[K] extends OpSpec<infer A, unknown> ? A : never;
 /** The reply of op `K`. */

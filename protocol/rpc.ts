@@ -20,7 +20,8 @@ export interface RpcOptions {
   timeoutMs?: number;
 }
 
-type Merge<A extends OpTable, B extends OpTable> = {
+/** Two op tables as one; an op in both takes either's arguments and gives either's reply. */
+export type MergeOps<A extends OpTable, B extends OpTable> = {
   [K in keyof A | keyof B]: K extends keyof A
     ? K extends keyof B ? OpSpec<ArgsOf<A, K> | ArgsOf<B, K>, ReplyOf<A, K> | ReplyOf<B, K>> : A[K]
     : K extends keyof B ? B[K]
@@ -28,21 +29,22 @@ type Merge<A extends OpTable, B extends OpTable> = {
 };
 
 /** Every op of both node kinds: what `rpc(address)` offers when the kind is not named. */
-export type NodeOps = Merge<WorkerOps, SchedulerOps>;
+export type NodeOps = MergeOps<WorkerOps, SchedulerOps>;
 
 /** Arguments as a caller writes them: `compute` takes a real function too. */
 export type CallArgs<T extends OpTable, K extends keyof T> = K extends "compute"
   ? Omit<ArgsOf<T, K>, "function"> & { function: Sendable }
   : ArgsOf<T, K>;
 
+/** The method for op `K`: its arguments (optional when none is required) and typed reply. */
 // `{}` here asks "are all fields optional?", which is exactly the question.
 // deno-lint-ignore ban-types
-type Method<T extends OpTable, K extends keyof T> = {} extends CallArgs<T, K>
+export type RpcMethod<T extends OpTable, K extends keyof T> = {} extends CallArgs<T, K>
   ? (args?: CallArgs<T, K>, options?: CallOptions) => Promise<ReplyOf<T, K>>
   : (args: CallArgs<T, K>, options?: CallOptions) => Promise<ReplyOf<T, K>>;
 
 /** An rpc client with one method per op of `T`. */
-export type Rpc<T extends OpTable = NodeOps> = RpcClient & { [K in keyof T]: Method<T, K> };
+export type Rpc<T extends OpTable = NodeOps> = RpcClient & { [K in keyof T]: RpcMethod<T, K> };
 
 /** The connection-owning part of an rpc: `call`, `close` and `await using`. */
 export class RpcClient {

@@ -38,8 +38,6 @@ export interface SchedulerNode {
   readonly address: string;
   /** A fresh id per start. */
   readonly id: string;
-  /** What it knows (read it; do not change it). */
-  readonly state: SchedulerTasks;
   /** Resolves once it has closed, by `close()` or the `terminate` op. */
   readonly closed: Promise<void>;
   /** Closes every connection and stops listening. */
@@ -256,7 +254,6 @@ export async function startScheduler(options: SchedulerOptions = {}): Promise<Sc
   const node: SchedulerNode = {
     address: server.url,
     id,
-    state,
     closed,
     close() {
       closing ??= server.close().then(() => {

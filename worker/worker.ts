@@ -20,13 +20,12 @@ import {
 } from "../protocol/ops.ts";
 import { dispatchTo, type Handlers, serve } from "../protocol/server.ts";
 import { connect } from "../protocol/transport.ts";
+import { ConnectionPool } from "../protocol/pool.ts";
 import { ExecutorPool, shared } from "./executors.ts";
 import { DataStore, refsIn, resolveRefs } from "./store.ts";
 
 /** Default for how long a worker keeps trying to reach its scheduler: 60 s. */
 export const DEATH_TIMEOUT_MS = 60_000;
-/** Most peer connections a worker keeps open; the oldest is closed past it. */
-export const PEER_CONNECTIONS_MAX = 256;
 /** The first and the largest wait between attempts to reach the scheduler. */
 const BACKOFF_FIRST_MS = 50;
 const BACKOFF_MAX_MS = 2_000;
@@ -107,7 +106,7 @@ class Worker implements WorkerNode {
   #tasks = new Map<string, { cancelled: boolean }>();
   #schedulerComm: Comm | null = null;
   #reconnecting: Promise<void> | null = null;
-  #peers = new Map<string, Promise<Comm>>();
+  #peers: ConnectionPool;
   #closing: Promise<void> | null = null;
   #resolveClosed!: () => void;
   #identity: WorkerIdentity;
@@ -129,6 +128,11 @@ class Worker implements WorkerNode {
       { frameBytesMax: options.frameBytesMax, sharedFrames: true, log: this.#log },
     );
     this.#executors = new ExecutorPool(nthreads);
+    this.#peers = new ConnectionPool({
+      frameBytesMax: options.frameBytesMax,
+      sharedFrames: true,
+      log: this.#log,
+    });
     this.#identity = {
       type: "worker",
       id: crypto.randomUUID(),
@@ -261,33 +265,6 @@ class Worker implements WorkerNode {
 
   // ---- peers ----
 
-  #peer(address: string): Promise<Comm> {
-    let peer = this.#peers.get(address);
-    if (peer === undefined) {
-      if (this.#peers.size >= PEER_CONNECTIONS_MAX) {
-        const [oldest, comm] = this.#peers.entries().next().value!;
-        this.#peers.delete(oldest);
-        comm.then((c) => c.close(), () => {});
-      }
-      peer = connect(parseAddress(address)).then((conn) => {
-        const comm = new Comm(conn, {
-          frameBytesMax: this.#options.frameBytesMax,
-          sharedFrames: true,
-          log: this.#log,
-        });
-        comm.closed.then(() => {
-          if (this.#peers.get(address) === peer) this.#peers.delete(address);
-        });
-        return comm;
-      });
-      peer.catch(() => {
-        if (this.#peers.get(address) === peer) this.#peers.delete(address);
-      });
-      this.#peers.set(address, peer);
-    }
-    return peer;
-  }
-
   /**
    * Fetches `keys` from the peers that hold them: one batch per peer, all peers at
    * once; a key whose holder fails is asked of its next holder. Stores what arrives
@@ -317,7 +294,7 @@ class Worker implements WorkerNode {
       await Promise.all([...batches].map(async ([holder, batch]) => {
         try {
           this.#log.debug(`Fetching ${batch.join(", ")} from ${holder}`);
-          const comm = await this.#peer(holder);
+          const comm = await this.#peers.get(holder);
           const got = await comm.call("get_data", { keys: batch }, { timeoutMs: CALL_TIMEOUT_MS }) as Record<
             string,
             unknown
@@ -458,9 +435,7 @@ class Worker implements WorkerNode {
       this.#executors.close();
       await comm?.close();
       await this.#server.close();
-      const peers = await Promise.allSettled(this.#peers.values());
-      this.#peers.clear();
-      await Promise.all(peers.map((p) => p.status === "fulfilled" ? p.value.close() : undefined));
+      await this.#peers.close();
       this.#log.info("Worker closed");
       this.#resolveClosed();
     })();

@@ -1,0 +1,37 @@
+/**
+ * Deterministic keys for pure tasks: the same function and arguments give the same
+ * key, so repeated submits share one result.
+ *
+ * @module
+ */
+
+import { Encoder } from "../protocol/codec.ts";
+
+const encoder = new Encoder();
+
+/** Folds `bytes` into two 32-bit FNV-1a lanes with different seeds. */
+function mix(bytes: Uint8Array, h: [number, number]): void {
+  let [a, b] = h;
+  for (let i = 0; i < bytes.length; i++) {
+    const c = bytes[i];
+    a = Math.imul(a ^ c, 0x01000193);
+    b = Math.imul(b ^ c, 0x5bd1e995);
+  }
+  h[0] = a;
+  h[1] = b;
+}
+
+/** A 16-hex-digit token of `value` (whatever can travel), stable across processes. */
+export function tokenize(value: unknown): string {
+  const { head, buffers } = encoder.encode(value, "args");
+  const h: [number, number] = [0x811c9dc5, 0x9747b28c];
+  mix(head, h);
+  for (const b of buffers) mix(b, h);
+  return (h[0] >>> 0).toString(16).padStart(8, "0") + (h[1] >>> 0).toString(16).padStart(8, "0");
+}
+
+/** 16 random hex digits, for keys of impure tasks and scattered data. */
+export function randomToken(): string {
+  const bytes = crypto.getRandomValues(new Uint8Array(8));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}

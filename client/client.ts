@@ -1,0 +1,713 @@
+/**
+ * The client: hand the cluster functions and graphs, get futures back. The scheduler
+ * decides where each task runs; results stay on workers until asked for, and then come
+ * straight from the worker that holds them.
+ *
+ * @module
+ */
+
+import { type Address, formatAddress, parseAddress } from "../protocol/address.ts";
+import { Ref } from "../protocol/codec.ts";
+import { Comm } from "../protocol/comm.ts";
+import {
+  CancelledError,
+  ConnectionClosedError,
+  MissingDataError,
+  reviveError,
+  toRemoteErrorInfo,
+} from "../protocol/errors.ts";
+import { type Sendable, toFunctionSpec } from "../protocol/functions.ts";
+import { clientOps, type FunctionSpec, type GraphTask, type WorkerInfo } from "../protocol/ops.ts";
+import { ConnectionPool } from "../protocol/pool.ts";
+import { dispatchTo } from "../protocol/server.ts";
+import { connect } from "../protocol/transport.ts";
+import { randomToken, tokenize } from "./_tokenize.ts";
+
+/** Per-task options; pass `taskOptions({...})` as the last argument of `submit` or `map`. */
+export interface SubmitOptions {
+  /** The result's key; by default derived from the function and arguments (pure) or random. */
+  key?: string;
+  /** Worker addresses or names the task may run on. */
+  workers?: string[];
+  /** Higher runs first (default 0). */
+  priority?: number;
+  /** Times to run again after the function throws (default 0). */
+  retries?: number;
+  /** Same function and arguments give the same key, so repeated submits share one result (default true). */
+  pure?: boolean;
+}
+
+/** Marks the last argument of `submit`/`map` as options, not an argument of the function. */
+export class TaskOptions {
+  /** The options. */
+  readonly options: SubmitOptions;
+  /** Wraps `options`. */
+  constructor(options: SubmitOptions) {
+    this.options = options;
+  }
+}
+
+/**
+ * Options for one `submit` or `map` call, given as its last argument.
+ *
+ * @example
+ * ```ts
+ * import { Client, taskOptions } from "./mod.ts";
+ * const client = await Client.connect("tcp://127.0.0.1:8786");
+ * const x = client.submit((a: number) => a + 1, 1, taskOptions({ key: "x", priority: 10, retries: 2 }));
+ * console.log(await x.result()); // 2
+ * await client.close();
+ * ```
+ */
+export function taskOptions(options: SubmitOptions): TaskOptions {
+  return new TaskOptions(options);
+}
+
+/** Where a future's key stands, as far as this client knows. */
+export type FutureStatus = "pending" | "finished" | "error" | "cancelled" | "lost";
+
+interface KeyRecord {
+  refs: number;
+  status: FutureStatus;
+  workers: string[];
+  nbytes: number;
+  error: Error | null;
+  waiters: (() => void)[];
+}
+
+/** A result that lives (or will live) on a worker of the cluster. */
+export class Future<T = unknown> {
+  /** The key of the result. */
+  readonly key: string;
+  /** The client that holds it. */
+  readonly client: Client;
+  #released = false;
+
+  /** Futures are made by `Client`; one more reference to `key`. */
+  constructor(key: string, client: Client) {
+    this.key = key;
+    this.client = client;
+  }
+
+  /** pending, finished, error, cancelled or lost. */
+  get status(): FutureStatus {
+    return this.client._status(this.key);
+  }
+
+  /** True once finished, failed, cancelled or lost. */
+  done(): boolean {
+    return this.status !== "pending";
+  }
+
+  /**
+   * The value, fetched from the worker that holds it. Rejects with the task's own error
+   * (class, message, stack; `error.task` names the task that failed first),
+   * CancelledError, or MissingDataError for data that was lost.
+   */
+  async result(): Promise<T> {
+    const [value] = await this.client.gather([this]);
+    return value as T;
+  }
+
+  /** Cancels the task (and what depends on it); `result()` then rejects with CancelledError. */
+  cancel(): Promise<void> {
+    return this.client.cancel([this]);
+  }
+
+  /** Drops this reference; once no future holds the key, the cluster deletes the result. */
+  release(): void {
+    if (this.#released) return;
+    this.#released = true;
+    this.client._decref(this.key, this);
+  }
+
+  /** Resolves once the future is done (whatever the outcome). */
+  wait(): Promise<void> {
+    return this.client._settled(this.key);
+  }
+}
+
+/** Options of `Client.connect`. */
+export interface ClientOptions {
+  /** Largest frame accepted from a node. */
+  frameBytesMax?: number;
+  /** Called by `close()` after the client has closed (LocalCluster uses it). */
+  onClose?: () => Promise<void>;
+}
+
+/** Any function a task may run. */
+// deno-lint-ignore no-explicit-any
+export type TaskFunction = (...args: any[]) => unknown;
+/** What a future of `F` resolves to: its awaited return type. */
+export type ResultOf<F> = F extends (...args: never[]) => infer R ? Awaited<R> : unknown;
+/** What `gather` makes of a structure of futures: the same shape, with values. */
+export type Gathered<T> = T extends Future<infer V> ? V
+  : T extends readonly unknown[] ? { [K in keyof T]: Gathered<T[K]> }
+  : T extends Record<string, unknown> ? { [K in keyof T]: Gathered<T[K]> }
+  : T;
+
+/** A Dask-style graph: `{ key: value | [fn, ...args] }`; an argument naming a key is that key's value. */
+export type Graph = Record<string, unknown>;
+
+function isPlainObject(v: unknown): v is Record<string, unknown> {
+  if (typeof v !== "object" || v === null) return false;
+  const proto = Object.getPrototypeOf(v);
+  return proto === Object.prototype || proto === null;
+}
+
+/** `value` with futures replaced by references; their keys collected in `deps`. */
+function refsForFutures(value: unknown, deps: Set<string>): unknown {
+  if (value instanceof Future) {
+    deps.add(value.key);
+    return new Ref(value.key);
+  }
+  if (Array.isArray(value)) return value.map((v) => refsForFutures(v, deps));
+  if (isPlainObject(value)) {
+    const out: Record<string, unknown> = {};
+    for (const key in value) out[key] = refsForFutures(value[key], deps);
+    return out;
+  }
+  return value;
+}
+
+function collectFutures(value: unknown, out: Future[]): Future[] {
+  if (value instanceof Future) out.push(value);
+  else if (Array.isArray(value)) { for (const v of value) collectFutures(v, out); }
+  else if (isPlainObject(value)) { for (const key in value) collectFutures(value[key], out); }
+  return out;
+}
+
+function fill(value: unknown, values: Map<string, unknown>): unknown {
+  if (value instanceof Future) return values.get(value.key);
+  if (Array.isArray(value)) return value.map((v) => fill(v, values));
+  if (isPlainObject(value)) {
+    const out: Record<string, unknown> = {};
+    for (const key in value) out[key] = fill(value[key], values);
+    return out;
+  }
+  return value;
+}
+
+function functionName(fn: unknown): string {
+  const name = typeof fn === "function" && fn.name
+    ? fn.name
+    : typeof fn === "object" && fn
+    ? (fn as { name?: string }).name
+    : "";
+  // Keys are prefix-token: a dash inside the name would split the prefix.
+  return (name || "lambda").replace(/^bound /, "").replaceAll("-", "_");
+}
+
+const identity = { source: "(value) => value" };
+
+/** A connection to a dist cluster's scheduler. */
+export class Client implements AsyncDisposable {
+  /** This client's id. */
+  readonly id: string;
+  /** The scheduler's address. */
+  readonly scheduler: string;
+  #comm: Comm;
+  #peers: ConnectionPool;
+  #keys = new Map<string, KeyRecord>();
+  #graph:
+    | { functions: FunctionSpec[]; fnIndex: Map<string, number>; tasks: GraphTask[]; wanted: string[] }
+    | null = null;
+  #releases: string[] = [];
+  #flushScheduled = false;
+  #closed = false;
+  #onClose?: () => Promise<void>;
+  #registry = new FinalizationRegistry<string>((key) => this._decref(key));
+
+  private constructor(id: string, scheduler: string, comm: Comm, options: ClientOptions) {
+    this.id = id;
+    this.scheduler = scheduler;
+    this.#comm = comm;
+    this.#onClose = options.onClose;
+    this.#peers = new ConnectionPool({ frameBytesMax: options.frameBytesMax });
+    comm.closed.then(() => this.#lostScheduler());
+  }
+
+  /**
+   * Connects to the scheduler at `address`.
+   *
+   * @example
+   * ```ts
+   * import { Client } from "./mod.ts";
+   * const client = await Client.connect("tcp://127.0.0.1:8786");
+   * const x = client.submit((a: number) => a + 1, 1);
+   * console.log(await x.result()); // 2
+   * await client.close();
+   * ```
+   */
+  static async connect(address: string | Address, options: ClientOptions = {}): Promise<Client> {
+    const target = parseAddress(address);
+    const id = `client-${randomToken()}`;
+    let client: Client | null = null;
+    const dispatch = dispatchTo("client", clientOps, {
+      key_done: (args) => client!.#onDone(args.key, args.workers, args.nbytes),
+      key_erred: (args) => client!.#onError(args.key, reviveError(args.error, args.task)),
+      key_cancelled: (args) =>
+        client!.#onError(args.key, new CancelledError(args.key, args.reason), "cancelled"),
+      key_lost: (args) =>
+        client!.#onError(args.key, new MissingDataError([args.key], { cause: args.reason }), "lost"),
+    });
+    const conn = await connect(target);
+    const comm = new Comm(conn, { dispatch, frameBytesMax: options.frameBytesMax });
+    try {
+      await comm.call("register_client", { id });
+    } catch (error) {
+      await comm.close();
+      throw error;
+    }
+    client = new Client(id, formatAddress(target), comm, options);
+    return client;
+  }
+
+  // ---- submitting ----
+
+  /**
+   * Runs `fn(...args)` somewhere in the cluster and returns its Future at once. Futures
+   * among the arguments (also inside arrays and plain objects) are dependencies: the
+   * task runs once they are done, with their values. A last argument made by
+   * `taskOptions()` sets key, workers, priority, retries or pure.
+   */
+  submit<F extends TaskFunction>(fn: F | Sendable, ...args: unknown[]): Future<ResultOf<F>> {
+    let options: SubmitOptions = {};
+    if (args.at(-1) instanceof TaskOptions) options = (args.pop() as TaskOptions).options;
+    return this.#submit(fn, toFunctionSpec(fn), args, options) as Future<ResultOf<F>>;
+  }
+
+  /**
+   * `fn` over each item of the iterables (zipped, like Dask's map); one future per item.
+   */
+  map<F extends TaskFunction>(fn: F | Sendable, ...iterables: unknown[]): Future<ResultOf<F>>[] {
+    let options: SubmitOptions = {};
+    if (iterables.at(-1) instanceof TaskOptions) options = (iterables.pop() as TaskOptions).options;
+    if (options.key !== undefined) throw new TypeError("map takes no key option: each task gets its own key");
+    const lists = iterables.map((it, i) => {
+      if (it === null || typeof (it as Iterable<unknown>)[Symbol.iterator] !== "function") {
+        throw new TypeError(`map: argument ${i + 2} is not iterable`);
+      }
+      return [...(it as Iterable<unknown>)];
+    });
+    const n = lists.length === 0 ? 0 : Math.min(...lists.map((l) => l.length));
+    const spec = toFunctionSpec(fn);
+    const out: Future<ResultOf<F>>[] = new Array(n);
+    for (let i = 0; i < n; i++) {
+      out[i] = this.#submit(fn, spec, lists.map((l) => l[i]), options) as Future<ResultOf<F>>;
+    }
+    return out;
+  }
+
+  #submit(fn: unknown, spec: FunctionSpec, args: unknown[], options: SubmitOptions): Future {
+    this.#checkOpen();
+    const deps = new Set<string>();
+    const wireArgs = refsForFutures(args, deps) as unknown[];
+    const token = options.pure === false
+      ? randomToken()
+      : tokenize(["source" in spec ? spec.source : [spec.module, spec.name], wireArgs]);
+    const key = options.key ?? `${functionName(fn)}-${token}`;
+    const known = this.#keys.has(key);
+    const future = this.#ref(key);
+    if (!known) {
+      const graph = this.#pendingGraph();
+      graph.tasks.push({
+        key,
+        fn: this.#fnIndex(spec),
+        args: wireArgs,
+        deps: [...deps],
+        priority: options.priority,
+        retries: options.retries,
+        workers: options.workers,
+      });
+      graph.wanted.push(key);
+    }
+    return future;
+  }
+
+  /**
+   * Computes a Dask-style graph and returns the values of `keys` (a key, or a nested
+   * array of keys). `{ a: 1, b: [inc, "a"], c: [add, "a", "b"] }`: a task is an array
+   * whose first item is a function; an argument that names a graph key is that key's
+   * value. Only what `keys` need is run.
+   */
+  async get(graph: Graph, keys: string | unknown[]): Promise<unknown> {
+    this.#checkOpen();
+    const wanted = new Set<string>();
+    const want = (k: unknown): void => {
+      if (Array.isArray(k)) return k.forEach(want);
+      if (typeof k !== "string" || !Object.hasOwn(graph, k)) {
+        throw new RangeError(`get: key ${JSON.stringify(k)} is not in the graph`);
+      }
+      wanted.add(k);
+    };
+    want(keys);
+    // Only the tasks the wanted keys need, dependencies first.
+    const order: string[] = [];
+    const state = new Map<string, "visiting" | "done">();
+    const convert = (arg: unknown, found: Set<string>): unknown => {
+      if (typeof arg === "string" && Object.hasOwn(graph, arg)) {
+        found.add(arg);
+        return new Ref(arg);
+      }
+      if (Array.isArray(arg)) {
+        if (typeof arg[0] === "function") {
+          throw new TypeError("get: a task nested inside an argument needs a key of its own");
+        }
+        return arg.map((a) => convert(a, found));
+      }
+      return arg;
+    };
+    const visit = (key: string): void => {
+      if (state.get(key) === "done") return;
+      if (state.get(key) === "visiting") {
+        throw new RangeError(`get: the graph has a cycle through ${JSON.stringify(key)}`);
+      }
+      state.set(key, "visiting");
+      const found = new Set<string>();
+      const value = graph[key];
+      if (Array.isArray(value) && typeof value[0] === "function") {
+        value.slice(1).forEach((a) => convert(a, found));
+      }
+      for (const d of found) visit(d);
+      state.set(key, "done");
+      order.push(key);
+    };
+    for (const k of wanted) visit(k);
+    const futures = new Map<string, Future>();
+    try {
+      for (const key of order) {
+        const value = graph[key];
+        const isTask = Array.isArray(value) && typeof value[0] === "function";
+        const found = new Set<string>();
+        const args = isTask ? (value.slice(1).map((a) => convert(a, found)) as unknown[]) : [value];
+        const fn = isTask ? value[0] : identity;
+        const spec = toFunctionSpec(fn);
+        // Keys stay the user's; dependencies ride as references. Only the wanted keys
+        // get futures: the rest are released as soon as their dependents have run.
+        this.#checkOpen();
+        const g = this.#pendingGraph();
+        g.tasks.push({ key, fn: this.#fnIndex(spec), args, deps: [...found] });
+        if (wanted.has(key)) {
+          futures.set(key, this.#ref(key));
+          g.wanted.push(key);
+        }
+      }
+      const values = await this.gather(
+        [...wanted].map((k) => futures.get(k)!),
+      ) as unknown[];
+      const byKey = new Map([...wanted].map((k, i) => [k, values[i]]));
+      const shape = (k: unknown): unknown => Array.isArray(k) ? k.map(shape) : byKey.get(k as string);
+      return shape(keys);
+    } finally {
+      for (const f of futures.values()) f.release();
+    }
+  }
+
+  // ---- results ----
+
+  /**
+   * The values of the futures in `value` (a future, or arrays and plain objects holding
+   * futures), in the same shape. Values are fetched from the workers that hold them,
+   * one request per worker. Rejects with the first error among them.
+   */
+  async gather<T>(value: T): Promise<Gathered<T>> {
+    const futures = collectFutures(value, []);
+    await Promise.all(futures.map((f) => this._settled(f.key)));
+    for (const f of futures) {
+      const rec = this.#keys.get(f.key);
+      if (rec === undefined) throw new CancelledError(f.key, "released");
+      if (rec.error) throw rec.error;
+    }
+    const values = await this.#fetch([...new Set(futures.map((f) => f.key))]);
+    return fill(value, values) as Gathered<T>;
+  }
+
+  async #fetch(keys: string[]): Promise<Map<string, unknown>> {
+    const values = new Map<string, unknown>();
+    let remaining = keys;
+    for (let round = 0; round < 2 && remaining.length > 0; round++) {
+      if (round > 0) {
+        // Some holder failed or had dropped the key: ask where the copies are now.
+        const whoHas = await this.#comm.call("who_has", { keys: remaining }) as Record<string, string[]>;
+        for (const key of remaining) {
+          const rec = this.#keys.get(key);
+          if (rec) rec.workers = whoHas[key] ?? [];
+        }
+      }
+      const byWorker = new Map<string, string[]>();
+      for (const key of remaining) {
+        const holders = this.#keys.get(key)?.workers ?? [];
+        const worker = holders[Math.floor(Math.random() * holders.length)];
+        if (worker === undefined) continue;
+        let list = byWorker.get(worker);
+        if (list === undefined) byWorker.set(worker, list = []);
+        list.push(key);
+      }
+      await Promise.all([...byWorker].map(async ([worker, list]) => {
+        try {
+          const comm = await this.#peers.get(worker);
+          const got = await comm.call("get_data", { keys: list }) as Record<string, unknown>;
+          for (const key of list) if (Object.hasOwn(got, key)) values.set(key, got[key]);
+        } catch {
+          // Retried against fresh who_has below.
+        }
+      }));
+      remaining = remaining.filter((k) => !values.has(k));
+    }
+    if (remaining.length > 0) throw new MissingDataError(remaining);
+    return values;
+  }
+
+  /**
+   * Puts `values` on workers and returns futures for them: an array gives an array of
+   * futures, an object gives an object of futures under the same keys. `workers`
+   * restricts where they go; `broadcast` puts every value on every (allowed) worker.
+   */
+  async scatter<T extends unknown[] | Record<string, unknown>>(
+    values: T,
+    options: { workers?: string[]; broadcast?: boolean } = {},
+  ): Promise<T extends unknown[] ? Future[] : Record<keyof T, Future>> {
+    this.#checkOpen();
+    const all = await this.#comm.call("workers", {}) as WorkerInfo[];
+    const allowed = options.workers
+      ? all.filter((w) => options.workers!.includes(w.address) || options.workers!.includes(w.name))
+      : all;
+    if (allowed.length === 0) {
+      throw new RangeError(
+        options.workers
+          ? `scatter: none of the workers ${options.workers.join(", ")} is connected`
+          : "scatter: no workers",
+      );
+    }
+    const entries: [string, unknown][] = Array.isArray(values)
+      ? values.map((v) => [`${typeName(v)}-${randomToken()}`, v])
+      : Object.entries(values);
+    const load = new Map(allowed.map((w) => [w.address, w.nbytes]));
+    const perWorker = new Map<string, Record<string, unknown>>();
+    const whoHas: Record<string, string[]> = {};
+    for (const [key, value] of entries) {
+      const targets = options.broadcast
+        ? allowed.map((w) => w.address)
+        : [[...load].reduce((a, b) => (b[1] < a[1] ? b : a))[0]];
+      for (const t of targets) {
+        let data = perWorker.get(t);
+        if (data === undefined) perWorker.set(t, data = {});
+        data[key] = value;
+        load.set(t, load.get(t)! + sizeHint(value));
+      }
+      whoHas[key] = targets;
+    }
+    const nbytes: Record<string, number> = {};
+    await Promise.all([...perWorker].map(async ([worker, data]) => {
+      const comm = await this.#peers.get(worker);
+      const reply = await comm.call("update_data", { data, report: false }) as {
+        nbytes: Record<string, number>;
+      };
+      Object.assign(nbytes, reply.nbytes);
+    }));
+    const futures = entries.map(([key]) => this.#ref(key));
+    for (const [key] of entries) {
+      const rec = this.#keys.get(key)!;
+      rec.status = "finished";
+      rec.workers = whoHas[key];
+      rec.nbytes = nbytes[key] ?? 0;
+    }
+    await this.#comm.call("scatter", { who_has: whoHas, nbytes });
+    if (Array.isArray(values)) return futures as never;
+    return Object.fromEntries(entries.map(([key], i) => [key, futures[i]])) as never;
+  }
+
+  /** Cancels the futures' tasks, and what depends on them. */
+  async cancel(futures: Future[]): Promise<void> {
+    const keys = futures.map((f) => f.key);
+    for (const key of keys) this.#onError(key, new CancelledError(key), "cancelled");
+    this.#flush();
+    if (!this.#comm.isClosed) await this.#comm.call("cancel_keys", { keys });
+  }
+
+  /** Closes the connection; the cluster forgets this client's futures and frees their data. */
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#flush();
+    await this.#comm.close();
+    await this.#peers.close();
+    this.#lostScheduler();
+    await this.#onClose?.();
+  }
+
+  /** `await using client = ...` closes it. */
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.close();
+  }
+
+  // ---- internals shared with Future ----
+
+  /** @internal Where `key` stands ("cancelled" once released). */
+  _status(key: string): FutureStatus {
+    return this.#keys.get(key)?.status ?? "cancelled";
+  }
+
+  /** @internal Resolves when `key` is no longer pending. */
+  _settled(key: string): Promise<void> {
+    const rec = this.#keys.get(key);
+    if (rec === undefined || rec.status !== "pending") return Promise.resolve();
+    return new Promise((resolve) => rec.waiters.push(resolve));
+  }
+
+  /** @internal One reference to `key` fewer. */
+  _decref(key: string, future?: Future): void {
+    if (future) this.#registry.unregister(future);
+    const rec = this.#keys.get(key);
+    if (rec === undefined || --rec.refs > 0) return;
+    this.#keys.delete(key);
+    for (const w of rec.waiters.splice(0)) w();
+    if (this.#closed) return;
+    this.#releases.push(key);
+    this.#scheduleFlush();
+  }
+
+  #ref(key: string): Future {
+    let rec = this.#keys.get(key);
+    if (rec === undefined) {
+      rec = { refs: 0, status: "pending", workers: [], nbytes: 0, error: null, waiters: [] };
+      this.#keys.set(key, rec);
+    }
+    rec.refs++;
+    const future = new Future(key, this);
+    this.#registry.register(future, key, future);
+    return future;
+  }
+
+  #checkOpen(): void {
+    if (this.#closed || this.#comm.isClosed) {
+      throw new ConnectionClosedError(`This client's connection to ${this.scheduler} is closed`);
+    }
+  }
+
+  #pendingGraph() {
+    if (this.#graph === null) {
+      this.#graph = { functions: [], fnIndex: new Map(), tasks: [], wanted: [] };
+      this.#scheduleFlush();
+    }
+    return this.#graph;
+  }
+
+  #fnIndex(spec: FunctionSpec): number {
+    const graph = this.#pendingGraph();
+    const k = "source" in spec ? spec.source : `${spec.module}\0${spec.name}`;
+    let i = graph.fnIndex.get(k);
+    if (i === undefined) {
+      graph.fnIndex.set(k, i = graph.functions.length);
+      graph.functions.push(spec);
+    }
+    return i;
+  }
+
+  #scheduleFlush(): void {
+    if (this.#flushScheduled) return;
+    this.#flushScheduled = true;
+    // Everything submitted in this turn travels in one message.
+    queueMicrotask(() => this.#flush());
+  }
+
+  #flush(): void {
+    this.#flushScheduled = false;
+    const graph = this.#graph;
+    this.#graph = null;
+    if (this.#comm.isClosed) return;
+    if (graph && graph.tasks.length > 0) {
+      const { functions, tasks, wanted } = graph;
+      this.#comm.call("update_graph", { functions, tasks, wanted }).catch((error) => {
+        for (const t of tasks) this.#onError(t.key, reviveError(toRemoteErrorInfo(error), t.key));
+      });
+    }
+    if (this.#releases.length > 0) {
+      const keys = this.#releases;
+      this.#releases = [];
+      this.#comm.notify("release_keys", { keys });
+    }
+  }
+
+  #onDone(key: string, workers: string[], nbytes: number): void {
+    const rec = this.#keys.get(key);
+    if (rec === undefined) return;
+    rec.status = "finished";
+    rec.workers = workers;
+    rec.nbytes = nbytes;
+    rec.error = null;
+    for (const w of rec.waiters.splice(0)) w();
+  }
+
+  #onError(key: string, error: Error, status: FutureStatus = "error"): void {
+    const rec = this.#keys.get(key);
+    if (rec === undefined || rec.status === "cancelled") return;
+    rec.status = status;
+    rec.error = error;
+    for (const w of rec.waiters.splice(0)) w();
+  }
+
+  #lostScheduler(): void {
+    for (const [key, rec] of this.#keys) {
+      if (rec.status === "pending") {
+        this.#onError(
+          key,
+          new ConnectionClosedError(`Lost the scheduler ${this.scheduler} before ${key} finished`),
+        );
+      }
+    }
+  }
+}
+
+function typeName(value: unknown): string {
+  if (value === null) return "null";
+  if (typeof value === "object") {
+    return (Object.getPrototypeOf(value)?.constructor?.name ?? "object").toLowerCase();
+  }
+  return typeof value;
+}
+
+function sizeHint(value: unknown): number {
+  return ArrayBuffer.isView(value) ? value.byteLength : 64;
+}
+
+/**
+ * Waits until every future is done (finished, failed, cancelled or lost), or until
+ * `timeoutMs`; resolves which are done and which are not.
+ */
+export async function wait(
+  futures: Future[],
+  options: { timeoutMs?: number } = {},
+): Promise<{ done: Future[]; notDone: Future[] }> {
+  const all = Promise.all(futures.map((f) => f.wait()));
+  if (options.timeoutMs === undefined) await all;
+  else {
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    await Promise.race([all, new Promise((resolve) => timer = setTimeout(resolve, options.timeoutMs))]);
+    clearTimeout(timer);
+  }
+  return { done: futures.filter((f) => f.done()), notDone: futures.filter((f) => !f.done()) };
+}
+
+/** Yields the futures in the order they finish (or fail). */
+export async function* asCompleted<T>(futures: Iterable<Future<T>>): AsyncGenerator<Future<T>> {
+  const pending = new Set(futures);
+  const ready: Future<T>[] = [];
+  let wake: (() => void) | null = null;
+  for (const f of pending) {
+    f.wait().then(() => {
+      ready.push(f);
+      wake?.();
+    });
+  }
+  while (pending.size > 0) {
+    if (ready.length === 0) await new Promise<void>((resolve) => wake = resolve);
+    wake = null;
+    while (ready.length > 0) {
+      const f = ready.shift()!;
+      pending.delete(f);
+      yield f;
+    }
+  }
+}
