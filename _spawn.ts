@@ -51,8 +51,10 @@ async function* lines(stream: ReadableStream<Uint8Array>): AsyncGenerator<string
  * (after killing it) if it exits or stays silent first.
  */
 export async function spawnNode(args: string[], options: SpawnOptions = {}): Promise<NodeProcess> {
+  // A compiled `dist` binary is its own main.ts: it takes the subcommand directly.
+  const prefix = Deno.build.standalone ? [] : ["run", ...NODE_PERMISSIONS, MAIN.href];
   const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", ...NODE_PERMISSIONS, MAIN.href, ...args],
+    args: [...prefix, ...args],
     stdin: "null",
     stdout: "piped",
     stderr: "piped",

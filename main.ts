@@ -11,6 +11,7 @@ import { createLogger, LOG_LEVELS, type LogLevel } from "./_log.ts";
 import { parseAddress, parsePort } from "./protocol/address.ts";
 import { SCHEDULER_PORT, startScheduler } from "./scheduler/scheduler.ts";
 import { DEATH_TIMEOUT_MS, startWorker } from "./worker/worker.ts";
+import { LocalCluster } from "./client/local.ts";
 
 /** A flag: its parseArgs type, default, and help text. */
 interface Flag {
@@ -64,11 +65,34 @@ const commands: Record<string, { usage: string; summary: string; flags: Record<s
   },
 };
 
+commands.local = {
+  usage: "dist local [flags]",
+  summary: "Start a scheduler here and worker processes on this machine; print the scheduler's address.",
+  flags: {
+    workers: {
+      type: "string",
+      default: String(navigator.hardwareConcurrency),
+      value: "N",
+      help: "worker processes",
+    },
+    nthreads: { type: "string", default: "1", value: "N", help: "threads (executors) per worker" },
+    host: { type: "string", default: "127.0.0.1", value: "HOST", help: "interface every node listens on" },
+    port: {
+      type: "string",
+      default: String(SCHEDULER_PORT),
+      value: "PORT",
+      help: "the scheduler's port (0: any)",
+    },
+    ...common,
+  },
+};
+
 const mainHelp = `dist ${config.version}: a distributed computing runtime for TypeScript on Deno
 
 Usage:
   dist scheduler [flags]                   start a scheduler
   dist worker SCHEDULER_ADDRESS [flags]    start a worker
+  dist local [flags]                       start a scheduler and worker processes on this machine
   dist COMMAND --help                      flags of a command
   dist --version                           print the version
 `;
@@ -182,6 +206,16 @@ async function run(argv: string[]): Promise<number> {
     console.log(`listening at ${node.address}`);
     await node.closed;
     return 0;
+  }
+
+  if (name === "local") {
+    if (positionals.length > 0) throw new UsageError(`unexpected argument ${JSON.stringify(positionals[0])}`);
+    const workers = positiveNumber("workers", flags.workers, true);
+    const threads = positiveNumber("nthreads", flags.nthreads, true);
+    const cluster = await LocalCluster.start({ workers, threads, host: flags.host, port, logLevel: level });
+    exitOnSignal(cluster);
+    console.log(`listening at ${cluster.address}`);
+    await new Promise(() => {}); // until a signal
   }
 
   if (positionals.length !== 1) {

@@ -38,6 +38,7 @@ export {
   taskOptions,
   wait,
 } from "./client/client.ts";
+export { LocalCluster, type LocalClusterOptions } from "./client/local.ts";
 export {
   CancelledError,
   ConnectionClosedError,

@@ -22,6 +22,7 @@ import { ConnectionPool } from "../protocol/pool.ts";
 import { dispatchTo } from "../protocol/server.ts";
 import { connect } from "../protocol/transport.ts";
 import { randomToken, tokenize } from "./_tokenize.ts";
+import { LocalCluster, type LocalClusterOptions } from "./local.ts";
 
 /** Per-task options; pass `taskOptions({...})` as the last argument of `submit` or `map`. */
 export interface SubmitOptions {
@@ -261,6 +262,27 @@ export class Client implements AsyncDisposable {
     }
     client = new Client(id, formatAddress(target), comm, options);
     return client;
+  }
+
+  /**
+   * Starts a LocalCluster (a scheduler here, worker processes on 127.0.0.1) and
+   * connects to it; `close()` stops the cluster too.
+   *
+   * @example
+   * ```ts
+   * import { Client } from "./mod.ts";
+   * await using client = await Client.local({ workers: 2, threads: 1 });
+   * console.log(await client.gather(client.map((x: number) => x + 1, [1, 2, 3]))); // [2, 3, 4]
+   * ```
+   */
+  static async local(options: LocalClusterOptions = {}): Promise<Client> {
+    const cluster = await LocalCluster.start(options);
+    try {
+      return await Client.connect(cluster.address, { onClose: () => cluster.close() });
+    } catch (error) {
+      await cluster.close();
+      throw error;
+    }
   }
 
   // ---- submitting ----

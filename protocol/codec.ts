@@ -718,7 +718,8 @@ export class Decoder {
       }
       case EXT_SET:
       case EXT_MAP: {
-        const items = this.#value(depth + 1);
+        // The payload array is this value's one level of nesting, as the encoder counts it.
+        const items = this.#value(depth);
         if (this.#pos !== end || !Array.isArray(items)) {
           throw new ProtocolError("Malformed msgpack: a Set or Map payload must be exactly one array");
         }

@@ -229,6 +229,7 @@ export class MessageWriter {
     } catch (error) {
       this.#error = error;
       this.#queue = [];
+      this.#queuedBytes = 0;
       throw error;
     } finally {
       this.#writing = null;

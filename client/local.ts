@@ -1,0 +1,141 @@
+/**
+ * A whole cluster on this machine in one call: a scheduler in this process and worker
+ * processes on 127.0.0.1 (or workers in this process, for tests and embedding).
+ *
+ * @module
+ */
+
+import { createLogger, type LogLevel } from "../_log.ts";
+import { type NodeProcess, spawnNode } from "../_spawn.ts";
+import { type SchedulerNode, startScheduler } from "../scheduler/scheduler.ts";
+import { startWorker, type WorkerNode } from "../worker/worker.ts";
+
+/** Options of a local cluster. */
+export interface LocalClusterOptions {
+  /** How many workers (default 2). */
+  workers?: number;
+  /** Threads (executors) per worker (default 1). */
+  threads?: number;
+  /** Workers as separate processes (default true; needs --allow-run), or in this process. */
+  processes?: boolean;
+  /** Interface for every node (default 127.0.0.1). */
+  host?: string;
+  /** The scheduler's port (default 0: any free port). */
+  port?: number;
+  /** Log level of every node (default warn); logs go to stderr. */
+  logLevel?: LogLevel;
+}
+
+/** A scheduler and workers on this machine. */
+export class LocalCluster implements AsyncDisposable {
+  /** The scheduler's address. */
+  readonly address: string;
+  /** The workers' addresses. */
+  readonly workers: string[];
+  #scheduler: SchedulerNode;
+  #processes: NodeProcess[];
+  #inProcess: WorkerNode[];
+  #closing: Promise<void> | null = null;
+
+  private constructor(scheduler: SchedulerNode, processes: NodeProcess[], inProcess: WorkerNode[]) {
+    this.#scheduler = scheduler;
+    this.#processes = processes;
+    this.#inProcess = inProcess;
+    this.address = scheduler.address;
+    this.workers = [...processes.map((p) => p.address), ...inProcess.map((w) => w.address)];
+  }
+
+  /**
+   * Starts a scheduler and `workers` workers; resolves once every worker has
+   * registered.
+   *
+   * @example
+   * ```ts
+   * import { Client, LocalCluster } from "./mod.ts";
+   * await using cluster = await LocalCluster.start({ workers: 2, threads: 1 });
+   * await using client = await Client.connect(cluster.address);
+   * console.log(await client.submit((x: number) => x * 2, 21).result()); // 42
+   * ```
+   */
+  static async start(options: LocalClusterOptions = {}): Promise<LocalCluster> {
+    const n = options.workers ?? 2;
+    const threads = options.threads ?? 1;
+    for (const [name, v] of [["workers", n], ["threads", threads]] as const) {
+      if (!Number.isInteger(v) || v < (name === "workers" ? 0 : 1)) {
+        throw new RangeError(
+          `Invalid ${name} ${v}: expected a whole number from ${name === "workers" ? 0 : 1} up`,
+        );
+      }
+    }
+    const processes = options.processes ?? true;
+    if (processes && n > 0 && Deno.permissions.querySync({ name: "run" }).state !== "granted") {
+      throw new Error("A local cluster with worker processes needs --allow-run (or pass processes: false)");
+    }
+    const host = options.host ?? "127.0.0.1";
+    const level = options.logLevel ?? "warn";
+    const scheduler = await startScheduler({
+      host,
+      port: options.port ?? 0,
+      log: createLogger("scheduler", level),
+    });
+    const spawned: NodeProcess[] = [];
+    const inProcess: WorkerNode[] = [];
+    try {
+      if (processes) {
+        const forward = (line: string) => console.error(line);
+        spawned.push(
+          ...await Promise.all(
+            Array.from({ length: n }, (_, i) =>
+              spawnNode(
+                [
+                  "worker",
+                  scheduler.address,
+                  "--host",
+                  host,
+                  "--name",
+                  `worker-${i}`,
+                  "--nthreads",
+                  String(threads),
+                  "--log-level",
+                  level,
+                ],
+                { onLog: forward },
+              )),
+          ),
+        );
+      } else {
+        for (let i = 0; i < n; i++) {
+          inProcess.push(
+            await startWorker({
+              scheduler: scheduler.address,
+              host,
+              name: `worker-${i}`,
+              nthreads: threads,
+              log: createLogger(`worker-${i}`, level),
+            }),
+          );
+        }
+      }
+    } catch (error) {
+      await Promise.all(spawned.map((p) => p.stop()));
+      await Promise.all(inProcess.map((w) => w.close()));
+      await scheduler.close();
+      throw error;
+    }
+    return new LocalCluster(scheduler, spawned, inProcess);
+  }
+
+  /** Stops the workers (they unregister first), then the scheduler. */
+  close(): Promise<void> {
+    this.#closing ??= (async () => {
+      await Promise.all([...this.#processes.map((p) => p.stop()), ...this.#inProcess.map((w) => w.close())]);
+      await this.#scheduler.close();
+    })();
+    return this.#closing;
+  }
+
+  /** `await using cluster = ...` closes it. */
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.close();
+  }
+}
