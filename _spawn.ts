@@ -52,7 +52,9 @@ async function* lines(stream: ReadableStream<Uint8Array>): AsyncGenerator<string
  */
 export async function spawnNode(args: string[], options: SpawnOptions = {}): Promise<NodeProcess> {
   // A compiled `dist` binary is its own main.ts: it takes the subcommand directly.
-  const prefix = Deno.build.standalone ? [] : ["run", ...NODE_PERMISSIONS, MAIN.href];
+  // `dist local` starts worker processes of its own.
+  const permissions = args[0] === "local" ? [...NODE_PERMISSIONS, "--allow-run"] : NODE_PERMISSIONS;
+  const prefix = Deno.build.standalone ? [] : ["run", ...permissions, MAIN.href];
   const child = new Deno.Command(Deno.execPath(), {
     args: [...prefix, ...args],
     stdin: "null",

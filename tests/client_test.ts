@@ -1,0 +1,340 @@
+import assert from "node:assert/strict";
+import {
+  asCompleted,
+  CancelledError,
+  Client,
+  Future,
+  rpc,
+  type SchedulerOps,
+  type TaskError,
+  taskOptions,
+  wait,
+  type WorkerOps,
+} from "../mod.ts";
+import { spawnNode } from "../_spawn.ts";
+import { eventually, startCluster } from "./_helpers.ts";
+
+const inc = (x: number) => x + 1;
+const add = (a: number, b: number) => a + b;
+
+async function withClient(
+  n: number,
+  body: (client: Client, cluster: Awaited<ReturnType<typeof startCluster>>) => Promise<void>,
+) {
+  await using cluster = await startCluster(n);
+  await using client = await Client.connect(cluster.scheduler.address);
+  await body(client, cluster);
+}
+
+Deno.test("client: submit, dependencies, map, gather, get", async () => {
+  await withClient(2, async (client) => {
+    const x = client.submit(inc, 1);
+    const y = client.submit(add, x, 10);
+    assert.ok(x instanceof Future);
+    assert.equal(await y.result(), 12);
+    assert.equal(x.status, "finished");
+    assert.deepEqual(await client.gather(client.map(inc, [1, 2, 3])), [2, 3, 4]);
+    assert.deepEqual(await client.gather(client.map(add, [1, 2, 3], [10, 20, 30, 40])), [11, 22, 33]);
+    // Nested structures keep their shape.
+    assert.deepEqual(await client.gather({ a: x, list: [y, 5, { z: x }] }), {
+      a: 2,
+      list: [12, 5, { z: 2 }],
+    });
+    assert.equal(await client.get({ a: 1, b: [inc, "a"], c: [add, "a", "b"] }, "c"), 3);
+    assert.deepEqual(await client.get({ a: 1, b: [inc, "a"], c: [add, "a", "b"] }, ["a", ["b", "c"]]), [1, [
+      2,
+      3,
+    ]]);
+    // Futures inside arrays and objects are dependencies too.
+    const total = client.submit((o: { xs: number[] }) => o.xs.reduce((p, q) => p + q, 0), {
+      xs: [x, y, 100],
+    });
+    assert.equal(await total.result(), 114);
+  });
+});
+
+Deno.test("client: a diamond, a tree reduction and a chain give the right answers", async () => {
+  await withClient(2, async (client) => {
+    const a = client.submit(inc, 1);
+    const b = client.submit((v: number) => v * 10, a);
+    const c = client.submit((v: number) => v * 100, a);
+    const d = client.submit(add, b, c);
+    assert.equal(await d.result(), 220);
+
+    let level = client.map((i: number) => i, Array.from({ length: 64 }, (_, i) => i));
+    while (level.length > 1) {
+      const next = [];
+      for (let i = 0; i < level.length; i += 2) next.push(client.submit(add, level[i], level[i + 1]));
+      level = next;
+    }
+    assert.equal(await level[0].result(), (63 * 64) / 2);
+
+    let f = client.submit(inc, 0);
+    for (let i = 0; i < 100; i++) f = client.submit(inc, f);
+    assert.equal(await f.result(), 101);
+  });
+});
+
+Deno.test("client: an error reaches result() with its class, message, stack and task; dependents fail the same way", async () => {
+  await withClient(2, async (client) => {
+    const bad = client.submit(function boom() {
+      throw new RangeError("out of range");
+    }, taskOptions({ key: "boom-1" }));
+    const dependent = client.submit(inc, bad);
+    const fine = client.submit(inc, 41);
+    const error = await bad.result().catch((e) => e) as TaskError;
+    assert.ok(error instanceof RangeError);
+    assert.equal(error.message, "out of range");
+    assert.equal(error.task, "boom-1");
+    assert.match(error.stack ?? "", /boom/);
+    const inherited = await dependent.result().catch((e) => e) as TaskError;
+    assert.ok(inherited instanceof RangeError);
+    assert.equal(inherited.task, "boom-1");
+    assert.equal(dependent.status, "error");
+    assert.equal(await fine.result(), 42);
+    await assert.rejects(client.gather([fine, bad]), RangeError);
+    // A custom error class keeps its name.
+    const custom = client.submit(() => {
+      class QuotaError extends Error {
+        override name = "QuotaError";
+      }
+      throw new QuotaError("too much");
+    }, taskOptions({ pure: false }));
+    const e2 = await custom.result().catch((e) => e);
+    assert.equal(e2.name, "QuotaError");
+    assert.equal(e2.message, "too much");
+  });
+});
+
+Deno.test("client: retries run a throwing task again", async () => {
+  await withClient(1, async (client, cluster) => {
+    await using alice = rpc<WorkerOps>(cluster.workers[0].address);
+    // The executor's global state survives between runs of the same executor: count tries there.
+    const flaky = client.submit(() => {
+      const g = globalThis as { tries?: number };
+      g.tries = (g.tries ?? 0) + 1;
+      if (g.tries < 3) throw new Error(`try ${g.tries}`);
+      return g.tries;
+    }, taskOptions({ retries: 2, pure: false }));
+    assert.equal(await flaky.result(), 3);
+    const once = client.submit(() => {
+      throw new Error("always");
+    }, taskOptions({ retries: 1, pure: false }));
+    await assert.rejects(once.result(), /always/);
+    assert.equal(await alice.ping(), "pong");
+  });
+});
+
+Deno.test("client: pure submits share one key and one run; pure: false does not", async () => {
+  await withClient(1, async (client) => {
+    const a = client.submit(inc, 5);
+    const b = client.submit(inc, 5);
+    assert.equal(a.key, b.key);
+    assert.match(a.key, /^inc-[0-9a-f]{16}$/);
+    assert.notEqual(client.submit(inc, 6).key, a.key);
+    const c = client.submit(inc, 5, taskOptions({ pure: false }));
+    const d = client.submit(inc, 5, taskOptions({ pure: false }));
+    assert.notEqual(c.key, d.key);
+    assert.deepEqual(await client.gather([a, b, c, d]), [6, 6, 6, 6]);
+    const named = client.submit(inc, 1, taskOptions({ key: "my-key" }));
+    assert.equal(named.key, "my-key");
+    assert.equal(await named.result(), 2);
+  });
+});
+
+Deno.test("client: release returns memory; the scheduler and workers forget released keys", async () => {
+  await withClient(2, async (client, cluster) => {
+    await using center = rpc<SchedulerOps>(cluster.scheduler.address);
+    const x = client.submit((n: number) => new Float64Array(n), 1000, taskOptions({ key: "big-x" }));
+    const y = client.submit((v: Float64Array) => v.length, x, taskOptions({ key: "len-y" }));
+    assert.equal(await y.result(), 1000);
+    assert.equal((await center.who_has({ keys: ["big-x"] }))["big-x"].length, 1);
+    x.release();
+    y.release();
+    const allKeys = async () => {
+      const keys = await Promise.all(cluster.workers.map(async (w) => {
+        await using r = rpc<WorkerOps>(w.address);
+        return await r.keys();
+      }));
+      return keys.flat();
+    };
+    await eventually(async () => (await allKeys()).length === 0);
+    assert.deepEqual(await center.who_has(), {});
+    // A future released twice, or by another holder of the key, is harmless.
+    const a = client.submit(inc, 1);
+    const b = client.submit(inc, 1);
+    a.release();
+    a.release();
+    assert.equal(await b.result(), 2);
+  });
+});
+
+Deno.test("client: intermediate results are freed once their dependents have them", async () => {
+  await withClient(1, async (client, cluster) => {
+    const graph = { a: 1, b: [inc, "a"], c: [inc, "b"], d: [inc, "c"] };
+    assert.equal(await client.get(graph, "d"), 4);
+    await using alice = rpc<WorkerOps>(cluster.workers[0].address);
+    await eventually(async () => (await alice.keys()).length === 0);
+  });
+});
+
+Deno.test("client: scatter with placement and broadcast; the seed exchange through the client", async () => {
+  await withClient(2, async (client, cluster) => {
+    const [aliceNode, bobNode] = cluster.workers;
+    await using center = rpc<SchedulerOps>(cluster.scheduler.address);
+    const [x] = await client.scatter([new Float64Array(100_000).fill(1)], { workers: [aliceNode.address] });
+    const [a] = await client.scatter([new Float64Array([5])], { workers: ["bob"] });
+    assert.deepEqual(await center.who_has({ keys: [x.key, a.key] }), {
+      [x.key]: [aliceNode.address],
+      [a.key]: [bobNode.address],
+    });
+    // z <- add(x, a): runs on Alice (more bytes local), who fetches a from Bob.
+    const z = client.submit((u: Float64Array, v: Float64Array) => u[0] + v[0] + u.length, x, a);
+    assert.equal(await z.result(), 100_006);
+    const whoHas = await center.who_has({ keys: [z.key, a.key] });
+    assert.deepEqual(whoHas[z.key], [aliceNode.address]);
+    assert.deepEqual(new Set(whoHas[a.key]), new Set([aliceNode.address, bobNode.address]));
+
+    const named = await client.scatter({ config: { depth: 3 } }, { broadcast: true });
+    assert.equal(named.config.key, "config");
+    assert.equal((await center.who_has({ keys: ["config"] })).config.length, 2);
+    assert.deepEqual(await named.config.result(), { depth: 3 });
+    await assert.rejects(
+      client.scatter([1], { workers: ["nobody"] }),
+      /none of the workers nobody is connected/,
+    );
+  });
+});
+
+Deno.test("client: workers restrictions are honoured", async () => {
+  await withClient(2, async (client, cluster) => {
+    const [, bobNode] = cluster.workers;
+    await using center = rpc<SchedulerOps>(cluster.scheduler.address);
+    const fs = client.map(inc, Array.from({ length: 20 }, (_, i) => i), taskOptions({ workers: ["bob"] }));
+    await client.gather(fs);
+    const whoHas = await center.who_has({ keys: fs.map((f) => f.key) });
+    for (const f of fs) assert.deepEqual(whoHas[f.key], [bobNode.address]);
+  });
+});
+
+Deno.test("client: 10,000-task map", async () => {
+  await withClient(2, async (client) => {
+    const results = await client.gather(client.map(inc, Array.from({ length: 10_000 }, (_, i) => i)));
+    assert.equal(results.length, 10_000);
+    assert.equal(results.reduce((p, q) => p + q, 0), (10_000 * 10_001) / 2);
+  });
+});
+
+Deno.test("client: wait and asCompleted", async () => {
+  await withClient(2, async (client) => {
+    const slow = client.submit(async (ms: number) => {
+      await new Promise((r) => setTimeout(r, ms));
+      return ms;
+    }, 300);
+    const fast = client.submit(inc, 1);
+    const partial = await wait([slow, fast], { timeoutMs: 150 });
+    assert.deepEqual(partial.done, [fast]);
+    assert.deepEqual(partial.notDone, [slow]);
+    const order: Future[] = [];
+    for await (const f of asCompleted([slow, fast])) order.push(f);
+    assert.deepEqual(order, [fast, slow]);
+    const all = await wait([slow, fast]);
+    assert.equal(all.notDone.length, 0);
+  });
+});
+
+Deno.test("client: a task that never returns leaves the worker serving; cancel stops it", async () => {
+  await withClient(1, async (client, cluster) => {
+    const forever = client.submit(() => {
+      while (true) { /* spin */ }
+    }, taskOptions({ pure: false }));
+    await new Promise((r) => setTimeout(r, 100));
+    await using alice = rpc<WorkerOps>(cluster.workers[0].address);
+    assert.equal(await alice.ping(), "pong");
+    await alice.update_data({ data: { still: 1 } });
+    assert.deepEqual(await alice.get_data({ keys: ["still"] }), { still: 1 });
+    await forever.cancel();
+    const error = await forever.result().catch((e) => e);
+    assert.ok(error instanceof CancelledError);
+    assert.equal(forever.status, "cancelled");
+    // The executor was replaced: the worker runs tasks again.
+    assert.equal(await client.submit(inc, 99).result(), 100);
+  });
+});
+
+Deno.test("client: CPU-bound tasks run in parallel on a worker's threads", async () => {
+  await using cluster = await startCluster(1, { nthreads: 2 });
+  await using client = await Client.connect(cluster.scheduler.address);
+  // Each task spins for 200 ms and reports when it ran: parallel runs overlap in time.
+  const meet = (me: number) => {
+    const start = Date.now();
+    while (Date.now() - start < 200) { /* busy */ }
+    return { me, start, end: Date.now() };
+  };
+  const [a, b] = await client.gather(client.map(meet, [1, 2]));
+  assert.ok(a.start < b.end && b.start < a.end, `runs did not overlap: ${JSON.stringify([a, b])}`);
+});
+
+Deno.test("client: a large typed array reaches the executor in shared memory and stays valid on the worker", async () => {
+  await using cluster = await startCluster(1);
+  await using client = await Client.connect(cluster.scheduler.address);
+  const [data] = await client.scatter([new Float64Array(1 << 20).fill(2)]);
+  const seen = client.submit((v: Float64Array) => ({
+    shared: v.buffer instanceof SharedArrayBuffer,
+    sum: v.reduce((p, q) => p + q, 0),
+  }), data);
+  assert.deepEqual(await seen.result(), { shared: true, sum: 2 * (1 << 20) });
+  // A task's large result is stored once; a later task reads it shared, and the stored copy stays valid.
+  const made = client.submit((n: number) => new Float64Array(n).fill(3), 1 << 18);
+  const used = client.submit((v: Float64Array) => v.buffer instanceof SharedArrayBuffer && v[5] === 3, made);
+  assert.equal(await used.result(), true);
+  const back = await made.result() as Float64Array;
+  assert.equal(back.length, 1 << 18);
+  assert.equal(back[100], 3);
+});
+
+Deno.test("client: closing the client frees its data; a closed client refuses work", async () => {
+  await using cluster = await startCluster(1);
+  const client = await Client.connect(cluster.scheduler.address);
+  const x = client.submit(inc, 1);
+  assert.equal(await x.result(), 2);
+  await client.close();
+  assert.throws(() => client.submit(inc, 2), /closed/);
+  await using alice = rpc<WorkerOps>(cluster.workers[0].address);
+  await eventually(async () => (await alice.keys()).length === 0);
+});
+
+Deno.test("Client.local starts worker processes and stops them on close", async () => {
+  const client = await Client.local({ workers: 2, threads: 1 });
+  let scheduler: string;
+  try {
+    scheduler = client.scheduler;
+    assert.deepEqual(await client.gather(client.map(inc, [1, 2, 3])), [2, 3, 4]);
+    await using center = rpc<SchedulerOps>(scheduler);
+    const workers = await center.workers();
+    assert.equal(workers.length, 2);
+  } finally {
+    await client.close();
+  }
+  await assert.rejects(
+    (async () => {
+      await using center = rpc<SchedulerOps>(scheduler);
+      await center.ping();
+    })(),
+    /connection refused/,
+  );
+});
+
+Deno.test("dist local prints the scheduler's address and serves a computation", async () => {
+  const node = await spawnNode(["local", "--port", "0", "--workers", "2", "--nthreads", "1"]);
+  try {
+    assert.match(node.address, /^tcp:\/\/127\.0\.0\.1:\d+$/);
+    await using center = rpc<SchedulerOps>(node.address);
+    assert.equal(Object.keys(await center.ncores()).length, 2);
+    await using client = await Client.connect(node.address);
+    assert.equal(await client.submit(add, 20, 22).result(), 42);
+  } finally {
+    const status = await node.stop();
+    assert.equal(status.code, 0);
+  }
+});
