@@ -212,7 +212,7 @@ export class Comm {
     let reason: unknown = undefined;
     try {
       while (!this.#isClosed) {
-        const frames = await reader.next();
+        const frames = reader.tryNext() ?? await reader.next();
         if (frames === null) break;
         this.#receive(decoder.decode(frames[0], frames.slice(1)));
       }

@@ -68,6 +68,39 @@ export class MessageReader {
   }
 
   /**
+   * The next message if it is already whole in the buffer (and needs no large frame),
+   * without waiting: a reader drains a burst of small messages in one turn, so the
+   * replies to all of them leave in one write. Null when more bytes are needed; throws
+   * like `next()` on a bad header.
+   */
+  tryNext(): Uint8Array[] | null {
+    const available = this.#end - this.#start;
+    if (available < 4) return null;
+    const view = new DataView(this.#buf.buffer);
+    const count = view.getUint32(this.#start, true);
+    if (count < 1 || count > MESSAGE_FRAMES_MAX) return null; // next() reports it
+    const headerBytes = 4 + 8 * count;
+    if (available < headerBytes) return null;
+    let total = 0;
+    for (let i = 0; i < count; i++) {
+      const at = this.#start + 4 + 8 * i;
+      const n = view.getUint32(at + 4, true) * 0x100000000 + view.getUint32(at, true);
+      if (n > SMALL_FRAME_BYTES) return null;
+      total += n;
+    }
+    if (available < headerBytes + total) return null;
+    let at = this.#start + headerBytes;
+    const frames: Uint8Array[] = new Array(count);
+    for (let i = 0; i < count; i++) {
+      const n = view.getUint32(this.#start + 4 + 8 * i, true);
+      frames[i] = this.#buf.slice(at, at + n);
+      at += n;
+    }
+    this.#start = at;
+    return frames;
+  }
+
+  /**
    * The next message's frames, or null when the stream ends between messages.
    * Throws ProtocolError on a bad header and ConnectionClosedError when the stream
    * ends inside a message.

@@ -3,6 +3,10 @@
  * tasks run in parallel while the main thread keeps serving data and the scheduler.
  * Functions are compiled once per executor and kept by the id the pool gives them.
  *
+ * Jobs arrive in batches and their results go back in batches: a burst of tiny tasks
+ * costs one message each way, not one per task. A batch's results are not held back
+ * long: whatever is done is sent every RESULT_HOLD_MS.
+ *
  * @module
  */
 
@@ -13,8 +17,8 @@ import type { FunctionSpec } from "../protocol/ops.ts";
 import { callFunction, FunctionCache } from "./functions.ts";
 import { nbytesOf } from "./store.ts";
 
-/** What the pool sends: run function `fn` (with its spec the first time) on `args`. */
-export interface RunMessage {
+/** One job: run function `fn` (with its spec the first time) on `args`. */
+export interface Job {
   id: number;
   fn: number;
   spec?: FunctionSpec;
@@ -22,10 +26,13 @@ export interface RunMessage {
   key: string;
 }
 
-/** What an executor answers. */
-export type DoneMessage =
+/** One job's outcome. */
+export type JobResult =
   | { id: number; ok: true; result: unknown; nbytes: number }
   | { id: number; ok: false; error: { name: string; message: string; stack?: string } };
+
+/** Longest a finished result waits for the rest of its batch. */
+const RESULT_HOLD_MS = 2;
 
 const functions = new FunctionCache();
 const specs = new Map<number, FunctionSpec>();
@@ -46,10 +53,8 @@ function transferables(value: unknown, out: Set<ArrayBuffer>, depth = 0): Set<Ar
   return out;
 }
 
-self.onmessage = async (event: MessageEvent<RunMessage>) => {
-  const { id, fn, spec, args, key } = event.data;
-  let reply: DoneMessage;
-  let transfer: ArrayBuffer[] = [];
+async function run(job: Job, transfer: Set<ArrayBuffer>): Promise<JobResult> {
+  const { id, fn, spec, args, key } = job;
   try {
     if (spec) specs.set(fn, spec);
     const known = specs.get(fn);
@@ -62,10 +67,25 @@ self.onmessage = async (event: MessageEvent<RunMessage>) => {
     } catch (error) {
       throw new TypeError(`The result of ${key} cannot be kept: ${(error as Error).message}`);
     }
-    reply = { id, ok: true, result: result === undefined ? null : result, nbytes };
-    transfer = [...transferables(result, new Set())];
+    transferables(result, transfer);
+    return { id, ok: true, result: result === undefined ? null : result, nbytes };
   } catch (error) {
-    reply = { id, ok: false, error: toRemoteErrorInfo(error) };
+    return { id, ok: false, error: toRemoteErrorInfo(error) };
   }
-  self.postMessage(reply, transfer);
+}
+
+self.onmessage = async (event: MessageEvent<Job[]>) => {
+  let results: JobResult[] = [];
+  let transfer = new Set<ArrayBuffer>();
+  let since = performance.now();
+  for (const job of event.data) {
+    results.push(await run(job, transfer));
+    if (performance.now() - since >= RESULT_HOLD_MS) {
+      self.postMessage(results, [...transfer]);
+      results = [];
+      transfer = new Set();
+      since = performance.now();
+    }
+  }
+  if (results.length > 0) self.postMessage(results, [...transfer]);
 };

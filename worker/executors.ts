@@ -8,12 +8,14 @@
 
 import { CancelledError, RemoteError } from "../protocol/errors.ts";
 import type { FunctionSpec } from "../protocol/ops.ts";
-import type { DoneMessage, RunMessage } from "./executor.ts";
+import type { Job as WireJob, JobResult } from "./executor.ts";
 
 /** Typed arrays at least this large are moved to shared memory before a task reads them. */
 export const SHARE_BYTES_MIN = 64 * 1024;
 /** Most tasks waiting for an executor on one worker. */
 export const EXECUTOR_QUEUE_MAX = 100_000;
+/** Most tasks handed to one executor at once; it runs them in turn. */
+const EXECUTOR_JOBS_MAX = 16;
 
 const EXECUTOR_URL = new URL("./executor.ts", import.meta.url).href;
 
@@ -28,7 +30,8 @@ interface Job {
 
 interface Executor {
   worker: Worker;
-  job: Job | null;
+  /** Jobs handed over and not yet answered, in order. */
+  jobs: Map<number, Job>;
   known: Set<number>;
 }
 
@@ -57,6 +60,7 @@ export class ExecutorPool {
   #nextId = 1;
   #fnIds = new Map<string, number>();
   #closed = false;
+  #pumpScheduled = false;
 
   /** Starts `size` executors. */
   constructor(size: number) {
@@ -65,7 +69,7 @@ export class ExecutorPool {
 
   /** Tasks running now. */
   get running(): number {
-    return this.#executors.filter((e) => e.job !== null).length;
+    return this.#executors.reduce((n, e) => n + e.jobs.size, 0);
   }
 
   /** Tasks waiting for an executor. */
@@ -81,7 +85,11 @@ export class ExecutorPool {
     }
     return new Promise((resolve, reject) => {
       this.#queue.push({ id: this.#nextId++, key, spec, args, resolve, reject });
-      this.#pump();
+      // Jobs queued in this turn go to the executors as one batch.
+      if (!this.#pumpScheduled) {
+        this.#pumpScheduled = true;
+        queueMicrotask(() => this.#pump());
+      }
     });
   }
 
@@ -95,11 +103,17 @@ export class ExecutorPool {
       this.#queue.splice(waiting, 1)[0].reject(new CancelledError(key));
       return true;
     }
-    const i = this.#executors.findIndex((e) => e.job?.key === key);
+    const i = this.#executors.findIndex((e) => [...e.jobs.values()].some((j) => j.key === key));
     if (i < 0) return false;
     const executor = this.#executors[i];
     executor.worker.terminate();
-    executor.job!.reject(new CancelledError(key));
+    // The executor's other jobs never ran to the end: they go back to the front of the queue.
+    const others: Job[] = [];
+    for (const job of executor.jobs.values()) {
+      if (job.key === key) job.reject(new CancelledError(key));
+      else others.push(job);
+    }
+    this.#queue.unshift(...others);
     this.#executors[i] = this.#spawn();
     this.#pump();
     return true;
@@ -113,21 +127,24 @@ export class ExecutorPool {
     }
     for (const e of this.#executors) {
       e.worker.terminate();
-      e.job?.reject(new CancelledError(e.job.key, "stopped: the worker closed"));
-      e.job = null;
+      for (const job of e.jobs.values()) {
+        job.reject(new CancelledError(job.key, "stopped: the worker closed"));
+      }
+      e.jobs.clear();
     }
   }
 
   #spawn(): Executor {
     const worker = new Worker(EXECUTOR_URL, { type: "module" });
-    const executor: Executor = { worker, job: null, known: new Set() };
-    worker.onmessage = (event: MessageEvent<DoneMessage>) => {
-      const job = executor.job;
-      const done = event.data;
-      if (job === null || job.id !== done.id) return;
-      executor.job = null;
-      if (done.ok) job.resolve({ result: done.result, nbytes: done.nbytes });
-      else job.reject(new RemoteError("task", done.error));
+    const executor: Executor = { worker, jobs: new Map(), known: new Set() };
+    worker.onmessage = (event: MessageEvent<JobResult[]>) => {
+      for (const done of event.data) {
+        const job = executor.jobs.get(done.id);
+        if (job === undefined) continue;
+        executor.jobs.delete(done.id);
+        if (done.ok) job.resolve({ result: done.result, nbytes: done.nbytes });
+        else job.reject(new RemoteError("task", done.error));
+      }
       this.#pump();
     };
     worker.onerror = (event: ErrorEvent) => {
@@ -135,8 +152,10 @@ export class ExecutorPool {
       // The executor itself broke (not the task's function): replace it.
       const i = this.#executors.indexOf(executor);
       executor.worker.terminate();
-      executor.job?.reject(new Error(`The executor failed: ${event.message}`));
-      executor.job = null;
+      for (const job of executor.jobs.values()) {
+        job.reject(new Error(`The executor failed: ${event.message}`));
+      }
+      executor.jobs.clear();
       if (i >= 0 && !this.#closed) {
         this.#executors[i] = this.#spawn();
         this.#pump();
@@ -145,31 +164,56 @@ export class ExecutorPool {
     return executor;
   }
 
+  /** Hands waiting jobs to executors with room, least busy first, one message each. */
   #pump(): void {
-    for (const executor of this.#executors) {
-      if (this.#queue.length === 0) return;
-      if (executor.job !== null) continue;
-      const job = this.#queue.shift()!;
-      executor.job = job;
-      const k = "source" in job.spec ? job.spec.source : `${job.spec.module}\0${job.spec.name}`;
-      let fn = this.#fnIds.get(k);
-      if (fn === undefined) this.#fnIds.set(k, fn = this.#fnIds.size + 1);
-      const message: RunMessage = { id: job.id, fn, args: job.args, key: job.key };
-      if (!executor.known.has(fn)) {
-        executor.known.add(fn);
-        message.spec = job.spec;
+    this.#pumpScheduled = false;
+    if (this.#closed) return;
+    while (this.#queue.length > 0) {
+      let target: Executor | null = null;
+      for (const e of this.#executors) {
+        if (e.jobs.size < EXECUTOR_JOBS_MAX && (target === null || e.jobs.size < target.jobs.size)) {
+          target = e;
+        }
       }
+      if (target === null) return;
+      // Fill the least busy executor up to its share, then look again.
+      const share = Math.max(
+        1,
+        Math.min(
+          EXECUTOR_JOBS_MAX - target.jobs.size,
+          Math.ceil(this.#queue.length / this.#executors.length),
+        ),
+      );
+      const batch = this.#queue.splice(0, share);
+      const wire: WireJob[] = batch.map((job) => {
+        const k = "source" in job.spec ? job.spec.source : `${job.spec.module}\0${job.spec.name}`;
+        let fn = this.#fnIds.get(k);
+        if (fn === undefined) this.#fnIds.set(k, fn = this.#fnIds.size + 1);
+        const message: WireJob = { id: job.id, fn, args: job.args, key: job.key };
+        if (!target!.known.has(fn)) {
+          target!.known.add(fn);
+          message.spec = job.spec;
+        }
+        return message;
+      });
       try {
-        executor.worker.postMessage(message);
-      } catch (error) {
-        // The arguments could not be cloned to the executor.
-        executor.job = null;
-        executor.known.delete(fn);
-        job.reject(
-          new TypeError(
-            `Cannot pass the arguments of ${job.key} to an executor: ${(error as Error).message}`,
-          ),
-        );
+        target.worker.postMessage(wire);
+        for (const job of batch) target.jobs.set(job.id, job);
+      } catch {
+        // Some job's arguments cannot be cloned: send them one by one to find it.
+        target.known.clear();
+        for (const job of batch) {
+          try {
+            target.worker.postMessage([{ id: job.id, fn: 0, spec: job.spec, args: job.args, key: job.key }]);
+            target.jobs.set(job.id, job);
+          } catch (error) {
+            job.reject(
+              new TypeError(
+                `Cannot pass the arguments of ${job.key} to an executor: ${(error as Error).message}`,
+              ),
+            );
+          }
+        }
       }
     }
   }
