@@ -8,7 +8,7 @@
 
 import { type Address, formatAddress, parseAddress } from "../protocol/address.ts";
 import { Ref } from "../protocol/codec.ts";
-import { Comm } from "../protocol/comm.ts";
+import type { Comm } from "../protocol/comm.ts";
 import {
   CancelledError,
   ConnectionClosedError,
@@ -20,7 +20,7 @@ import { type Sendable, toFunctionSpec } from "../protocol/functions.ts";
 import { clientOps, type FunctionSpec, type GraphTask, type WorkerInfo } from "../protocol/ops.ts";
 import { ConnectionPool } from "../protocol/pool.ts";
 import { dispatchTo } from "../protocol/server.ts";
-import { connect } from "../protocol/transport.ts";
+import { openComm, type SecurityOptions, tokenFromEnv } from "../protocol/handshake.ts";
 import { randomToken, tokenize } from "./_tokenize.ts";
 import { LocalCluster, type LocalClusterOptions } from "./local.ts";
 
@@ -129,7 +129,7 @@ export class Future<T = unknown> {
 }
 
 /** Options of `Client.connect`. */
-export interface ClientOptions {
+export interface ClientOptions extends SecurityOptions {
   /** Largest frame accepted from a node. */
   frameBytesMax?: number;
   /** Called by `close()` after the client has closed (LocalCluster uses it). */
@@ -224,7 +224,12 @@ export class Client implements AsyncDisposable {
     this.scheduler = scheduler;
     this.#comm = comm;
     this.#onClose = options.onClose;
-    this.#peers = new ConnectionPool({ frameBytesMax: options.frameBytesMax });
+    this.#peers = new ConnectionPool({
+      authToken: options.authToken ?? tokenFromEnv(),
+      tls: options.tls,
+      handshakeTimeoutMs: options.handshakeTimeoutMs,
+      frameBytesMax: options.frameBytesMax,
+    });
     comm.closed.then(() => this.#lostScheduler());
   }
 
@@ -252,8 +257,7 @@ export class Client implements AsyncDisposable {
       key_lost: (args) =>
         client!.#onError(args.key, new MissingDataError([args.key], { cause: args.reason }), "lost"),
     });
-    const conn = await connect(target);
-    const comm = new Comm(conn, { dispatch, frameBytesMax: options.frameBytesMax });
+    const comm = await openComm(target, { ...options, dispatch });
     try {
       await comm.call("register_client", { id });
     } catch (error) {

@@ -10,6 +10,8 @@ export interface Address {
   host: string;
   /** TCP port, 0 to 65535. */
   port: number;
+  /** True for `tls://` addresses: the connection is encrypted. */
+  tls?: boolean;
 }
 
 /** Reads a port number, throwing RangeError with what was wrong. */
@@ -24,31 +26,42 @@ export function parsePort(text: string | number, what = "port"): number {
 }
 
 /**
- * Parses `"tcp://host:port"` (or `{ host, port }`). Throws TypeError or RangeError that
- * says what was wrong.
+ * Parses `"tcp://host:port"` or `"tls://host:port"` (or `{ host, port, tls? }`). Throws
+ * TypeError or RangeError that says what was wrong.
  */
 export function parseAddress(address: string | Address): Address {
   if (typeof address === "object" && address !== null) {
     if (typeof address.host !== "string" || address.host === "") {
       throw new TypeError(`Invalid address: host must be a non-empty string`);
     }
-    return { host: address.host, port: parsePort(address.port) };
+    const parsed: Address = { host: address.host, port: parsePort(address.port) };
+    if (address.tls) parsed.tls = true;
+    return parsed;
   }
   if (typeof address !== "string") {
     throw new TypeError(
       `Invalid address: expected "tcp://host:port" or { host, port }, got ${typeof address}`,
     );
   }
-  const match = /^tcp:\/\/(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):([^/]*)$/.exec(address);
+  const match = /^(tcp|tls):\/\/(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):([^/]*)$/.exec(address);
   if (!match) {
-    throw new TypeError(`Invalid address ${JSON.stringify(address)}: expected tcp://host:port`);
+    throw new TypeError(
+      `Invalid address ${JSON.stringify(address)}: expected tcp://host:port or tls://host:port`,
+    );
   }
-  const host = match[1].startsWith("[") ? match[1].slice(1, -1) : match[1];
-  return { host, port: parsePort(match[2], `address ${JSON.stringify(address)}`) };
+  const host = match[2].startsWith("[") ? match[2].slice(1, -1) : match[2];
+  const parsed: Address = { host, port: parsePort(match[3], `address ${JSON.stringify(address)}`) };
+  if (match[1] === "tls") parsed.tls = true;
+  return parsed;
 }
 
-/** Formats an address as `tcp://host:port` (brackets around IPv6 hosts). */
+/** Formats an address as `tcp://host:port` or `tls://host:port` (brackets around IPv6 hosts). */
 export function formatAddress(address: Address): string {
   const host = address.host.includes(":") ? `[${address.host}]` : address.host;
-  return `tcp://${host}:${address.port}`;
+  return `${address.tls ? "tls" : "tcp"}://${host}:${address.port}`;
+}
+
+/** True for hosts that only this machine can reach. */
+export function isLoopback(host: string): boolean {
+  return host === "localhost" || host === "::1" || /^127\./.test(host);
 }

@@ -40,6 +40,8 @@ export interface CommOptions {
   pendingCallsMax?: number;
   /** Receive large frames into shared memory (workers do, for their executors). */
   sharedFrames?: boolean;
+  /** The reader the handshake used: bytes it buffered belong to this connection. */
+  reader?: MessageReader;
   /** Where protocol errors are reported. */
   log?: Logger;
 }
@@ -204,10 +206,9 @@ export class Comm {
   async #readLoop(): Promise<void> {
     // Let the constructor finish (and `closed` be assigned) before the first await.
     await Promise.resolve();
-    const reader = new MessageReader(this.conn, {
-      frameBytesMax: this.#options.frameBytesMax,
-      sharedFrames: this.#options.sharedFrames,
-    });
+    const limits = { frameBytesMax: this.#options.frameBytesMax, sharedFrames: this.#options.sharedFrames };
+    const reader = this.#options.reader ?? new MessageReader(this.conn, limits);
+    reader.configure(limits);
     const decoder = new Decoder();
     let reason: unknown = undefined;
     try {

@@ -68,6 +68,15 @@ export class MessageReader {
   }
 
   /**
+   * Changes the limits for the messages still to come: a connection reads its
+   * handshake under a tight limit, then the node's own.
+   */
+  configure(options: { frameBytesMax?: number; sharedFrames?: boolean }): void {
+    this.#frameBytesMax = options.frameBytesMax ?? FRAME_BYTES_MAX;
+    this.#sharedFrames = options.sharedFrames ?? false;
+  }
+
+  /**
    * The next message if it is already whole in the buffer (and needs no large frame),
    * without waiting: a reader drains a burst of small messages in one turn, so the
    * replies to all of them leave in one write. Null when more bytes are needed; throws

@@ -7,8 +7,8 @@
 
 import type { Logger } from "../_log.ts";
 import { parseAddress } from "./address.ts";
-import { Comm, type CommOptions } from "./comm.ts";
-import { connect } from "./transport.ts";
+import type { Comm, CommOptions } from "./comm.ts";
+import { openComm, type SecurityOptions } from "./handshake.ts";
 
 /** Most peer connections a pool keeps open; the least recently opened is closed past it. */
 export const PEER_CONNECTIONS_MAX = 256;
@@ -16,12 +16,12 @@ export const PEER_CONNECTIONS_MAX = 256;
 /** A bounded set of connections to peers, by address. */
 export class ConnectionPool {
   #peers = new Map<string, Promise<Comm>>();
-  #options: CommOptions;
+  #options: CommOptions & SecurityOptions;
   #max: number;
   #closed = false;
 
   /** Connections get `options`; at most `max` stay open. */
-  constructor(options: CommOptions & { log?: Logger } = {}, max = PEER_CONNECTIONS_MAX) {
+  constructor(options: CommOptions & SecurityOptions & { log?: Logger } = {}, max = PEER_CONNECTIONS_MAX) {
     this.#options = options;
     this.#max = max;
   }
@@ -39,8 +39,7 @@ export class ConnectionPool {
     const forget = () => {
       if (this.#peers.get(address) === peer) this.#peers.delete(address);
     };
-    peer = connect(parseAddress(address)).then((conn) => {
-      const comm = new Comm(conn, this.#options);
+    peer = openComm(parseAddress(address), this.#options).then((comm) => {
       comm.closed.then(forget);
       return comm;
     });

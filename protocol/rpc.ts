@@ -6,14 +6,14 @@
  */
 
 import { type Address, formatAddress, parseAddress } from "./address.ts";
-import { type CallOptions, Comm } from "./comm.ts";
+import type { CallOptions, Comm } from "./comm.ts";
 import { ConnectionClosedError } from "./errors.ts";
 import { type Sendable, toFunctionSpec } from "./functions.ts";
 import type { ArgsOf, OpSpec, OpTable, ReplyOf, SchedulerOps, WorkerOps } from "./ops.ts";
-import { connect } from "./transport.ts";
+import { openComm, type SecurityOptions } from "./handshake.ts";
 
 /** Options of an rpc client. */
-export interface RpcOptions {
+export interface RpcOptions extends SecurityOptions {
   /** Largest frame accepted from the node, in bytes. */
   frameBytesMax?: number;
   /** A timeout for every call that sets none of its own. */
@@ -95,8 +95,7 @@ export class RpcClient {
     }
     if (this.#comm && !this.#comm.isClosed) return Promise.resolve(this.#comm);
     // A lost connection is replaced on the next call; concurrent calls share one attempt.
-    this.#connecting ??= connect(this.#target, { signal }).then((conn) => {
-      const comm = new Comm(conn, { frameBytesMax: this.#options.frameBytesMax });
+    this.#connecting ??= openComm(this.#target, { ...this.#options, signal }).then((comm) => {
       this.#comm = comm;
       if (this.#closed) comm.close();
       return comm;

@@ -6,11 +6,12 @@
  */
 
 import { type Logger, silentLogger } from "../_log.ts";
-import { type Address, formatAddress } from "./address.ts";
+import { type Address, formatAddress, isLoopback } from "./address.ts";
 import { Comm, type Dispatch } from "./comm.ts";
 import { ProtocolError } from "./errors.ts";
+import { type SecurityOptions, serverHandshake } from "./handshake.ts";
 import type { ArgsOf, OpTable, ReplyOf } from "./ops.ts";
-import { listen } from "./transport.ts";
+import { type Conn, listen } from "./transport.ts";
 
 /** Most connections a node keeps open at once; more are closed on arrival. */
 export const CONNECTIONS_MAX = 10_000;
@@ -44,7 +45,7 @@ export function dispatchTo<T extends OpTable>(kind: string, ops: T, handlers: Ha
 }
 
 /** Options of a server. */
-export interface ServeOptions {
+export interface ServeOptions extends SecurityOptions {
   /** Largest frame accepted. */
   frameBytesMax?: number;
   /** Most open connections. */
@@ -69,30 +70,57 @@ export interface Server {
   close(): Promise<void>;
 }
 
-/** Listens on `address` and serves `dispatch` on every connection. */
-export function serve(address: Address, dispatch: Dispatch, options: ServeOptions = {}): Server {
+/**
+ * Listens on `address` and serves `dispatch` on every connection, each after the
+ * handshake (and the auth token's proof, when one is set).
+ */
+export async function serve(
+  address: Address,
+  dispatch: Dispatch,
+  options: ServeOptions = {},
+): Promise<Server> {
   const log = options.log ?? silentLogger;
-  const listener = listen(address);
+  const listener = await listen(address, {
+    tls: options.tls,
+    onTlsError: (error) => log.warn(`TLS handshake failed: ${error.message}`),
+  });
+  if (!isLoopback(listener.address.host) && !options.authToken && !address.tls) {
+    log.warn(
+      `Listening on ${
+        formatAddress(listener.address)
+      } with neither an auth token nor TLS: anyone who can reach ` +
+        `this port can read and delete its data and run any code on the workers. Set --auth-token (and use tls://).`,
+    );
+  }
   const comms = new Set<Comm>();
+  const handshaking = new Map<Conn, Promise<unknown>>();
   const max = options.connectionsMax ?? CONNECTIONS_MAX;
   const accepting = (async () => {
     for await (const conn of listener) {
-      if (comms.size >= max) {
+      if (comms.size + handshaking.size >= max) {
         log.warn(`Refusing connection from ${conn.remoteAddress}: ${max} connections open (the limit)`);
         conn.close();
         continue;
       }
-      const comm = new Comm(conn, {
-        dispatch,
-        frameBytesMax: options.frameBytesMax,
-        sharedFrames: options.sharedFrames,
-        log,
+      const shaking = serverHandshake(conn, options).then((reader) => {
+        const comm = new Comm(conn, {
+          dispatch,
+          frameBytesMax: options.frameBytesMax,
+          sharedFrames: options.sharedFrames,
+          reader,
+          log,
+        });
+        comms.add(comm);
+        comm.closed.then(() => {
+          comms.delete(comm);
+          options.onClose?.(comm);
+        });
+      }, (error) => {
+        conn.close();
+        log.warn(`Handshake with ${conn.remoteAddress} failed: ${(error as Error).message}`);
       });
-      comms.add(comm);
-      comm.closed.then(() => {
-        comms.delete(comm);
-        options.onClose?.(comm);
-      });
+      handshaking.set(conn, shaking);
+      shaking.finally(() => handshaking.delete(conn));
     }
   })();
   return {
@@ -102,6 +130,8 @@ export function serve(address: Address, dispatch: Dispatch, options: ServeOption
     async close() {
       listener.close();
       await accepting;
+      for (const conn of handshaking.keys()) conn.close();
+      await Promise.all(handshaking.values());
       await Promise.all([...comms].map((comm) => comm.close()));
     },
   };

@@ -13,6 +13,7 @@ import type { Comm } from "../protocol/comm.ts";
 import { RemoteError, toRemoteErrorInfo } from "../protocol/errors.ts";
 import { type FunctionSpec, type GraphTask, schedulerOps } from "../protocol/ops.ts";
 import { dispatchTo, type Handlers, serve } from "../protocol/server.ts";
+import { type SecurityOptions, tokenFromEnv } from "../protocol/handshake.ts";
 import { SchedulerTasks, type TaskSpec } from "./tasks.ts";
 
 /** Default scheduler port, as Dask's. */
@@ -21,7 +22,7 @@ export const SCHEDULER_PORT = 8786;
 export const WORKER_CALL_TIMEOUT_MS = 30_000;
 
 /** Options of `startScheduler`. */
-export interface SchedulerOptions {
+export interface SchedulerOptions extends SecurityOptions {
   /** Interface to listen on; default 127.0.0.1. */
   host?: string;
   /** Port; default 8786, 0 for any free port. */
@@ -60,7 +61,6 @@ const CLIENT_TAG = "client";
  * await scheduler.close();
  * ```
  */
-// deno-lint-ignore require-await
 export async function startScheduler(options: SchedulerOptions = {}): Promise<SchedulerNode> {
   const host = options.host ?? "127.0.0.1";
   const port = options.port ?? SCHEDULER_PORT;
@@ -228,13 +228,16 @@ export async function startScheduler(options: SchedulerOptions = {}): Promise<Sc
     (comm.tags.get(WORKER_TAG) as Set<string> | undefined) ?? new Set();
 
   const dispatch = dispatchTo("scheduler", schedulerOps, handlers);
-  const server = serve({ host, port }, async (op, args, comm) => {
+  const server = await serve({ host, port, tls: Boolean(options.tls?.cert) }, async (op, args, comm) => {
     try {
       return await dispatch(op, args, comm);
     } finally {
       flush();
     }
   }, {
+    authToken: options.authToken ?? tokenFromEnv(),
+    tls: options.tls,
+    handshakeTimeoutMs: options.handshakeTimeoutMs,
     frameBytesMax: options.frameBytesMax,
     log,
     onClose(comm) {

@@ -115,7 +115,7 @@ export interface ComputeTaskArgs {
 }
 
 /** Tasks a worker may hold beyond its threads, so it never waits on a round trip. */
-export const WORKER_EXTRA_TASKS = 8;
+export const WORKER_EXTRA_TASKS = 128;
 /** Assumed bytes per second between workers when weighing a transfer against load. */
 const BANDWIDTH_BYTES_PER_S = 500e6;
 /** Assumed duration of a task whose kind has not finished once yet. */

@@ -14,6 +14,9 @@ const decoder = new Decoder();
 async function raw(address: string) {
   const conn = await connect(parseAddress(address));
   const reader = new MessageReader(conn);
+  // The node speaks first: its hello (no auth token is set in these tests).
+  const hello = await reader.next();
+  assert.deepEqual(decoder.decode(hello![0]), { dist: 1, auth: null });
   return {
     async send(bytes: Uint8Array) {
       let done = 0;

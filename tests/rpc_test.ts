@@ -1,18 +1,18 @@
 import assert from "node:assert/strict";
 import { ConnectionClosedError, RemoteError, rpc, TimeoutError, type WorkerOps } from "../mod.ts";
 import type { Dispatch } from "../protocol/comm.ts";
-import { serve } from "../protocol/server.ts";
+import { serve, type Server } from "../protocol/server.ts";
 import { startCluster } from "./_helpers.ts";
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
 /** A real server on 127.0.0.1:0 with ops made for the test. */
-function testServer(dispatch: Dispatch) {
+function testServer(dispatch: Dispatch): Promise<Server> {
   return serve({ host: "127.0.0.1", port: 0 }, dispatch);
 }
 
 Deno.test("one rpc reuses one connection; concurrent calls each get their own reply", async () => {
-  const server = testServer(async (op, args) => {
+  const server = await testServer(async (op, args) => {
     const { n, delayMs } = args as { n: number; delayMs: number };
     await sleep(delayMs);
     return { op, n };
@@ -33,7 +33,7 @@ Deno.test("one rpc reuses one connection; concurrent calls each get their own re
 });
 
 Deno.test("a remote failure rejects with RemoteError carrying name, message and stack", async () => {
-  const server = testServer(() => {
+  const server = await testServer(() => {
     throw new SyntaxError("bad thing");
   });
   try {
@@ -52,7 +52,7 @@ Deno.test("a remote failure rejects with RemoteError carrying name, message and 
 
 Deno.test("a lost connection rejects every pending call at once; the next call reconnects", async () => {
   const never = Promise.withResolvers<void>();
-  const server = testServer(async (op) => {
+  const server = await testServer(async (op) => {
     if (op === "hang") await never.promise;
     return "pong";
   });
@@ -75,7 +75,7 @@ Deno.test("a lost connection rejects every pending call at once; the next call r
 
 Deno.test("timeouts and abort signals reject the call; the connection stays usable", async () => {
   const release = Promise.withResolvers<void>();
-  const server = testServer(async (op) => {
+  const server = await testServer(async (op) => {
     if (op === "slow") await release.promise;
     return op;
   });

@@ -18,8 +18,8 @@ import {
   type WorkerOps,
   workerOps,
 } from "../protocol/ops.ts";
-import { dispatchTo, type Handlers, serve } from "../protocol/server.ts";
-import { connect } from "../protocol/transport.ts";
+import { dispatchTo, type Handlers, serve, type Server } from "../protocol/server.ts";
+import { AuthenticationError, openComm, type SecurityOptions, tokenFromEnv } from "../protocol/handshake.ts";
 import { ConnectionPool } from "../protocol/pool.ts";
 import { ExecutorPool, shared } from "./executors.ts";
 import { DataStore, refsIn, resolveRefs } from "./store.ts";
@@ -33,7 +33,7 @@ const BACKOFF_MAX_MS = 2_000;
 const CALL_TIMEOUT_MS = 60_000;
 
 /** Options of `startWorker`. */
-export interface WorkerOptions {
+export interface WorkerOptions extends SecurityOptions {
   /** The scheduler, `tcp://host:port` or `{ host, port }`. */
   scheduler: string | Address;
   /** Interface to listen on; default 127.0.0.1. */
@@ -97,7 +97,9 @@ class Worker implements WorkerNode {
   #log: Logger;
   #scheduler: Address;
   #schedulerUrl: string;
-  #server: ReturnType<typeof serve>;
+  #server: Server | null = null;
+  #nthreads: number;
+  #security: SecurityOptions;
   #dispatch: Dispatch;
   #executors: ExecutorPool;
   /** Functions the scheduler sent, by its ids. */
@@ -109,7 +111,7 @@ class Worker implements WorkerNode {
   #peers: ConnectionPool;
   #closing: Promise<void> | null = null;
   #resolveClosed!: () => void;
-  #identity: WorkerIdentity;
+  #identity!: WorkerIdentity;
 
   constructor(options: WorkerOptions) {
     this.#options = options;
@@ -121,26 +123,20 @@ class Worker implements WorkerNode {
       throw new RangeError(`Invalid nthreads ${nthreads}: expected a whole number from 1 up`);
     }
     this.#log = options.log ?? createLogger(options.name ? `worker ${options.name}` : "worker");
+    this.#nthreads = nthreads;
+    this.#security = {
+      authToken: options.authToken ?? tokenFromEnv(),
+      tls: options.tls,
+      handshakeTimeoutMs: options.handshakeTimeoutMs,
+    };
     this.#dispatch = dispatchTo("worker", workerOps, this.#handlers());
-    this.#server = serve(
-      { host: options.host ?? "127.0.0.1", port: options.port ?? 0 },
-      this.#dispatch,
-      { frameBytesMax: options.frameBytesMax, sharedFrames: true, log: this.#log },
-    );
     this.#executors = new ExecutorPool(nthreads);
     this.#peers = new ConnectionPool({
+      ...this.#security,
       frameBytesMax: options.frameBytesMax,
       sharedFrames: true,
       log: this.#log,
     });
-    this.#identity = {
-      type: "worker",
-      id: crypto.randomUUID(),
-      address: this.#server.url,
-      name: options.name ?? this.#server.url,
-      nthreads,
-      scheduler: this.#schedulerUrl,
-    };
   }
 
   get address(): string {
@@ -153,6 +149,20 @@ class Worker implements WorkerNode {
 
   async start(): Promise<void> {
     try {
+      const options = this.#options;
+      this.#server = await serve(
+        { host: options.host ?? "127.0.0.1", port: options.port ?? 0, tls: Boolean(options.tls?.cert) },
+        this.#dispatch,
+        { ...this.#security, frameBytesMax: options.frameBytesMax, sharedFrames: true, log: this.#log },
+      );
+      this.#identity = {
+        type: "worker",
+        id: crypto.randomUUID(),
+        address: this.#server.url,
+        name: options.name ?? this.#server.url,
+        nthreads: this.#nthreads,
+        scheduler: this.#schedulerUrl,
+      };
       await this.#register(Date.now() + (this.#options.deathTimeoutMs ?? DEATH_TIMEOUT_MS));
     } catch (error) {
       await this.#shutdown(false);
@@ -176,22 +186,21 @@ class Worker implements WorkerNode {
     for (let attempt = 1;; attempt++) {
       let comm: Comm | null = null;
       try {
-        const conn = await connect(this.#scheduler);
-        if (this.#closing) {
-          conn.close();
-          return;
-        }
-        comm = new Comm(conn, {
+        comm = await openComm(this.#scheduler, {
+          ...this.#security,
           dispatch: this.#dispatch,
           frameBytesMax: this.#options.frameBytesMax,
+          sharedFrames: true,
           log: this.#log,
         });
-        if (
-          this.#identity.address.startsWith("tcp://0.0.0.0:") ||
-          this.#identity.address.startsWith("tcp://[::]:")
-        ) {
+        if (this.#closing) {
+          await comm.close();
+          return;
+        }
+        const listening = this.#server!.address;
+        if (listening.host === "0.0.0.0" || listening.host === "::") {
           // Listening on every interface: advertise the one that reaches the scheduler.
-          this.#identity.address = formatAddress({ host: conn.local.host, port: this.#server.address.port });
+          this.#identity.address = formatAddress({ ...listening, host: comm.conn.local.host });
           if (this.#options.name === undefined) this.#identity.name = this.#identity.address;
         }
         const keys = this.data.keys();
@@ -208,6 +217,8 @@ class Worker implements WorkerNode {
         return;
       } catch (error) {
         await comm?.close();
+        // A wrong or missing token will not get better by waiting.
+        if (error instanceof AuthenticationError) throw error;
         const now = Date.now();
         if (now >= deadline || this.#closing) {
           throw new ConnectionClosedError(
@@ -434,7 +445,7 @@ class Worker implements WorkerNode {
       await this.#reconnecting?.catch(() => {});
       this.#executors.close();
       await comm?.close();
-      await this.#server.close();
+      await this.#server?.close();
       await this.#peers.close();
       this.#log.info("Worker closed");
       this.#resolveClosed();

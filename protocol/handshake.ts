@@ -1,0 +1,233 @@
+/**
+ * The first exchange on every connection, before any op is read. The server says hello
+ * and whether it needs proof of the shared secret; if it does, both sides prove they
+ * know it with HMAC-SHA256 over fresh random nonces, so the secret never crosses the
+ * wire and neither side can be impersonated by replaying an old exchange.
+ *
+ *     server -> { dist: 1, auth: null }                                  no secret set
+ *     server -> { dist: 1, auth: "hmac-sha256", nonce: S }
+ *     client -> { proof: HMAC(k, "client" S C), nonce: C }
+ *     server -> { ok: true, proof: HMAC(k, "server" C S) }   or  { ok: false, error }
+ *
+ * @module
+ */
+
+import { type Address, formatAddress } from "./address.ts";
+import { Decoder, Encoder } from "./codec.ts";
+import { Comm, type CommOptions } from "./comm.ts";
+import { ConnectionClosedError, ProtocolError, TimeoutError } from "./errors.ts";
+import { frameHeader, MessageReader } from "./framing.ts";
+import { type Conn, connect, type TlsOptions } from "./transport.ts";
+
+/** The protocol version a server announces. */
+export const PROTOCOL_VERSION = 1;
+/** Largest handshake message: a stranger gets this much of the node's attention, no more. */
+export const HANDSHAKE_BYTES_MAX = 4096;
+/** Default time a peer has to complete the handshake. */
+export const HANDSHAKE_TIMEOUT_MS = 10_000;
+const NONCE_BYTES = 32;
+
+/** Who may connect, and how connections are protected. */
+export interface SecurityOptions {
+  /** The shared secret every connection must prove it knows (default: DIST_AUTH_TOKEN, if set). */
+  authToken?: string;
+  /** TLS material, for tls:// addresses. */
+  tls?: TlsOptions;
+  /** Time a peer has to complete the handshake, in ms. */
+  handshakeTimeoutMs?: number;
+}
+
+/** The peer failed to prove it knows the shared secret, or asked for one we lack. */
+export class AuthenticationError extends Error {
+  /** Builds the error. */
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.name = "AuthenticationError";
+  }
+}
+
+/** The auth token from the environment (DIST_AUTH_TOKEN), when the process may read it. */
+export function tokenFromEnv(): string | undefined {
+  try {
+    if (Deno.permissions.querySync({ name: "env", variable: "DIST_AUTH_TOKEN" }).state !== "granted") {
+      return undefined;
+    }
+    return Deno.env.get("DIST_AUTH_TOKEN") || undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+const encoder = new Encoder();
+const decoder = new Decoder();
+const text = new TextEncoder();
+
+async function send(conn: Conn, message: Record<string, unknown>): Promise<void> {
+  const { head } = encoder.encode(message, "handshake");
+  const bytes = new Uint8Array(12 + head.length);
+  bytes.set(frameHeader([head]));
+  bytes.set(head, 12);
+  let done = 0;
+  while (done < bytes.length) done += await conn.write(bytes.subarray(done));
+}
+
+async function receive(reader: MessageReader, what: string): Promise<Record<string, unknown>> {
+  const frames = await reader.next();
+  if (frames === null) throw new ConnectionClosedError(`Connection closed during the handshake (${what})`);
+  if (frames.length !== 1) throw new ProtocolError(`Bad handshake: ${what} must be one frame`);
+  const message = decoder.decode(frames[0]);
+  if (typeof message !== "object" || message === null || Array.isArray(message)) {
+    throw new ProtocolError(`Bad handshake: ${what} must be a map`);
+  }
+  return message as Record<string, unknown>;
+}
+
+async function hmac(token: string, label: string, a: Uint8Array, b: Uint8Array): Promise<Uint8Array> {
+  const key = await crypto.subtle.importKey(
+    "raw",
+    text.encode(token),
+    { name: "HMAC", hash: "SHA-256" },
+    false,
+    [
+      "sign",
+    ],
+  );
+  const data = new Uint8Array([...text.encode(label), ...a, ...b]);
+  return new Uint8Array(await crypto.subtle.sign("HMAC", key, data));
+}
+
+function equal(a: unknown, b: Uint8Array): boolean {
+  if (!(a instanceof Uint8Array) || a.length !== b.length) return false;
+  let diff = 0;
+  for (let i = 0; i < a.length; i++) diff |= a[i] ^ b[i];
+  return diff === 0;
+}
+
+function withTimeout<T>(promise: Promise<T>, ms: number, conn: Conn, what: string): Promise<T> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => {
+      conn.close();
+      reject(new TimeoutError(`Handshake with ${conn.remoteAddress} took over ${ms} ms (${what})`));
+    }, ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
+
+/**
+ * The server side: says hello and, with a token, checks the client's proof. Resolves
+ * the reader to hand to the connection's Comm; throws (after telling the client why,
+ * and closing) when the client fails.
+ */
+export function serverHandshake(conn: Conn, security: SecurityOptions = {}): Promise<MessageReader> {
+  const reader = new MessageReader(conn, { frameBytesMax: HANDSHAKE_BYTES_MAX });
+  const token = security.authToken;
+  const run = async () => {
+    if (!token) {
+      await send(conn, { dist: PROTOCOL_VERSION, auth: null });
+      return reader;
+    }
+    const nonce = crypto.getRandomValues(new Uint8Array(NONCE_BYTES));
+    await send(conn, { dist: PROTOCOL_VERSION, auth: "hmac-sha256", nonce });
+    let reason: string;
+    try {
+      const reply = await receive(reader, "the client's proof");
+      const clientNonce = reply.nonce;
+      if (!(clientNonce instanceof Uint8Array) || clientNonce.length !== NONCE_BYTES) {
+        reason =
+          "the first message must be the auth proof { proof, nonce }; this node requires an auth token";
+      } else if (!equal(reply.proof, await hmac(token, "client", nonce, clientNonce))) {
+        reason = "wrong auth token";
+      } else {
+        await send(conn, { ok: true, proof: await hmac(token, "server", clientNonce, nonce) });
+        return reader;
+      }
+    } catch (error) {
+      if (error instanceof ConnectionClosedError) {
+        throw new AuthenticationError(`Client left: ${error.message}`);
+      }
+      reason = `the first message must be the auth proof (${(error as Error).message})`;
+    }
+    await send(conn, {
+      ok: false,
+      error: { name: "AuthenticationError", message: `Authentication failed: ${reason}` },
+    })
+      .catch(() => {});
+    conn.close();
+    throw new AuthenticationError(`Refused ${conn.remoteAddress}: ${reason}`);
+  };
+  return withTimeout(
+    run(),
+    security.handshakeTimeoutMs ?? HANDSHAKE_TIMEOUT_MS,
+    conn,
+    "waiting for the client",
+  );
+}
+
+/** The client side: reads the hello and, when asked, proves it knows the token. */
+export function clientHandshake(conn: Conn, security: SecurityOptions = {}): Promise<MessageReader> {
+  const reader = new MessageReader(conn, { frameBytesMax: HANDSHAKE_BYTES_MAX });
+  const run = async () => {
+    const hello = await receive(reader, "the server's hello");
+    if (hello.dist !== PROTOCOL_VERSION) {
+      throw new ProtocolError(
+        `${conn.remoteAddress} speaks protocol ${String(hello.dist)}, not ${PROTOCOL_VERSION}`,
+      );
+    }
+    if (hello.auth === null || hello.auth === undefined) return reader;
+    if (hello.auth !== "hmac-sha256" || !(hello.nonce instanceof Uint8Array)) {
+      throw new ProtocolError(`${conn.remoteAddress} asks for unknown auth ${String(hello.auth)}`);
+    }
+    const token = security.authToken;
+    if (!token) {
+      throw new AuthenticationError(
+        `${conn.remoteAddress} requires an auth token: pass --auth-token (or authToken), or set DIST_AUTH_TOKEN`,
+      );
+    }
+    const nonce = crypto.getRandomValues(new Uint8Array(NONCE_BYTES));
+    await send(conn, { proof: await hmac(token, "client", hello.nonce, nonce), nonce });
+    const answer = await receive(reader, "the server's verdict");
+    if (answer.ok !== true) {
+      const e = answer.error as { message?: string } | undefined;
+      throw new AuthenticationError(
+        `${conn.remoteAddress} refused the connection: ${e?.message ?? "no reason given"}`,
+      );
+    }
+    if (!equal(answer.proof, await hmac(token, "server", nonce, hello.nonce))) {
+      throw new AuthenticationError(
+        `${conn.remoteAddress} does not know the auth token: it may be an impostor`,
+      );
+    }
+    return reader;
+  };
+  return withTimeout(
+    run(),
+    security.handshakeTimeoutMs ?? HANDSHAKE_TIMEOUT_MS,
+    conn,
+    "waiting for the server",
+  );
+}
+
+/** Connects to `address`, runs the handshake, and returns the connection's Comm. */
+export async function openComm(
+  address: Address,
+  options: CommOptions & SecurityOptions & { signal?: AbortSignal } = {},
+): Promise<Comm> {
+  const conn = await connect(address, { signal: options.signal, tls: options.tls });
+  try {
+    const reader = await clientHandshake(conn, {
+      ...options,
+      authToken: options.authToken ?? tokenFromEnv(),
+    });
+    return new Comm(conn, { ...options, reader });
+  } catch (error) {
+    conn.close();
+    if (error instanceof AuthenticationError || error instanceof ProtocolError) throw error;
+    throw new ConnectionClosedError(
+      `Cannot connect to ${formatAddress(address)}: ${(error as Error).message}`,
+      {
+        cause: error,
+      },
+    );
+  }
+}
