@@ -7,7 +7,7 @@
 
 const MAIN = new URL("./main.ts", import.meta.url);
 /** The permissions a node process runs with. */
-export const NODE_PERMISSIONS = ["--allow-net", "--allow-read", "--allow-env"];
+export const NODE_PERMISSIONS = ["--allow-net", "--allow-read", "--allow-env", "--unstable-worker-options"];
 /** How long a node may take to print its `listening at` line. */
 const START_TIMEOUT_MS = 30_000;
 
@@ -31,6 +31,8 @@ export interface NodeProcess {
 export interface SpawnOptions {
   /** Called with each stderr line as it arrives. */
   onLog?: (line: string) => void;
+  /** Extra environment variables (secrets go here, never in argv). */
+  env?: Record<string, string>;
 }
 
 async function* lines(stream: ReadableStream<Uint8Array>): AsyncGenerator<string> {
@@ -58,6 +60,7 @@ export async function spawnNode(args: string[], options: SpawnOptions = {}): Pro
   const child = new Deno.Command(Deno.execPath(), {
     args: [...prefix, ...args],
     stdin: "null",
+    env: options.env,
     stdout: "piped",
     stderr: "piped",
   }).spawn();

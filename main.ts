@@ -12,6 +12,67 @@ import { parseAddress, parsePort } from "./protocol/address.ts";
 import { SCHEDULER_PORT, startScheduler } from "./scheduler/scheduler.ts";
 import { DEATH_TIMEOUT_MS, startWorker } from "./worker/worker.ts";
 import { LocalCluster } from "./client/local.ts";
+import { FRAME_BYTES_MAX } from "./protocol/framing.ts";
+import { HANDSHAKE_TIMEOUT_MS, type SecurityOptions, tokenFromEnv } from "./protocol/handshake.ts";
+import { CONNECTIONS_MAX } from "./protocol/server.ts";
+
+const PERMISSION_NAMES = ["env", "ffi", "import", "net", "read", "run", "sys", "write"] as const;
+
+/** Reads --task-permissions: "none", "inherit", or "name[=a;b],...". */
+function taskPermissions(text: string): Deno.PermissionOptions {
+  if (text === "none" || text === "inherit") return text;
+  const out: Record<string, boolean | string[]> = Object.fromEntries(PERMISSION_NAMES.map((n) => [n, false]));
+  for (const part of text.split(",")) {
+    const [name, list] = part.split("=", 2);
+    if (!(PERMISSION_NAMES as readonly string[]).includes(name)) {
+      throw new UsageError(
+        `Invalid --task-permissions ${JSON.stringify(text)}: unknown permission ${JSON.stringify(name)} ` +
+          `(known: ${PERMISSION_NAMES.join(", ")})`,
+      );
+    }
+    out[name] = list === undefined ? true : list.split(";").filter((x) => x !== "");
+  }
+  return out as Deno.PermissionOptionsObject;
+}
+
+/** The shared secret (flag, file, or environment) and TLS files, read now. */
+async function security(flags: Record<string, string | undefined>): Promise<SecurityOptions> {
+  let authToken = flags["auth-token"];
+  if (authToken === undefined && flags["auth-token-file"] !== undefined) {
+    try {
+      authToken = (await Deno.readTextFile(flags["auth-token-file"])).trim();
+    } catch (error) {
+      throw new UsageError(
+        `Cannot read --auth-token-file ${flags["auth-token-file"]}: ${(error as Error).message}`,
+      );
+    }
+  }
+  authToken ??= tokenFromEnv();
+  if (authToken !== undefined && authToken.length < 16) {
+    throw new UsageError(
+      "The auth token is too short: use at least 16 characters (e.g. openssl rand -hex 32)",
+    );
+  }
+  const read = async (flag: string) => {
+    const path = flags[flag];
+    if (path === undefined) return undefined;
+    try {
+      return await Deno.readTextFile(path);
+    } catch (error) {
+      throw new UsageError(`Cannot read --${flag} ${path}: ${(error as Error).message}`);
+    }
+  };
+  const [cert, key, ca] = [await read("tls-cert"), await read("tls-key"), await read("tls-ca")];
+  if ((cert === undefined) !== (key === undefined)) {
+    throw new UsageError("--tls-cert and --tls-key go together");
+  }
+  const out: SecurityOptions = { authToken };
+  if (cert || ca) out.tls = { cert, key, ca };
+  if (flags["handshake-timeout"] !== undefined) {
+    out.handshakeTimeoutMs = positiveNumber("handshake-timeout", flags["handshake-timeout"], false) * 1000;
+  }
+  return out;
+}
 
 /** A flag: its parseArgs type, default, and help text. */
 interface Flag {
@@ -26,6 +87,47 @@ const common: Record<string, Flag> = {
   help: { type: "boolean", help: "show this help" },
 };
 
+const auth: Record<string, Flag> = {
+  "auth-token": {
+    type: "string",
+    value: "TOKEN",
+    help:
+      "shared secret every connection must prove it knows (prefer DIST_AUTH_TOKEN or a file: argv is visible)",
+  },
+  "auth-token-file": { type: "string", value: "PATH", help: "read the shared secret from this file" },
+};
+
+const tls: Record<string, Flag> = {
+  "tls-cert": { type: "string", value: "PATH", help: "this node's certificate (PEM): listen on tls://" },
+  "tls-key": { type: "string", value: "PATH", help: "the key of --tls-cert (PEM)" },
+  "tls-ca": {
+    type: "string",
+    value: "PATH",
+    help: "CA (PEM) that signs every node's and client's certificate: mutual TLS",
+  },
+};
+
+const limits: Record<string, Flag> = {
+  "frame-bytes-max": {
+    type: "string",
+    default: String(FRAME_BYTES_MAX),
+    value: "BYTES",
+    help: "largest message accepted",
+  },
+  "connections-max": {
+    type: "string",
+    default: String(CONNECTIONS_MAX),
+    value: "N",
+    help: "most open connections",
+  },
+  "handshake-timeout": {
+    type: "string",
+    default: String(HANDSHAKE_TIMEOUT_MS / 1000),
+    value: "SECONDS",
+    help: "time a new connection has to prove itself",
+  },
+};
+
 const commands: Record<string, { usage: string; summary: string; flags: Record<string, Flag> }> = {
   scheduler: {
     usage: "dist scheduler [flags]",
@@ -38,6 +140,9 @@ const commands: Record<string, { usage: string; summary: string; flags: Record<s
         value: "PORT",
         help: "port to listen on (0: any)",
       },
+      ...auth,
+      ...tls,
+      ...limits,
       ...common,
     },
   },
@@ -60,6 +165,15 @@ const commands: Record<string, { usage: string; summary: string; flags: Record<s
         value: "SECONDS",
         help: "give up reaching the scheduler after this long",
       },
+      "task-permissions": {
+        type: "string",
+        default: "none",
+        value: "LIST",
+        help: 'what tasks may touch: "none", "inherit", or e.g. "read=/data;/tmp,net=example.com,env"',
+      },
+      ...auth,
+      ...tls,
+      ...limits,
       ...common,
     },
   },
@@ -83,6 +197,7 @@ commands.local = {
       value: "PORT",
       help: "the scheduler's port (0: any)",
     },
+    ...auth,
     ...common,
   },
 };
@@ -201,7 +316,14 @@ async function run(argv: string[]): Promise<number> {
 
   if (name === "scheduler") {
     if (positionals.length > 0) throw new UsageError(`unexpected argument ${JSON.stringify(positionals[0])}`);
-    const node = await startScheduler({ host: flags.host, port, log: createLogger("scheduler", level) });
+    const node = await startScheduler({
+      host: flags.host,
+      port,
+      ...await security(flags),
+      frameBytesMax: positiveNumber("frame-bytes-max", flags["frame-bytes-max"], true),
+      connectionsMax: positiveNumber("connections-max", flags["connections-max"], true),
+      log: createLogger("scheduler", level),
+    });
     exitOnSignal(node);
     console.log(`listening at ${node.address}`);
     await node.closed;
@@ -212,7 +334,15 @@ async function run(argv: string[]): Promise<number> {
     if (positionals.length > 0) throw new UsageError(`unexpected argument ${JSON.stringify(positionals[0])}`);
     const workers = positiveNumber("workers", flags.workers, true);
     const threads = positiveNumber("nthreads", flags.nthreads, true);
-    const cluster = await LocalCluster.start({ workers, threads, host: flags.host, port, logLevel: level });
+    const { authToken } = await security(flags);
+    const cluster = await LocalCluster.start({
+      workers,
+      threads,
+      host: flags.host,
+      port,
+      logLevel: level,
+      authToken,
+    });
     exitOnSignal(cluster);
     console.log(`listening at ${cluster.address}`);
     await new Promise(() => {}); // until a signal
@@ -235,6 +365,10 @@ async function run(argv: string[]): Promise<number> {
     name: flags.name,
     nthreads,
     deathTimeoutMs,
+    taskPermissions: taskPermissions(flags["task-permissions"]),
+    ...await security(flags),
+    frameBytesMax: positiveNumber("frame-bytes-max", flags["frame-bytes-max"], true),
+    connectionsMax: positiveNumber("connections-max", flags["connections-max"], true),
     log: createLogger(flags.name ? `worker ${flags.name}` : "worker", level),
   });
   exitOnSignal(node);

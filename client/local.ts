@@ -9,6 +9,20 @@ import { createLogger, type LogLevel } from "../_log.ts";
 import { type NodeProcess, spawnNode } from "../_spawn.ts";
 import { type SchedulerNode, startScheduler } from "../scheduler/scheduler.ts";
 import { startWorker, type WorkerNode } from "../worker/worker.ts";
+import { tokenFromEnv } from "../protocol/handshake.ts";
+
+/** Task permissions as the --task-permissions flag writes them. */
+function permissionsFlag(p: Deno.PermissionOptions): string {
+  if (typeof p === "string") return p;
+  const parts = Object.entries(p).flatMap(([name, v]) =>
+    v === true || v === "inherit"
+      ? [name]
+      : Array.isArray(v) && v.length > 0
+      ? [`${name}=${v.join(";")}`]
+      : []
+  );
+  return parts.length === 0 ? "none" : parts.join(",");
+}
 
 /** Options of a local cluster. */
 export interface LocalClusterOptions {
@@ -24,6 +38,10 @@ export interface LocalClusterOptions {
   port?: number;
   /** Log level of every node (default warn); logs go to stderr. */
   logLevel?: LogLevel;
+  /** A shared secret for every connection (default: DIST_AUTH_TOKEN, if set). */
+  authToken?: string;
+  /** What tasks may touch (see WorkerOptions.taskPermissions; default "none"). */
+  taskPermissions?: Deno.PermissionOptions;
 }
 
 /** A scheduler and workers on this machine. */
@@ -73,8 +91,10 @@ export class LocalCluster implements AsyncDisposable {
     }
     const host = options.host ?? "127.0.0.1";
     const level = options.logLevel ?? "warn";
+    const authToken = options.authToken ?? tokenFromEnv();
     const scheduler = await startScheduler({
       host,
+      authToken,
       port: options.port ?? 0,
       log: createLogger("scheduler", level),
     });
@@ -98,8 +118,10 @@ export class LocalCluster implements AsyncDisposable {
                   String(threads),
                   "--log-level",
                   level,
+                  "--task-permissions",
+                  permissionsFlag(options.taskPermissions ?? "none"),
                 ],
-                { onLog: forward },
+                { onLog: forward, env: authToken ? { DIST_AUTH_TOKEN: authToken } : undefined },
               )),
           ),
         );
@@ -111,6 +133,8 @@ export class LocalCluster implements AsyncDisposable {
               host,
               name: `worker-${i}`,
               nthreads: threads,
+              authToken,
+              taskPermissions: options.taskPermissions,
               log: createLogger(`worker-${i}`, level),
             }),
           );

@@ -154,7 +154,9 @@ export const schedulerOps = {
     }),
   ),
   unregister: op<OkReply>()(v.object({ address })),
-  add_keys: op<OkReply>()(v.object({ address, keys, nbytes: v.optional(v.recordOf(v.count)) })),
+  add_keys: op<OkReply>()(
+    v.object({ address, keys, nbytes: v.optional(v.recordOf(v.count)), replicas: v.optional(v.boolean) }),
+  ),
   remove_keys: op<OkReply>()(v.object({ address, keys })),
   who_has: op<Record<string, string[]>>()(v.object({ keys: v.optional(keys) })),
   has_what: op<Record<string, string[]>>()(v.object({ workers: v.optional(v.arrayOf(address)) })),

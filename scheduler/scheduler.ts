@@ -29,6 +29,8 @@ export interface SchedulerOptions extends SecurityOptions {
   port?: number;
   /** Largest frame accepted, in bytes. */
   frameBytesMax?: number;
+  /** Most open connections; more are closed on arrival. */
+  connectionsMax?: number;
   /** Where it logs; default stderr at info. */
   log?: Logger;
 }
@@ -125,8 +127,8 @@ export async function startScheduler(options: SchedulerOptions = {}): Promise<Sc
       forget(address, "unregistered");
       return { status: "OK" };
     },
-    add_keys({ address, keys, nbytes }) {
-      state.addKeys(address, keys, nbytes);
+    add_keys({ address, keys, nbytes, replicas }) {
+      state.addKeys(address, keys, nbytes, replicas);
       log.debug(`${address} has ${keys.join(", ")}`);
       return { status: "OK" };
     },
@@ -239,6 +241,7 @@ export async function startScheduler(options: SchedulerOptions = {}): Promise<Sc
     tls: options.tls,
     handshakeTimeoutMs: options.handshakeTimeoutMs,
     frameBytesMax: options.frameBytesMax,
+    connectionsMax: options.connectionsMax,
     log,
     onClose(comm) {
       for (const address of workersOf(comm)) {

@@ -115,7 +115,7 @@ export interface ComputeTaskArgs {
 }
 
 /** Tasks a worker may hold beyond its threads, so it never waits on a round trip. */
-export const WORKER_EXTRA_TASKS = 128;
+export const WORKER_EXTRA_TASKS = 32;
 /** Assumed bytes per second between workers when weighing a transfer against load. */
 const BANDWIDTH_BYTES_PER_S = 500e6;
 /** Assumed duration of a task whose kind has not finished once yet. */
@@ -125,6 +125,10 @@ const DEFAULT_DURATION_S = 0.001;
 export function keyPrefix(key: string): string {
   const dash = key.lastIndexOf("-");
   return dash > 0 ? key.slice(0, dash) : key;
+}
+
+function less(a: TaskState, b: TaskState): boolean {
+  return a.priority[0] < b.priority[0] || (a.priority[0] === b.priority[0] && a.priority[1] < b.priority[1]);
 }
 
 /** Min-heap of tasks by priority. */
@@ -185,6 +189,7 @@ export class SchedulerTasks {
   completed = 0;
   failed = 0;
   #queue = new TaskHeap();
+  #inHeap = new Set<TaskState>();
   /** Queued tasks that may run only on some workers. */
   #restricted = new Set<TaskState>();
   #order = 0;
@@ -258,28 +263,48 @@ export class SchedulerTasks {
       }
     }
     ws.hasWhat.clear();
-    for (const ts of rerun) this.#ready(ts);
+    for (const ts of rerun) {
+      if (ts.state !== "released") continue;
+      if (ts.whoWants.size === 0 && ts.waiters.size === 0) this.#maybeRelease(ts);
+      else this.#ready(ts);
+    }
     return lost;
   }
 
   // ---- keys reported by workers (the rpc path) ----
 
-  /** Records that `address` holds `keys`; unknown keys become external data. */
-  addKeys(address: string, keys: readonly string[], nbytes: Record<string, number> = {}): void {
+  /**
+   * Records that `address` holds `keys`; unknown keys become external data, except
+   * `replicas` (copies a worker fetched for a task): one the scheduler has forgotten
+   * meanwhile is freed on that worker instead.
+   */
+  addKeys(
+    address: string,
+    keys: readonly string[],
+    nbytes: Record<string, number> = {},
+    replicas = false,
+  ): void {
     const ws = this.#worker(address);
     for (const key of keys) {
       let ts = this.tasks.get(key);
+      if (ts === undefined && replicas) {
+        this.#out.push({ to: "worker", address, op: "free_keys", args: { keys: [key] } });
+        continue;
+      }
       if (ts === undefined) {
         ts = this.#newTask(key);
         ts.external = true;
       }
       const size = nbytes[key] ?? ts.nbytes;
-      if (ws.hasWhat.has(ts)) ws.nbytes -= ts.nbytes;
+      for (const h of ts.whoHas) h.nbytes += size - ts.nbytes;
       ts.nbytes = size;
+      if (!ws.hasWhat.has(ts)) ws.nbytes += size;
       ws.hasWhat.add(ts);
-      ws.nbytes += size;
       ts.whoHas.add(ws);
-      if (ts.state !== "memory" && ts.state !== "processing") this.#toMemory(ts);
+      if (ts.state !== "memory" && ts.state !== "processing") {
+        this.#unqueue(ts);
+        this.#toMemory(ts);
+      }
     }
   }
 
@@ -330,14 +355,18 @@ export class SchedulerTasks {
   updateGraph(client: string, specs: readonly TaskSpec[], wanted: readonly string[]): void {
     const fresh: TaskState[] = [];
     const byKey = new Map(specs.map((s) => [s.key, s]));
+    refuseCycles(byKey, this.tasks);
     for (const spec of specs) {
       let ts = this.tasks.get(spec.key);
       if (ts !== undefined && ts.state !== "erred" && ts.state !== "forgotten") {
         if (ts.run === null && spec.run) ts.run = spec.run;
         continue;
       }
+      // A failed (or forgotten) key submitted again runs again, for everyone who wanted it.
+      const wants = ts?.whoWants ?? [];
       if (ts !== undefined) this.#forget(ts, true);
       ts = this.#newTask(spec.key);
+      for (const c of wants) ts.whoWants.add(c);
       ts.run = spec.run ?? null;
       ts.priority = [-(spec.priority ?? 0), this.#order++];
       ts.retries = spec.retries ?? 0;
@@ -361,13 +390,20 @@ export class SchedulerTasks {
         d.dependents.add(ts);
       }
     }
-    for (const key of wanted) this.tasks.get(key)?.whoWants.add(client);
-    for (const ts of fresh) if (ts.state === "released") this.#want(ts);
+    const told = new Set<TaskState>();
     for (const key of wanted) {
       const ts = this.tasks.get(key);
       if (ts === undefined) continue;
+      ts.whoWants.add(client);
       if (ts.state === "memory") this.#tellDone(ts, client);
       else if (ts.state === "erred") this.#tellErred(ts, client);
+      else continue;
+      told.add(ts);
+    }
+    for (const ts of fresh) if (ts.state === "released") this.#want(ts);
+    for (const key of wanted) {
+      const ts = this.tasks.get(key);
+      if (ts !== undefined && ts.state === "released") this.#want(ts);
     }
   }
 
@@ -406,9 +442,11 @@ export class SchedulerTasks {
     ts.processingOn = null;
     const avg = this.durations.get(ts.prefix);
     this.durations.set(ts.prefix, avg === undefined ? durationS : avg * 0.8 + durationS * 0.2);
+    for (const h of ts.whoHas) if (h !== ws) h.nbytes += nbytes - ts.nbytes;
+    if (ws.hasWhat.has(ts)) ws.nbytes += nbytes - ts.nbytes;
+    else ws.nbytes += nbytes;
     ts.nbytes = nbytes;
     ws.hasWhat.add(ts);
-    ws.nbytes += nbytes;
     ts.whoHas.add(ws);
     this.completed++;
     this.#toMemory(ts);
@@ -487,7 +525,7 @@ export class SchedulerTasks {
 
   /** Tasks waiting on the scheduler for a free worker. */
   get queued(): number {
-    return this.#queue.size + this.#restricted.size;
+    return this.#inHeap.size + this.#restricted.size;
   }
 
   // ---- transitions ----
@@ -524,30 +562,44 @@ export class SchedulerTasks {
   }
 
   /** A released task is needed: wait for its dependencies, or run it. */
-  #want(ts: TaskState): void {
-    if (ts.state !== "released") return;
-    if (ts.run === null) {
-      // Data with no lineage that is gone cannot come back.
-      this.#err(ts, {
-        name: "MissingDataError",
-        message: `Key ${ts.key} was lost and has no task to recompute it`,
-      }, ts.key);
-      return;
-    }
-    ts.state = "waiting";
-    ts.waitingOn.clear();
-    for (const dep of ts.dependencies) {
-      if (dep.state === "erred") {
-        this.#err(ts, dep.error!, dep.erredOn ?? dep.key);
-        return;
+  #want(root: TaskState): void {
+    const stack = [root];
+    while (stack.length > 0) {
+      const ts = stack.pop()!;
+      if (ts.state !== "released") continue;
+      if (ts !== root && ts.whoWants.size === 0 && ts.waiters.size === 0) continue;
+      if (ts.run === null) {
+        // Data with no lineage that is gone cannot come back.
+        this.#err(ts, {
+          name: "MissingDataError",
+          message: `Key ${ts.key} was lost and has no task to recompute it`,
+        }, ts.key);
+        continue;
       }
-      dep.waiters.add(ts);
-      if (dep.state !== "memory") {
-        ts.waitingOn.add(dep);
-        if (dep.state === "released") this.#want(dep);
+      ts.state = "waiting";
+      ts.waitingOn.clear();
+      const wanted: TaskState[] = [];
+      let failed = false;
+      for (const dep of ts.dependencies) {
+        if (dep.state === "erred" || dep.state === "forgotten") {
+          const error = dep.state === "erred" ? dep.error! : {
+            name: "MissingDataError",
+            message: `Key ${dep.key}, an input of ${ts.key}, was cancelled or deleted`,
+          };
+          this.#err(ts, error, dep.erredOn ?? dep.key);
+          failed = true;
+          break;
+        }
+        dep.waiters.add(ts);
+        if (dep.state !== "memory") {
+          ts.waitingOn.add(dep);
+          if (dep.state === "released") wanted.push(dep);
+        }
       }
+      if (failed) continue;
+      if (ts.waitingOn.size === 0) this.#ready(ts);
+      else stack.push(...wanted.reverse());
     }
-    if (ts.state === "waiting" && ts.waitingOn.size === 0) this.#ready(ts);
   }
 
   /** All dependencies are in memory: run it now, or queue it. */
@@ -565,7 +617,10 @@ export class SchedulerTasks {
     if (ws === null) {
       ts.state = "queued";
       if (ts.restrictions) this.#restricted.add(ts);
-      else this.#queue.push(ts);
+      else {
+        this.#queue.push(ts);
+        this.#inHeap.add(ts);
+      }
       return;
     }
     this.#send(ts, ws);
@@ -622,17 +677,24 @@ export class SchedulerTasks {
 
   /** A worker has room: give it queued tasks. */
   #fill(ws: WorkerState): void {
-    for (const ts of this.#restricted) {
-      if (!this.#hasRoom(ws)) return;
-      if (!this.#allowed(ts, ws)) continue;
-      this.#restricted.delete(ts);
-      this.#send(ts, ws);
-    }
-    while (this.#hasRoom(ws) && this.#queue.size > 0) {
-      const ts = this.#queue.pop()!;
-      if (ts.state !== "queued") continue; // released while queued
-      const target = this.#pickWorker(ts) ?? ws;
-      this.#send(ts, target);
+    while (this.#hasRoom(ws)) {
+      let best: TaskState | null = null;
+      for (const ts of this.#restricted) {
+        if (this.#allowed(ts, ws) && (best === null || less(ts, best))) best = ts;
+      }
+      let top = this.#queue.peek();
+      while (top !== undefined && (top.state !== "queued" || !this.#inHeap.has(top))) {
+        this.#queue.pop();
+        top = this.#queue.peek();
+      }
+      if (top !== undefined && (best === null || less(top, best))) {
+        this.#queue.pop();
+        this.#inHeap.delete(top);
+        this.#send(top, this.#pickWorker(top) ?? ws);
+      } else if (best !== null) {
+        this.#restricted.delete(best);
+        this.#send(best, ws);
+      } else return;
     }
   }
 
@@ -708,13 +770,20 @@ export class SchedulerTasks {
     }
     // Dependents that were ready must wait for it again.
     for (const dependent of ts.dependents) {
+      if (dependent.state === "queued" || dependent.state === "processing") {
+        this.#unqueue(dependent);
+        dependent.state = "waiting";
+      }
       if (dependent.state === "waiting") dependent.waitingOn.add(ts);
     }
     if (ts.whoWants.size > 0 || ts.waiters.size > 0) this.#want(ts);
   }
 
   #unqueue(ts: TaskState): void {
-    if (ts.state === "queued") this.#restricted.delete(ts); // the heap skips it lazily
+    if (ts.state === "queued") {
+      this.#restricted.delete(ts);
+      this.#inHeap.delete(ts); // the heap skips it lazily
+    }
     if (ts.state === "processing" && ts.processingOn) {
       const ws = ts.processingOn;
       ws.processing.delete(ts);
@@ -724,17 +793,21 @@ export class SchedulerTasks {
     }
   }
 
-  #maybeRelease(ts: TaskState): void {
-    if (ts.whoWants.size > 0 || ts.waiters.size > 0 || ts.external) return;
-    if (ts.state === "memory") {
-      this.#free(ts);
-      ts.state = "released";
-    } else if (ts.state === "waiting" || ts.state === "queued" || ts.state === "processing") {
-      this.#unqueue(ts);
-      ts.state = "released";
-      for (const dep of ts.dependencies) if (dep.waiters.delete(ts)) this.#maybeRelease(dep);
+  #maybeRelease(root: TaskState): void {
+    const stack = [root];
+    while (stack.length > 0) {
+      const ts = stack.pop()!;
+      if (ts.whoWants.size > 0 || ts.waiters.size > 0 || ts.external) continue;
+      if (ts.state === "memory") {
+        this.#free(ts);
+        ts.state = "released";
+      } else if (ts.state === "waiting" || ts.state === "queued" || ts.state === "processing") {
+        this.#unqueue(ts);
+        ts.state = "released";
+        for (const dep of ts.dependencies) if (dep.waiters.delete(ts)) stack.push(dep);
+      }
+      if (this.#canForget(ts)) stack.push(...this.#forgetOne(ts, false));
     }
-    this.#maybeForget(ts);
   }
 
   /** Tells the holders of `ts` to free it. */
@@ -748,23 +821,30 @@ export class SchedulerTasks {
   }
 
   /** Drops a released or erred task nobody refers to any more. */
-  #maybeForget(ts: TaskState): void {
-    if (ts.state !== "released" && ts.state !== "erred") return;
-    if (ts.whoWants.size > 0 || ts.waiters.size > 0) return;
-    for (const d of ts.dependents) if (d.state !== "forgotten") return;
-    this.#forget(ts);
+  #canForget(ts: TaskState): boolean {
+    if (ts.state !== "released" && ts.state !== "erred") return false;
+    if (ts.whoWants.size > 0 || ts.waiters.size > 0) return false;
+    for (const d of ts.dependents) if (d.state !== "forgotten") return false;
+    return true;
   }
 
-  #forget(ts: TaskState, replaced = false): void {
+  /** Forgets `ts`; returns the dependencies that may now be released. */
+  #forgetOne(ts: TaskState, replaced: boolean): TaskState[] {
     this.#unqueue(ts);
     if (ts.whoHas.size > 0) this.#free(ts);
     ts.state = "forgotten";
     if (this.tasks.get(ts.key) === ts) this.tasks.delete(ts.key);
+    const deps: TaskState[] = [];
     for (const dep of ts.dependencies) {
       dep.dependents.delete(ts);
       dep.waiters.delete(ts);
-      if (!replaced) this.#maybeRelease(dep);
+      if (!replaced) deps.push(dep);
     }
+    return deps;
+  }
+
+  #forget(ts: TaskState, replaced = false): void {
+    for (const dep of this.#forgetOne(ts, replaced)) this.#maybeRelease(dep);
   }
 
   /** Cancels `ts` and everything that depends on it, for every client. */
@@ -785,6 +865,37 @@ export class SchedulerTasks {
     for (const t of [...seen].reverse()) {
       t.waiters.clear();
       this.#forget(t);
+    }
+  }
+}
+
+/** Throws when the new tasks depend on each other in a cycle. */
+function refuseCycles(byKey: Map<string, TaskSpec>, tasks: Map<string, TaskState>): void {
+  const isNew = (k: string) => {
+    const ts = tasks.get(k);
+    return byKey.has(k) && (ts === undefined || ts.state === "erred" || ts.state === "forgotten");
+  };
+  const done = new Set<string>();
+  const onPath = new Set<string>();
+  for (const start of byKey.keys()) {
+    if (done.has(start) || !isNew(start)) continue;
+    const stack: [string, number][] = [[start, 0]];
+    onPath.add(start);
+    while (stack.length > 0) {
+      const top = stack[stack.length - 1];
+      const deps = byKey.get(top[0])!.deps;
+      if (top[1] < deps.length) {
+        const d = deps[top[1]++];
+        if (onPath.has(d)) throw new RangeError(`Task ${d} depends on itself`);
+        if (!done.has(d) && isNew(d)) {
+          onPath.add(d);
+          stack.push([d, 0]);
+        }
+      } else {
+        onPath.delete(top[0]);
+        done.add(top[0]);
+        stack.pop();
+      }
     }
   }
 }

@@ -218,14 +218,36 @@ Deno.test("cli: --version prints the version from deno.json", async () => {
 });
 
 Deno.test("cli: --help of each command lists every flag with its default", async () => {
+  const security = {
+    "auth-token": null,
+    "auth-token-file": null,
+    "tls-cert": null,
+    "tls-key": null,
+    "tls-ca": null,
+    "frame-bytes-max": "1073741824",
+    "connections-max": "10000",
+    "handshake-timeout": "10",
+  };
   const expected: Record<string, Record<string, string | null>> = {
-    scheduler: { host: "127.0.0.1", port: "8786", "log-level": "info", help: null },
+    scheduler: { host: "127.0.0.1", port: "8786", ...security, "log-level": "info", help: null },
     worker: {
       host: "127.0.0.1",
       port: "0",
       name: "its address",
       nthreads: String(navigator.hardwareConcurrency),
       "death-timeout": "60",
+      "task-permissions": "none",
+      ...security,
+      "log-level": "info",
+      help: null,
+    },
+    local: {
+      workers: String(navigator.hardwareConcurrency),
+      nthreads: "1",
+      host: "127.0.0.1",
+      port: "8786",
+      "auth-token": null,
+      "auth-token-file": null,
       "log-level": "info",
       help: null,
     },

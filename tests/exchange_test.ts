@@ -177,7 +177,8 @@ Deno.test("functions named by module are imported on the worker", async () => {
   try {
     const path = `${dir}/lib.ts`;
     await Deno.writeTextFile(path, "export function mul(a: number, b: number): number { return a * b; }\n");
-    await using cluster = await startCluster(1);
+    // Tasks are sandboxed: importing a module from disk needs read access to it.
+    await using cluster = await startCluster(1, { taskPermissions: { read: [dir] } });
     await using alice = rpc<WorkerOps>(cluster.workers[0].address);
     await alice.update_data({ data: { x: 6 } });
     const module = new URL(`file://${path}`).href;

@@ -39,7 +39,15 @@ console.log(JSON.stringify({
 `;
     await Deno.writeTextFile(`${dir}/script.ts`, script);
     const out = await new Deno.Command(Deno.execPath(), {
-      args: ["run", "--no-config", "--allow-net", "--allow-read", "--allow-env", "script.ts"],
+      args: [
+        "run",
+        "--no-config",
+        "--unstable-worker-options",
+        "--allow-net",
+        "--allow-read",
+        "--allow-env",
+        "script.ts",
+      ],
       cwd: dir,
       stdin: "null",
       stdout: "piped",

@@ -62,8 +62,15 @@ export class ExecutorPool {
   #closed = false;
   #pumpScheduled = false;
 
-  /** Starts `size` executors. */
-  constructor(size: number) {
+  #permissions: Deno.PermissionOptions;
+
+  /**
+   * Starts `size` executors with `permissions` (default "none": no file, network, env,
+   * subprocess or FFI access for tasks). Anything but "inherit" needs Deno's
+   * --unstable-worker-options flag.
+   */
+  constructor(size: number, permissions: Deno.PermissionOptions = "none") {
+    this.#permissions = permissions;
     for (let i = 0; i < size; i++) this.#executors.push(this.#spawn());
   }
 
@@ -135,7 +142,24 @@ export class ExecutorPool {
   }
 
   #spawn(): Executor {
-    const worker = new Worker(EXECUTOR_URL, { type: "module" });
+    let worker: Worker;
+    try {
+      worker = new Worker(
+        EXECUTOR_URL,
+        this.#permissions === "inherit"
+          ? { type: "module" }
+          : { type: "module", deno: { permissions: this.#permissions } } as WorkerOptions,
+      );
+    } catch (error) {
+      if (/unstable-worker-options/.test((error as Error).message)) {
+        throw new Error(
+          "Sandboxed tasks need Deno's --unstable-worker-options flag (dist's tasks and binary pass it); " +
+            'or set taskPermissions: "inherit" to give tasks the worker\'s own permissions',
+          { cause: error },
+        );
+      }
+      throw error;
+    }
     const executor: Executor = { worker, jobs: new Map(), known: new Set() };
     worker.onmessage = (event: MessageEvent<JobResult[]>) => {
       for (const done of event.data) {

@@ -48,6 +48,13 @@ export interface WorkerOptions extends SecurityOptions {
   deathTimeoutMs?: number;
   /** Largest frame accepted, in bytes. */
   frameBytesMax?: number;
+  /** Most open connections; more are closed on arrival. */
+  connectionsMax?: number;
+  /**
+   * What tasks may touch (Deno permissions of the executors): default "none", no
+   * file, network, env, subprocess or FFI access; "inherit" gives them the worker's own.
+   */
+  taskPermissions?: Deno.PermissionOptions;
   /** Where it logs; default stderr at info. */
   log?: Logger;
 }
@@ -130,7 +137,7 @@ class Worker implements WorkerNode {
       handshakeTimeoutMs: options.handshakeTimeoutMs,
     };
     this.#dispatch = dispatchTo("worker", workerOps, this.#handlers());
-    this.#executors = new ExecutorPool(nthreads);
+    this.#executors = new ExecutorPool(nthreads, options.taskPermissions ?? "none");
     this.#peers = new ConnectionPool({
       ...this.#security,
       frameBytesMax: options.frameBytesMax,
@@ -153,7 +160,13 @@ class Worker implements WorkerNode {
       this.#server = await serve(
         { host: options.host ?? "127.0.0.1", port: options.port ?? 0, tls: Boolean(options.tls?.cert) },
         this.#dispatch,
-        { ...this.#security, frameBytesMax: options.frameBytesMax, sharedFrames: true, log: this.#log },
+        {
+          ...this.#security,
+          frameBytesMax: options.frameBytesMax,
+          connectionsMax: options.connectionsMax,
+          sharedFrames: true,
+          log: this.#log,
+        },
       );
       this.#identity = {
         type: "worker",
@@ -263,8 +276,9 @@ class Worker implements WorkerNode {
   async #report(op: "add_keys" | "remove_keys", keys: string[], notice = false): Promise<void> {
     const comm = this.#schedulerComm;
     if (keys.length === 0 || comm === null) return;
+    // Copies fetched for a scheduler's task are replicas: the scheduler may have forgotten them meanwhile.
     const args = op === "add_keys"
-      ? { address: this.address, keys, nbytes: this.data.nbytes(keys) }
+      ? { address: this.address, keys, nbytes: this.data.nbytes(keys), replicas: notice }
       : { address: this.address, keys };
     try {
       if (notice) comm.notify(op, args);
