@@ -35,6 +35,8 @@ export class TimeoutError extends Error {
 export class MissingDataError extends Error {
   /** The keys that could not be found. */
   readonly keys: string[];
+  /** For each key, the holders that were tried and failed. */
+  holders: Record<string, string[]> = {};
   /** Builds the error for `keys`. */
   constructor(keys: string[], options?: ErrorOptions) {
     super(

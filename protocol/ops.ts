@@ -139,12 +139,13 @@ export const workerOps = {
     }),
   ),
   free_keys: op<OkReply>()(v.object({ keys })),
+  gather_keys: op<OkReply & { missing: string[] }>()(v.object({ who_has: v.recordOf(v.arrayOf(address)) })),
   cancel_task: op<OkReply>()(v.object({ keys })),
 };
 
 /** The ops a scheduler serves. */
 export const schedulerOps = {
-  register: op<OkReply>()(
+  register: op<OkReply & { heartbeat_interval_ms: number; worker_ttl_ms: number }>()(
     v.object({
       address,
       name: v.optional(v.string),
@@ -183,7 +184,14 @@ export const schedulerOps = {
   progress: op<Record<string, Record<string, number>>>()(v.object({})),
   // Workers, as notices on their registration connection:
   task_finished: op<void>()(v.object({ key: v.string, nbytes: v.count, duration: v.number })),
-  task_erred: op<void>()(v.object({ key: v.string, error: errorInfo })),
+  task_erred: op<void>()(v.object({ key: v.string, error: errorInfo, killed: v.optional(v.boolean) })),
+  missing_data: op<void>()(v.object({ key: v.string, missing: v.recordOf(v.arrayOf(address)) })),
+  heartbeat: op<{ status: "OK" | "unknown"; heartbeat_interval_ms: number }>()(
+    v.object({ address, metrics: v.optional(v.recordOf(v.number)) }),
+  ),
+  retire_workers: op<{ retired: string[]; moved: number }>()(
+    v.object({ workers: v.arrayOf(address), close: v.optional(v.boolean) }),
+  ),
 };
 
 /** The notices a scheduler sends a client about the keys it wants. */

@@ -20,6 +20,15 @@ import { SchedulerTasks, type TaskSpec } from "./tasks.ts";
 export const SCHEDULER_PORT = 8786;
 /** How long the scheduler waits for one worker's reply to a broadcast or delete. */
 export const WORKER_CALL_TIMEOUT_MS = 30_000;
+/** Default time after which a worker that sent no heartbeat is removed. */
+export const WORKER_TTL_MS = 30_000;
+/** Default number of deaths a task may cause before it fails with KilledWorker. */
+export const ALLOWED_FAILURES = 3;
+
+/** How often workers heartbeat: less often as the cluster grows, so the scheduler is not flooded. */
+export function heartbeatIntervalMs(workers: number): number {
+  return workers <= 10 ? 500 : workers <= 50 ? 1_000 : workers <= 200 ? 2_000 : workers * 10;
+}
 
 /** Options of `startScheduler`. */
 export interface SchedulerOptions extends SecurityOptions {
@@ -31,6 +40,10 @@ export interface SchedulerOptions extends SecurityOptions {
   frameBytesMax?: number;
   /** Most open connections; more are closed on arrival. */
   connectionsMax?: number;
+  /** Remove a worker that sent no heartbeat for this long (a hung process, a cut network); default 30 s. */
+  workerTtlMs?: number;
+  /** Deaths (workers or executors lost while running it) a task may cause before it fails; default 3. */
+  allowedFailures?: number;
   /** Where it logs; default stderr at info. */
   log?: Logger;
 }
@@ -69,6 +82,8 @@ export async function startScheduler(options: SchedulerOptions = {}): Promise<Sc
   parseAddress({ host, port });
   const log = options.log ?? createLogger("scheduler");
   const state = new SchedulerTasks();
+  state.allowedFailures = options.allowedFailures ?? ALLOWED_FAILURES;
+  const ttlMs = options.workerTtlMs ?? WORKER_TTL_MS;
   const id = crypto.randomUUID();
   // The connection each worker and client registered on: the scheduler talks back there.
   const commOf = new Map<string, Comm>();
@@ -94,9 +109,9 @@ export async function startScheduler(options: SchedulerOptions = {}): Promise<Sc
   let resolveClosed!: () => void;
   const closed = new Promise<void>((resolve) => resolveClosed = resolve);
 
-  const forget = (address: string, why: string) => {
+  const forget = (address: string, why: string, died: boolean) => {
     if (!state.workers.has(address)) return;
-    const lost = state.removeWorker(address);
+    const lost = state.removeWorker(address, died);
     commOf.delete(address);
     flush();
     log.info(
@@ -113,7 +128,13 @@ export async function startScheduler(options: SchedulerOptions = {}): Promise<Sc
 
   const handlers: Handlers<typeof schedulerOps> = {
     register(args, comm) {
-      state.addWorker(args);
+      const previous = commOf.get(args.address);
+      if (previous && previous !== comm) {
+        // The same worker on a new connection: the old one is dead (e.g. a cut network healed).
+        forget(args.address, "registered again on a new connection", true);
+        previous.close();
+      }
+      state.addWorker(args, Date.now());
       commOf.set(args.address, comm);
       let registered = comm.tags.get(WORKER_TAG) as Set<string> | undefined;
       if (registered === undefined) comm.tags.set(WORKER_TAG, registered = new Set());
@@ -121,11 +142,40 @@ export async function startScheduler(options: SchedulerOptions = {}): Promise<Sc
       log.info(
         `Worker ${args.address} registered (${args.nthreads ?? 1} threads, ${args.keys?.length ?? 0} keys)`,
       );
-      return { status: "OK" };
+      return {
+        status: "OK",
+        heartbeat_interval_ms: heartbeatIntervalMs(state.workers.size),
+        worker_ttl_ms: ttlMs,
+      };
     },
     unregister({ address }) {
-      forget(address, "unregistered");
+      forget(address, "unregistered", false);
       return { status: "OK" };
+    },
+    heartbeat({ address, metrics }, comm) {
+      const known = commOf.get(address) === comm && state.heartbeat(address, Date.now(), metrics);
+      return {
+        status: known ? "OK" : "unknown",
+        heartbeat_interval_ms: heartbeatIntervalMs(state.workers.size),
+      };
+    },
+    async retire_workers({ workers, close }) {
+      const plan = state.retirePlan(workers);
+      let moved = 0;
+      await Promise.all([...plan].map(async ([target, whoHas]) => {
+        const reply = await callWorker(target, "gather_keys", { who_has: whoHas }) as { missing: string[] };
+        moved += Object.keys(whoHas).length - reply.missing.length;
+        if (reply.missing.length) log.warn(`Retiring: ${target} could not copy ${reply.missing.join(", ")}`);
+      }));
+      log.info(`Retiring ${workers.join(", ")}: ${moved} keys copied to other workers first`);
+      const retired = workers.filter((a) => state.workers.has(a));
+      if (close !== false) {
+        await Promise.all(retired.map((a) => callWorker(a, "terminate", {}).catch(() => {})));
+      }
+      return { retired, moved };
+    },
+    missing_data({ key, missing }, comm) {
+      for (const address of workersOf(comm)) state.missingData(address, key, missing);
     },
     add_keys({ address, keys, nbytes, replicas }) {
       state.addKeys(address, keys, nbytes, replicas);
@@ -208,8 +258,8 @@ export async function startScheduler(options: SchedulerOptions = {}): Promise<Sc
     task_finished({ key, nbytes, duration }, comm) {
       for (const address of workersOf(comm)) state.taskFinished(address, key, nbytes, duration);
     },
-    task_erred({ key, error }, comm) {
-      for (const address of workersOf(comm)) state.taskErred(address, key, error);
+    task_erred({ key, error, killed }, comm) {
+      for (const address of workersOf(comm)) state.taskErred(address, key, error, killed);
     },
     ping: () => "pong",
     terminate(_args, comm) {
@@ -245,7 +295,7 @@ export async function startScheduler(options: SchedulerOptions = {}): Promise<Sc
     log,
     onClose(comm) {
       for (const address of workersOf(comm)) {
-        if (commOf.get(address) === comm) forget(address, "connection closed");
+        if (commOf.get(address) === comm) forget(address, "connection closed", true);
       }
       const client = comm.tags.get(CLIENT_TAG);
       if (typeof client === "string" && clients.get(client) === comm) {
@@ -257,11 +307,22 @@ export async function startScheduler(options: SchedulerOptions = {}): Promise<Sc
     },
   });
 
+  // Workers that stop answering (a hung process, a cut network) keep their connection
+  // open: only the silence tells. Check a few times per TTL.
+  const ttlTimer = setInterval(() => {
+    for (const address of state.expiredWorkers(Date.now(), ttlMs)) {
+      const comm = commOf.get(address);
+      forget(address, `no heartbeat for over ${ttlMs} ms`, true);
+      comm?.close();
+    }
+  }, Math.max(50, Math.min(1_000, ttlMs / 4)));
+
   const node: SchedulerNode = {
     address: server.url,
     id,
     closed,
     close() {
+      clearInterval(ttlTimer);
       closing ??= server.close().then(() => {
         log.info("Scheduler closed");
         resolveClosed();

@@ -74,6 +74,8 @@ export interface TaskState {
   restrictions: Set<string> | null;
   nbytes: number;
   error: RemoteErrorInfo | null;
+  /** Workers that died (or whose executor died) while running it. */
+  suspicious: number;
   /** The key whose failure this task inherited. */
   erredOn: string | null;
 }
@@ -88,6 +90,10 @@ export interface WorkerState {
   nbytes: number;
   /** Function ids this worker has been sent in full. */
   readonly knownFunctions: Set<number>;
+  /** When it was last heard from (heartbeat or any report), in ms. */
+  lastSeen: number;
+  /** Its latest heartbeat's figures. */
+  metrics: Record<string, number>;
 }
 
 /** A message the shell must send. */
@@ -185,6 +191,8 @@ export class SchedulerTasks {
   readonly workers = new Map<string, WorkerState>();
   /** Average seconds per task kind, from tasks that finished. */
   readonly durations = new Map<string, number>();
+  /** Deaths a task may cause (workers or executors lost while running it) before it fails. */
+  allowedFailures = 3;
   /** Tasks that reached memory or erred, in all. */
   completed = 0;
   failed = 0;
@@ -223,8 +231,9 @@ export class SchedulerTasks {
       keys?: string[];
       nbytes?: Record<string, number>;
     },
+    now = 0,
   ): void {
-    if (this.workers.has(w.address)) this.removeWorker(w.address);
+    if (this.workers.has(w.address)) this.removeWorker(w.address, false);
     const ws: WorkerState = {
       address: w.address,
       name: w.name || w.address,
@@ -233,6 +242,8 @@ export class SchedulerTasks {
       hasWhat: new Set(),
       nbytes: 0,
       knownFunctions: new Set(),
+      lastSeen: now,
+      metrics: {},
     };
     this.workers.set(w.address, ws);
     this.addKeys(w.address, w.keys ?? [], w.nbytes);
@@ -241,17 +252,27 @@ export class SchedulerTasks {
 
   /**
    * Removes a worker: its running tasks run elsewhere, keys it held alone are
-   * recomputed where wanted (or reported lost when they have no lineage). Returns
-   * the keys that lost their last copy.
+   * recomputed where wanted (or reported lost when they have no lineage). When it
+   * `died` (its connection dropped, it stopped answering), each task it was running
+   * counts a death; a task that has seen more than `allowedFailures` deaths fails
+   * with KilledWorker instead of killing another worker. Returns the keys that lost
+   * their last copy.
    */
-  removeWorker(address: string): string[] {
+  removeWorker(address: string, died = true): string[] {
     const ws = this.workers.get(address);
     if (ws === undefined) return [];
     this.workers.delete(address);
     const lost: string[] = [];
+    const killed: TaskState[] = [];
     for (const ts of ws.processing) {
       ts.processingOn = null;
       ts.state = "released";
+      if (died && ++ts.suspicious > this.allowedFailures) killed.push(ts);
+    }
+    for (const ts of killed) {
+      ws.processing.delete(ts);
+      this.failed++;
+      this.#err(ts, killedWorker(ts, this.allowedFailures), ts.key);
     }
     const rerun = [...ws.processing];
     ws.processing.clear();
@@ -453,14 +474,25 @@ export class SchedulerTasks {
     this.#fill(ws);
   }
 
-  /** A worker's run of `key` threw `error`. */
-  taskErred(address: string, key: string, error: RemoteErrorInfo): void {
+  /**
+   * A worker's run of `key` threw `error`; `killed` when the task took its executor
+   * down with it (Deno.exit): that counts as a death, like a worker that died running it.
+   */
+  taskErred(address: string, key: string, error: RemoteErrorInfo, killed = false): void {
     const ws = this.workers.get(address);
     const ts = this.tasks.get(key);
     if (ws === undefined || ts === undefined || ts.processingOn !== ws) return;
     ws.processing.delete(ts);
     ts.processingOn = null;
-    if (ts.retries > 0) {
+    if (killed) {
+      if (++ts.suspicious > this.allowedFailures) {
+        this.failed++;
+        this.#err(ts, killedWorker(ts, this.allowedFailures), ts.key);
+      } else {
+        ts.state = "released";
+        this.#ready(ts);
+      }
+    } else if (ts.retries > 0) {
       ts.retries--;
       ts.state = "released";
       this.#ready(ts);
@@ -469,6 +501,75 @@ export class SchedulerTasks {
       this.#err(ts, error, ts.key);
     }
     this.#fill(ws);
+  }
+
+  /**
+   * A worker could not fetch `missing` inputs of `key` from the holders it was given:
+   * those copies are gone. They are dropped from `who_has` (recomputed if that was the
+   * last copy) and the task runs again once its inputs are back, up to
+   * `allowedFailures` times.
+   */
+  missingData(address: string, key: string, missing: Record<string, string[]>): void {
+    const ws = this.workers.get(address);
+    const ts = this.tasks.get(key);
+    if (ws === undefined || ts === undefined || ts.processingOn !== ws) return;
+    ws.processing.delete(ts);
+    ts.processingOn = null;
+    ts.state = "released";
+    for (const [dep, holders] of Object.entries(missing)) {
+      for (const holder of holders) if (this.workers.has(holder)) this.removeKeys(holder, [dep]);
+    }
+    if (++ts.suspicious > this.allowedFailures) {
+      this.failed++;
+      this.#err(ts, {
+        name: "MissingDataError",
+        message: `Task ${key} could not fetch ${
+          Object.keys(missing).join(", ")
+        } after ${ts.suspicious} tries`,
+      }, key);
+    } else if (ts.state === "released") this.#want(ts);
+    this.#fill(ws);
+  }
+
+  /** A worker said it is alive, with its figures. */
+  heartbeat(address: string, now: number, metrics: Record<string, number> = {}): boolean {
+    const ws = this.workers.get(address);
+    if (ws === undefined) return false;
+    ws.lastSeen = now;
+    ws.metrics = metrics;
+    return true;
+  }
+
+  /** Workers not heard from for longer than `ttlMs`. */
+  expiredWorkers(now: number, ttlMs: number): string[] {
+    return [...this.workers.values()].filter((w) => now - w.lastSeen > ttlMs).map((w) => w.address);
+  }
+
+  /**
+   * Where each key held only by `leaving` workers should be copied before they go:
+   * `{ target: { key: [holders] } }`, spreading keys over the staying workers by bytes held.
+   */
+  retirePlan(leaving: readonly string[]): Map<string, Record<string, string[]>> {
+    const gone = new Set(leaving);
+    const staying = [...this.workers.values()].filter((w) => !gone.has(w.address));
+    const plan = new Map<string, Record<string, string[]>>();
+    if (staying.length === 0) return plan;
+    const load = new Map(staying.map((w) => [w, w.nbytes]));
+    for (const address of leaving) {
+      const ws = this.workers.get(address);
+      if (ws === undefined) continue;
+      for (const ts of ws.hasWhat) {
+        if ([...ts.whoHas].some((h) => !gone.has(h.address))) continue;
+        if (ts.whoWants.size === 0 && ts.waiters.size === 0 && !ts.external) continue;
+        let target = staying[0];
+        for (const w of staying) if (load.get(w)! < load.get(target)!) target = w;
+        load.set(target, load.get(target)! + ts.nbytes);
+        let orders = plan.get(target.address);
+        if (orders === undefined) plan.set(target.address, orders = {});
+        orders[ts.key] = [...ts.whoHas].map((h) => h.address);
+      }
+    }
+    return plan;
   }
 
   // ---- reading ----
@@ -550,6 +651,7 @@ export class SchedulerTasks {
       nbytes: 0,
       error: null,
       erredOn: null,
+      suspicious: 0,
     };
     this.tasks.set(key, ts);
     return ts;
@@ -898,4 +1000,12 @@ function refuseCycles(byKey: Map<string, TaskSpec>, tasks: Map<string, TaskState
       }
     }
   }
+}
+
+function killedWorker(ts: TaskState, allowed: number): RemoteErrorInfo {
+  return {
+    name: "KilledWorker",
+    message: `Task ${ts.key} was running when ${ts.suspicious} workers (or their executors) died; ` +
+      `it is not retried past allowed_failures=${allowed}`,
+  };
 }

@@ -380,7 +380,12 @@ Deno.test("cli: SIGTERM and SIGINT make a worker unregister and exit 0", async (
   assert.deepEqual(afterTerm.workers, [bob.address, carol.address].sort());
   assert.equal(afterTerm.ncores[alice.address], undefined);
   assert.equal(afterTerm.hasWhat[alice.address], undefined);
-  assert.equal(afterTerm.whoHas.x, undefined, "x lived only on alice");
+  // x lived only on alice: she handed it over before leaving (to carol, who held least).
+  assert.deepEqual(afterTerm.whoHas.x, [carol.address], "x moved before alice left");
+  {
+    await using c = rpc<WorkerOps>(carol.address);
+    assert.deepEqual((await c.get_data({ keys: ["x"] })).x, new Float64Array([1]));
+  }
   assert.deepEqual(afterTerm.whoHas.y, [bob.address]);
   assert.deepEqual(afterTerm.whoHas.shared, [bob.address]);
 
@@ -389,7 +394,8 @@ Deno.test("cli: SIGTERM and SIGINT make a worker unregister and exit 0", async (
   await scheduler.waitForLog(new RegExp(`Worker ${bob.address} left \\(unregistered\\)`));
   const afterInt = await snapshot(scheduler.address);
   assert.deepEqual(afterInt.workers, [carol.address]);
-  assert.deepEqual(afterInt.whoHas, {});
+  // Nothing was lost: every key now lives on carol.
+  assert.deepEqual(afterInt.whoHas, { x: [carol.address], y: [carol.address], shared: [carol.address] });
 });
 
 Deno.test("cli: SIGTERM and the terminate op make a scheduler exit 0", async () => {
@@ -425,7 +431,8 @@ Deno.test("cli: the terminate op makes a worker exit 0 and the scheduler drops i
   const after = await snapshot(scheduler.address);
   assert.deepEqual(after.workers, [bob.address]);
   assert.deepEqual(Object.keys(after.ncores), [bob.address]);
-  assert.deepEqual(after.whoHas, {});
+  // Alice's only copy of x went to bob before she left.
+  assert.deepEqual(after.whoHas, { x: [bob.address] });
 });
 
 Deno.test("cli: a SIGKILLed worker is dropped once its connection closes", async () => {

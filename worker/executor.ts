@@ -74,11 +74,31 @@ async function run(job: Job, transfer: Set<ArrayBuffer>): Promise<JobResult> {
   }
 }
 
+/** What an executor says when a task calls Deno.exit: it goes down with the task. */
+export interface ExitMessage {
+  exited: number;
+  id: number;
+}
+
+let current = 0;
+// A task that calls Deno.exit takes only its executor down, never the worker: the pool
+// hears which task did it, replaces the executor, and the scheduler counts a death.
+Object.defineProperty(Deno, "exit", {
+  value: (code = 0) => {
+    self.postMessage({ exited: code, id: current } satisfies ExitMessage);
+    self.close();
+    throw new Error(`The task called Deno.exit(${code})`);
+  },
+  configurable: true,
+  writable: true,
+});
+
 self.onmessage = async (event: MessageEvent<Job[]>) => {
   let results: JobResult[] = [];
   let transfer = new Set<ArrayBuffer>();
   let since = performance.now();
   for (const job of event.data) {
+    current = job.id;
     results.push(await run(job, transfer));
     if (performance.now() - since >= RESULT_HOLD_MS) {
       self.postMessage(results, [...transfer]);

@@ -8,7 +8,16 @@
 
 import { CancelledError, RemoteError } from "../protocol/errors.ts";
 import type { FunctionSpec } from "../protocol/ops.ts";
-import type { Job as WireJob, JobResult } from "./executor.ts";
+import type { ExitMessage, Job as WireJob, JobResult } from "./executor.ts";
+
+/** A task took its executor down (it called Deno.exit): the task killed its worker, in effect. */
+export class ExecutorDiedError extends Error {
+  /** Builds the error for task `key`. */
+  constructor(key: string, reason: string) {
+    super(`Task ${key} killed its executor: ${reason}`);
+    this.name = "KilledWorker";
+  }
+}
 
 /** Typed arrays at least this large are moved to shared memory before a task reads them. */
 export const SHARE_BYTES_MIN = 64 * 1024;
@@ -161,7 +170,8 @@ export class ExecutorPool {
       throw error;
     }
     const executor: Executor = { worker, jobs: new Map(), known: new Set() };
-    worker.onmessage = (event: MessageEvent<JobResult[]>) => {
+    worker.onmessage = (event: MessageEvent<JobResult[] | ExitMessage>) => {
+      if (!Array.isArray(event.data)) return this.#died(executor, event.data);
       for (const done of event.data) {
         const job = executor.jobs.get(done.id);
         if (job === undefined) continue;
@@ -186,6 +196,24 @@ export class ExecutorPool {
       }
     };
     return executor;
+  }
+
+  /** An executor's task called Deno.exit: that task fails, its other tasks run elsewhere. */
+  #died(executor: Executor, exit: ExitMessage): void {
+    const i = this.#executors.indexOf(executor);
+    executor.worker.terminate();
+    const others: Job[] = [];
+    for (const job of executor.jobs.values()) {
+      if (job.id === exit.id) {
+        job.reject(new ExecutorDiedError(job.key, `it called Deno.exit(${exit.exited})`));
+      } else others.push(job);
+    }
+    executor.jobs.clear();
+    this.#queue.unshift(...others);
+    if (i >= 0 && !this.#closed) {
+      this.#executors[i] = this.#spawn();
+      this.#pump();
+    }
   }
 
   /** Hands waiting jobs to executors with room, least busy first, one message each. */

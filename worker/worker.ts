@@ -21,7 +21,7 @@ import {
 import { dispatchTo, type Handlers, serve, type Server } from "../protocol/server.ts";
 import { AuthenticationError, openComm, type SecurityOptions, tokenFromEnv } from "../protocol/handshake.ts";
 import { ConnectionPool } from "../protocol/pool.ts";
-import { ExecutorPool, shared } from "./executors.ts";
+import { ExecutorDiedError, ExecutorPool, shared } from "./executors.ts";
 import { DataStore, refsIn, resolveRefs } from "./store.ts";
 
 /** Default for how long a worker keeps trying to reach its scheduler: 60 s. */
@@ -29,6 +29,12 @@ export const DEATH_TIMEOUT_MS = 60_000;
 /** The first and the largest wait between attempts to reach the scheduler. */
 const BACKOFF_FIRST_MS = 50;
 const BACKOFF_MAX_MS = 2_000;
+/** Wait before asking the scheduler again where a missing input is. */
+const FETCH_BACKOFF_MS = 100;
+/** Longest a leaving worker waits for its unique keys to be copied elsewhere. */
+const RETIRE_TIMEOUT_MS = 60_000;
+/** How a worker tells the scheduler about keys: a call it waits on, a notice, or a notice of fetched replicas. */
+type Report = "call" | "notice" | "replica";
 /** How long a call to a peer or the scheduler may take. */
 const CALL_TIMEOUT_MS = 60_000;
 
@@ -114,6 +120,7 @@ class Worker implements WorkerNode {
   /** Tasks from the scheduler being fetched for or run, and whether they were cancelled. */
   #tasks = new Map<string, { cancelled: boolean }>();
   #schedulerComm: Comm | null = null;
+  #heartbeatTimer: ReturnType<typeof setTimeout> | undefined;
   #reconnecting: Promise<void> | null = null;
   #peers: ConnectionPool;
   #closing: Promise<void> | null = null;
@@ -217,15 +224,17 @@ class Worker implements WorkerNode {
           if (this.#options.name === undefined) this.#identity.name = this.#identity.address;
         }
         const keys = this.data.keys();
-        await comm.call("register", {
+        const reply = await comm.call("register", {
           address: this.address,
           name: this.#identity.name,
           nthreads: this.#identity.nthreads,
           keys,
           nbytes: this.data.nbytes(keys),
-        }, { timeoutMs: CALL_TIMEOUT_MS });
+        }, { timeoutMs: CALL_TIMEOUT_MS }) as { heartbeat_interval_ms: number; worker_ttl_ms: number };
         this.#schedulerComm = comm;
-        comm.closed.then(() => this.#onSchedulerLost(comm!));
+        const registered = comm;
+        comm.closed.then(() => this.#onSchedulerLost(registered));
+        this.#heartbeat(comm, reply.heartbeat_interval_ms, reply.worker_ttl_ms);
         this.#log.info(`Registered with ${this.#schedulerUrl} as ${this.address}`);
         return;
       } catch (error) {
@@ -248,6 +257,44 @@ class Worker implements WorkerNode {
         wait = Math.min(wait * 2, BACKOFF_MAX_MS);
       }
     }
+  }
+
+  /**
+   * Tells the scheduler it is alive every `intervalMs`. A heartbeat unanswered within
+   * the scheduler's TTL means the link is dead even if the socket looks open (a cut
+   * network): the connection is dropped and the worker reconnects and registers again.
+   */
+  #heartbeat(comm: Comm, intervalMs: number, ttlMs: number): void {
+    clearTimeout(this.#heartbeatTimer);
+    const beat = async () => {
+      if (this.#closing || this.#schedulerComm !== comm) return;
+      const metrics = {
+        nkeys: this.data.size,
+        nbytes: this.data.totalBytes(),
+        executing: this.#executors.running,
+        queued: this.#executors.queued,
+        rss: Deno.memoryUsage().rss,
+      };
+      try {
+        const reply = await comm.call("heartbeat", { address: this.address, metrics }, {
+          timeoutMs: ttlMs,
+        }) as {
+          status: string;
+          heartbeat_interval_ms: number;
+        };
+        if (reply.status !== "OK") throw new Error("the scheduler no longer knows this worker");
+        intervalMs = reply.heartbeat_interval_ms;
+      } catch (error) {
+        if (this.#closing || this.#schedulerComm !== comm) return;
+        this.#log.warn(
+          `Heartbeat failed (${(error as Error).message}); reconnecting to ${this.#schedulerUrl}`,
+        );
+        comm.close();
+        return;
+      }
+      this.#heartbeatTimer = setTimeout(beat, intervalMs);
+    };
+    this.#heartbeatTimer = setTimeout(beat, intervalMs);
   }
 
   #onSchedulerLost(comm: Comm): void {
@@ -273,15 +320,15 @@ class Worker implements WorkerNode {
    * Tells the scheduler what changed, as a call (waiting for its ack) or a notice; a
    * scheduler that is away learns it at re-registration.
    */
-  async #report(op: "add_keys" | "remove_keys", keys: string[], notice = false): Promise<void> {
+  async #report(op: "add_keys" | "remove_keys", keys: string[], mode: Report = "call"): Promise<void> {
     const comm = this.#schedulerComm;
     if (keys.length === 0 || comm === null) return;
     // Copies fetched for a scheduler's task are replicas: the scheduler may have forgotten them meanwhile.
     const args = op === "add_keys"
-      ? { address: this.address, keys, nbytes: this.data.nbytes(keys), replicas: notice }
+      ? { address: this.address, keys, nbytes: this.data.nbytes(keys), replicas: mode === "replica" }
       : { address: this.address, keys };
     try {
-      if (notice) comm.notify(op, args);
+      if (mode !== "call") comm.notify(op, args);
       else await this.#schedulerCall(op, args);
     } catch (error) {
       this.#log.warn(`Could not tell the scheduler ${op} ${keys.join(", ")}: ${(error as Error).message}`);
@@ -295,7 +342,7 @@ class Worker implements WorkerNode {
    * once; a key whose holder fails is asked of its next holder. Stores what arrives
    * as replicas and tells the scheduler.
    */
-  async #gather(keys: string[], known?: Record<string, string[]>): Promise<void> {
+  async #gather(keys: string[], known?: Record<string, string[]>, mode: Report = "call"): Promise<void> {
     let whoHas = known;
     if (whoHas === undefined) {
       this.#log.debug(`Asking the scheduler who has ${keys.join(", ")}`);
@@ -304,6 +351,7 @@ class Worker implements WorkerNode {
     const remaining = new Set(keys);
     const tried = new Map<string, Set<string>>(keys.map((k) => [k, new Set([this.address])]));
     const fetched: string[] = [];
+    let refreshed = known === undefined;
     for (;;) {
       const batches = new Map<string, string[]>();
       for (const key of remaining) {
@@ -315,7 +363,18 @@ class Worker implements WorkerNode {
         if (batch === undefined) batches.set(holder, batch = []);
         batch.push(key);
       }
-      if (batches.size === 0) break;
+      if (batches.size === 0) {
+        if (refreshed || remaining.size === 0 || this.#schedulerComm === null) break;
+        // Every holder we were told of failed: ask again where the copies are now, once.
+        refreshed = true;
+        await new Promise((resolve) => setTimeout(resolve, FETCH_BACKOFF_MS));
+        try {
+          whoHas = await this.#schedulerCall("who_has", { keys: [...remaining] }) as Record<string, string[]>;
+        } catch {
+          break;
+        }
+        continue;
+      }
       await Promise.all([...batches].map(async ([holder, batch]) => {
         try {
           this.#log.debug(`Fetching ${batch.join(", ")} from ${holder}`);
@@ -338,8 +397,14 @@ class Worker implements WorkerNode {
         }
       }));
     }
-    await this.#report("add_keys", fetched, known !== undefined);
-    if (remaining.size > 0) throw new MissingDataError([...remaining]);
+    await this.#report("add_keys", fetched, mode);
+    if (remaining.size > 0) {
+      const error = new MissingDataError([...remaining]);
+      for (const key of remaining) {
+        error.holders[key] = [...tried.get(key)!].filter((a) => a !== this.address);
+      }
+      throw error;
+    }
   }
 
   // ---- ops ----
@@ -373,6 +438,16 @@ class Worker implements WorkerNode {
       compute_task: (args, comm) => {
         // A notice: the reply is task_finished or task_erred, later.
         this.#computeTask(args, comm);
+      },
+      gather_keys: async ({ who_has }) => {
+        const keys = Object.keys(who_has).filter((k) => !this.data.has(k));
+        try {
+          await this.#gather(keys, who_has, "notice");
+          return { status: "OK", missing: [] };
+        } catch (error) {
+          if (error instanceof MissingDataError) return { status: "OK", missing: error.keys };
+          throw error;
+        }
       },
       free_keys: ({ keys }) => {
         for (const key of keys) this.data.delete(key);
@@ -409,7 +484,7 @@ class Worker implements WorkerNode {
         throw new RangeError(`Task ${key} names function ${fnId}, which this worker was never sent`);
       }
       const missing = Object.keys(who_has).filter((k) => !this.data.has(k));
-      if (missing.length > 0) await this.#gather(missing, who_has);
+      if (missing.length > 0) await this.#gather(missing, who_has, "replica");
       if (task.cancelled) return;
       const { result, nbytes } = await this.#executors.run(
         spec,
@@ -421,7 +496,16 @@ class Worker implements WorkerNode {
       comm.notify("task_finished", { key, nbytes, duration: (performance.now() - started) / 1000 });
     } catch (error) {
       if (task.cancelled || comm.isClosed) return;
-      comm.notify("task_erred", { key, error: toRemoteErrorInfo(error) });
+      if (error instanceof MissingDataError) {
+        // The copies we were sent to are gone: the scheduler recomputes or re-routes them.
+        comm.notify("missing_data", { key, missing: error.holders });
+      } else {
+        comm.notify("task_erred", {
+          key,
+          error: toRemoteErrorInfo(error),
+          killed: error instanceof ExecutorDiedError,
+        });
+      }
     } finally {
       if (this.#tasks.get(key) === task) this.#tasks.delete(key);
     }
@@ -448,8 +532,17 @@ class Worker implements WorkerNode {
 
   #shutdown(unregister: boolean): Promise<void> {
     this.#closing ??= (async () => {
+      clearTimeout(this.#heartbeatTimer);
       const comm = this.#schedulerComm;
       if (unregister && comm && !comm.isClosed) {
+        try {
+          // Keys that exist nowhere else move to other workers before this one goes.
+          await comm.call("retire_workers", { workers: [this.address], close: false }, {
+            timeoutMs: RETIRE_TIMEOUT_MS,
+          });
+        } catch (error) {
+          this.#log.warn(`Could not hand over its data before leaving: ${(error as Error).message}`);
+        }
         try {
           await comm.call("unregister", { address: this.address }, { timeoutMs: 5_000 });
         } catch (error) {
