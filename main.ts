@@ -9,7 +9,7 @@ import { parseArgs } from "node:util";
 import config from "./deno.json" with { type: "json" };
 import { createLogger, LOG_LEVELS, type LogLevel } from "./_log.ts";
 import { parseAddress, parsePort } from "./protocol/address.ts";
-import { SCHEDULER_PORT, startScheduler } from "./scheduler/scheduler.ts";
+import { ALLOWED_FAILURES, SCHEDULER_PORT, startScheduler, WORKER_TTL_MS } from "./scheduler/scheduler.ts";
 import { DEATH_TIMEOUT_MS, startWorker } from "./worker/worker.ts";
 import { LocalCluster } from "./client/local.ts";
 import { FRAME_BYTES_MAX } from "./protocol/framing.ts";
@@ -139,6 +139,18 @@ const commands: Record<string, { usage: string; summary: string; flags: Record<s
         default: String(SCHEDULER_PORT),
         value: "PORT",
         help: "port to listen on (0: any)",
+      },
+      "worker-ttl": {
+        type: "string",
+        default: String(WORKER_TTL_MS / 1000),
+        value: "SECONDS",
+        help: "remove a worker not heard from for this long (a hung process, a cut network)",
+      },
+      "allowed-failures": {
+        type: "string",
+        default: String(ALLOWED_FAILURES),
+        value: "N",
+        help: "workers a task may kill (by dying while running it) before it fails with KilledWorker",
       },
       ...auth,
       ...tls,
@@ -270,6 +282,14 @@ function positiveNumber(flag: string, text: string, integer: boolean): number {
   return n;
 }
 
+function wholeNumber(flag: string, text: string): number {
+  const n = Number(text);
+  if (!/^\d+$/.test(text) || !Number.isSafeInteger(n)) {
+    throw new UsageError(`Invalid --${flag} ${JSON.stringify(text)}: expected a whole number from 0 up`);
+  }
+  return n;
+}
+
 function checked<T>(fn: () => T): T {
   try {
     return fn();
@@ -322,6 +342,8 @@ async function run(argv: string[]): Promise<number> {
       ...await security(flags),
       frameBytesMax: positiveNumber("frame-bytes-max", flags["frame-bytes-max"], true),
       connectionsMax: positiveNumber("connections-max", flags["connections-max"], true),
+      workerTtlMs: positiveNumber("worker-ttl", flags["worker-ttl"], false) * 1000,
+      allowedFailures: wholeNumber("allowed-failures", flags["allowed-failures"]),
       log: createLogger("scheduler", level),
     });
     exitOnSignal(node);

@@ -8,7 +8,7 @@
 
 import { type Address, formatAddress, parseAddress } from "../protocol/address.ts";
 import { Ref } from "../protocol/codec.ts";
-import type { Comm } from "../protocol/comm.ts";
+import type { Comm, Dispatch } from "../protocol/comm.ts";
 import {
   CancelledError,
   ConnectionClosedError,
@@ -67,7 +67,18 @@ export function taskOptions(options: SubmitOptions): TaskOptions {
 /** Where a future's key stands, as far as this client knows. */
 export type FutureStatus = "pending" | "finished" | "error" | "cancelled" | "lost";
 
+/** What the client remembers of a task it submitted, to submit it again to a restarted scheduler. */
+interface TaskRecord {
+  spec: FunctionSpec;
+  args: unknown[];
+  deps: string[];
+  priority?: number;
+  retries?: number;
+  workers?: string[];
+}
+
 interface KeyRecord {
+  task?: TaskRecord;
   refs: number;
   status: FutureStatus;
   workers: string[];
@@ -134,7 +145,16 @@ export interface ClientOptions extends SecurityOptions {
   frameBytesMax?: number;
   /** Called by `close()` after the client has closed (LocalCluster uses it). */
   onClose?: () => Promise<void>;
+  /**
+   * How long to keep trying to reach a scheduler that went away (a restart), in ms;
+   * futures wait meanwhile and their tasks are submitted again. Default 60 s; 0 gives up at once.
+   */
+  reconnectTimeoutMs?: number;
 }
+
+/** First and largest wait between attempts to reach a lost scheduler. */
+const RECONNECT_FIRST_MS = 100;
+const RECONNECT_MAX_MS = 2_000;
 
 /** Any function a task may run. */
 // deno-lint-ignore no-explicit-any
@@ -208,6 +228,9 @@ export class Client implements AsyncDisposable {
   /** The scheduler's address. */
   readonly scheduler: string;
   #comm: Comm;
+  #target: Address;
+  #options: ClientOptions;
+  #dispatch: Dispatch;
   #peers: ConnectionPool;
   #keys = new Map<string, KeyRecord>();
   #graph:
@@ -219,10 +242,13 @@ export class Client implements AsyncDisposable {
   #onClose?: () => Promise<void>;
   #registry = new FinalizationRegistry<string>((key) => this._decref(key));
 
-  private constructor(id: string, scheduler: string, comm: Comm, options: ClientOptions) {
+  private constructor(id: string, target: Address, comm: Comm, dispatch: Dispatch, options: ClientOptions) {
     this.id = id;
-    this.scheduler = scheduler;
+    this.scheduler = formatAddress(target);
+    this.#target = target;
     this.#comm = comm;
+    this.#dispatch = dispatch;
+    this.#options = options;
     this.#onClose = options.onClose;
     this.#peers = new ConnectionPool({
       authToken: options.authToken ?? tokenFromEnv(),
@@ -230,7 +256,7 @@ export class Client implements AsyncDisposable {
       handshakeTimeoutMs: options.handshakeTimeoutMs,
       frameBytesMax: options.frameBytesMax,
     });
-    comm.closed.then(() => this.#lostScheduler());
+    comm.closed.then(() => this.#disconnected(comm));
   }
 
   /**
@@ -264,7 +290,7 @@ export class Client implements AsyncDisposable {
       await comm.close();
       throw error;
     }
-    client = new Client(id, formatAddress(target), comm, options);
+    client = new Client(id, target, comm, dispatch, options);
     return client;
   }
 
@@ -336,17 +362,16 @@ export class Client implements AsyncDisposable {
     const known = this.#keys.has(key);
     const future = this.#ref(key);
     if (!known) {
-      const graph = this.#pendingGraph();
-      graph.tasks.push({
-        key,
-        fn: this.#fnIndex(spec),
+      const task: TaskRecord = {
+        spec,
         args: wireArgs,
         deps: [...deps],
         priority: options.priority,
         retries: options.retries,
         workers: options.workers,
-      });
-      graph.wanted.push(key);
+      };
+      this.#keys.get(key)!.task = task;
+      this.#queueTask(key, task);
     }
     return future;
   }
@@ -412,11 +437,15 @@ export class Client implements AsyncDisposable {
         // Keys stay the user's; dependencies ride as references. Only the wanted keys
         // get futures: the rest are released as soon as their dependents have run.
         this.#checkOpen();
-        const g = this.#pendingGraph();
-        g.tasks.push({ key, fn: this.#fnIndex(spec), args, deps: [...found] });
         if (wanted.has(key)) {
-          futures.set(key, this.#ref(key));
-          g.wanted.push(key);
+          const f = this.#ref(key);
+          futures.set(key, f);
+          const task: TaskRecord = { spec, args, deps: [...found] };
+          this.#keys.get(key)!.task = task;
+          this.#queueTask(key, task);
+        } else {
+          const g = this.#pendingGraph();
+          g.tasks.push({ key, fn: this.#fnIndex(spec), args, deps: [...found] });
         }
       }
       const values = await this.gather(
@@ -607,9 +636,66 @@ export class Client implements AsyncDisposable {
   }
 
   #checkOpen(): void {
-    if (this.#closed || this.#comm.isClosed) {
+    if (this.#closed) {
       throw new ConnectionClosedError(`This client's connection to ${this.scheduler} is closed`);
     }
+  }
+
+  #queueTask(key: string, task: TaskRecord): void {
+    const graph = this.#pendingGraph();
+    graph.tasks.push({
+      key,
+      fn: this.#fnIndex(task.spec),
+      args: task.args,
+      deps: task.deps,
+      priority: task.priority,
+      retries: task.retries,
+      workers: task.workers,
+    });
+    graph.wanted.push(key);
+  }
+
+  /**
+   * The scheduler connection closed. Unless the client is closing, reconnect with
+   * backoff and submit again every task a future still holds (a restarted scheduler
+   * knows the data workers bring back when they register again; the rest it computes).
+   */
+  async #disconnected(comm: Comm): Promise<void> {
+    if (this.#closed || comm !== this.#comm) return this.#lostScheduler();
+    const deadline = Date.now() + (this.#options.reconnectTimeoutMs ?? 60_000);
+    let wait = RECONNECT_FIRST_MS;
+    while (!this.#closed && Date.now() < deadline) {
+      await new Promise((resolve) => setTimeout(resolve, Math.min(wait, Math.max(0, deadline - Date.now()))));
+      wait = Math.min(wait * 2, RECONNECT_MAX_MS);
+      if (this.#closed) break;
+      let next: Comm;
+      try {
+        next = await openComm(this.#target, { ...this.#options, dispatch: this.#dispatch });
+      } catch {
+        continue;
+      }
+      try {
+        await next.call("register_client", { id: this.id });
+      } catch {
+        await next.close();
+        continue;
+      }
+      if (this.#closed) {
+        await next.close();
+        break;
+      }
+      this.#comm = next;
+      next.closed.then(() => this.#disconnected(next));
+      this.#graph = null;
+      this.#releases = [];
+      for (const [key, rec] of this.#keys) {
+        if (rec.task) this.#queueTask(key, rec.task);
+        else this.#pendingGraph().wanted.push(key);
+      }
+      this.#flush();
+      return;
+    }
+    this.#lostScheduler();
   }
 
   #pendingGraph() {
@@ -642,17 +728,19 @@ export class Client implements AsyncDisposable {
     this.#flushScheduled = false;
     const graph = this.#graph;
     this.#graph = null;
+    // While reconnecting, nothing is sent: every live key is submitted again on reconnect.
     if (this.#comm.isClosed) return;
-    if (graph && graph.tasks.length > 0) {
-      const { functions, tasks, wanted } = graph;
-      this.#comm.call("update_graph", { functions, tasks, wanted }).catch((error) => {
-        for (const t of tasks) this.#onError(t.key, reviveError(toRemoteErrorInfo(error), t.key));
-      });
-    }
+    // Releases go first: a key released and submitted again in the same turn must end up wanted.
     if (this.#releases.length > 0) {
       const keys = this.#releases;
       this.#releases = [];
       this.#comm.notify("release_keys", { keys });
+    }
+    if (graph && (graph.tasks.length > 0 || graph.wanted.length > 0)) {
+      const { functions, tasks, wanted } = graph;
+      this.#comm.call("update_graph", { functions, tasks, wanted }).catch((error) => {
+        for (const t of tasks) this.#onError(t.key, reviveError(toRemoteErrorInfo(error), t.key));
+      });
     }
   }
 
@@ -676,12 +764,9 @@ export class Client implements AsyncDisposable {
 
   #lostScheduler(): void {
     for (const [key, rec] of this.#keys) {
-      if (rec.status === "pending") {
-        this.#onError(
-          key,
-          new ConnectionClosedError(`Lost the scheduler ${this.scheduler} before ${key} finished`),
-        );
-      }
+      if (rec.status !== "pending") continue;
+      const why = this.#closed ? "This client was closed" : `Lost the scheduler ${this.scheduler}`;
+      this.#onError(key, new ConnectionClosedError(`${why} before ${key} finished`));
     }
   }
 }

@@ -42,6 +42,8 @@ export interface CommOptions {
   sharedFrames?: boolean;
   /** The reader the handshake used: bytes it buffered belong to this connection. */
   reader?: MessageReader;
+  /** The largest message the peer accepts (it says so in its hello): larger ones are refused here. */
+  peerFrameBytesMax?: number;
   /** Where protocol errors are reported. */
   log?: Logger;
 }
@@ -186,7 +188,7 @@ export class Comm {
   #encode(message: Record<string, unknown>, root: string): Uint8Array[] {
     const { head, buffers } = encoder.encode(message, root);
     // The peer would close the connection over a message past the limit: refuse it here.
-    const max = this.#options.frameBytesMax ?? FRAME_BYTES_MAX;
+    const max = this.#options.peerFrameBytesMax ?? this.#options.frameBytesMax ?? FRAME_BYTES_MAX;
     let total = head.byteLength;
     for (const b of buffers) total += b.byteLength;
     if (total > max) {

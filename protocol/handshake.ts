@@ -16,7 +16,7 @@ import { type Address, formatAddress } from "./address.ts";
 import { Decoder, Encoder } from "./codec.ts";
 import { Comm, type CommOptions } from "./comm.ts";
 import { ConnectionClosedError, ProtocolError, TimeoutError } from "./errors.ts";
-import { frameHeader, MessageReader } from "./framing.ts";
+import { FRAME_BYTES_MAX, frameHeader, MessageReader } from "./framing.ts";
 import { type Conn, connect, type TlsOptions } from "./transport.ts";
 
 /** The protocol version a server announces. */
@@ -119,16 +119,20 @@ function withTimeout<T>(promise: Promise<T>, ms: number, conn: Conn, what: strin
  * the reader to hand to the connection's Comm; throws (after telling the client why,
  * and closing) when the client fails.
  */
-export function serverHandshake(conn: Conn, security: SecurityOptions = {}): Promise<MessageReader> {
+export function serverHandshake(
+  conn: Conn,
+  security: SecurityOptions & { frameBytesMax?: number } = {},
+): Promise<MessageReader> {
   const reader = new MessageReader(conn, { frameBytesMax: HANDSHAKE_BYTES_MAX });
   const token = security.authToken;
   const run = async () => {
+    const limit = security.frameBytesMax ?? FRAME_BYTES_MAX;
     if (!token) {
-      await send(conn, { dist: PROTOCOL_VERSION, auth: null });
+      await send(conn, { dist: PROTOCOL_VERSION, auth: null, frameBytesMax: limit });
       return reader;
     }
     const nonce = crypto.getRandomValues(new Uint8Array(NONCE_BYTES));
-    await send(conn, { dist: PROTOCOL_VERSION, auth: "hmac-sha256", nonce });
+    await send(conn, { dist: PROTOCOL_VERSION, auth: "hmac-sha256", nonce, frameBytesMax: limit });
     let reason: string;
     try {
       const reply = await receive(reader, "the client's proof");
@@ -164,8 +168,19 @@ export function serverHandshake(conn: Conn, security: SecurityOptions = {}): Pro
   );
 }
 
-/** The client side: reads the hello and, when asked, proves it knows the token. */
-export function clientHandshake(conn: Conn, security: SecurityOptions = {}): Promise<MessageReader> {
+/** What the client learns in the handshake. */
+export interface ClientHandshake {
+  /** The reader to hand to the connection's Comm. */
+  reader: MessageReader;
+  /** The largest message the server accepts, as it announced. */
+  peerFrameBytesMax?: number;
+}
+
+/**
+ * The client side: reads the hello and, when asked, proves it knows the token. A client
+ * holding a token refuses a server that does not ask for it.
+ */
+export function clientHandshake(conn: Conn, security: SecurityOptions = {}): Promise<ClientHandshake> {
   const reader = new MessageReader(conn, { frameBytesMax: HANDSHAKE_BYTES_MAX });
   const run = async () => {
     const hello = await receive(reader, "the server's hello");
@@ -174,7 +189,17 @@ export function clientHandshake(conn: Conn, security: SecurityOptions = {}): Pro
         `${conn.remoteAddress} speaks protocol ${String(hello.dist)}, not ${PROTOCOL_VERSION}`,
       );
     }
-    if (hello.auth === null || hello.auth === undefined) return reader;
+    const peerLimit = typeof hello.frameBytesMax === "number" ? hello.frameBytesMax : undefined;
+    if (hello.auth === null || hello.auth === undefined) {
+      // Holding a token and meeting a node that asks for none: a stripped challenge, or a
+      // node outside the cluster. Either way, nothing goes to it.
+      if (security.authToken) {
+        throw new AuthenticationError(
+          `${conn.remoteAddress} does not ask for the auth token: it may be an impostor, or a node started without one`,
+        );
+      }
+      return { reader, peerFrameBytesMax: peerLimit };
+    }
     if (hello.auth !== "hmac-sha256" || !(hello.nonce instanceof Uint8Array)) {
       throw new ProtocolError(`${conn.remoteAddress} asks for unknown auth ${String(hello.auth)}`);
     }
@@ -198,7 +223,7 @@ export function clientHandshake(conn: Conn, security: SecurityOptions = {}): Pro
         `${conn.remoteAddress} does not know the auth token: it may be an impostor`,
       );
     }
-    return reader;
+    return { reader, peerFrameBytesMax: peerLimit };
   };
   return withTimeout(
     run(),
@@ -213,13 +238,25 @@ export async function openComm(
   address: Address,
   options: CommOptions & SecurityOptions & { signal?: AbortSignal } = {},
 ): Promise<Comm> {
-  const conn = await connect(address, { signal: options.signal, tls: options.tls });
+  const timeoutMs = options.handshakeTimeoutMs ?? HANDSHAKE_TIMEOUT_MS;
+  // The TCP connect and the TLS handshake get the same deadline as ours: a peer that
+  // accepts and then says nothing must not hang the caller.
+  const connecting = connect(address, { signal: options.signal, tls: options.tls });
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const conn = await Promise.race([
+    connecting,
+    new Promise<never>((_, reject) => {
+      timer = setTimeout(() => {
+        connecting.then((c) => c.close(), () => {});
+        reject(
+          new TimeoutError(`Cannot connect to ${formatAddress(address)}: no answer within ${timeoutMs} ms`),
+        );
+      }, timeoutMs);
+    }),
+  ]).finally(() => clearTimeout(timer));
   try {
-    const reader = await clientHandshake(conn, {
-      ...options,
-      authToken: options.authToken ?? tokenFromEnv(),
-    });
-    return new Comm(conn, { ...options, reader });
+    const shake = await clientHandshake(conn, { ...options, authToken: options.authToken ?? tokenFromEnv() });
+    return new Comm(conn, { ...options, reader: shake.reader, peerFrameBytesMax: shake.peerFrameBytesMax });
   } catch (error) {
     conn.close();
     if (error instanceof AuthenticationError || error instanceof ProtocolError) throw error;

@@ -8,6 +8,13 @@
 
 import * as v from "./_validate.ts";
 
+/**
+ * Functions a worker keeps by the scheduler's id, and the scheduler remembers a worker
+ * has: both sides keep this many, least recently used first, touched on every
+ * compute_task, so they always agree (PROTOCOL.md, "Function ids").
+ */
+export const KNOWN_FUNCTIONS_MAX = 1024;
+
 /** How a function travels: as source, or named by module. */
 export type FunctionSpec = { source: string } | { module: string; name: string };
 

@@ -83,12 +83,15 @@ export async function serve(
   const listener = await listen(address, {
     tls: options.tls,
     onTlsError: (error) => log.warn(`TLS handshake failed: ${error.message}`),
+    handshakeTimeoutMs: options.handshakeTimeoutMs,
+    connectionsMax: options.connectionsMax ?? CONNECTIONS_MAX,
   });
-  if (!isLoopback(listener.address.host) && !options.authToken && !address.tls) {
+  // TLS alone encrypts; only a client CA (mutual TLS) or a token decides who gets in.
+  if (!isLoopback(listener.address.host) && !options.authToken && !(address.tls && options.tls?.ca)) {
     log.warn(
       `Listening on ${
         formatAddress(listener.address)
-      } with neither an auth token nor TLS: anyone who can reach ` +
+      } with neither an auth token nor client certificates: anyone who can reach ` +
         `this port can read and delete its data and run any code on the workers. Set --auth-token (and use tls://).`,
     );
   }

@@ -33,6 +33,18 @@ export interface Listener extends AsyncIterable<Conn> {
   close(): void;
 }
 
+/** Options of `listen`. */
+export interface ListenOptions {
+  /** TLS material, for tls:// addresses. */
+  tls?: TlsOptions;
+  /** Told of every failed TLS handshake. */
+  onTlsError?: (error: Error) => void;
+  /** Time a TLS peer has to finish its TLS handshake. */
+  handshakeTimeoutMs?: number;
+  /** Most open TLS connections. */
+  connectionsMax?: number;
+}
+
 /** PEM texts for TLS. */
 export interface TlsOptions {
   /** This node's certificate chain (PEM): required to listen on tls://, and for mutual TLS as a client. */
@@ -203,11 +215,8 @@ function listenError(address: Address, error: unknown): Error {
 }
 
 /** Listens on `address` (port 0: any free port); tls:// needs `tls.cert` and `tls.key`. */
-export async function listen(
-  address: Address,
-  options: { tls?: TlsOptions; onTlsError?: (error: Error) => void } = {},
-): Promise<Listener> {
-  if (address.tls) return await listenTls(address, options.tls ?? {}, options.onTlsError);
+export async function listen(address: Address, options: ListenOptions = {}): Promise<Listener> {
+  if (address.tls) return await listenTls(address, options);
   let listener: Deno.TcpListener;
   try {
     listener = Deno.listen({ hostname: address.host, port: address.port, transport: "tcp" });
@@ -245,11 +254,8 @@ export async function listen(
   };
 }
 
-async function listenTls(
-  address: Address,
-  t: TlsOptions,
-  onTlsError?: (error: Error) => void,
-): Promise<Listener> {
+async function listenTls(address: Address, options: ListenOptions): Promise<Listener> {
+  const t = options.tls ?? {};
   if (!t.cert || !t.key) {
     throw new TypeError(
       `Cannot listen at ${
@@ -264,7 +270,10 @@ async function listenTls(
     ca: mutual ? [t.ca!] : undefined,
     requestCert: mutual,
     rejectUnauthorized: mutual,
+    // A peer that opens TCP and never speaks TLS is dropped like one that fails our handshake.
+    handshakeTimeout: options.handshakeTimeoutMs ?? 10_000,
   });
+  if (options.connectionsMax !== undefined) server.maxConnections = options.connectionsMax;
   const queue: Conn[] = [];
   let wake: (() => void) | null = null;
   let closed = false;
@@ -272,7 +281,10 @@ async function listenTls(
     queue.push(new SocketConn(socket));
     wake?.();
   });
-  server.on("tlsClientError", (error: Error) => onTlsError?.(error));
+  server.on("tlsClientError", (error: Error, socket: tls.TLSSocket) => {
+    socket.destroy();
+    options.onTlsError?.(error);
+  });
   await new Promise<void>((resolve, reject) => {
     server.once("error", (error: Error) => reject(listenError(address, error)));
     server.listen(address.port, address.host, () => resolve());

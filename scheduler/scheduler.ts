@@ -228,8 +228,7 @@ export async function startScheduler(options: SchedulerOptions = {}): Promise<Sc
     },
     update_graph({ functions, tasks, wanted }, comm) {
       const client = clientOf(comm);
-      const fnIds = functions.map((f) => state.functionId(f));
-      const specs = tasks.map((t) => toSpec(t, functions, fnIds));
+      const specs = tasks.map((t) => toSpec(t, functions));
       state.updateGraph(client, specs, wanted);
       return { status: "OK" };
     },
@@ -338,13 +337,13 @@ export async function startScheduler(options: SchedulerOptions = {}): Promise<Sc
 }
 
 /** A task from the wire, with its function resolved against the message's table. */
-function toSpec(t: GraphTask, functions: FunctionSpec[], fnIds: number[]): TaskSpec {
+function toSpec(t: GraphTask, functions: FunctionSpec[]): TaskSpec {
   if (t.fn >= functions.length) {
     throw new RangeError(`Task ${t.key}: fn ${t.fn} is past the ${functions.length} functions sent`);
   }
   return {
     key: t.key,
-    run: { function: functions[t.fn], fnId: fnIds[t.fn], args: t.args },
+    run: { function: functions[t.fn], args: t.args },
     deps: t.deps,
     priority: t.priority,
     retries: t.retries,

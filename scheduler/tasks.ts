@@ -11,7 +11,12 @@
  */
 
 import type { RemoteErrorInfo } from "../protocol/errors.ts";
-import type { FunctionSpec, WorkerInfo } from "../protocol/ops.ts";
+import { type FunctionSpec, KNOWN_FUNCTIONS_MAX, type WorkerInfo } from "../protocol/ops.ts";
+import { Lru } from "../_lru.ts";
+import { createHash } from "node:crypto";
+
+/** Most distinct functions the scheduler keeps ids for; the least recently used go first. */
+export const FUNCTIONS_MAX = 10_000;
 
 /** The states a task moves through. */
 export type TaskStateName =
@@ -27,8 +32,6 @@ export type TaskStateName =
 export interface TaskRun {
   /** The function to call. */
   function: FunctionSpec;
-  /** Its id in the scheduler's function table (workers cache functions by it). */
-  fnId: number;
   /** Positional arguments; `Ref`s stand for dependencies' values. */
   args: unknown[];
 }
@@ -88,8 +91,11 @@ export interface WorkerState {
   readonly processing: Set<TaskState>;
   readonly hasWhat: Set<TaskState>;
   nbytes: number;
-  /** Function ids this worker has been sent in full. */
-  readonly knownFunctions: Set<number>;
+  /**
+   * Function ids this worker has been sent in full, as an LRU the worker mirrors: both
+   * touch an id on every compute_task, in the same order, so both forget the same ids.
+   */
+  readonly knownFunctions: Lru<number, true>;
   /** When it was last heard from (heartbeat or any report), in ms. */
   lastSeen: number;
   /** Its latest heartbeat's figures. */
@@ -203,7 +209,10 @@ export class SchedulerTasks {
   #order = 0;
   #out: Outgoing[] = [];
   #roundRobin = 0;
-  #functions = new Map<string, number>();
+  #functions = new Lru<string, number>(FUNCTIONS_MAX);
+  /** Digests of the spec objects tasks carry: the tasks of one graph share one object. */
+  #digests = new WeakMap<FunctionSpec, string>();
+  #nextFunctionId = 1;
 
   /** The messages produced since the last call, to be sent by the shell. */
   drain(): Outgoing[] {
@@ -212,11 +221,21 @@ export class SchedulerTasks {
     return out;
   }
 
-  /** The id of a function in the function table. */
+  /**
+   * The id of a function in the function table. The table keeps a digest of each
+   * function, not its text: a client sending thousands of large functions does not
+   * fill the scheduler's memory (each task's spec goes with the task).
+   */
   functionId(spec: FunctionSpec): number {
-    const k = "source" in spec ? spec.source : `${spec.module}\0${spec.name}`;
+    let k = this.#digests.get(spec);
+    if (k === undefined) {
+      const text = "source" in spec ? `s${spec.source}` : `m${spec.module}\0${spec.name}`;
+      k = createHash("sha256").update(text).digest("base64");
+      this.#digests.set(spec, k);
+    }
     let id = this.#functions.get(k);
-    if (id === undefined) this.#functions.set(k, id = this.#functions.size + 1);
+    // Ids are never reused: a function forgotten and seen again gets a new one.
+    if (id === undefined) this.#functions.set(k, id = this.#nextFunctionId++);
     return id;
   }
 
@@ -241,7 +260,7 @@ export class SchedulerTasks {
       processing: new Set(),
       hasWhat: new Set(),
       nbytes: 0,
-      knownFunctions: new Set(),
+      knownFunctions: new Lru(KNOWN_FUNCTIONS_MAX),
       lastSeen: now,
       metrics: {},
     };
@@ -735,9 +754,10 @@ export class SchedulerTasks {
     const run = ts.run!;
     const whoHas: Record<string, string[]> = {};
     for (const dep of ts.dependencies) whoHas[dep.key] = [...dep.whoHas].map((w) => w.address);
-    const args: ComputeTaskArgs = { key: ts.key, fnId: run.fnId, args: run.args, who_has: whoHas };
-    if (!ws.knownFunctions.has(run.fnId)) {
-      ws.knownFunctions.add(run.fnId);
+    const fnId = this.functionId(run.function);
+    const args: ComputeTaskArgs = { key: ts.key, fnId, args: run.args, who_has: whoHas };
+    if (ws.knownFunctions.get(fnId) === undefined) {
+      ws.knownFunctions.set(fnId, true);
       args.function = run.function;
     }
     this.#out.push({ to: "worker", address: ws.address, op: "compute_task", args });

@@ -229,7 +229,15 @@ Deno.test("cli: --help of each command lists every flag with its default", async
     "handshake-timeout": "10",
   };
   const expected: Record<string, Record<string, string | null>> = {
-    scheduler: { host: "127.0.0.1", port: "8786", ...security, "log-level": "info", help: null },
+    scheduler: {
+      host: "127.0.0.1",
+      port: "8786",
+      "worker-ttl": "30",
+      "allowed-failures": "3",
+      ...security,
+      "log-level": "info",
+      help: null,
+    },
     worker: {
       host: "127.0.0.1",
       port: "0",

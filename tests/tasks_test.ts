@@ -31,9 +31,9 @@ const IDENTITY = { source: "(x) => x" };
 
 // ---- helpers ----
 
-/** A task spec running the identity function (fnId 1) unless told otherwise. */
+/** A task spec running the identity function unless told otherwise. */
 function t(key: string, deps: string[] = [], extra: Partial<TaskSpec> = {}): TaskSpec {
-  return { key, run: { function: IDENTITY, fnId: 1, args: [] }, deps, ...extra };
+  return { key, run: { function: IDENTITY, args: [] }, deps, ...extra };
 }
 
 /** A state with workers of one thread each (or as given), and nothing to send yet. */
@@ -187,7 +187,7 @@ Deno.test("tasks: functionId is stable per function and distinct across function
 
 Deno.test("tasks: a task with no dependencies runs at once; with no worker it is queued until one comes", () => {
   const s = cluster(A);
-  s.updateGraph(C1, [t("inc-1", [], { run: { function: IDENTITY, fnId: 1, args: [41] } })], ["inc-1"]);
+  s.updateGraph(C1, [t("inc-1", [], { run: { function: IDENTITY, args: [41] } })], ["inc-1"]);
   const out = s.drain();
   assert.deepEqual(out, [{
     to: "worker",
@@ -516,7 +516,7 @@ Deno.test("tasks: compute_task carries who_has of every dependency and sends a f
   assert.deepEqual(args.function, IDENTITY, "B's first task of function 1");
   assert.deepEqual(args.who_has, { x: [A, B] });
 
-  s.updateGraph(C1, [t("g", [], { workers: [A], run: { function: other, fnId: 2, args: [1] } })], ["g"]);
+  s.updateGraph(C1, [t("g", [], { workers: [A], run: { function: other, args: [1] } })], ["g"]);
   args = computes(s.drain(), A)[0];
   assert.deepEqual(args.function, other);
   assert.equal(args.fnId, 2);

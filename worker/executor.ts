@@ -14,8 +14,9 @@
 
 import { toRemoteErrorInfo } from "../protocol/errors.ts";
 import type { FunctionSpec } from "../protocol/ops.ts";
-import { callFunction, FunctionCache } from "./functions.ts";
+import { callFunction, EXECUTOR_FUNCTIONS_MAX, FunctionCache } from "./functions.ts";
 import { nbytesOf } from "./store.ts";
+import { Lru } from "../_lru.ts";
 
 /** One job: run function `fn` (with its spec the first time) on `args`. */
 export interface Job {
@@ -35,7 +36,8 @@ export type JobResult =
 const RESULT_HOLD_MS = 2;
 
 const functions = new FunctionCache();
-const specs = new Map<number, FunctionSpec>();
+// The pool mirrors this LRU: same size, touched once per job in the order jobs arrive.
+const specs = new Lru<number, FunctionSpec>(EXECUTOR_FUNCTIONS_MAX);
 
 /** The ArrayBuffers in `value` that can be handed back without a copy. */
 function transferables(value: unknown, out: Set<ArrayBuffer>, depth = 0): Set<ArrayBuffer> {
@@ -56,8 +58,8 @@ function transferables(value: unknown, out: Set<ArrayBuffer>, depth = 0): Set<Ar
 async function run(job: Job, transfer: Set<ArrayBuffer>): Promise<JobResult> {
   const { id, fn, spec, args, key } = job;
   try {
+    const known = spec ?? specs.get(fn);
     if (spec) specs.set(fn, spec);
-    const known = specs.get(fn);
     if (known === undefined) throw new RangeError(`Executor has no function ${fn}`);
     const result = await callFunction(await functions.get(known), args);
     // Checked here, off the main thread: what cannot travel is refused with its path.

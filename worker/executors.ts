@@ -8,7 +8,9 @@
 
 import { CancelledError, RemoteError } from "../protocol/errors.ts";
 import type { FunctionSpec } from "../protocol/ops.ts";
+import { Lru } from "../_lru.ts";
 import type { ExitMessage, Job as WireJob, JobResult } from "./executor.ts";
+import { EXECUTOR_FUNCTIONS_MAX } from "./functions.ts";
 
 /** A task took its executor down (it called Deno.exit): the task killed its worker, in effect. */
 export class ExecutorDiedError extends Error {
@@ -23,6 +25,8 @@ export class ExecutorDiedError extends Error {
 export const SHARE_BYTES_MIN = 64 * 1024;
 /** Most tasks waiting for an executor on one worker. */
 export const EXECUTOR_QUEUE_MAX = 100_000;
+/** Distinct functions the pool keeps ids for. */
+const FUNCTIONS_MAX = 10_000;
 /** Most tasks handed to one executor at once; it runs them in turn. */
 const EXECUTOR_JOBS_MAX = 16;
 
@@ -41,7 +45,8 @@ interface Executor {
   worker: Worker;
   /** Jobs handed over and not yet answered, in order. */
   jobs: Map<number, Job>;
-  known: Set<number>;
+  /** Function ids this executor has, mirroring its own LRU (touched per job, in order). */
+  known: Lru<number, true>;
 }
 
 /**
@@ -67,7 +72,8 @@ export class ExecutorPool {
   #executors: Executor[] = [];
   #queue: Job[] = [];
   #nextId = 1;
-  #fnIds = new Map<string, number>();
+  #fnIds = new Lru<string, number>(FUNCTIONS_MAX);
+  #nextFnId = 1;
   #closed = false;
   #pumpScheduled = false;
 
@@ -169,7 +175,7 @@ export class ExecutorPool {
       }
       throw error;
     }
-    const executor: Executor = { worker, jobs: new Map(), known: new Set() };
+    const executor: Executor = { worker, jobs: new Map(), known: new Lru(EXECUTOR_FUNCTIONS_MAX) };
     worker.onmessage = (event: MessageEvent<JobResult[] | ExitMessage>) => {
       if (!Array.isArray(event.data)) return this.#died(executor, event.data);
       for (const done of event.data) {
@@ -240,10 +246,10 @@ export class ExecutorPool {
       const wire: WireJob[] = batch.map((job) => {
         const k = "source" in job.spec ? job.spec.source : `${job.spec.module}\0${job.spec.name}`;
         let fn = this.#fnIds.get(k);
-        if (fn === undefined) this.#fnIds.set(k, fn = this.#fnIds.size + 1);
+        if (fn === undefined) this.#fnIds.set(k, fn = this.#nextFnId++);
         const message: WireJob = { id: job.id, fn, args: job.args, key: job.key };
-        if (!target!.known.has(fn)) {
-          target!.known.add(fn);
+        if (target!.known.get(fn) === undefined) {
+          target!.known.set(fn, true);
           message.spec = job.spec;
         }
         return message;
@@ -251,21 +257,22 @@ export class ExecutorPool {
       try {
         target.worker.postMessage(wire);
         for (const job of batch) target.jobs.set(job.id, job);
-      } catch {
-        // Some job's arguments cannot be cloned: send them one by one to find it.
-        target.known.clear();
+      } catch (error) {
+        // Values in a worker's store came from the wire or an executor, so they clone;
+        // should one not, the batch fails and the executor (whose function LRU no longer
+        // matches ours) is replaced.
         for (const job of batch) {
-          try {
-            target.worker.postMessage([{ id: job.id, fn: 0, spec: job.spec, args: job.args, key: job.key }]);
-            target.jobs.set(job.id, job);
-          } catch (error) {
-            job.reject(
-              new TypeError(
-                `Cannot pass the arguments of ${job.key} to an executor: ${(error as Error).message}`,
-              ),
-            );
-          }
+          job.reject(
+            new TypeError(
+              `Cannot pass the arguments of ${job.key} to an executor: ${(error as Error).message}`,
+            ),
+          );
         }
+        const i = this.#executors.indexOf(target);
+        target.worker.terminate();
+        for (const job of target.jobs.values()) this.#queue.unshift(job);
+        target.jobs.clear();
+        this.#executors[i] = this.#spawn();
       }
     }
   }

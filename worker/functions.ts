@@ -6,7 +6,10 @@
  */
 
 import type { FunctionSpec } from "../protocol/ops.ts";
+import { Lru } from "../_lru.ts";
 
+/** Functions an executor keeps by id; the pool mirrors it (same size, same order of use). */
+export const EXECUTOR_FUNCTIONS_MAX = 256;
 /** Most compiled functions a worker keeps; the oldest go first. */
 export const FUNCTION_CACHE_MAX = 1024;
 
@@ -15,7 +18,7 @@ type Fn = (...args: any[]) => unknown;
 
 /** A bounded cache of compiled functions, keyed by their source (or module and name). */
 export class FunctionCache {
-  #cache = new Map<string, Fn>();
+  #cache = new Lru<string, Fn>(FUNCTION_CACHE_MAX);
 
   /** How many functions are cached. */
   get size(): number {
@@ -28,7 +31,6 @@ export class FunctionCache {
     let fn = this.#cache.get(cacheKey);
     if (fn === undefined) {
       fn = "source" in spec ? compile(spec.source) : await importFunction(spec.module, spec.name);
-      if (this.#cache.size >= FUNCTION_CACHE_MAX) this.#cache.delete(this.#cache.keys().next().value!);
       this.#cache.set(cacheKey, fn);
     }
     return fn;

@@ -9,15 +9,17 @@
 
 import { createLogger, type Logger } from "../_log.ts";
 import { type Address, formatAddress, parseAddress } from "../protocol/address.ts";
-import { Comm, type Dispatch } from "../protocol/comm.ts";
+import type { Comm, Dispatch } from "../protocol/comm.ts";
 import { ConnectionClosedError, MissingDataError, toRemoteErrorInfo } from "../protocol/errors.ts";
 import {
   type ArgsOf,
   type FunctionSpec,
+  KNOWN_FUNCTIONS_MAX,
   type WorkerIdentity,
   type WorkerOps,
   workerOps,
 } from "../protocol/ops.ts";
+import { Lru } from "../_lru.ts";
 import { dispatchTo, type Handlers, serve, type Server } from "../protocol/server.ts";
 import { AuthenticationError, openComm, type SecurityOptions, tokenFromEnv } from "../protocol/handshake.ts";
 import { ConnectionPool } from "../protocol/pool.ts";
@@ -115,8 +117,8 @@ class Worker implements WorkerNode {
   #security: SecurityOptions;
   #dispatch: Dispatch;
   #executors: ExecutorPool;
-  /** Functions the scheduler sent, by its ids. */
-  #schedulerFunctions = new Map<number, FunctionSpec>();
+  /** Functions the scheduler sent, by its ids: an LRU mirroring the scheduler's (KNOWN_FUNCTIONS_MAX). */
+  #schedulerFunctions = new Lru<number, FunctionSpec>(KNOWN_FUNCTIONS_MAX);
   /** Tasks from the scheduler being fetched for or run, and whether they were cancelled. */
   #tasks = new Map<string, { cancelled: boolean }>();
   #schedulerComm: Comm | null = null;
@@ -401,7 +403,8 @@ class Worker implements WorkerNode {
     if (remaining.size > 0) {
       const error = new MissingDataError([...remaining]);
       for (const key of remaining) {
-        error.holders[key] = [...tried.get(key)!].filter((a) => a !== this.address);
+        // Every holder named for the key failed (this worker too, if named: it lacks the key).
+        error.holders[key] = [...new Set([...(whoHas[key] ?? []), ...tried.get(key)!])];
       }
       throw error;
     }
@@ -474,12 +477,13 @@ class Worker implements WorkerNode {
 
   async #computeTask(args: ArgsOf<WorkerOps, "compute_task">, comm: Comm): Promise<void> {
     const { key, fnId, who_has } = args;
+    // Touched on every task, in the scheduler's order: the LRUs stay in step.
+    const spec = args.function ?? this.#schedulerFunctions.get(fnId);
     if (args.function) this.#schedulerFunctions.set(fnId, args.function);
     const task = { cancelled: false };
     this.#tasks.set(key, task);
     const started = performance.now();
     try {
-      const spec = this.#schedulerFunctions.get(fnId);
       if (spec === undefined) {
         throw new RangeError(`Task ${key} names function ${fnId}, which this worker was never sent`);
       }

@@ -1,0 +1,209 @@
+import assert from "node:assert/strict";
+import {
+  Client,
+  rpc,
+  type SchedulerOps,
+  startScheduler,
+  startWorker,
+  taskOptions,
+  type WorkerOps,
+} from "../mod.ts";
+import { type NodeProcess, spawnNode } from "../_spawn.ts";
+import { eventually, startCluster, testLogger } from "./_helpers.ts";
+
+const inc = (x: number) => x + 1;
+const add = (a: number, b: number) => a + b;
+
+/** Real node processes, stopped at the end whatever happens. */
+class Nodes implements AsyncDisposable {
+  list: NodeProcess[] = [];
+  async spawn(...args: string[]): Promise<NodeProcess> {
+    const node = await spawnNode([...args, "--log-level", "warn"]);
+    this.list.push(node);
+    return node;
+  }
+  async [Symbol.asyncDispose]() {
+    for (const n of this.list.reverse()) {
+      try {
+        n.child.kill("SIGCONT");
+      } catch { /* exited */ }
+      await n.stop();
+    }
+  }
+}
+
+async function whoHas(scheduler: string, keys?: string[]) {
+  await using s = rpc<SchedulerOps>(scheduler);
+  return await s.who_has(keys ? { keys } : {});
+}
+
+Deno.test("a worker killed mid-computation: its tasks run elsewhere, lost keys are recomputed from lineage", async () => {
+  await using nodes = new Nodes();
+  const scheduler = await nodes.spawn("scheduler", "--port", "0");
+  const alice = await nodes.spawn("worker", scheduler.address, "--name", "alice", "--nthreads", "1");
+  await nodes.spawn("worker", scheduler.address, "--name", "bob", "--nthreads", "1");
+  await using client = await Client.connect(scheduler.address);
+  // Stage 1 lands on both workers; stage 2 is slow, so alice dies while it runs.
+  const stage1 = client.map((i: number) => i * 10, Array.from({ length: 20 }, (_, i) => i));
+  await client.gather(stage1);
+  const slow = (x: number) => {
+    const end = Date.now() + 40;
+    while (Date.now() < end) { /* work */ }
+    return x + 1;
+  };
+  const stage2 = stage1.map((f) => client.submit(slow, f));
+  const total = client.submit((...xs: number[]) => xs.reduce((p, q) => p + q, 0), ...stage2);
+  await new Promise((r) => setTimeout(r, 150));
+  alice.child.kill("SIGKILL");
+  assert.equal(await total.result(), 10 * 190 + 20);
+  const held = await whoHas(scheduler.address, [total.key]);
+  assert.notDeepEqual(held[total.key], [alice.address]);
+});
+
+Deno.test("data that was only scattered and is lost with its worker fails result() clearly, never hangs", async () => {
+  await using nodes = new Nodes();
+  const scheduler = await nodes.spawn("scheduler", "--port", "0");
+  const alice = await nodes.spawn("worker", scheduler.address, "--name", "alice");
+  await nodes.spawn("worker", scheduler.address, "--name", "bob");
+  await using client = await Client.connect(scheduler.address);
+  const [x] = await client.scatter([new Float64Array([1, 2, 3])], { workers: ["alice"] });
+  const y = client.submit((v: Float64Array) => v.length, x);
+  assert.equal(await y.result(), 3);
+  alice.child.kill("SIGKILL");
+  await alice.status;
+  const z = client.submit((v: Float64Array) => v[0], x);
+  const error = await z.result().catch((e) => e);
+  assert.equal(error.name, "MissingDataError");
+  assert.match(error.message, /lost/);
+  const again: Error = await x.result().then(() => new Error("x resolved"), (e) => e);
+  assert.equal(again.name, "MissingDataError", String(again));
+  // y was computed and is held elsewhere or recomputable; the cluster goes on.
+  assert.equal(await client.submit(inc, 41).result(), 42);
+});
+
+Deno.test("a task that kills its worker is retried elsewhere, then fails with KilledWorker; the cluster stays up", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    // The flaky task below leaves a mark on disk: executors are fresh after a death.
+    await using cluster = await startCluster(2, { taskPermissions: { read: [dir], write: [dir] } });
+    await using client = await Client.connect(cluster.scheduler.address);
+    const killer = client.submit(() => {
+      Deno.exit(1);
+    }, taskOptions({ key: "killer-1" }));
+    const error = await killer.result().catch((e) => e);
+    assert.equal(error.name, "KilledWorker");
+    assert.match(error.message, /killer-1/);
+    assert.match(error.message, /allowed_failures=3/);
+    assert.equal(error.task, "killer-1");
+    // A task that exits only the first time succeeds when it runs again.
+    const flaky = client.submit((mark: string) => {
+      try {
+        Deno.statSync(mark);
+      } catch {
+        Deno.writeTextFileSync(mark, "ran");
+        Deno.exit(2);
+      }
+      return "survived";
+    }, `${dir}/mark`);
+    assert.equal(await flaky.result(), "survived");
+    assert.deepEqual(await client.gather(client.map(inc, [1, 2, 3])), [2, 3, 4]);
+    for (const w of cluster.workers) {
+      await using r = rpc<WorkerOps>(w.address);
+      assert.equal(await r.ping(), "pong");
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("a hung worker (SIGSTOP) is removed after the TTL; work goes on; once resumed it registers again", async () => {
+  await using nodes = new Nodes();
+  const scheduler = await nodes.spawn("scheduler", "--port", "0", "--worker-ttl", "1");
+  const workers = [
+    await nodes.spawn("worker", scheduler.address, "--name", "alice", "--nthreads", "1"),
+    await nodes.spawn("worker", scheduler.address, "--name", "bob", "--nthreads", "1"),
+  ];
+  await using client = await Client.connect(scheduler.address);
+  await using center = rpc<SchedulerOps>(scheduler.address);
+  const x = client.submit(inc, 1);
+  assert.equal(await x.result(), 2);
+  // Freeze the worker that holds x: its connection stays open, only the silence tells.
+  const [holder] = (await center.who_has({ keys: [x.key] }))[x.key];
+  const hung = workers.find((w) => w.address === holder)!;
+  const other = workers.find((w) => w !== hung)!;
+  hung.child.kill("SIGSTOP");
+  await eventually(async () => Object.keys(await center.ncores()).length === 1, 10_000);
+  assert.deepEqual(Object.keys(await center.ncores()), [other.address]);
+  // x lived on the hung worker only: it is recomputed on the other one.
+  const y = client.submit(add, x, 10);
+  assert.equal(await y.result(), 12);
+  hung.child.kill("SIGCONT");
+  await eventually(async () => Object.keys(await center.ncores()).length === 2, 15_000);
+  // It came back with what it held: x has a copy there again.
+  const held = await center.who_has({ keys: [x.key] });
+  assert.ok(held[x.key].includes(hung.address), JSON.stringify(held));
+});
+
+Deno.test("the scheduler restarts: workers re-register with their keys, the client reconnects, work goes on", async () => {
+  await using nodes = new Nodes();
+  const first = await nodes.spawn("scheduler", "--port", "0");
+  const port = first.address.split(":").pop()!;
+  const alice = await nodes.spawn("worker", first.address, "--name", "alice", "--death-timeout", "30");
+  await using client = await Client.connect(first.address);
+  const x = client.submit(inc, 1, taskOptions({ key: "x-before" }));
+  assert.equal(await x.result(), 2);
+  first.child.kill("SIGKILL");
+  await first.status;
+  await nodes.spawn("scheduler", "--port", port);
+  await alice.waitForLog(/Lost the scheduler/);
+  // Submitted while the scheduler was away or coming back: it runs once the client is back.
+  const y = client.submit(add, x, 40);
+  assert.equal(await y.result(), 42);
+  assert.equal(await x.result(), 2);
+  assert.deepEqual(await whoHas(first.address, ["x-before"]), { "x-before": [alice.address] });
+  assert.deepEqual(await client.gather(client.map(inc, [1, 2])), [2, 3]);
+});
+
+Deno.test("retire_workers moves the keys that exist nowhere else, then stops the worker", async () => {
+  await using cluster = await startCluster(3);
+  const [alice, bob, carol] = cluster.workers;
+  await using client = await Client.connect(cluster.scheduler.address);
+  await using center = rpc<SchedulerOps>(cluster.scheduler.address);
+  const [only] = await client.scatter([new Float64Array([7, 8])], { workers: ["alice"] });
+  const [both] = await client.scatter([9], { workers: ["alice", "bob"], broadcast: true });
+  const reply = await center.retire_workers({ workers: [alice.address] });
+  assert.deepEqual(reply, { retired: [alice.address], moved: 1 });
+  await alice.closed;
+  const held = await center.who_has({ keys: [only.key, both.key] });
+  assert.equal(held[only.key].length, 1);
+  assert.ok([bob.address, carol.address].includes(held[only.key][0]));
+  assert.deepEqual(held[both.key], [bob.address]);
+  assert.deepEqual(await only.result(), new Float64Array([7, 8]));
+});
+
+Deno.test("a stale copy: the worker asks again, reports it missing, and the input is recomputed", async () => {
+  await using cluster = await startCluster(2);
+  await using client = await Client.connect(cluster.scheduler.address);
+  const x = client.submit((n: number) => n * 3, 5, taskOptions({ key: "x-stale" }));
+  assert.equal(await x.result(), 15);
+  const [holder] = (await whoHas(cluster.scheduler.address, ["x-stale"]))["x-stale"];
+  // The holder drops x behind the scheduler's back: who_has is now wrong.
+  {
+    await using r = rpc<WorkerOps>(holder);
+    await r.delete_data({ keys: ["x-stale"], report: false });
+  }
+  const y = client.submit(add, x, 1);
+  assert.equal(await y.result(), 16);
+});
+
+Deno.test("a worker that cannot find its scheduler gives up after the death timeout", async () => {
+  const scheduler = await startScheduler({ port: 0, log: testLogger("s") });
+  const address = scheduler.address;
+  await scheduler.close();
+  const started = Date.now();
+  await assert.rejects(
+    startWorker({ scheduler: address, deathTimeoutMs: 300, log: testLogger("w"), nthreads: 1 }),
+    /Cannot register with scheduler/,
+  );
+  assert.ok(Date.now() - started < 5_000);
+});
