@@ -166,15 +166,19 @@ export function object<S extends Shape>(shape: S): Schema<ObjectOf<S>> {
           );
         }
       }
+      // A fresh object of the checked fields: nil optional fields become absent, so
+      // handlers' defaults apply, as the protocol promises.
+      const out: Record<string, unknown> = {};
       for (const key of keys) {
         const s = shape[key];
         const v = value[key];
-        if ((v === undefined || v === null) && !s.optional) {
-          throw new TypeError(`${path}.${key}: missing (expected ${s.expected})`);
+        if (v === undefined || v === null) {
+          if (!s.optional) throw new TypeError(`${path}.${key}: missing (expected ${s.expected})`);
+          continue;
         }
-        s.parse(v, `${path}.${key}`);
+        out[key] = s.parse(v, `${path}.${key}`);
       }
-      return value as ObjectOf<S>;
+      return out as ObjectOf<S>;
     },
   };
 }

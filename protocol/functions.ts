@@ -5,6 +5,7 @@
  * @module
  */
 
+import { createHash } from "node:crypto";
 import type { FunctionSpec } from "./ops.ts";
 
 /** A function dist can send: a plain JS function, or `{ module, name }`. */
@@ -68,4 +69,21 @@ export function toFunctionSpec(fn: unknown): FunctionSpec {
     source = rewritten;
   }
   return { source };
+}
+
+const digests = new WeakMap<FunctionSpec, string>();
+
+/**
+ * A short digest that names a function spec: tables of functions keep this, never the
+ * source itself, so thousands of large functions cannot fill a node's memory. Cached
+ * per spec object (the tasks of one graph share theirs).
+ */
+export function functionKey(spec: FunctionSpec): string {
+  let key = digests.get(spec);
+  if (key === undefined) {
+    const text = "source" in spec ? `s${spec.source}` : `m${spec.module}\0${spec.name}`;
+    key = createHash("sha256").update(text).digest("base64");
+    digests.set(spec, key);
+  }
+  return key;
 }

@@ -88,6 +88,28 @@ const keys = v.arrayOf(v.string);
 const address = v.address;
 const errorInfo = v.object({ name: v.string, message: v.string, stack: v.optional(v.string) });
 
+/** A transfer a worker made: `nbytes` of `keys` keys fetched from `from`, between `start` and `stop` (epoch ms). */
+export interface Transfer {
+  /** The peer it fetched from. */
+  from: string;
+  /** How many keys. */
+  keys: number;
+  /** How many bytes. */
+  nbytes: number;
+  /** When it started, epoch ms. */
+  start: number;
+  /** When it ended, epoch ms. */
+  stop: number;
+}
+
+const transfer: v.Schema<Transfer> = v.object({
+  from: v.string,
+  keys: v.count,
+  nbytes: v.count,
+  start: v.number,
+  stop: v.number,
+});
+
 /** A task as a client submits it in `update_graph`. */
 export interface GraphTask {
   /** The key its result is stored under. */
@@ -190,11 +212,24 @@ export const schedulerOps = {
   scatter: op<OkReply>()(v.object({ who_has: v.recordOf(v.arrayOf(address)), nbytes: v.recordOf(v.count) })),
   progress: op<Record<string, Record<string, number>>>()(v.object({})),
   // Workers, as notices on their registration connection:
-  task_finished: op<void>()(v.object({ key: v.string, nbytes: v.count, duration: v.number })),
+  task_finished: op<void>()(
+    v.object({
+      key: v.string,
+      nbytes: v.count,
+      duration: v.number,
+      start: v.optional(v.number),
+      stop: v.optional(v.number),
+      thread: v.optional(v.count),
+    }),
+  ),
   task_erred: op<void>()(v.object({ key: v.string, error: errorInfo, killed: v.optional(v.boolean) })),
   missing_data: op<void>()(v.object({ key: v.string, missing: v.recordOf(v.arrayOf(address)) })),
   heartbeat: op<{ status: "OK" | "unknown"; heartbeat_interval_ms: number }>()(
-    v.object({ address, metrics: v.optional(v.recordOf(v.number)) }),
+    v.object({
+      address,
+      metrics: v.optional(v.recordOf(v.number)),
+      transfers: v.optional(v.arrayOf(transfer)),
+    }),
   ),
   retire_workers: op<{ retired: string[]; moved: number }>()(
     v.object({ workers: v.arrayOf(address), close: v.optional(v.boolean) }),

@@ -163,9 +163,13 @@ export async function startScheduler(options: SchedulerOptions = {}): Promise<Sc
       const plan = state.retirePlan(workers);
       let moved = 0;
       await Promise.all([...plan].map(async ([target, whoHas]) => {
-        const reply = await callWorker(target, "gather_keys", { who_has: whoHas }) as { missing: string[] };
-        moved += Object.keys(whoHas).length - reply.missing.length;
-        if (reply.missing.length) log.warn(`Retiring: ${target} could not copy ${reply.missing.join(", ")}`);
+        const reply = await callWorker(target, "gather_keys", { who_has: whoHas }).catch((e) => e) as {
+          missing?: unknown;
+        } | null;
+        // A worker's reply is checked like any input: a bad one counts as nothing copied.
+        const missing = Array.isArray(reply?.missing) ? reply.missing as string[] : Object.keys(whoHas);
+        moved += Object.keys(whoHas).length - missing.length;
+        if (missing.length) log.warn(`Retiring: ${target} could not copy ${missing.join(", ")}`);
       }));
       log.info(`Retiring ${workers.join(", ")}: ${moved} keys copied to other workers first`);
       const retired = workers.filter((a) => state.workers.has(a));

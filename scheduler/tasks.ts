@@ -13,7 +13,7 @@
 import type { RemoteErrorInfo } from "../protocol/errors.ts";
 import { type FunctionSpec, KNOWN_FUNCTIONS_MAX, type WorkerInfo } from "../protocol/ops.ts";
 import { Lru } from "../_lru.ts";
-import { createHash } from "node:crypto";
+import { functionKey } from "../protocol/functions.ts";
 
 /** Most distinct functions the scheduler keeps ids for; the least recently used go first. */
 export const FUNCTIONS_MAX = 10_000;
@@ -210,8 +210,6 @@ export class SchedulerTasks {
   #out: Outgoing[] = [];
   #roundRobin = 0;
   #functions = new Lru<string, number>(FUNCTIONS_MAX);
-  /** Digests of the spec objects tasks carry: the tasks of one graph share one object. */
-  #digests = new WeakMap<FunctionSpec, string>();
   #nextFunctionId = 1;
 
   /** The messages produced since the last call, to be sent by the shell. */
@@ -227,12 +225,7 @@ export class SchedulerTasks {
    * fill the scheduler's memory (each task's spec goes with the task).
    */
   functionId(spec: FunctionSpec): number {
-    let k = this.#digests.get(spec);
-    if (k === undefined) {
-      const text = "source" in spec ? `s${spec.source}` : `m${spec.module}\0${spec.name}`;
-      k = createHash("sha256").update(text).digest("base64");
-      this.#digests.set(spec, k);
-    }
+    const k = functionKey(spec);
     let id = this.#functions.get(k);
     // Ids are never reused: a function forgotten and seen again gets a new one.
     if (id === undefined) this.#functions.set(k, id = this.#nextFunctionId++);

@@ -14,7 +14,7 @@
 
 import { toRemoteErrorInfo } from "../protocol/errors.ts";
 import type { FunctionSpec } from "../protocol/ops.ts";
-import { callFunction, EXECUTOR_FUNCTIONS_MAX, FunctionCache } from "./functions.ts";
+import { callFunction, EXECUTOR_FUNCTIONS_MAX, type Fn, loadFunction } from "./functions.ts";
 import { nbytesOf } from "./store.ts";
 import { Lru } from "../_lru.ts";
 
@@ -29,15 +29,24 @@ export interface Job {
 
 /** One job's outcome. */
 export type JobResult =
-  | { id: number; ok: true; result: unknown; nbytes: number }
+  | { id: number; ok: true; result: unknown; nbytes: number; start: number; stop: number }
   | { id: number; ok: false; error: { name: string; message: string; stack?: string } };
 
 /** Longest a finished result waits for the rest of its batch. */
 const RESULT_HOLD_MS = 2;
 
-const functions = new FunctionCache();
-// The pool mirrors this LRU: same size, touched once per job in the order jobs arrive.
-const specs = new Lru<number, FunctionSpec>(EXECUTOR_FUNCTIONS_MAX);
+/** What an executor sends the pool: results, or news that a task took it down. */
+export type ExecutorMessage =
+  | { kind: "results"; results: JobResult[] }
+  | { kind: "exit"; exited: number; id: number };
+
+// Captured before any task runs: a task may overwrite the globals, never these.
+const post = self.postMessage.bind(self);
+const closeSelf = self.close.bind(self);
+
+// Compiled functions by the pool's id. The pool mirrors this LRU: same size, touched
+// once per job, in the order the jobs arrive (touched on arrival, not when they run).
+const functions = new Lru<number, Promise<Fn>>(EXECUTOR_FUNCTIONS_MAX);
 
 /** The ArrayBuffers in `value` that can be handed back without a copy. */
 function transferables(value: unknown, out: Set<ArrayBuffer>, depth = 0): Set<ArrayBuffer> {
@@ -55,13 +64,14 @@ function transferables(value: unknown, out: Set<ArrayBuffer>, depth = 0): Set<Ar
   return out;
 }
 
-async function run(job: Job, transfer: Set<ArrayBuffer>): Promise<JobResult> {
-  const { id, fn, spec, args, key } = job;
+async function run(job: Job, fn: Promise<Fn> | undefined): Promise<JobResult> {
+  const { id, args, key } = job;
   try {
-    const known = spec ?? specs.get(fn);
-    if (spec) specs.set(fn, spec);
-    if (known === undefined) throw new RangeError(`Executor has no function ${fn}`);
-    const result = await callFunction(await functions.get(known), args);
+    if (fn === undefined) throw new RangeError(`Executor has no function ${job.fn}`);
+    const f = await fn;
+    const start = performance.timeOrigin + performance.now();
+    const result = await callFunction(f, args);
+    const stop = performance.timeOrigin + performance.now();
     // Checked here, off the main thread: what cannot travel is refused with its path.
     let nbytes: number;
     try {
@@ -69,45 +79,73 @@ async function run(job: Job, transfer: Set<ArrayBuffer>): Promise<JobResult> {
     } catch (error) {
       throw new TypeError(`The result of ${key} cannot be kept: ${(error as Error).message}`);
     }
-    transferables(result, transfer);
-    return { id, ok: true, result: result === undefined ? null : result, nbytes };
+    return { id, ok: true, result: result === undefined ? null : result, nbytes, start, stop };
   } catch (error) {
     return { id, ok: false, error: toRemoteErrorInfo(error) };
   }
 }
 
-/** What an executor says when a task calls Deno.exit: it goes down with the task. */
-export interface ExitMessage {
-  exited: number;
-  id: number;
+/** Sends results; one that cannot be passed back fails alone, not its batch. */
+function send(results: JobResult[], keys: Map<number, string>): void {
+  const transfer = new Set<ArrayBuffer>();
+  for (const r of results) if (r.ok) transferables(r.result, transfer);
+  try {
+    post({ kind: "results", results } satisfies ExecutorMessage, [...transfer]);
+    return;
+  } catch {
+    // Some result does not clone (a Proxy, say): find it by sending them one by one.
+  }
+  for (const r of results) {
+    try {
+      post({ kind: "results", results: [r] } satisfies ExecutorMessage);
+    } catch (error) {
+      const failed: JobResult = {
+        id: r.id,
+        ok: false,
+        error: {
+          name: "DataCloneError",
+          message: `The result of ${keys.get(r.id)} cannot be kept: it cannot leave the executor (${
+            (error as Error).message
+          })`,
+        },
+      };
+      post({ kind: "results", results: [failed] } satisfies ExecutorMessage);
+    }
+  }
 }
 
 let current = 0;
-// A task that calls Deno.exit takes only its executor down, never the worker: the pool
-// hears which task did it, replaces the executor, and the scheduler counts a death.
-Object.defineProperty(Deno, "exit", {
-  value: (code = 0) => {
-    self.postMessage({ exited: code, id: current } satisfies ExitMessage);
-    self.close();
-    throw new Error(`The task called Deno.exit(${code})`);
-  },
-  configurable: true,
-  writable: true,
-});
+/** A task that exits (Deno.exit or close) takes only its executor down, never the worker. */
+function exit(code = 0): never {
+  post({ kind: "exit", exited: code, id: current } satisfies ExecutorMessage);
+  closeSelf();
+  throw new Error(`The task ended its executor (exit code ${code})`);
+}
+for (const [target, name] of [[Deno, "exit"], [globalThis, "close"]] as const) {
+  Object.defineProperty(target, name, { value: exit, configurable: true, writable: true });
+}
 
-self.onmessage = async (event: MessageEvent<Job[]>) => {
-  let results: JobResult[] = [];
-  let transfer = new Set<ArrayBuffer>();
-  let since = performance.now();
-  for (const job of event.data) {
-    current = job.id;
-    results.push(await run(job, transfer));
-    if (performance.now() - since >= RESULT_HOLD_MS) {
-      self.postMessage(results, [...transfer]);
-      results = [];
-      transfer = new Set();
-      since = performance.now();
+let chain = Promise.resolve();
+self.addEventListener("message", (event: MessageEvent<Job[]>) => {
+  const jobs = event.data;
+  const fns = jobs.map((job) => {
+    if (job.spec) functions.set(job.fn, loadFunction(job.spec));
+    return functions.get(job.fn);
+  });
+  // One job at a time, in arrival order, however long each awaits.
+  const keys = new Map(jobs.map((job) => [job.id, job.key]));
+  chain = chain.then(async () => {
+    let results: JobResult[] = [];
+    let since = performance.now();
+    for (let i = 0; i < jobs.length; i++) {
+      current = jobs[i].id;
+      results.push(await run(jobs[i], fns[i]));
+      if (performance.now() - since >= RESULT_HOLD_MS) {
+        send(results, keys);
+        results = [];
+        since = performance.now();
+      }
     }
-  }
-  if (results.length > 0) self.postMessage(results, [...transfer]);
-};
+    if (results.length > 0) send(results, keys);
+  });
+});

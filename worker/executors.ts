@@ -8,8 +8,9 @@
 
 import { CancelledError, RemoteError } from "../protocol/errors.ts";
 import type { FunctionSpec } from "../protocol/ops.ts";
+import { functionKey } from "../protocol/functions.ts";
 import { Lru } from "../_lru.ts";
-import type { ExitMessage, Job as WireJob, JobResult } from "./executor.ts";
+import type { ExecutorMessage, Job as WireJob } from "./executor.ts";
 import { EXECUTOR_FUNCTIONS_MAX } from "./functions.ts";
 
 /** A task took its executor down (it called Deno.exit): the task killed its worker, in effect. */
@@ -19,6 +20,15 @@ export class ExecutorDiedError extends Error {
     super(`Task ${key} killed its executor: ${reason}`);
     this.name = "KilledWorker";
   }
+}
+
+/** A finished run: the result, its size, when it ran (epoch ms) and on which executor. */
+export interface RunResult {
+  result: unknown;
+  nbytes: number;
+  start: number;
+  stop: number;
+  thread: number;
 }
 
 /** Typed arrays at least this large are moved to shared memory before a task reads them. */
@@ -37,7 +47,7 @@ interface Job {
   key: string;
   spec: FunctionSpec;
   args: unknown[];
-  resolve: (done: { result: unknown; nbytes: number }) => void;
+  resolve: (done: RunResult) => void;
   reject: (error: Error) => void;
 }
 
@@ -76,6 +86,7 @@ export class ExecutorPool {
   #nextFnId = 1;
   #closed = false;
   #pumpScheduled = false;
+  #busyMs = 0;
 
   #permissions: Deno.PermissionOptions;
 
@@ -94,13 +105,20 @@ export class ExecutorPool {
     return this.#executors.reduce((n, e) => n + e.jobs.size, 0);
   }
 
+  /** Milliseconds executors spent running tasks since the last call (for a CPU figure). */
+  takeBusyMs(): number {
+    const ms = this.#busyMs;
+    this.#busyMs = 0;
+    return ms;
+  }
+
   /** Tasks waiting for an executor. */
   get queued(): number {
     return this.#queue.length;
   }
 
   /** Runs `spec` on `args` for `key`; resolves the result and its size. */
-  run(spec: FunctionSpec, args: unknown[], key: string): Promise<{ result: unknown; nbytes: number }> {
+  run(spec: FunctionSpec, args: unknown[], key: string): Promise<RunResult> {
     if (this.#closed) return Promise.reject(new CancelledError(key, "not run: the worker is closing"));
     if (this.#queue.length >= EXECUTOR_QUEUE_MAX) {
       return Promise.reject(new RangeError(`Cannot run ${key}: ${EXECUTOR_QUEUE_MAX} tasks wait already`));
@@ -176,14 +194,25 @@ export class ExecutorPool {
       throw error;
     }
     const executor: Executor = { worker, jobs: new Map(), known: new Lru(EXECUTOR_FUNCTIONS_MAX) };
-    worker.onmessage = (event: MessageEvent<JobResult[] | ExitMessage>) => {
-      if (!Array.isArray(event.data)) return this.#died(executor, event.data);
-      for (const done of event.data) {
+    worker.onmessage = (event: MessageEvent<ExecutorMessage>) => {
+      const m = event.data;
+      // A task can post messages of its own: only the executor's two kinds count.
+      if (m?.kind === "exit" && typeof m.id === "number") return this.#died(executor, m);
+      if (m?.kind !== "results" || !Array.isArray(m.results)) return;
+      for (const done of m.results) {
         const job = executor.jobs.get(done.id);
         if (job === undefined) continue;
         executor.jobs.delete(done.id);
-        if (done.ok) job.resolve({ result: done.result, nbytes: done.nbytes });
-        else job.reject(new RemoteError("task", done.error));
+        if (done.ok) {
+          this.#busyMs += done.stop - done.start;
+          job.resolve({
+            result: done.result,
+            nbytes: done.nbytes,
+            start: done.start,
+            stop: done.stop,
+            thread: this.#executors.indexOf(executor),
+          });
+        } else job.reject(new RemoteError("task", done.error));
       }
       this.#pump();
     };
@@ -205,7 +234,7 @@ export class ExecutorPool {
   }
 
   /** An executor's task called Deno.exit: that task fails, its other tasks run elsewhere. */
-  #died(executor: Executor, exit: ExitMessage): void {
+  #died(executor: Executor, exit: { exited: number; id: number }): void {
     const i = this.#executors.indexOf(executor);
     executor.worker.terminate();
     const others: Job[] = [];
@@ -244,7 +273,7 @@ export class ExecutorPool {
       );
       const batch = this.#queue.splice(0, share);
       const wire: WireJob[] = batch.map((job) => {
-        const k = "source" in job.spec ? job.spec.source : `${job.spec.module}\0${job.spec.name}`;
+        const k = functionKey(job.spec);
         let fn = this.#fnIds.get(k);
         if (fn === undefined) this.#fnIds.set(k, fn = this.#nextFnId++);
         const message: WireJob = { id: job.id, fn, args: job.args, key: job.key };

@@ -6,35 +6,18 @@
  */
 
 import type { FunctionSpec } from "../protocol/ops.ts";
-import { Lru } from "../_lru.ts";
 
 /** Functions an executor keeps by id; the pool mirrors it (same size, same order of use). */
 export const EXECUTOR_FUNCTIONS_MAX = 256;
-/** Most compiled functions a worker keeps; the oldest go first. */
-export const FUNCTION_CACHE_MAX = 1024;
-
+/** A function a task runs. */
 // deno-lint-ignore no-explicit-any
-type Fn = (...args: any[]) => unknown;
+export type Fn = (...args: any[]) => unknown;
 
-/** A bounded cache of compiled functions, keyed by their source (or module and name). */
-export class FunctionCache {
-  #cache = new Lru<string, Fn>(FUNCTION_CACHE_MAX);
-
-  /** How many functions are cached. */
-  get size(): number {
-    return this.#cache.size;
-  }
-
-  /** The function `spec` names, compiled or imported on first use. */
-  async get(spec: FunctionSpec): Promise<Fn> {
-    const cacheKey = "source" in spec ? spec.source : `${spec.module}\0${spec.name}`;
-    let fn = this.#cache.get(cacheKey);
-    if (fn === undefined) {
-      fn = "source" in spec ? compile(spec.source) : await importFunction(spec.module, spec.name);
-      this.#cache.set(cacheKey, fn);
-    }
-    return fn;
-  }
+/** The function `spec` names: source compiled, or a module's export imported. */
+export function loadFunction(spec: FunctionSpec): Promise<Fn> {
+  return "source" in spec
+    ? Promise.resolve().then(() => compile(spec.source))
+    : importFunction(spec.module, spec.name);
 }
 
 function compile(source: string): Fn {

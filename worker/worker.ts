@@ -10,11 +10,17 @@
 import { createLogger, type Logger } from "../_log.ts";
 import { type Address, formatAddress, parseAddress } from "../protocol/address.ts";
 import type { Comm, Dispatch } from "../protocol/comm.ts";
-import { ConnectionClosedError, MissingDataError, toRemoteErrorInfo } from "../protocol/errors.ts";
+import {
+  ConnectionClosedError,
+  MissingDataError,
+  ProtocolError,
+  toRemoteErrorInfo,
+} from "../protocol/errors.ts";
 import {
   type ArgsOf,
   type FunctionSpec,
   KNOWN_FUNCTIONS_MAX,
+  type Transfer,
   type WorkerIdentity,
   type WorkerOps,
   workerOps,
@@ -35,6 +41,8 @@ const BACKOFF_MAX_MS = 2_000;
 const FETCH_BACKOFF_MS = 100;
 /** Longest a leaving worker waits for its unique keys to be copied elsewhere. */
 const RETIRE_TIMEOUT_MS = 60_000;
+/** Most transfers a worker remembers between two heartbeats. */
+const TRANSFER_LOG_MAX = 1_000;
 /** How a worker tells the scheduler about keys: a call it waits on, a notice, or a notice of fetched replicas. */
 type Report = "call" | "notice" | "replica";
 /** How long a call to a peer or the scheduler may take. */
@@ -123,6 +131,10 @@ class Worker implements WorkerNode {
   #tasks = new Map<string, { cancelled: boolean }>();
   #schedulerComm: Comm | null = null;
   #heartbeatTimer: ReturnType<typeof setTimeout> | undefined;
+  /** Fetches since the last heartbeat, for the scheduler's dashboard. */
+  #transfers: Transfer[] = [];
+  #bytesIn = 0;
+  #bytesOut = 0;
   #reconnecting: Promise<void> | null = null;
   #peers: ConnectionPool;
   #closing: Promise<void> | null = null;
@@ -268,17 +280,25 @@ class Worker implements WorkerNode {
    */
   #heartbeat(comm: Comm, intervalMs: number, ttlMs: number): void {
     clearTimeout(this.#heartbeatTimer);
+    let lastBeat = performance.now();
     const beat = async () => {
       if (this.#closing || this.#schedulerComm !== comm) return;
+      const now = performance.now();
       const metrics = {
         nkeys: this.data.size,
         nbytes: this.data.totalBytes(),
         executing: this.#executors.running,
         queued: this.#executors.queued,
         rss: Deno.memoryUsage().rss,
+        // Share of the executors' time spent in tasks since the last heartbeat, 0 to 1.
+        cpu: Math.min(1, this.#executors.takeBusyMs() / Math.max(1, (now - lastBeat) * this.#nthreads)),
+        bytes_in: this.#bytesIn,
+        bytes_out: this.#bytesOut,
       };
+      lastBeat = now;
+      const transfers = this.#transfers.splice(0);
       try {
-        const reply = await comm.call("heartbeat", { address: this.address, metrics }, {
+        const reply = await comm.call("heartbeat", { address: this.address, metrics, transfers }, {
           timeoutMs: ttlMs,
         }) as {
           status: string;
@@ -381,15 +401,23 @@ class Worker implements WorkerNode {
         try {
           this.#log.debug(`Fetching ${batch.join(", ")} from ${holder}`);
           const comm = await this.#peers.get(holder);
+          const start = Date.now();
           const got = await comm.call("get_data", { keys: batch }, { timeoutMs: CALL_TIMEOUT_MS }) as Record<
             string,
             unknown
           >;
+          let bytes = 0;
+          let count = 0;
           for (const key of batch) {
             if (!Object.hasOwn(got, key) || !remaining.has(key)) continue;
-            this.data.set(key, got[key]);
+            bytes += this.data.set(key, got[key]);
+            count++;
             remaining.delete(key);
             fetched.push(key);
+          }
+          this.#bytesIn += bytes;
+          if (this.#transfers.length < TRANSFER_LOG_MAX) {
+            this.#transfers.push({ from: holder, keys: count, nbytes: bytes, start, stop: Date.now() });
           }
           this.#log.debug(
             `Got ${batch.filter((k) => Object.hasOwn(got, k)).join(", ") || "nothing"} from ${holder}`,
@@ -416,7 +444,12 @@ class Worker implements WorkerNode {
     return {
       get_data: ({ keys }) => {
         const out: Record<string, unknown> = {};
-        for (const key of keys) if (this.data.has(key)) out[key] = this.data.get(key);
+        const sizes = this.data.nbytes(keys);
+        for (const key of keys) {
+          if (!this.data.has(key)) continue;
+          out[key] = this.data.get(key);
+          this.#bytesOut += sizes[key] ?? 0;
+        }
         return out;
       },
       update_data: async ({ data, report }) => {
@@ -439,10 +472,12 @@ class Worker implements WorkerNode {
       },
       compute: (args) => this.#compute(args),
       compute_task: (args, comm) => {
+        this.#fromScheduler(comm, "compute_task");
         // A notice: the reply is task_finished or task_erred, later.
         this.#computeTask(args, comm);
       },
-      gather_keys: async ({ who_has }) => {
+      gather_keys: async ({ who_has }, comm) => {
+        this.#fromScheduler(comm, "gather_keys");
         const keys = Object.keys(who_has).filter((k) => !this.data.has(k));
         try {
           await this.#gather(keys, who_has, "notice");
@@ -452,11 +487,13 @@ class Worker implements WorkerNode {
           throw error;
         }
       },
-      free_keys: ({ keys }) => {
+      free_keys: ({ keys }, comm) => {
+        this.#fromScheduler(comm, "free_keys");
         for (const key of keys) this.data.delete(key);
         return { status: "OK" };
       },
-      cancel_task: ({ keys }) => {
+      cancel_task: ({ keys }, comm) => {
+        this.#fromScheduler(comm, "cancel_task");
         for (const key of keys) {
           const task = this.#tasks.get(key);
           if (task) task.cancelled = true;
@@ -465,6 +502,15 @@ class Worker implements WorkerNode {
         return { status: "OK" };
       },
     };
+  }
+
+  /** The scheduler's own ops are refused on any other connection. */
+  #fromScheduler(comm: Comm, op: string): void {
+    if (comm !== this.#schedulerComm) {
+      throw new ProtocolError(
+        `Op ${op} is for the scheduler only, on the connection this worker registered on`,
+      );
+    }
   }
 
   /** The value of `key` for an executor: large typed arrays move to shared memory once. */
@@ -490,14 +536,22 @@ class Worker implements WorkerNode {
       const missing = Object.keys(who_has).filter((k) => !this.data.has(k));
       if (missing.length > 0) await this.#gather(missing, who_has, "replica");
       if (task.cancelled) return;
-      const { result, nbytes } = await this.#executors.run(
+      const run = await this.#executors.run(
         spec,
         resolveRefs(args.args, this.#forExecutor) as unknown[],
         key,
       );
+      const { result, nbytes } = run;
       if (task.cancelled) return;
       this.data.set(key, result, nbytes);
-      comm.notify("task_finished", { key, nbytes, duration: (performance.now() - started) / 1000 });
+      comm.notify("task_finished", {
+        key,
+        nbytes,
+        duration: (performance.now() - started) / 1000,
+        start: run.start,
+        stop: run.stop,
+        thread: run.thread,
+      });
     } catch (error) {
       if (task.cancelled || comm.isClosed) return;
       if (error instanceof MissingDataError) {
