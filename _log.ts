@@ -24,12 +24,21 @@ export interface Logger {
 
 const encoder = new TextEncoder();
 
-/** A logger that writes lines at `level` and above to stderr, tagged with `name`. */
-export function createLogger(name: string, level: LogLevel = "info"): Logger {
+/** How log lines look: text for people, one JSON object a line for machines. */
+export type LogFormat = "text" | "json";
+
+/**
+ * A logger that writes lines at `level` and above to stderr, tagged with `name`: as
+ * text (`2026-... INFO  scheduler: message`) or as JSON (`{"time","level","node","msg"}`).
+ */
+export function createLogger(name: string, level: LogLevel = "info", format: LogFormat = "text"): Logger {
   const threshold = LOG_LEVELS.indexOf(level);
   const at = (l: LogLevel) => (message: string) => {
     if (LOG_LEVELS.indexOf(l) < threshold) return;
-    const line = `${new Date().toISOString()} ${l.toUpperCase().padEnd(5)} ${name}: ${message}\n`;
+    const time = new Date().toISOString();
+    const line = format === "json"
+      ? JSON.stringify({ time, level: l, node: name, msg: message }) + "\n"
+      : `${time} ${l.toUpperCase().padEnd(5)} ${name}: ${message}\n`;
     try {
       Deno.stderr.writeSync(encoder.encode(line));
     } catch {

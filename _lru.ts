@@ -47,6 +47,11 @@ export class Lru<K, V> {
     return oldest;
   }
 
+  /** Every entry, least recent first (without touching them). */
+  entries(): IterableIterator<[K, V]> {
+    return this.#map.entries();
+  }
+
   /** Removes `key`. */
   delete(key: K): boolean {
     return this.#map.delete(key);

@@ -7,9 +7,16 @@
 
 import { parseArgs } from "node:util";
 import config from "./deno.json" with { type: "json" };
-import { createLogger, LOG_LEVELS, type LogLevel } from "./_log.ts";
+import { createLogger, LOG_LEVELS, type LogFormat, type LogLevel } from "./_log.ts";
+import { clusterInfo, formatInfo } from "./client/info.ts";
 import { parseAddress, parsePort } from "./protocol/address.ts";
-import { ALLOWED_FAILURES, SCHEDULER_PORT, startScheduler, WORKER_TTL_MS } from "./scheduler/scheduler.ts";
+import {
+  ALLOWED_FAILURES,
+  DASHBOARD_PORT,
+  SCHEDULER_PORT,
+  startScheduler,
+  WORKER_TTL_MS,
+} from "./scheduler/scheduler.ts";
 import { DEATH_TIMEOUT_MS, startWorker } from "./worker/worker.ts";
 import { LocalCluster } from "./client/local.ts";
 import { FRAME_BYTES_MAX } from "./protocol/framing.ts";
@@ -84,7 +91,23 @@ interface Flag {
 
 const common: Record<string, Flag> = {
   "log-level": { type: "string", default: "info", value: "LEVEL", help: `one of ${LOG_LEVELS.join(", ")}` },
+  "log-format": {
+    type: "string",
+    default: "text",
+    value: "FORMAT",
+    help: "text, or json (one object a line)",
+  },
   help: { type: "boolean", help: "show this help" },
+};
+
+const dashboardFlags: Record<string, Flag> = {
+  "dashboard-port": {
+    type: "string",
+    default: String(DASHBOARD_PORT),
+    value: "PORT",
+    help: "the dashboard, /metrics and /health over HTTP (0: any port)",
+  },
+  "no-dashboard": { type: "boolean", help: "serve no dashboard" },
 };
 
 const auth: Record<string, Flag> = {
@@ -152,6 +175,7 @@ const commands: Record<string, { usage: string; summary: string; flags: Record<s
         value: "N",
         help: "workers a task may kill (by dying while running it) before it fails with KilledWorker",
       },
+      ...dashboardFlags,
       ...auth,
       ...tls,
       ...limits,
@@ -183,6 +207,11 @@ const commands: Record<string, { usage: string; summary: string; flags: Record<s
         value: "LIST",
         help: 'what tasks may touch: "none", "inherit", or e.g. "read=/data;/tmp,net=example.com,env"',
       },
+      "http-port": {
+        type: "string",
+        value: "PORT",
+        help: "serve /metrics and /health over HTTP on this port (0: any)",
+      },
       ...auth,
       ...tls,
       ...limits,
@@ -209,8 +238,19 @@ commands.local = {
       value: "PORT",
       help: "the scheduler's port (0: any)",
     },
+    ...dashboardFlags,
     ...auth,
     ...common,
+  },
+};
+
+commands.info = {
+  usage: "dist info SCHEDULER_ADDRESS [flags]",
+  summary: "Show a cluster: its workers, the keys they hold, and its tasks by state.",
+  flags: {
+    json: { type: "boolean", help: "print JSON instead of tables" },
+    ...auth,
+    help: { type: "boolean", help: "show this help" },
   },
 };
 
@@ -220,6 +260,7 @@ Usage:
   dist scheduler [flags]                   start a scheduler
   dist worker SCHEDULER_ADDRESS [flags]    start a worker
   dist local [flags]                       start a scheduler and worker processes on this machine
+  dist info SCHEDULER_ADDRESS [--json]     show a cluster's workers, keys and tasks
   dist COMMAND --help                      flags of a command
   dist --version                           print the version
 `;
@@ -261,6 +302,29 @@ function parse(name: string, argv: string[]) {
     if (missing) throw new UsageError(`flag ${missing[1].replace(/^-., /, "")} needs a value`);
     throw new UsageError(message.split("\n")[0]);
   }
+}
+
+function logFormat(text: string): LogFormat {
+  if (text !== "text" && text !== "json") {
+    throw new UsageError(`Invalid --log-format ${JSON.stringify(text)}: expected text or json`);
+  }
+  return text;
+}
+
+/** `dist info`: the cluster as tables, or JSON. */
+async function showInfo(positionals: string[], flags: Record<string, string>): Promise<number> {
+  if (positionals.length !== 1) {
+    throw new UsageError(
+      positionals.length === 0
+        ? "missing SCHEDULER_ADDRESS, e.g. dist info tcp://127.0.0.1:8786"
+        : `unexpected argument ${JSON.stringify(positionals[1])}`,
+    );
+  }
+  const address = checked(() => parseAddress(positionals[0]));
+  const { authToken } = await security(flags);
+  const report = await clusterInfo(address, { authToken });
+  console.log(flags.json ? JSON.stringify(report, null, 2) : formatInfo(report));
+  return 0;
 }
 
 function logLevel(text: string): LogLevel {
@@ -331,8 +395,13 @@ async function run(argv: string[]): Promise<number> {
     return 0;
   }
   const flags = values as Record<string, string>;
+  if (name === "info") return await showInfo(positionals, flags);
   const level = logLevel(flags["log-level"]);
+  const format = logFormat(flags["log-format"]);
   const port = checked(() => parsePort(flags.port, "--port"));
+  const dashboardPort = values["no-dashboard"] || flags["dashboard-port"] === undefined
+    ? undefined
+    : checked(() => parsePort(flags["dashboard-port"], "--dashboard-port"));
 
   if (name === "scheduler") {
     if (positionals.length > 0) throw new UsageError(`unexpected argument ${JSON.stringify(positionals[0])}`);
@@ -344,7 +413,8 @@ async function run(argv: string[]): Promise<number> {
       connectionsMax: positiveNumber("connections-max", flags["connections-max"], true),
       workerTtlMs: positiveNumber("worker-ttl", flags["worker-ttl"], false) * 1000,
       allowedFailures: wholeNumber("allowed-failures", flags["allowed-failures"]),
-      log: createLogger("scheduler", level),
+      dashboardPort,
+      log: createLogger("scheduler", level, format),
     });
     exitOnSignal(node);
     console.log(`listening at ${node.address}`);
@@ -364,6 +434,7 @@ async function run(argv: string[]): Promise<number> {
       port,
       logLevel: level,
       authToken,
+      dashboardPort: dashboardPort ?? null,
     });
     exitOnSignal(cluster);
     console.log(`listening at ${cluster.address}`);
@@ -391,7 +462,10 @@ async function run(argv: string[]): Promise<number> {
     ...await security(flags),
     frameBytesMax: positiveNumber("frame-bytes-max", flags["frame-bytes-max"], true),
     connectionsMax: positiveNumber("connections-max", flags["connections-max"], true),
-    log: createLogger(flags.name ? `worker ${flags.name}` : "worker", level),
+    httpPort: flags["http-port"] === undefined
+      ? undefined
+      : checked(() => parsePort(flags["http-port"], "--http-port")),
+    log: createLogger(flags.name ? `worker ${flags.name}` : "worker", level, format),
   });
   exitOnSignal(node);
   console.log(`listening at ${node.address}`);

@@ -39,6 +39,8 @@ export {
   wait,
 } from "./client/client.ts";
 export { LocalCluster, type LocalClusterOptions } from "./client/local.ts";
+export { progress, type ProgressOptions } from "./client/progress.ts";
+export { type ClusterInfo, clusterInfo } from "./client/info.ts";
 export {
   CancelledError,
   ConnectionClosedError,
@@ -69,7 +71,9 @@ export {
   workerOps,
 } from "./protocol/ops.ts";
 export type { Schema } from "./protocol/_validate.ts";
-export { createLogger, type Logger, type LogLevel } from "./_log.ts";
+export { AuthenticationError, type SecurityOptions } from "./protocol/handshake.ts";
+export type { TlsOptions } from "./protocol/transport.ts";
+export { createLogger, type LogFormat, type Logger, type LogLevel } from "./_log.ts";
 export { DataStore } from "./worker/store.ts";
 export type { Sendable } from "./protocol/functions.ts";
 export {

@@ -228,6 +228,7 @@ export class Client implements AsyncDisposable {
   /** The scheduler's address. */
   readonly scheduler: string;
   #comm: Comm;
+  #dashboardLink: string | null = null;
   #target: Address;
   #options: ClientOptions;
   #dispatch: Dispatch;
@@ -284,14 +285,21 @@ export class Client implements AsyncDisposable {
         client!.#onError(args.key, new MissingDataError([args.key], { cause: args.reason }), "lost"),
     });
     const comm = await openComm(target, { ...options, dispatch });
+    let reply: { dashboard?: string | null };
     try {
-      await comm.call("register_client", { id });
+      reply = await comm.call("register_client", { id }) as { dashboard?: string | null };
     } catch (error) {
       await comm.close();
       throw error;
     }
     client = new Client(id, target, comm, dispatch, options);
+    client.#dashboardLink = typeof reply?.dashboard === "string" ? reply.dashboard : null;
     return client;
+  }
+
+  /** The scheduler's dashboard, `http://host:port`, or null when it serves none. */
+  get dashboardLink(): string | null {
+    return this.#dashboardLink;
   }
 
   /**
@@ -308,7 +316,10 @@ export class Client implements AsyncDisposable {
   static async local(options: LocalClusterOptions = {}): Promise<Client> {
     const cluster = await LocalCluster.start(options);
     try {
-      return await Client.connect(cluster.address, { onClose: () => cluster.close() });
+      return await Client.connect(cluster.address, {
+        authToken: options.authToken,
+        onClose: () => cluster.close(),
+      });
     } catch (error) {
       await cluster.close();
       throw error;
@@ -481,6 +492,7 @@ export class Client implements AsyncDisposable {
   async #fetch(keys: string[]): Promise<Map<string, unknown>> {
     const values = new Map<string, unknown>();
     let remaining = keys;
+    let failure: unknown = null;
     for (let round = 0; round < 2 && remaining.length > 0; round++) {
       if (round > 0) {
         // Some holder failed or had dropped the key: ask where the copies are now.
@@ -504,10 +516,13 @@ export class Client implements AsyncDisposable {
           const comm = await this.#peers.get(worker);
           const got = await comm.call("get_data", { keys: list }) as Record<string, unknown>;
           for (const key of list) if (Object.hasOwn(got, key)) values.set(key, got[key]);
-        } catch {
-          // Retried against fresh who_has below.
+        } catch (error) {
+          // A lost holder is retried against fresh who_has; any other failure (say, a
+          // value over a limit) is the answer, and says why.
+          if (!(error instanceof ConnectionClosedError)) failure = error;
         }
       }));
+      if (failure) throw failure;
       remaining = remaining.filter((k) => !values.has(k));
     }
     if (remaining.length > 0) throw new MissingDataError(remaining);

@@ -7,7 +7,7 @@
 
 import { createLogger, type LogLevel } from "../_log.ts";
 import { type NodeProcess, spawnNode } from "../_spawn.ts";
-import { type SchedulerNode, startScheduler } from "../scheduler/scheduler.ts";
+import { DASHBOARD_PORT, type SchedulerNode, startScheduler } from "../scheduler/scheduler.ts";
 import { startWorker, type WorkerNode } from "../worker/worker.ts";
 import { tokenFromEnv } from "../protocol/handshake.ts";
 
@@ -40,6 +40,8 @@ export interface LocalClusterOptions {
   logLevel?: LogLevel;
   /** A shared secret for every connection (default: DIST_AUTH_TOKEN, if set). */
   authToken?: string;
+  /** The scheduler's dashboard port (default 8787, any free port when taken); null for none. */
+  dashboardPort?: number | null;
   /** What tasks may touch (see WorkerOptions.taskPermissions; default "none"). */
   taskPermissions?: Deno.PermissionOptions;
 }
@@ -50,6 +52,8 @@ export class LocalCluster implements AsyncDisposable {
   readonly address: string;
   /** The workers' addresses. */
   readonly workers: string[];
+  /** The dashboard's address, or null. */
+  readonly dashboard: string | null;
   #scheduler: SchedulerNode;
   #processes: NodeProcess[];
   #inProcess: WorkerNode[];
@@ -60,6 +64,7 @@ export class LocalCluster implements AsyncDisposable {
     this.#processes = processes;
     this.#inProcess = inProcess;
     this.address = scheduler.address;
+    this.dashboard = scheduler.dashboard;
     this.workers = [...processes.map((p) => p.address), ...inProcess.map((w) => w.address)];
   }
 
@@ -96,6 +101,7 @@ export class LocalCluster implements AsyncDisposable {
       host,
       authToken,
       port: options.port ?? 0,
+      dashboardPort: options.dashboardPort === null ? undefined : options.dashboardPort ?? DASHBOARD_PORT,
       log: createLogger("scheduler", level),
     });
     const spawned: NodeProcess[] = [];

@@ -94,10 +94,11 @@ export class MessageReader {
     for (let i = 0; i < count; i++) {
       const at = this.#start + 4 + 8 * i;
       const n = view.getUint32(at + 4, true) * 0x100000000 + view.getUint32(at, true);
-      if (n > SMALL_FRAME_BYTES) return null;
+      // Large frames, and any past the limit, go the slow way: next() reads or refuses them.
+      if (n > SMALL_FRAME_BYTES || n > this.#frameBytesMax) return null;
       total += n;
     }
-    if (available < headerBytes + total) return null;
+    if (total > this.#frameBytesMax || available < headerBytes + total) return null;
     let at = this.#start + headerBytes;
     const frames: Uint8Array[] = new Array(count);
     for (let i = 0; i < count; i++) {

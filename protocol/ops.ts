@@ -68,6 +68,8 @@ export interface SchedulerIdentity {
   address: string;
   /** How many workers are registered. */
   workers: number;
+  /** The dashboard's address, `http://host:port`, or null without one. */
+  dashboard: string | null;
 }
 
 /** A registered worker as the scheduler knows it. */
@@ -82,6 +84,12 @@ export interface WorkerInfo {
   nkeys: number;
   /** Bytes it holds, by the nbytes it reported. */
   nbytes: number;
+  /** Tasks sent to it and not finished. */
+  processing: number;
+  /** Seconds since it was last heard from. */
+  lastSeen: number;
+  /** Its latest heartbeat's figures (executing, queued, cpu, rss, bytes_in, bytes_out, ...). */
+  metrics: Record<string, number>;
 }
 
 const keys = v.arrayOf(v.string);
@@ -203,7 +211,7 @@ export const schedulerOps = {
   ping: op<"pong">()(v.object({})),
   terminate: op<OkReply>()(v.object({})),
   // Clients: the connection that registers is the client's for its lifetime.
-  register_client: op<OkReply>()(v.object({ id: v.name })),
+  register_client: op<OkReply & { dashboard: string | null }>()(v.object({ id: v.name })),
   update_graph: op<OkReply>()(
     v.object({ functions: v.arrayOf(functionSpec), tasks: v.arrayOf(graphTask), wanted: keys }),
   ),

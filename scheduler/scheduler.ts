@@ -14,10 +14,14 @@ import { RemoteError, toRemoteErrorInfo } from "../protocol/errors.ts";
 import { type FunctionSpec, type GraphTask, schedulerOps } from "../protocol/ops.ts";
 import { dispatchTo, type Handlers, serve } from "../protocol/server.ts";
 import { type SecurityOptions, tokenFromEnv } from "../protocol/handshake.ts";
-import { SchedulerTasks, type TaskSpec } from "./tasks.ts";
+import { keyPrefix, SchedulerTasks, type TaskSpec } from "./tasks.ts";
+import { Dashboard } from "./dashboard.ts";
+import { type HttpServer, startHttp } from "../_http.ts";
 
 /** Default scheduler port, as Dask's. */
 export const SCHEDULER_PORT = 8786;
+/** Default dashboard port, as Dask's. */
+export const DASHBOARD_PORT = 8787;
 /** How long the scheduler waits for one worker's reply to a broadcast or delete. */
 export const WORKER_CALL_TIMEOUT_MS = 30_000;
 /** Default time after which a worker that sent no heartbeat is removed. */
@@ -44,6 +48,11 @@ export interface SchedulerOptions extends SecurityOptions {
   workerTtlMs?: number;
   /** Deaths (workers or executors lost while running it) a task may cause before it fails; default 3. */
   allowedFailures?: number;
+  /**
+   * Port of the dashboard (HTTP: the pages, /metrics, /health); 0 for any free port,
+   * undefined for none. A taken port falls back to any free one.
+   */
+  dashboardPort?: number;
   /** Where it logs; default stderr at info. */
   log?: Logger;
 }
@@ -54,6 +63,8 @@ export interface SchedulerNode {
   readonly address: string;
   /** A fresh id per start. */
   readonly id: string;
+  /** The dashboard's address (`http://host:port`), or null without one. */
+  readonly dashboard: string | null;
   /** Resolves once it has closed, by `close()` or the `terminate` op. */
   readonly closed: Promise<void>;
   /** Closes every connection and stops listening. */
@@ -84,10 +95,16 @@ export async function startScheduler(options: SchedulerOptions = {}): Promise<Sc
   const state = new SchedulerTasks();
   state.allowedFailures = options.allowedFailures ?? ALLOWED_FAILURES;
   const ttlMs = options.workerTtlMs ?? WORKER_TTL_MS;
+  // Several heartbeats fit in a TTL whatever the cluster's size.
+  const interval = () => Math.min(heartbeatIntervalMs(state.workers.size), ttlMs / 4);
   const id = crypto.randomUUID();
   // The connection each worker and client registered on: the scheduler talks back there.
   const commOf = new Map<string, Comm>();
   const clients = new Map<string, Comm>();
+  const started = Date.now();
+  // Declared before the server starts: a handler may run as soon as it listens.
+  let dashboard: Dashboard | null = null;
+  let http: HttpServer | null = null;
 
   /** Sends what the state decided. A peer whose connection is gone is dropped by its close handler. */
   const flush = () => {
@@ -144,7 +161,7 @@ export async function startScheduler(options: SchedulerOptions = {}): Promise<Sc
       );
       return {
         status: "OK",
-        heartbeat_interval_ms: heartbeatIntervalMs(state.workers.size),
+        heartbeat_interval_ms: interval(),
         worker_ttl_ms: ttlMs,
       };
     },
@@ -152,11 +169,12 @@ export async function startScheduler(options: SchedulerOptions = {}): Promise<Sc
       forget(address, "unregistered", false);
       return { status: "OK" };
     },
-    heartbeat({ address, metrics }, comm) {
+    heartbeat({ address, metrics, transfers }, comm) {
       const known = commOf.get(address) === comm && state.heartbeat(address, Date.now(), metrics);
+      if (known && transfers) dashboard?.onTransfers(address, transfers);
       return {
         status: known ? "OK" : "unknown",
-        heartbeat_interval_ms: heartbeatIntervalMs(state.workers.size),
+        heartbeat_interval_ms: interval(),
       };
     },
     async retire_workers({ workers, close }) {
@@ -222,13 +240,24 @@ export async function startScheduler(options: SchedulerOptions = {}): Promise<Sc
       }));
       return Object.fromEntries(replies);
     },
-    identity: () => ({ type: "scheduler", id, address: server.url, workers: state.workers.size }),
+    identity: () => ({
+      type: "scheduler",
+      id,
+      address: server.url,
+      workers: state.workers.size,
+      dashboard: http?.url ?? null,
+    }),
     register_client({ id: client }, comm) {
-      if (clients.has(client)) throw new RangeError(`A client with id ${client} is connected already`);
+      const previous = clients.get(client);
+      if (previous && previous !== comm) {
+        // The same client on a new connection: the old one is half-open (a cut network).
+        previous.tags.delete(CLIENT_TAG);
+        previous.close();
+      }
       clients.set(client, comm);
       comm.tags.set(CLIENT_TAG, client);
       log.info(`Client ${client} connected`);
-      return { status: "OK" };
+      return { status: "OK", dashboard: http?.url ?? null };
     },
     update_graph({ functions, tasks, wanted }, comm) {
       const client = clientOf(comm);
@@ -258,8 +287,21 @@ export async function startScheduler(options: SchedulerOptions = {}): Promise<Sc
       return { status: "OK" };
     },
     progress: () => state.progress() as Record<string, Record<string, number>>,
-    task_finished({ key, nbytes, duration }, comm) {
-      for (const address of workersOf(comm)) state.taskFinished(address, key, nbytes, duration);
+    task_finished({ key, nbytes, duration, start, stop, thread }, comm) {
+      for (const address of workersOf(comm)) {
+        state.taskFinished(address, key, nbytes, duration);
+        if (dashboard && start !== undefined && stop !== undefined) {
+          dashboard.onTask({
+            key,
+            prefix: keyPrefix(key),
+            worker: address,
+            thread: thread ?? 0,
+            start,
+            stop,
+            status: "done",
+          });
+        }
+      }
     },
     task_erred({ key, error, killed }, comm) {
       for (const address of workersOf(comm)) state.taskErred(address, key, error, killed);
@@ -320,13 +362,35 @@ export async function startScheduler(options: SchedulerOptions = {}): Promise<Sc
     }
   }, Math.max(50, Math.min(1_000, ttlMs / 4)));
 
+  if (options.dashboardPort !== undefined) {
+    dashboard = new Dashboard(state, () => ({ address: server.url, id, clients: clients.size, started }));
+    try {
+      http = await startHttp({
+        host,
+        port: options.dashboardPort!,
+        authToken: options.authToken ?? tokenFromEnv(),
+        routes: dashboard.routes(),
+        log,
+      });
+      log.info(`Dashboard at ${http.url}`);
+    } catch (error) {
+      dashboard.close();
+      clearInterval(ttlTimer);
+      await server.close();
+      throw error;
+    }
+  }
+
   const node: SchedulerNode = {
     address: server.url,
     id,
+    dashboard: http?.url ?? null,
     closed,
     close() {
       clearInterval(ttlTimer);
-      closing ??= server.close().then(() => {
+      dashboard?.close();
+      const httpClosed = http?.close();
+      closing ??= Promise.all([server.close(), httpClosed]).then(() => {
         log.info("Scheduler closed");
         resolveClosed();
       });

@@ -15,6 +15,8 @@ import { type FunctionSpec, KNOWN_FUNCTIONS_MAX, type WorkerInfo } from "../prot
 import { Lru } from "../_lru.ts";
 import { functionKey } from "../protocol/functions.ts";
 
+/** Most task kinds (prefixes) whose progress the scheduler counts. */
+export const PREFIXES_MAX = 1_000;
 /** Most distinct functions the scheduler keeps ids for; the least recently used go first. */
 export const FUNCTIONS_MAX = 10_000;
 
@@ -96,7 +98,7 @@ export interface WorkerState {
    * touch an id on every compute_task, in the same order, so both forget the same ids.
    */
   readonly knownFunctions: Lru<number, true>;
-  /** When it was last heard from (heartbeat or any report), in ms. */
+  /** When it was last heard from (registration or heartbeat), in ms. */
   lastSeen: number;
   /** Its latest heartbeat's figures. */
   metrics: Record<string, number>;
@@ -207,6 +209,8 @@ export class SchedulerTasks {
   /** Queued tasks that may run only on some workers. */
   #restricted = new Set<TaskState>();
   #order = 0;
+  /** Tasks finished and failed per prefix, ever (bounded: the least recent kinds go). */
+  #finished = new Lru<string, { done: number; erred: number }>(PREFIXES_MAX);
   #out: Outgoing[] = [];
   #roundRobin = 0;
   #functions = new Lru<string, number>(FUNCTIONS_MAX);
@@ -392,7 +396,12 @@ export class SchedulerTasks {
     for (const spec of specs) {
       let ts = this.tasks.get(spec.key);
       if (ts !== undefined && ts.state !== "erred" && ts.state !== "forgotten") {
-        if (ts.run === null && spec.run) ts.run = spec.run;
+        if (ts.run === null && spec.run) {
+          // Data a worker brought back (after a scheduler restart) that a client's task
+          // defines: it has lineage and an owner again, so reference counts apply.
+          ts.run = spec.run;
+          ts.external = false;
+        }
         continue;
       }
       // A failed (or forgotten) key submitted again runs again, for everyone who wanted it.
@@ -482,6 +491,7 @@ export class SchedulerTasks {
     ws.hasWhat.add(ts);
     ts.whoHas.add(ws);
     this.completed++;
+    this.#count(ts.prefix, "done");
     this.#toMemory(ts);
     this.#fill(ws);
   }
@@ -615,15 +625,34 @@ export class SchedulerTasks {
     return out;
   }
 
-  /** Every worker, as the `workers` op replies. */
-  workerList(): WorkerInfo[] {
+  /** Every worker, as the `workers` op replies; `now` (ms) dates the last heartbeat. */
+  workerList(now = Date.now()): WorkerInfo[] {
     return [...this.workers.values()].map((w) => ({
       address: w.address,
       name: w.name,
       nthreads: w.nthreads,
       nkeys: w.hasWhat.size,
       nbytes: w.nbytes,
+      processing: w.processing.size,
+      lastSeen: Math.max(0, now - w.lastSeen) / 1000,
+      metrics: w.metrics,
     }));
+  }
+
+  /**
+   * Progress per task kind (prefix): `done` and `erred` count every task that ever
+   * finished or failed (released results included), `processing` and `waiting` the
+   * tasks pending now.
+   */
+  progressTotals(): Record<string, { done: number; erred: number; processing: number; waiting: number }> {
+    const out: Record<string, { done: number; erred: number; processing: number; waiting: number }> = {};
+    const entry = (prefix: string) => out[prefix] ??= { done: 0, erred: 0, processing: 0, waiting: 0 };
+    for (const [prefix, c] of this.#finished.entries()) Object.assign(entry(prefix), c);
+    for (const ts of this.tasks.values()) {
+      if (ts.state === "processing") entry(ts.prefix).processing++;
+      else if (ts.state === "waiting" || ts.state === "queued") entry(ts.prefix).waiting++;
+    }
+    return out;
   }
 
   /** Task counts per prefix and state. */
@@ -642,6 +671,12 @@ export class SchedulerTasks {
   }
 
   // ---- transitions ----
+
+  #count(prefix: string, what: "done" | "erred"): void {
+    let c = this.#finished.get(prefix);
+    if (c === undefined) this.#finished.set(prefix, c = { done: 0, erred: 0 });
+    c[what]++;
+  }
 
   #newTask(key: string): TaskState {
     const ts: TaskState = {
@@ -856,6 +891,7 @@ export class SchedulerTasks {
       t.state = "erred";
       t.error = error;
       t.erredOn = origin;
+      this.#count(t.prefix, "erred");
       for (const client of t.whoWants) this.#tellErred(t, client);
       for (const dep of t.dependencies) {
         if (dep.waiters.delete(t)) this.#maybeRelease(dep);

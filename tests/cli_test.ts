@@ -234,8 +234,11 @@ Deno.test("cli: --help of each command lists every flag with its default", async
       port: "8786",
       "worker-ttl": "30",
       "allowed-failures": "3",
+      "dashboard-port": "8787",
+      "no-dashboard": null,
       ...security,
       "log-level": "info",
+      "log-format": "text",
       help: null,
     },
     worker: {
@@ -245,8 +248,10 @@ Deno.test("cli: --help of each command lists every flag with its default", async
       nthreads: String(navigator.hardwareConcurrency),
       "death-timeout": "60",
       "task-permissions": "none",
+      "http-port": null,
       ...security,
       "log-level": "info",
+      "log-format": "text",
       help: null,
     },
     local: {
@@ -254,11 +259,15 @@ Deno.test("cli: --help of each command lists every flag with its default", async
       nthreads: "1",
       host: "127.0.0.1",
       port: "8786",
+      "dashboard-port": "8787",
+      "no-dashboard": null,
       "auth-token": null,
       "auth-token-file": null,
       "log-level": "info",
+      "log-format": "text",
       help: null,
     },
+    info: { json: null, "auth-token": null, "auth-token-file": null, help: null },
   };
   for (const [command, flags] of Object.entries(expected)) {
     const { code, stdout, stderr } = await dist(command, "--help");

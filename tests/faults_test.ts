@@ -18,7 +18,7 @@ const add = (a: number, b: number) => a + b;
 class Nodes implements AsyncDisposable {
   list: NodeProcess[] = [];
   async spawn(...args: string[]): Promise<NodeProcess> {
-    const node = await spawnNode([...args, "--log-level", "warn"]);
+    const node = await spawnNode([...args, "--log-level", "info"]);
     this.list.push(node);
     return node;
   }
@@ -29,6 +29,24 @@ class Nodes implements AsyncDisposable {
       } catch { /* exited */ }
       await n.stop();
     }
+  }
+}
+
+/** `promise`, or a failure after `ms` that shows `context()` (the nodes' last log lines). */
+async function within<T>(ms: number, promise: Promise<T>, context: () => string): Promise<T> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  try {
+    return await Promise.race([
+      promise,
+      new Promise<never>((_, reject) => {
+        timer = setTimeout(
+          () => reject(new Error(`No answer within ${ms} ms. Node logs:\n${context()}`)),
+          ms,
+        );
+      }),
+    ]);
+  } finally {
+    clearTimeout(timer);
   }
 }
 
@@ -158,7 +176,14 @@ Deno.test("the scheduler restarts: workers re-register with their keys, the clie
   await alice.waitForLog(/Lost the scheduler/);
   // Submitted while the scheduler was away or coming back: it runs once the client is back.
   const y = client.submit(add, x, 40);
-  assert.equal(await y.result(), 42);
+  assert.equal(
+    await within(
+      20_000,
+      y.result(),
+      () => nodes.list.map((n) => n.log.slice(-15).join("\n")).join("\n---\n"),
+    ),
+    42,
+  );
   assert.equal(await x.result(), 2);
   assert.deepEqual(await whoHas(first.address, ["x-before"]), { "x-before": [alice.address] });
   assert.deepEqual(await client.gather(client.map(inc, [1, 2])), [2, 3]);

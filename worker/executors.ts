@@ -184,6 +184,15 @@ export class ExecutorPool {
           : { type: "module", deno: { permissions: this.#permissions } } as WorkerOptions,
       );
     } catch (error) {
+      if (/escalate/i.test((error as Error).message)) {
+        throw new Error(
+          `The task permissions ${
+            JSON.stringify(this.#permissions)
+          } ask for more than this worker process has: ` +
+            "start it with the matching --allow-* flags, or grant tasks less",
+          { cause: error },
+        );
+      }
       if (/unstable-worker-options/.test((error as Error).message)) {
         throw new Error(
           "Sandboxed tasks need Deno's --unstable-worker-options flag (dist's tasks and binary pass it); " +
@@ -240,7 +249,9 @@ export class ExecutorPool {
     const others: Job[] = [];
     for (const job of executor.jobs.values()) {
       if (job.id === exit.id) {
-        job.reject(new ExecutorDiedError(job.key, `it called Deno.exit(${exit.exited})`));
+        job.reject(
+          new ExecutorDiedError(job.key, `it ended its executor (Deno.exit or close, code ${exit.exited})`),
+        );
       } else others.push(job);
     }
     executor.jobs.clear();

@@ -14,6 +14,7 @@ import {
   ConnectionClosedError,
   MissingDataError,
   ProtocolError,
+  TimeoutError,
   toRemoteErrorInfo,
 } from "../protocol/errors.ts";
 import {
@@ -26,6 +27,7 @@ import {
   workerOps,
 } from "../protocol/ops.ts";
 import { Lru } from "../_lru.ts";
+import { type Family, type HttpServer, LoopLag, prometheus, startHttp } from "../_http.ts";
 import { dispatchTo, type Handlers, serve, type Server } from "../protocol/server.ts";
 import { AuthenticationError, openComm, type SecurityOptions, tokenFromEnv } from "../protocol/handshake.ts";
 import { ConnectionPool } from "../protocol/pool.ts";
@@ -71,6 +73,8 @@ export interface WorkerOptions extends SecurityOptions {
    * file, network, env, subprocess or FFI access; "inherit" gives them the worker's own.
    */
   taskPermissions?: Deno.PermissionOptions;
+  /** Serve /metrics and /health over HTTP on this port (0: any); undefined for none. */
+  httpPort?: number;
   /** Where it logs; default stderr at info. */
   log?: Logger;
 }
@@ -121,6 +125,8 @@ class Worker implements WorkerNode {
   #scheduler: Address;
   #schedulerUrl: string;
   #server: Server | null = null;
+  #http: HttpServer | null = null;
+  #lag: LoopLag | null = null;
   #nthreads: number;
   #security: SecurityOptions;
   #dispatch: Dispatch;
@@ -130,6 +136,8 @@ class Worker implements WorkerNode {
   /** Tasks from the scheduler being fetched for or run, and whether they were cancelled. */
   #tasks = new Map<string, { cancelled: boolean }>();
   #schedulerComm: Comm | null = null;
+  /** The connection a registration is under way on. */
+  #registering: Comm | null = null;
   #heartbeatTimer: ReturnType<typeof setTimeout> | undefined;
   /** Fetches since the last heartbeat, for the scheduler's dashboard. */
   #transfers: Transfer[] = [];
@@ -197,6 +205,17 @@ class Worker implements WorkerNode {
         nthreads: this.#nthreads,
         scheduler: this.#schedulerUrl,
       };
+      if (options.httpPort !== undefined) {
+        this.#lag = new LoopLag();
+        this.#http = await startHttp({
+          host: options.host ?? "127.0.0.1",
+          port: options.httpPort,
+          authToken: this.#security.authToken,
+          routes: [(_req, url) => url.pathname === "/metrics" ? prometheus(this.#metrics()) : null],
+          log: this.#log,
+        });
+        this.#log.info(`Metrics at ${this.#http.url}/metrics`);
+      }
       await this.#register(Date.now() + (this.#options.deathTimeoutMs ?? DEATH_TIMEOUT_MS));
     } catch (error) {
       await this.#shutdown(false);
@@ -238,6 +257,8 @@ class Worker implements WorkerNode {
           if (this.#options.name === undefined) this.#identity.name = this.#identity.address;
         }
         const keys = this.data.keys();
+        // The scheduler may send tasks before its reply to register arrives.
+        this.#registering = comm;
         const reply = await comm.call("register", {
           address: this.address,
           name: this.#identity.name,
@@ -373,6 +394,7 @@ class Worker implements WorkerNode {
     const remaining = new Set(keys);
     const tried = new Map<string, Set<string>>(keys.map((k) => [k, new Set([this.address])]));
     const fetched: string[] = [];
+    let failure: unknown = null;
     let refreshed = known === undefined;
     for (;;) {
       const batches = new Map<string, string[]>();
@@ -424,10 +446,14 @@ class Worker implements WorkerNode {
           );
         } catch (error) {
           this.#log.warn(`Fetching ${batch.join(", ")} from ${holder} failed: ${(error as Error).message}`);
+          // A holder that is gone is a missing copy; any other refusal (a value over a
+          // limit, say) is the task's error, and the copy is still there.
+          if (!(error instanceof ConnectionClosedError || error instanceof TimeoutError)) failure = error;
         }
       }));
     }
     await this.#report("add_keys", fetched, mode);
+    if (remaining.size > 0 && failure) throw failure;
     if (remaining.size > 0) {
       const error = new MissingDataError([...remaining]);
       for (const key of remaining) {
@@ -504,9 +530,36 @@ class Worker implements WorkerNode {
     };
   }
 
+  /** The worker's own Prometheus metrics. */
+  #metrics(): Family[] {
+    const gauge = (name: string, help: string, value: number): Family => ({
+      name,
+      help,
+      type: "gauge",
+      samples: [{ value }],
+    });
+    return [
+      gauge("dist_worker_keys", "Keys this worker holds.", this.data.size),
+      gauge("dist_worker_bytes", "Bytes this worker holds.", this.data.totalBytes()),
+      gauge("dist_worker_tasks_running", "Tasks on its executors.", this.#executors.running),
+      gauge("dist_worker_tasks_queued", "Tasks waiting for an executor.", this.#executors.queued),
+      gauge("dist_worker_threads", "Executors.", this.#nthreads),
+      {
+        name: "dist_worker_transferred_bytes_total",
+        help: "Bytes fetched from peers (in) and served to them (out).",
+        type: "counter",
+        samples: [
+          { labels: { direction: "in" }, value: this.#bytesIn },
+          { labels: { direction: "out" }, value: this.#bytesOut },
+        ],
+      },
+      gauge("dist_event_loop_lag_seconds", "How late this worker's timers fire.", this.#lag?.seconds ?? 0),
+    ];
+  }
+
   /** The scheduler's own ops are refused on any other connection. */
   #fromScheduler(comm: Comm, op: string): void {
-    if (comm !== this.#schedulerComm) {
+    if (comm !== this.#schedulerComm && comm !== this.#registering) {
       throw new ProtocolError(
         `Op ${op} is for the scheduler only, on the connection this worker registered on`,
       );
@@ -611,6 +664,8 @@ class Worker implements WorkerNode {
       this.#executors.close();
       await comm?.close();
       await this.#server?.close();
+      this.#lag?.stop();
+      await this.#http?.close();
       await this.#peers.close();
       this.#log.info("Worker closed");
       this.#resolveClosed();

@@ -1,0 +1,86 @@
+/**
+ * `dist info`: what a cluster looks like right now, from its scheduler.
+ *
+ * @module
+ */
+
+import type { Address } from "../protocol/address.ts";
+import type { SchedulerIdentity, SchedulerOps, WorkerInfo } from "../protocol/ops.ts";
+import { rpc } from "../protocol/rpc.ts";
+
+/** A cluster at a glance. */
+export interface ClusterInfo {
+  /** The scheduler's identity (address, id, dashboard). */
+  scheduler: SchedulerIdentity;
+  /** Every worker with what it holds and runs. */
+  workers: WorkerInfo[];
+  /** Tasks the scheduler knows, by state. */
+  tasks: Record<string, number>;
+  /** Progress per task kind: done, erred, processing, waiting. */
+  progress: Record<string, Record<string, number>>;
+  /** Keys held somewhere in the cluster. */
+  keys: number;
+}
+
+/** Asks the scheduler at `address` for its workers, keys and tasks. */
+export async function clusterInfo(
+  address: string | Address,
+  options: { authToken?: string } = {},
+): Promise<ClusterInfo> {
+  await using scheduler = rpc<SchedulerOps>(address, { authToken: options.authToken, timeoutMs: 30_000 });
+  const [identity, workers, states, whoHas] = await Promise.all([
+    scheduler.identity(),
+    scheduler.workers(),
+    scheduler.progress(),
+    scheduler.who_has(),
+  ]);
+  const tasks: Record<string, number> = {};
+  for (const byState of Object.values(states)) {
+    for (const [state, n] of Object.entries(byState)) tasks[state] = (tasks[state] ?? 0) + n;
+  }
+  return { scheduler: identity, workers, tasks, progress: states, keys: Object.keys(whoHas).length };
+}
+
+function bytes(n: number): string {
+  const units = ["B", "kB", "MB", "GB", "TB"];
+  let i = 0;
+  while (n >= 1000 && i < units.length - 1) (n /= 1000, i++);
+  return `${i ? n.toFixed(1) : n} ${units[i]}`;
+}
+
+function table(rows: string[][]): string {
+  const widths = rows[0].map((_, c) => Math.max(...rows.map((r) => r[c].length)));
+  return rows.map((r) =>
+    r.map((cell, c) => c === 0 ? cell.padEnd(widths[c]) : cell.padStart(widths[c])).join("  ")
+  ).join(
+    "\n",
+  );
+}
+
+/** The report as tables, for a terminal. */
+export function formatInfo(info: ClusterInfo): string {
+  const s = info.scheduler;
+  const lines = [
+    `Scheduler ${s.address}  (${info.workers.length} workers, ${info.keys} keys held${
+      s.dashboard ? `, dashboard ${s.dashboard}` : ""
+    })`,
+    "",
+  ];
+  const workers = [["worker", "name", "threads", "keys", "memory held", "tasks", "cpu", "last seen"]];
+  for (const w of info.workers) {
+    workers.push([
+      w.address,
+      w.name,
+      String(w.nthreads),
+      String(w.nkeys),
+      bytes(w.nbytes),
+      String(w.processing),
+      `${Math.round((w.metrics.cpu ?? 0) * 100)} %`,
+      `${w.lastSeen.toFixed(1)} s ago`,
+    ]);
+  }
+  lines.push(info.workers.length ? table(workers) : "No workers.", "");
+  const states = ["released", "waiting", "queued", "processing", "memory", "erred"];
+  lines.push(table([["tasks", ...states], ["", ...states.map((st) => String(info.tasks[st] ?? 0))]]));
+  return lines.join("\n");
+}

@@ -1,0 +1,264 @@
+/**
+ * What the scheduler shows: the dashboard's data (recent tasks per worker thread,
+ * transfers, memory over time), its pages and live stream (Server-Sent Events), and
+ * the Prometheus metrics. Fed by the scheduler shell; reads the state, never changes it.
+ *
+ * @module
+ */
+
+import { type Family, Histogram, html, LoopLag, prometheus, type Route } from "../_http.ts";
+import type { Transfer } from "../protocol/ops.ts";
+import { DASHBOARD_PAGE } from "./dashboard_page.ts";
+import type { SchedulerTasks } from "./tasks.ts";
+
+/** Most recent tasks the task stream keeps. */
+export const TASK_STREAM_MAX = 5_000;
+/** Most recent transfers kept. */
+export const TRANSFERS_MAX = 2_000;
+/** Memory samples kept per worker (one a second). */
+export const MEMORY_SAMPLES_MAX = 600;
+/** How often the live stream sends an update. */
+const STREAM_INTERVAL_MS = 500;
+/** Most open live streams at once. */
+const STREAMS_MAX = 64;
+
+/** One task run, for the timeline. */
+export interface TaskEvent {
+  key: string;
+  prefix: string;
+  worker: string;
+  thread: number;
+  start: number;
+  stop: number;
+  status: "done" | "erred";
+}
+
+/** One transfer, for the timeline: `to` fetched `nbytes` from `from`. */
+export interface TransferEvent extends Transfer {
+  to: string;
+}
+
+class Ring<T> {
+  #items: T[] = [];
+  #max: number;
+  /** Items ever pushed: a stream asks for what came after the count it saw. */
+  total = 0;
+  constructor(max: number) {
+    this.#max = max;
+  }
+  push(item: T): void {
+    this.#items.push(item);
+    this.total++;
+    if (this.#items.length > this.#max) this.#items.splice(0, this.#items.length - this.#max);
+  }
+  since(total: number): T[] {
+    const n = Math.min(this.#items.length, this.total - total);
+    return n <= 0 ? [] : this.#items.slice(this.#items.length - n);
+  }
+}
+
+/** The dashboard's view of a scheduler. */
+export class Dashboard {
+  readonly tasks = new Ring<TaskEvent>(TASK_STREAM_MAX);
+  readonly transfers = new Ring<TransferEvent>(TRANSFERS_MAX);
+  readonly memory = new Ring<{ t: number; workers: Record<string, number> }>(MEMORY_SAMPLES_MAX);
+  readonly durations = new Histogram([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60]);
+  transferredBytes = 0;
+  readonly lag = new LoopLag();
+  #state: SchedulerTasks;
+  #info: () => { address: string; id: string; clients: number; started: number };
+  #sampler: ReturnType<typeof setInterval>;
+  #streams = new Set<ReadableStreamDefaultController<Uint8Array>>();
+
+  /** Watches `state`; `info` gives what the shell knows (address, clients). */
+  constructor(
+    state: SchedulerTasks,
+    info: () => { address: string; id: string; clients: number; started: number },
+  ) {
+    this.#state = state;
+    this.#info = info;
+    this.#sampler = setInterval(() => {
+      const workers: Record<string, number> = {};
+      for (const w of state.workers.values()) workers[w.address] = w.nbytes;
+      this.memory.push({ t: Date.now(), workers });
+    }, 1_000);
+  }
+
+  /** A task ran on `worker`'s executor `thread` from `start` to `stop` (epoch ms). */
+  onTask(event: TaskEvent): void {
+    this.tasks.push(event);
+    this.durations.observe(Math.max(0, event.stop - event.start) / 1000);
+  }
+
+  /** `worker` reports the fetches it made. */
+  onTransfers(worker: string, transfers: Transfer[]): void {
+    for (const t of transfers) {
+      this.transfers.push({ ...t, to: worker });
+      this.transferredBytes += t.nbytes;
+    }
+  }
+
+  /** Stops the timers and ends every live stream. */
+  close(): void {
+    clearInterval(this.#sampler);
+    this.lag.stop();
+    for (const s of this.#streams) {
+      try {
+        s.close();
+      } catch { /* closed by the client */ }
+    }
+    this.#streams.clear();
+  }
+
+  /** Everything the page shows, and the stream items after the given counts. */
+  snapshot(since: { tasks?: number; transfers?: number; memory?: number } = {}) {
+    const state = this.#state;
+    const now = Date.now();
+    const info = this.#info();
+    const progress = state.progressTotals();
+    const byState: Record<string, number> = {};
+    for (const p of Object.values(state.progress())) {
+      for (const [s, n] of Object.entries(p)) byState[s] = (byState[s] ?? 0) + (n ?? 0);
+    }
+    return {
+      scheduler: { ...info, uptime: (now - info.started) / 1000, lag: this.lag.seconds },
+      totals: { completed: state.completed, failed: state.failed, queued: state.queued, byState },
+      workers: [...state.workers.values()].map((w) => ({
+        address: w.address,
+        name: w.name,
+        nthreads: w.nthreads,
+        nkeys: w.hasWhat.size,
+        nbytes: w.nbytes,
+        processing: w.processing.size,
+        executing: w.metrics.executing ?? 0,
+        cpu: w.metrics.cpu ?? 0,
+        rss: w.metrics.rss ?? 0,
+        bytesIn: w.metrics.bytes_in ?? 0,
+        bytesOut: w.metrics.bytes_out ?? 0,
+        lastSeen: (now - w.lastSeen) / 1000,
+      })),
+      progress,
+      tasks: this.tasks.since(since.tasks ?? 0),
+      transfers: this.transfers.since(since.transfers ?? 0),
+      memory: this.memory.since(since.memory ?? 0),
+      counts: { tasks: this.tasks.total, transfers: this.transfers.total, memory: this.memory.total },
+      now,
+    };
+  }
+
+  /** The dashboard's routes: the page, /api/snapshot, /events and /metrics. */
+  routes(): Route[] {
+    return [
+      (_req, url) => url.pathname === "/" ? html(DASHBOARD_PAGE) : null,
+      (_req, url) => url.pathname === "/api/snapshot" ? Response.json(this.snapshot()) : null,
+      (req, url) => url.pathname === "/events" ? this.#events(req) : null,
+      (_req, url) => url.pathname === "/metrics" ? prometheus(this.metrics()) : null,
+    ];
+  }
+
+  #events(request: Request): Response {
+    if (this.#streams.size >= STREAMS_MAX) {
+      return new Response(`Too many live streams (${STREAMS_MAX} open)\n`, { status: 503 });
+    }
+    const encoder = new TextEncoder();
+    let timer: ReturnType<typeof setInterval> | undefined;
+    let controller: ReadableStreamDefaultController<Uint8Array>;
+    const seen = { tasks: 0, transfers: 0, memory: 0 };
+    const stop = () => {
+      clearInterval(timer);
+      this.#streams.delete(controller);
+    };
+    const body = new ReadableStream<Uint8Array>({
+      start: (c) => {
+        controller = c;
+        this.#streams.add(c);
+        const send = () => {
+          const snap = this.snapshot(seen);
+          Object.assign(seen, snap.counts);
+          try {
+            c.enqueue(encoder.encode(`event: snapshot\ndata: ${JSON.stringify(snap)}\n\n`));
+          } catch {
+            stop();
+          }
+        };
+        send();
+        timer = setInterval(send, STREAM_INTERVAL_MS);
+      },
+      cancel: stop,
+    });
+    request.signal.addEventListener("abort", stop);
+    return new Response(body, {
+      headers: { "content-type": "text/event-stream", "cache-control": "no-store", connection: "keep-alive" },
+    });
+  }
+
+  /** The scheduler's Prometheus metrics. */
+  metrics(): Family[] {
+    const snap = this.snapshot({ tasks: Infinity, transfers: Infinity, memory: Infinity });
+    const states = ["released", "waiting", "queued", "processing", "memory", "erred"];
+    const worker = (
+      name: string,
+      help: string,
+      pick: (w: typeof snap.workers[number]) => number,
+    ): Family => ({
+      name,
+      help,
+      type: "gauge",
+      samples: snap.workers.map((w) => ({ labels: { worker: w.address }, value: pick(w) })),
+    });
+    return [
+      {
+        name: "dist_workers",
+        help: "Workers registered.",
+        type: "gauge",
+        samples: [{ value: snap.workers.length }],
+      },
+      {
+        name: "dist_clients",
+        help: "Clients connected.",
+        type: "gauge",
+        samples: [{ value: snap.scheduler.clients }],
+      },
+      {
+        name: "dist_tasks",
+        help: "Tasks the scheduler knows, by state.",
+        type: "gauge",
+        samples: states.map((s) => ({ labels: { state: s }, value: snap.totals.byState[s] ?? 0 })),
+      },
+      {
+        name: "dist_tasks_completed_total",
+        help: "Tasks that finished.",
+        type: "counter",
+        samples: [{ value: snap.totals.completed }],
+      },
+      {
+        name: "dist_tasks_failed_total",
+        help: "Tasks that failed for good.",
+        type: "counter",
+        samples: [{ value: snap.totals.failed }],
+      },
+      worker("dist_worker_bytes", "Bytes a worker holds.", (w) => w.nbytes),
+      worker("dist_worker_keys", "Keys a worker holds.", (w) => w.nkeys),
+      worker("dist_worker_tasks_processing", "Tasks sent to a worker and not finished.", (w) => w.processing),
+      worker("dist_worker_cpu_ratio", "Share of a worker's executor time spent in tasks.", (w) => w.cpu),
+      {
+        name: "dist_transferred_bytes_total",
+        help: "Bytes workers fetched from each other.",
+        type: "counter",
+        samples: [{ value: this.transferredBytes }],
+      },
+      {
+        name: "dist_task_duration_seconds",
+        help: "How long tasks ran on executors.",
+        type: "histogram",
+        samples: this.durations.samples(),
+      },
+      {
+        name: "dist_event_loop_lag_seconds",
+        help: "How late the scheduler's timers fire: its event loop's backlog.",
+        type: "gauge",
+        samples: [{ value: this.lag.seconds }],
+      },
+    ];
+  }
+}

@@ -1,0 +1,140 @@
+/**
+ * The dashboard page: one self-contained HTML document (no build step, no library, no
+ * network but its own scheduler), kept as a string so the compiled binary carries it.
+ * It listens to /events (Server-Sent Events) and redraws: workers, progress per task
+ * kind, the task stream per worker thread with transfers, and memory per worker.
+ *
+ * @module
+ */
+
+/** The dashboard's HTML. */
+export const DASHBOARD_PAGE = `<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>dist dashboard</title>
+<meta name="viewport" content="width=device-width,initial-scale=1">
+<style>
+:root{--fg:#1d2330;--muted:#6b7385;--line:#e3e6ee;--bg:#f7f8fb;--ok:#2f9e62;--bad:#d0443a;--wait:#c9cfdb}
+*{box-sizing:border-box}body{margin:0;font:14px/1.4 system-ui,-apple-system,Segoe UI,sans-serif;color:var(--fg);background:var(--bg)}
+header{display:flex;gap:24px;align-items:baseline;padding:14px 22px;background:#1d2330;color:#fff;flex-wrap:wrap}
+header h1{margin:0;font-size:20px}header .stat{color:#c9d1e4}header .stat b{color:#fff}
+#live{margin-left:auto;font-size:12px}#live.on::before{content:"● ";color:#4cd18a}#live.off::before{content:"● ";color:#e06a5e}
+main{display:grid;grid-template-columns:minmax(420px,1fr) minmax(420px,1fr);gap:16px;padding:16px 22px}
+section{background:#fff;border:1px solid var(--line);border-radius:8px;padding:12px 14px;min-width:0}
+section.wide{grid-column:1/-1}h2{margin:0 0 8px;font-size:15px}
+table{border-collapse:collapse;width:100%;font-variant-numeric:tabular-nums}
+th,td{text-align:right;padding:4px 8px;border-bottom:1px solid var(--line);white-space:nowrap}
+th:first-child,td:first-child{text-align:left}th{color:var(--muted);font-weight:600;font-size:12px}
+.bar{display:flex;height:16px;border-radius:4px;overflow:hidden;background:var(--wait);margin:3px 0 8px}
+.bar span{display:block;height:100%}.done{background:var(--ok)}.erred{background:var(--bad)}.proc{background:#5b8def}
+.row{display:flex;justify-content:space-between;font-size:13px}.muted{color:var(--muted)}
+svg{width:100%;display:block}.legend{font-size:12px;color:var(--muted);margin-top:4px}
+.legend i{display:inline-block;width:10px;height:10px;margin:0 4px 0 10px;border-radius:2px;vertical-align:-1px}
+</style></head><body>
+<header><h1>dist</h1><span class="stat">scheduler <b id="address">…</b></span>
+<span class="stat">workers <b id="nworkers">0</b></span><span class="stat">threads <b id="nthreads">0</b></span>
+<span class="stat">tasks done <b id="ncompleted">0</b></span><span class="stat">failed <b id="nfailed">0</b></span>
+<span class="stat">event-loop lag <b id="lag">0</b> ms</span><span id="live" class="off">connecting</span></header>
+<main>
+<section class="wide"><h2>Workers</h2><table id="workers"><thead><tr><th>worker</th><th>threads</th><th>keys</th>
+<th>memory held</th><th>tasks running</th><th>CPU</th><th>RSS</th><th>in</th><th>out</th><th>last heartbeat</th></tr></thead>
+<tbody></tbody></table></section>
+<section><h2>Progress</h2><div id="overall" data-percent="0"><div class="row"><b>all tasks</b><span id="overall-text" class="muted"></span></div>
+<div class="bar"><span class="done" id="overall-bar" style="width:0"></span></div></div><div id="progress"></div>
+<div class="legend"><i class="done"></i>done<i class="proc"></i>running<i style="background:var(--wait)"></i>waiting<i class="erred"></i>erred</div></section>
+<section><h2>Memory per worker <span class="muted">(last 2 minutes)</span></h2><svg id="memory" viewBox="0 0 600 220" preserveAspectRatio="none"></svg>
+<div class="legend" id="memory-legend"></div></section>
+<section class="wide"><h2>Task stream <span class="muted">(last 20 s; a row per worker thread, transfers in red)</span></h2>
+<svg id="stream" viewBox="0 0 1200 200" preserveAspectRatio="none"></svg><div class="legend" id="stream-legend"></div></section>
+</main>
+<script>
+"use strict";
+const WINDOW_MS = 20000, MEMORY_MS = 120000;
+const tasks = [], transfers = [], memory = [];
+const $ = (id) => document.getElementById(id);
+const esc = (s) => String(s).replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]);
+const bytes = (n) => { const u = ["B","kB","MB","GB","TB"]; let i = 0; while (n >= 1000 && i < u.length - 1) { n /= 1000; i++; } return (i ? n.toFixed(1) : n) + " " + u[i]; };
+const colorOf = (s) => { let h = 0; for (const c of s) h = (h * 31 + c.charCodeAt(0)) >>> 0; return "hsl(" + (h % 360) + ",62%,52%)"; };
+function render(s) {
+  $("address").textContent = s.scheduler.address;
+  $("nworkers").textContent = s.workers.length;
+  $("nthreads").textContent = s.workers.reduce((n, w) => n + w.nthreads, 0);
+  $("ncompleted").textContent = s.totals.completed;
+  $("nfailed").textContent = s.totals.failed;
+  $("lag").textContent = (s.scheduler.lag * 1000).toFixed(1);
+  $("workers").tBodies[0].innerHTML = s.workers.map((w) => '<tr data-worker="' + esc(w.address) + '"><td>' + esc(w.name) +
+    (w.name !== w.address ? ' <span class="muted">' + esc(w.address) + '</span>' : "") + "</td><td>" + w.nthreads + "</td><td>" + w.nkeys +
+    "</td><td>" + bytes(w.nbytes) + "</td><td>" + w.processing + "</td><td>" + Math.round(w.cpu * 100) + " %</td><td>" + bytes(w.rss) +
+    "</td><td>" + bytes(w.bytesIn) + "</td><td>" + bytes(w.bytesOut) + "</td><td>" + w.lastSeen.toFixed(1) + " s ago</td></tr>").join("");
+  let done = 0, total = 0;
+  const rows = Object.entries(s.progress).sort((a, b) => a[0].localeCompare(b[0])).map(([prefix, c]) => {
+    const d = c.done, e = c.erred, p = c.processing;
+    const t = d + e + p + c.waiting;
+    done += d + e; total += t;
+    const pct = (n) => (t ? (100 * n) / t : 0).toFixed(2) + "%";
+    return '<div class="task-kind" data-prefix="' + esc(prefix) + '" data-done="' + d + '" data-erred="' + e + '" data-total="' + t + '">' +
+      '<div class="row"><b>' + esc(prefix) + '</b><span class="muted">' + d + " / " + t + (e ? ", " + e + " erred" : "") + "</span></div>" +
+      '<div class="bar"><span class="done" style="width:' + pct(d) + '"></span><span class="proc" style="width:' + pct(p) +
+      '"></span><span class="erred" style="width:' + pct(e) + '"></span></div></div>';
+  });
+  $("progress").innerHTML = rows.join("") || '<p class="muted">No tasks yet.</p>';
+  const percent = total ? Math.round((100 * done) / total) : 0;
+  $("overall").dataset.percent = String(percent);
+  $("overall-text").textContent = done + " / " + total + " (" + percent + " %)";
+  $("overall-bar").style.width = percent + "%";
+  drawStream(s); drawMemory(s);
+}
+function drawStream(s) {
+  const svg = $("stream"), now = s.now, from = now - WINDOW_MS, W = 1200, lanes = [];
+  for (const w of s.workers) { for (let t = 0; t < w.nthreads; t++) lanes.push({ key: w.address + "#" + t, label: w.name + " #" + t }); lanes.push({ key: w.address + "#in", label: w.name + " in" }); }
+  const index = new Map(lanes.map((l, i) => [l.key, i]));
+  const H = Math.max(1, lanes.length) * 22 + 20; svg.setAttribute("viewBox", "0 0 " + W + " " + H); svg.style.height = H + "px";
+  const x = (t) => 140 + ((t - from) / WINDOW_MS) * (W - 150);
+  let out = lanes.map((l, i) => '<text x="4" y="' + (i * 22 + 15) + '" font-size="11" fill="#6b7385">' + esc(l.label) + "</text>").join("");
+  const seen = new Set();
+  for (const t of tasks) {
+    if (t.stop < from) continue;
+    const lane = index.get(t.worker + "#" + t.thread); if (lane === undefined) continue;
+    seen.add(t.prefix);
+    const x0 = x(Math.max(t.start, from)), w = Math.max(1.5, x(t.stop) - x0);
+    out += '<rect class="task" x="' + x0.toFixed(1) + '" y="' + (lane * 22 + 3) + '" width="' + w.toFixed(1) + '" height="16" fill="' +
+      (t.status === "erred" ? "#d0443a" : colorOf(t.prefix)) + '"><title>' + esc(t.key) + " (" + (t.stop - t.start).toFixed(1) + " ms)</title></rect>";
+  }
+  for (const t of transfers) {
+    if (t.stop < from) continue;
+    const lane = index.get(t.to + "#in"); if (lane === undefined) continue;
+    const x0 = x(Math.max(t.start, from)), w = Math.max(1.5, x(t.stop) - x0);
+    out += '<rect class="transfer" x="' + x0.toFixed(1) + '" y="' + (lane * 22 + 3) + '" width="' + w.toFixed(1) + '" height="16" fill="#e0453a" opacity="0.7"><title>' +
+      bytes(t.nbytes) + " from " + esc(t.from) + "</title></rect>";
+  }
+  svg.innerHTML = out;
+  $("stream-legend").innerHTML = [...seen].sort().map((p) => '<i style="background:' + colorOf(p) + '"></i>' + esc(p)).join("");
+}
+function drawMemory(s) {
+  const svg = $("memory"), now = s.now, from = now - MEMORY_MS, pts = memory.filter((m) => m.t >= from);
+  const addresses = s.workers.map((w) => w.address), names = new Map(s.workers.map((w) => [w.address, w.name]));
+  const max = Math.max(1, ...pts.flatMap((m) => Object.values(m.workers)));
+  const x = (t) => ((t - from) / MEMORY_MS) * 600, y = (v) => 210 - (v / max) * 195;
+  let out = '<text x="4" y="12" font-size="11" fill="#6b7385">' + bytes(max) + "</text>";
+  for (const a of addresses) {
+    const line = pts.filter((m) => a in m.workers).map((m) => x(m.t).toFixed(1) + "," + y(m.workers[a]).toFixed(1)).join(" ");
+    if (line) out += '<polyline fill="none" stroke-width="2" stroke="' + colorOf(a) + '" points="' + line + '"/>';
+  }
+  svg.innerHTML = out;
+  $("memory-legend").innerHTML = addresses.map((a) => '<i style="background:' + colorOf(a) + '"></i>' + esc(names.get(a))).join("");
+}
+function connect() {
+  const source = new EventSource("/events");
+  source.addEventListener("snapshot", (e) => {
+    const s = JSON.parse(e.data);
+    tasks.push(...s.tasks); transfers.push(...s.transfers); memory.push(...s.memory);
+    const cut = s.now - Math.max(WINDOW_MS, MEMORY_MS);
+    while (tasks.length && (tasks.length > 20000 || tasks[0].stop < cut)) tasks.shift();
+    while (transfers.length && (transfers.length > 5000 || transfers[0].stop < cut)) transfers.shift();
+    while (memory.length && memory[0].t < cut) memory.shift();
+    $("live").className = "on"; $("live").textContent = "live";
+    render(s);
+  });
+  source.onerror = () => { $("live").className = "off"; $("live").textContent = "reconnecting"; };
+}
+connect();
+</script></body></html>
+`;
