@@ -4,7 +4,7 @@
  * z <- add(x, a) while `a` lives only on Bob; the nodes' own logs show Alice asking
  * the scheduler who has `a`, fetching it from Bob, and reporting z.
  *
- * Run: deno task demo
+ * Run: deno task demo:rpc
  *
  * @module
  */
