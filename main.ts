@@ -433,6 +433,7 @@ async function run(argv: string[]): Promise<number> {
       host: flags.host,
       port,
       logLevel: level,
+      logFormat: format,
       authToken,
       dashboardPort: dashboardPort ?? null,
     });

@@ -5,7 +5,7 @@
  * @module
  */
 
-import { createLogger, type LogLevel } from "../_log.ts";
+import { createLogger, type LogFormat, type LogLevel } from "../_log.ts";
 import { type NodeProcess, spawnNode } from "../_spawn.ts";
 import { DASHBOARD_PORT, type SchedulerNode, startScheduler } from "../scheduler/scheduler.ts";
 import { startWorker, type WorkerNode } from "../worker/worker.ts";
@@ -38,6 +38,8 @@ export interface LocalClusterOptions {
   port?: number;
   /** Log level of every node (default warn); logs go to stderr. */
   logLevel?: LogLevel;
+  /** Log format of every node (default text). */
+  logFormat?: LogFormat;
   /** A shared secret for every connection (default: DIST_AUTH_TOKEN, if set). */
   authToken?: string;
   /** The scheduler's dashboard port (default 8787, any free port when taken); null for none. */
@@ -102,7 +104,7 @@ export class LocalCluster implements AsyncDisposable {
       authToken,
       port: options.port ?? 0,
       dashboardPort: options.dashboardPort === null ? undefined : options.dashboardPort ?? DASHBOARD_PORT,
-      log: createLogger("scheduler", level),
+      log: createLogger("scheduler", level, options.logFormat),
     });
     const spawned: NodeProcess[] = [];
     const inProcess: WorkerNode[] = [];
@@ -124,6 +126,8 @@ export class LocalCluster implements AsyncDisposable {
                   String(threads),
                   "--log-level",
                   level,
+                  "--log-format",
+                  options.logFormat ?? "text",
                   "--task-permissions",
                   permissionsFlag(options.taskPermissions ?? "none"),
                 ],
@@ -141,7 +145,7 @@ export class LocalCluster implements AsyncDisposable {
               nthreads: threads,
               authToken,
               taskPermissions: options.taskPermissions,
-              log: createLogger(`worker-${i}`, level),
+              log: createLogger(`worker-${i}`, level, options.logFormat),
             }),
           );
         }

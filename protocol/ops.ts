@@ -230,7 +230,16 @@ export const schedulerOps = {
       thread: v.optional(v.count),
     }),
   ),
-  task_erred: op<void>()(v.object({ key: v.string, error: errorInfo, killed: v.optional(v.boolean) })),
+  task_erred: op<void>()(
+    v.object({
+      key: v.string,
+      error: errorInfo,
+      killed: v.optional(v.boolean),
+      start: v.optional(v.number),
+      stop: v.optional(v.number),
+      thread: v.optional(v.count),
+    }),
+  ),
   missing_data: op<void>()(v.object({ key: v.string, missing: v.recordOf(v.arrayOf(address)) })),
   heartbeat: op<{ status: "OK" | "unknown"; heartbeat_interval_ms: number }>()(
     v.object({

@@ -20,6 +20,8 @@ header h1{margin:0;font-size:20px}header .stat{color:#c9d1e4}header .stat b{colo
 main{display:grid;grid-template-columns:minmax(420px,1fr) minmax(420px,1fr);gap:16px;padding:16px 22px}
 section{background:#fff;border:1px solid var(--line);border-radius:8px;padding:12px 14px;min-width:0}
 section.wide{grid-column:1/-1}h2{margin:0 0 8px;font-size:15px}
+.scroll{overflow-x:auto}
+@media (max-width:920px){main{grid-template-columns:minmax(0,1fr)}th,td{padding:3px 5px}td .muted{display:block}}
 table{border-collapse:collapse;width:100%;font-variant-numeric:tabular-nums}
 th,td{text-align:right;padding:4px 8px;border-bottom:1px solid var(--line);white-space:nowrap}
 th:first-child,td:first-child{text-align:left}th{color:var(--muted);font-weight:600;font-size:12px}
@@ -34,9 +36,9 @@ svg{width:100%;display:block}.legend{font-size:12px;color:var(--muted);margin-to
 <span class="stat">tasks done <b id="ncompleted">0</b></span><span class="stat">failed <b id="nfailed">0</b></span>
 <span class="stat">event-loop lag <b id="lag">0</b> ms</span><span id="live" class="off">connecting</span></header>
 <main>
-<section class="wide"><h2>Workers</h2><table id="workers"><thead><tr><th>worker</th><th>threads</th><th>keys</th>
+<section class="wide"><h2>Workers</h2><div class="scroll"><table id="workers"><thead><tr><th>worker</th><th>threads</th><th>keys</th>
 <th>memory held</th><th>tasks running</th><th>CPU</th><th>RSS</th><th>in</th><th>out</th><th>last heartbeat</th></tr></thead>
-<tbody></tbody></table></section>
+<tbody></tbody></table></div></section>
 <section><h2>Progress</h2><div id="overall" data-percent="0"><div class="row"><b>all tasks</b><span id="overall-text" class="muted"></span></div>
 <div class="bar"><span class="done" id="overall-bar" style="width:0"></span></div></div><div id="progress"></div>
 <div class="legend"><i class="done"></i>done<i class="proc"></i>running<i style="background:var(--wait)"></i>waiting<i class="erred"></i>erred</div></section>
@@ -52,7 +54,10 @@ const tasks = [], transfers = [], memory = [];
 const $ = (id) => document.getElementById(id);
 const esc = (s) => String(s).replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]);
 const bytes = (n) => { const u = ["B","kB","MB","GB","TB"]; let i = 0; while (n >= 1000 && i < u.length - 1) { n /= 1000; i++; } return (i ? n.toFixed(1) : n) + " " + u[i]; };
-const colorOf = (s) => { let h = 0; for (const c of s) h = (h * 31 + c.charCodeAt(0)) >>> 0; return "hsl(" + (h % 360) + ",62%,52%)"; };
+// A well-mixed hash: names one character apart get far-apart colours.
+const colorOf = (s) => { let h = 0x811c9dc5; for (const c of s) { h ^= c.charCodeAt(0); h = Math.imul(h, 0x01000193); }
+  h ^= h >>> 15; h = Math.imul(h, 0x2c1b3c6d); h ^= h >>> 12; h = Math.imul(h, 0x297a2d39); h ^= h >>> 15;
+  return "hsl(" + ((h >>> 0) % 360) + "," + (55 + ((h >>> 9) % 20)) + "%," + (42 + ((h >>> 17) % 16)) + "%)"; };
 function render(s) {
   $("address").textContent = s.scheduler.address;
   $("nworkers").textContent = s.workers.length;

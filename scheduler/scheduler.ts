@@ -303,8 +303,20 @@ export async function startScheduler(options: SchedulerOptions = {}): Promise<Sc
         }
       }
     },
-    task_erred({ key, error, killed }, comm) {
-      for (const address of workersOf(comm)) state.taskErred(address, key, error, killed);
+    task_erred({ key, error, killed, start, stop, thread }, comm) {
+      for (const address of workersOf(comm)) {
+        state.taskErred(address, key, error, killed);
+        const now = Date.now();
+        dashboard?.onTask({
+          key,
+          prefix: keyPrefix(key),
+          worker: address,
+          thread: thread ?? 0,
+          start: start ?? now,
+          stop: stop ?? now,
+          status: "erred",
+        });
+      }
     },
     ping: () => "pong",
     terminate(_args, comm) {

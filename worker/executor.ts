@@ -30,7 +30,13 @@ export interface Job {
 /** One job's outcome. */
 export type JobResult =
   | { id: number; ok: true; result: unknown; nbytes: number; start: number; stop: number }
-  | { id: number; ok: false; error: { name: string; message: string; stack?: string } };
+  | {
+    id: number;
+    ok: false;
+    error: { name: string; message: string; stack?: string };
+    start?: number;
+    stop?: number;
+  };
 
 /** Longest a finished result waits for the rest of its batch. */
 const RESULT_HOLD_MS = 2;
@@ -66,10 +72,11 @@ function transferables(value: unknown, out: Set<ArrayBuffer>, depth = 0): Set<Ar
 
 async function run(job: Job, fn: Promise<Fn> | undefined): Promise<JobResult> {
   const { id, args, key } = job;
+  let start: number | undefined;
   try {
     if (fn === undefined) throw new RangeError(`Executor has no function ${job.fn}`);
     const f = await fn;
-    const start = performance.timeOrigin + performance.now();
+    start = performance.timeOrigin + performance.now();
     const result = await callFunction(f, args);
     const stop = performance.timeOrigin + performance.now();
     // Checked here, off the main thread: what cannot travel is refused with its path.
@@ -81,7 +88,14 @@ async function run(job: Job, fn: Promise<Fn> | undefined): Promise<JobResult> {
     }
     return { id, ok: true, result: result === undefined ? null : result, nbytes, start, stop };
   } catch (error) {
-    return { id, ok: false, error: toRemoteErrorInfo(error) };
+    const stop = performance.timeOrigin + performance.now();
+    return {
+      id,
+      ok: false,
+      error: toRemoteErrorInfo(error),
+      start,
+      stop: start === undefined ? undefined : stop,
+    };
   }
 }
 

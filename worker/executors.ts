@@ -221,7 +221,13 @@ export class ExecutorPool {
             stop: done.stop,
             thread: this.#executors.indexOf(executor),
           });
-        } else job.reject(new RemoteError("task", done.error));
+        } else {
+          // When it ran, for the dashboard's task stream (failed tasks show in red).
+          const timing = done.start === undefined
+            ? undefined
+            : { start: done.start, stop: done.stop ?? done.start, thread: this.#executors.indexOf(executor) };
+          job.reject(Object.assign(new RemoteError("task", done.error), { timing }));
+        }
       }
       this.#pump();
     };

@@ -546,7 +546,7 @@ class Worker implements WorkerNode {
       gauge("dist_worker_threads", "Executors.", this.#nthreads),
       {
         name: "dist_worker_transferred_bytes_total",
-        help: "Bytes fetched from peers (in) and served to them (out).",
+        help: "Bytes fetched from peers (in), and served to peers and clients (out).",
         type: "counter",
         samples: [
           { labels: { direction: "in" }, value: this.#bytesIn },
@@ -611,10 +611,12 @@ class Worker implements WorkerNode {
         // The copies we were sent to are gone: the scheduler recomputes or re-routes them.
         comm.notify("missing_data", { key, missing: error.holders });
       } else {
+        const timing = (error as { timing?: { start: number; stop: number; thread: number } }).timing;
         comm.notify("task_erred", {
           key,
           error: toRemoteErrorInfo(error),
           killed: error instanceof ExecutorDiedError,
+          ...timing,
         });
       }
     } finally {
