@@ -16,6 +16,7 @@
  */
 
 import assert from "node:assert/strict";
+import { lines as linesOf } from "../_spawn.ts";
 
 const MAIN = new URL("../main.ts", import.meta.url);
 const MOD = new URL("../mod.ts", import.meta.url);
@@ -280,19 +281,6 @@ async function skipReason(): Promise<string | null> {
     await ip("netns", "del", probe).catch(() => {});
   }
   return null;
-}
-
-async function* linesOf(stream: ReadableStream<Uint8Array>): AsyncGenerator<string> {
-  let rest = "";
-  for await (const chunk of stream.pipeThrough(new TextDecoderStream())) {
-    rest += chunk;
-    let nl: number;
-    while ((nl = rest.indexOf("\n")) >= 0) {
-      yield rest.slice(0, nl);
-      rest = rest.slice(nl + 1);
-    }
-  }
-  if (rest) yield rest;
 }
 
 interface Line {
