@@ -628,7 +628,8 @@ class Worker implements WorkerNode {
     const { key, keys = [], args: extra = [] } = args;
     const needed = refsIn(extra, new Set(keys));
     const missing = [...needed].filter((k) => !this.data.has(k));
-    if (missing.length > 0) await this.#gather(missing);
+    // The replica report goes as a notice: the result's report below, awaited, follows it on the same connection.
+    if (missing.length > 0) await this.#gather(missing, undefined, "notice");
     const lookup = this.#forExecutor;
     const { result, nbytes } = await this.#executors.run(
       args.function,
