@@ -79,6 +79,8 @@ interface TaskRecord {
 
 interface KeyRecord {
   task?: TaskRecord;
+  /** Whether the scheduler was asked for it on this client's behalf: only then does a release follow. */
+  told: boolean;
   refs: number;
   status: FutureStatus;
   workers: string[];
@@ -582,6 +584,7 @@ export class Client implements AsyncDisposable {
       rec.status = "finished";
       rec.workers = whoHas[key];
       rec.nbytes = nbytes[key] ?? 0;
+      rec.told = true; // the scatter op below makes this client want it
     }
     await this.#comm.call("scatter", { who_has: whoHas, nbytes });
     if (Array.isArray(values)) return futures as never;
@@ -633,7 +636,8 @@ export class Client implements AsyncDisposable {
     if (rec === undefined || --rec.refs > 0) return;
     this.#keys.delete(key);
     for (const w of rec.waiters.splice(0)) w();
-    if (this.#closed) return;
+    // A key the scheduler was never asked for (released in the turn it was submitted) needs no release.
+    if (this.#closed || !rec.told) return;
     this.#releases.push(key);
     this.#scheduleFlush();
   }
@@ -641,7 +645,7 @@ export class Client implements AsyncDisposable {
   #ref(key: string): Future {
     let rec = this.#keys.get(key);
     if (rec === undefined) {
-      rec = { refs: 0, status: "pending", workers: [], nbytes: 0, error: null, waiters: [] };
+      rec = { refs: 0, status: "pending", workers: [], nbytes: 0, error: null, waiters: [], told: false };
       this.#keys.set(key, rec);
     }
     rec.refs++;
@@ -752,7 +756,11 @@ export class Client implements AsyncDisposable {
       this.#comm.notify("release_keys", { keys });
     }
     if (graph && (graph.tasks.length > 0 || graph.wanted.length > 0)) {
-      const { functions, tasks, wanted } = graph;
+      const { functions, tasks } = graph;
+      // A key released in the turn it was submitted has no future left: asking for it
+      // would pin it (and its value) in the cluster until this client leaves.
+      const wanted = [...new Set(graph.wanted)].filter((key) => this.#keys.has(key));
+      for (const key of wanted) this.#keys.get(key)!.told = true;
       this.#comm.call("update_graph", { functions, tasks, wanted }).catch((error) => {
         for (const t of tasks) this.#onError(t.key, reviveError(toRemoteErrorInfo(error), t.key));
       });
