@@ -223,6 +223,13 @@ function functionName(fn: unknown): string {
 
 const identity = { source: "(value) => value" };
 
+/**
+ * Most items (tasks, their dependencies and arguments) in one update_graph message, and
+ * most keys in one release_keys. The scheduler takes a message in one turn, so a larger
+ * graph goes in parts: between them it hears heartbeats and other clients.
+ */
+export const GRAPH_ITEMS_PER_MESSAGE = 100_000;
+
 /** A connection to a dist cluster's scheduler. */
 export class Client implements AsyncDisposable {
   /** This client's id. */
@@ -749,21 +756,43 @@ export class Client implements AsyncDisposable {
     this.#graph = null;
     // While reconnecting, nothing is sent: every live key is submitted again on reconnect.
     if (this.#comm.isClosed) return;
-    // Releases go first: a key released and submitted again in the same turn must end up wanted.
-    if (this.#releases.length > 0) {
-      const keys = this.#releases;
-      this.#releases = [];
-      this.#comm.notify("release_keys", { keys });
-    }
+    const releases = this.#releases;
+    this.#releases = [];
     if (graph && (graph.tasks.length > 0 || graph.wanted.length > 0)) {
       const { functions, tasks } = graph;
       // A key released in the turn it was submitted has no future left: asking for it
       // would pin it (and its value) in the cluster until this client leaves.
       const wanted = [...new Set(graph.wanted)].filter((key) => this.#keys.has(key));
       for (const key of wanted) this.#keys.get(key)!.told = true;
-      this.#comm.call("update_graph", { functions, tasks, wanted }).catch((error) => {
-        for (const t of tasks) this.#onError(t.key, reviveError(toRemoteErrorInfo(error), t.key));
-      });
+      const send = (part: GraphTask[], partWanted: string[]) =>
+        this.#comm.call("update_graph", { functions, tasks: part, wanted: partWanted }).catch((error) => {
+          for (const t of part) this.#onError(t.key, reviveError(toRemoteErrorInfo(error), t.key));
+        });
+      // A large graph goes in parts. Every part but the last asks for all its keys, so that
+      // none is let go before the tasks of later parts that need it arrive; the release
+      // below lets go of those that no future holds.
+      let start = 0;
+      let items = 0;
+      for (let i = 0; i < tasks.length; i++) {
+        const weight = 1 + tasks[i].deps.length + tasks[i].args.length;
+        if (items + weight > GRAPH_ITEMS_PER_MESSAGE && i > start) {
+          const part = tasks.slice(start, i);
+          const keys = part.map((t) => t.key);
+          for (const key of keys) releases.push(key);
+          send(part, keys);
+          start = i;
+          items = 0;
+        }
+        items += weight;
+      }
+      send(start === 0 ? tasks : tasks.slice(start), wanted);
+    }
+    // Releases go after the graph, whose tasks may need a released key as an input (sent
+    // first, the release could forget it: "Unknown key"). A key released and referenced
+    // again in this turn has a future again and stays wanted.
+    const keys = releases.filter((key) => !this.#keys.has(key));
+    for (let i = 0; i < keys.length; i += GRAPH_ITEMS_PER_MESSAGE) {
+      this.#comm.notify("release_keys", { keys: keys.slice(i, i + GRAPH_ITEMS_PER_MESSAGE) });
     }
   }
 

@@ -253,21 +253,29 @@ export class MessageWriter {
     await Promise.resolve();
     try {
       while (this.#queue.length > 0) {
-        const first = this.#queue[0];
-        if (first.byteLength > this.#out.length / 2) {
-          this.#queue.shift();
-          await this.#writeAll(first);
-          this.#queuedBytes -= first.byteLength;
-          continue;
+        // Take the whole queue and walk it by index: shift() on a long array copies the
+        // rest each time, quadratic when a turn queues many messages (a release of 1M keys).
+        // Messages queued meanwhile wait in the fresh queue, in order.
+        const batch = this.#queue;
+        this.#queue = [];
+        let i = 0;
+        while (i < batch.length) {
+          const first = batch[i];
+          if (first.byteLength > this.#out.length / 2) {
+            i++;
+            await this.#writeAll(first);
+            this.#queuedBytes -= first.byteLength;
+            continue;
+          }
+          let n = 0;
+          while (i < batch.length && n + batch[i].byteLength <= this.#out.length) {
+            const piece = batch[i++];
+            this.#out.set(piece, n);
+            n += piece.byteLength;
+          }
+          await this.#writeAll(this.#out.subarray(0, n));
+          this.#queuedBytes -= n;
         }
-        let n = 0;
-        while (this.#queue.length > 0 && n + this.#queue[0].byteLength <= this.#out.length) {
-          const piece = this.#queue.shift()!;
-          this.#out.set(piece, n);
-          n += piece.byteLength;
-        }
-        await this.#writeAll(this.#out.subarray(0, n));
-        this.#queuedBytes -= n;
       }
     } catch (error) {
       this.#error = error;
