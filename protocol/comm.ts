@@ -26,6 +26,12 @@ import type { Conn } from "./transport.ts";
 export const PENDING_CALLS_MAX = 100_000;
 /** Most incoming requests one connection may have running at once. */
 export const REQUESTS_IN_FLIGHT_MAX = 10_000;
+/**
+ * Longest one connection handles messages that are already buffered before it lets the
+ * other connections and the timers run: a burst (a large graph in parts) must not keep
+ * heartbeats waiting.
+ */
+export const READ_TURN_MS = 50;
 
 /** Handles a request that arrived: the op name, its raw arguments, the Comm it came on. */
 export type Dispatch = (op: string, args: unknown, comm: Comm) => unknown;
@@ -214,7 +220,12 @@ export class Comm {
     const decoder = new Decoder();
     let reason: unknown = undefined;
     try {
+      let turn = performance.now();
       while (!this.#isClosed) {
+        if (performance.now() - turn > READ_TURN_MS) {
+          await new Promise((resolve) => setTimeout(resolve, 0));
+          turn = performance.now();
+        }
         const frames = reader.tryNext() ?? await reader.next();
         if (frames === null) break;
         this.#receive(decoder.decode(frames[0], frames.slice(1)));

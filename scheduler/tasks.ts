@@ -20,6 +20,24 @@ export const PREFIXES_MAX = 1_000;
 /** Most distinct functions the scheduler keeps ids for; the least recently used go first. */
 export const FUNCTIONS_MAX = 10_000;
 
+/**
+ * The empty set every task's sets start as: most tasks never need most of them (a leaf
+ * has no dependencies, few keys are wanted by a client), and an empty Set costs ~150
+ * bytes. Never added to: `withItem` gives a task a set of its own first.
+ */
+const NONE: Set<never> = new (class extends Set<never> {
+  override add(): never {
+    throw new Error("internal: a task's shared empty set was added to (use withItem)");
+  }
+})();
+
+/** `set` with `item` in it: the shared empty set is replaced by a new one. */
+function withItem<T>(set: Set<T>, item: T): Set<T> {
+  if (set === NONE) return new Set([item]);
+  set.add(item);
+  return set;
+}
+
 /** The states a task moves through. */
 export type TaskStateName =
   | "released"
@@ -61,16 +79,16 @@ export interface TaskState {
   readonly prefix: string;
   state: TaskStateName;
   run: TaskRun | null;
-  readonly dependencies: Set<TaskState>;
-  readonly dependents: Set<TaskState>;
+  dependencies: Set<TaskState>;
+  dependents: Set<TaskState>;
   /** Dependencies not yet in memory, while waiting. */
-  readonly waitingOn: Set<TaskState>;
+  waitingOn: Set<TaskState>;
   /** Dependents that still need this task's value. */
-  readonly waiters: Set<TaskState>;
-  readonly whoHas: Set<WorkerState>;
+  waiters: Set<TaskState>;
+  whoHas: Set<WorkerState>;
   processingOn: WorkerState | null;
   /** Clients holding a future for it. */
-  readonly whoWants: Set<string>;
+  whoWants: Set<string>;
   /** Data put on a worker outside any graph (update_data): kept until deleted. */
   external: boolean;
   /** Lower runs first: [-user priority, submission order]. */
@@ -212,6 +230,8 @@ export class SchedulerTasks {
   /** Tasks finished and failed per prefix, ever (bounded: the least recent kinds go). */
   #finished = new Lru<string, { done: number; erred: number }>(PREFIXES_MAX);
   #out: Outgoing[] = [];
+  /** The latest message in `#out` for each worker: frees that follow it join it. */
+  #lastToWorker = new Map<string, Outgoing>();
   #roundRobin = 0;
   #functions = new Lru<string, number>(FUNCTIONS_MAX);
   #nextFunctionId = 1;
@@ -220,6 +240,7 @@ export class SchedulerTasks {
   drain(): Outgoing[] {
     const out = this.#out;
     this.#out = [];
+    this.#lastToWorker.clear();
     return out;
   }
 
@@ -325,7 +346,7 @@ export class SchedulerTasks {
     for (const key of keys) {
       let ts = this.tasks.get(key);
       if (ts === undefined && replicas) {
-        this.#out.push({ to: "worker", address, op: "free_keys", args: { keys: [key] } });
+        this.#freeOn(address, key);
         continue;
       }
       if (ts === undefined) {
@@ -337,7 +358,7 @@ export class SchedulerTasks {
       ts.nbytes = size;
       if (!ws.hasWhat.has(ts)) ws.nbytes += size;
       ws.hasWhat.add(ts);
-      ts.whoHas.add(ws);
+      ts.whoHas = withItem(ts.whoHas, ws);
       if (ts.state !== "memory" && ts.state !== "processing") {
         this.#unqueue(ts);
         this.#toMemory(ts);
@@ -408,7 +429,7 @@ export class SchedulerTasks {
       const wants = ts?.whoWants ?? [];
       if (ts !== undefined) this.#forget(ts, true);
       ts = this.#newTask(spec.key);
-      for (const c of wants) ts.whoWants.add(c);
+      for (const c of wants) ts.whoWants = withItem(ts.whoWants, c);
       ts.run = spec.run ?? null;
       ts.priority = [-(spec.priority ?? 0), this.#order++];
       ts.retries = spec.retries ?? 0;
@@ -428,15 +449,15 @@ export class SchedulerTasks {
           };
           d.erredOn = dep;
         }
-        ts.dependencies.add(d);
-        d.dependents.add(ts);
+        ts.dependencies = withItem(ts.dependencies, d);
+        d.dependents = withItem(d.dependents, ts);
       }
     }
     const told = new Set<TaskState>();
     for (const key of wanted) {
       const ts = this.tasks.get(key);
       if (ts === undefined) continue;
-      ts.whoWants.add(client);
+      ts.whoWants = withItem(ts.whoWants, client);
       if (ts.state === "memory") this.#tellDone(ts, client);
       else if (ts.state === "erred") this.#tellErred(ts, client);
       else continue;
@@ -489,7 +510,7 @@ export class SchedulerTasks {
     else ws.nbytes += nbytes;
     ts.nbytes = nbytes;
     ws.hasWhat.add(ts);
-    ts.whoHas.add(ws);
+    ts.whoHas = withItem(ts.whoHas, ws);
     this.completed++;
     this.#count(ts.prefix, "done");
     this.#toMemory(ts);
@@ -684,13 +705,13 @@ export class SchedulerTasks {
       prefix: keyPrefix(key),
       state: "released",
       run: null,
-      dependencies: new Set(),
-      dependents: new Set(),
-      waitingOn: new Set(),
-      waiters: new Set(),
-      whoHas: new Set(),
+      dependencies: NONE,
+      dependents: NONE,
+      waitingOn: NONE,
+      waiters: NONE,
+      whoHas: NONE,
       processingOn: null,
-      whoWants: new Set(),
+      whoWants: NONE,
       external: false,
       priority: [0, this.#order++],
       retries: 0,
@@ -739,9 +760,9 @@ export class SchedulerTasks {
           failed = true;
           break;
         }
-        dep.waiters.add(ts);
+        dep.waiters = withItem(dep.waiters, ts);
         if (dep.state !== "memory") {
-          ts.waitingOn.add(dep);
+          ts.waitingOn = withItem(ts.waitingOn, dep);
           if (dep.state === "released") wanted.push(dep);
         }
       }
@@ -788,7 +809,7 @@ export class SchedulerTasks {
       ws.knownFunctions.set(fnId, true);
       args.function = run.function;
     }
-    this.#out.push({ to: "worker", address: ws.address, op: "compute_task", args });
+    this.#toWorker({ to: "worker", address: ws.address, op: "compute_task", args });
   }
 
   #allowed(ts: TaskState, ws: WorkerState): boolean {
@@ -925,7 +946,7 @@ export class SchedulerTasks {
         this.#unqueue(dependent);
         dependent.state = "waiting";
       }
-      if (dependent.state === "waiting") dependent.waitingOn.add(ts);
+      if (dependent.state === "waiting") dependent.waitingOn = withItem(dependent.waitingOn, ts);
     }
     if (ts.whoWants.size > 0 || ts.waiters.size > 0) this.#want(ts);
   }
@@ -939,7 +960,7 @@ export class SchedulerTasks {
       const ws = ts.processingOn;
       ws.processing.delete(ts);
       ts.processingOn = null;
-      this.#out.push({ to: "worker", address: ws.address, op: "cancel_task", args: { keys: [ts.key] } });
+      this.#toWorker({ to: "worker", address: ws.address, op: "cancel_task", args: { keys: [ts.key] } });
       this.#fill(ws);
     }
   }
@@ -961,12 +982,28 @@ export class SchedulerTasks {
     }
   }
 
+  #toWorker(m: Outgoing & { to: "worker" }): void {
+    this.#out.push(m);
+    this.#lastToWorker.set(m.address, m);
+  }
+
+  /**
+   * Tells `address` to free `key`: with the free_keys message just before, if the worker
+   * has been sent nothing since (its messages keep their order), so releasing many keys
+   * makes one message per worker, not one per key.
+   */
+  #freeOn(address: string, key: string): void {
+    const last = this.#lastToWorker.get(address);
+    if (last?.op === "free_keys") last.args.keys.push(key);
+    else this.#toWorker({ to: "worker", address, op: "free_keys", args: { keys: [key] } });
+  }
+
   /** Tells the holders of `ts` to free it. */
   #free(ts: TaskState): void {
     for (const ws of ts.whoHas) {
       ws.hasWhat.delete(ts);
       ws.nbytes -= ts.nbytes;
-      this.#out.push({ to: "worker", address: ws.address, op: "free_keys", args: { keys: [ts.key] } });
+      this.#freeOn(ws.address, ts.key);
     }
     ts.whoHas.clear();
   }
