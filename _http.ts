@@ -6,7 +6,7 @@
  * @module
  */
 
-import { createHmac, timingSafeEqual } from "node:crypto";
+import { equalBytes, hmacSha256, toBase64 } from "./_sha256.ts";
 import { formatAddress, isLoopback } from "./protocol/address.ts";
 import type { Logger } from "./_log.ts";
 
@@ -38,13 +38,13 @@ export interface HttpOptions {
 const COOKIE = "dist_auth";
 
 function cookieValue(token: string): string {
-  return createHmac("sha256", token).update("dist-dashboard").digest("base64url");
+  return toBase64(hmacSha256(token, "dist-dashboard"), true);
 }
 
 function same(a: string, b: string): boolean {
   const x = new TextEncoder().encode(a);
   const y = new TextEncoder().encode(b);
-  return x.length === y.length && timingSafeEqual(x, y);
+  return equalBytes(x, y);
 }
 
 function authorized(request: Request, token: string): boolean {

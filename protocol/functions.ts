@@ -5,7 +5,7 @@
  * @module
  */
 
-import { createHash } from "node:crypto";
+import { sha256, toBase64 } from "../_sha256.ts";
 import type { FunctionSpec } from "./ops.ts";
 
 /** A function dist can send: a plain JS function, or `{ module, name }`. */
@@ -82,7 +82,7 @@ export function functionKey(spec: FunctionSpec): string {
   let key = digests.get(spec);
   if (key === undefined) {
     const text = "source" in spec ? `s${spec.source}` : `m${spec.module}\0${spec.name}`;
-    key = createHash("sha256").update(text).digest("base64");
+    key = toBase64(sha256(text));
     digests.set(spec, key);
   }
   return key;

@@ -9,7 +9,7 @@
  * @module
  */
 
-import tls from "node:tls";
+import type tls from "node:tls";
 import type { Buffer } from "node:buffer";
 import { type Address, formatAddress } from "./address.ts";
 import { ConnectionClosedError } from "./errors.ts";
@@ -264,7 +264,10 @@ async function listenTls(address: Address, options: ListenOptions): Promise<List
     );
   }
   const mutual = t.ca !== undefined;
-  const server = tls.createServer({
+  // Loaded here, not at the top: node:tls starts Deno's Node compatibility layer, which
+  // costs a process several MiB that plain TCP nodes never need.
+  const { createServer } = await import("node:tls");
+  const server = createServer({
     cert: t.cert,
     key: t.key,
     ca: mutual ? [t.ca!] : undefined,
