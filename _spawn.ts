@@ -57,7 +57,9 @@ export async function spawnNode(args: string[], options: SpawnOptions = {}): Pro
   // A compiled `dist` binary is its own main.ts: it takes the subcommand directly.
   // `dist local` starts worker processes of its own.
   const permissions = args[0] === "local" ? [...NODE_PERMISSIONS, "--allow-run"] : NODE_PERMISSIONS;
-  const prefix = Deno.build.standalone ? [] : ["run", ...permissions, MAIN.href];
+  // --no-config: a node runs with dist's settings, not with whatever deno.json, import map
+  // or lockfile the caller's directory has (and skips reading them: ~2 MiB per process).
+  const prefix = Deno.build.standalone ? [] : ["run", "--no-config", ...permissions, MAIN.href];
   const child = new Deno.Command(Deno.execPath(), {
     args: [...prefix, ...args],
     stdin: "null",

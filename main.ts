@@ -5,20 +5,16 @@
  * @module
  */
 
-import { parseArgs } from "node:util";
 import config from "./deno.json" with { type: "json" };
 import { createLogger, LOG_LEVELS, type LogFormat, type LogLevel } from "./_log.ts";
-import { clusterInfo, formatInfo } from "./client/info.ts";
 import { parseAddress, parsePort } from "./protocol/address.ts";
 import {
   ALLOWED_FAILURES,
   DASHBOARD_PORT,
+  DEATH_TIMEOUT_MS,
   SCHEDULER_PORT,
-  startScheduler,
   WORKER_TTL_MS,
-} from "./scheduler/scheduler.ts";
-import { DEATH_TIMEOUT_MS, startWorker } from "./worker/worker.ts";
-import { LocalCluster } from "./client/local.ts";
+} from "./_defaults.ts";
 import { FRAME_BYTES_MAX } from "./protocol/framing.ts";
 import { HANDSHAKE_TIMEOUT_MS, type SecurityOptions, tokenFromEnv } from "./protocol/handshake.ts";
 import { CONNECTIONS_MAX } from "./protocol/server.ts";
@@ -277,31 +273,52 @@ function helpOf(name: string): string {
 /** A usage error: printed as one line, exit code 2. */
 class UsageError extends Error {}
 
+/**
+ * Reads `argv` against the command's flags: `--flag value`, `--flag=value`, booleans
+ * bare, positionals anywhere, `--` ends the flags. (Our own, not node:util's parseArgs:
+ * any node: import starts Deno's Node layer, several MiB in every worker process.)
+ */
 function parse(name: string, argv: string[]) {
-  const command = commands[name];
-  const options = Object.fromEntries(
-    Object.entries(command.flags).map(([flag, f]) => [flag, { type: f.type, default: f.default }]),
-  );
-  try {
-    return parseArgs({ args: argv, options, allowPositionals: true, strict: true });
-  } catch (error) {
-    const message = (error as Error).message;
-    const unknown = /Unknown option '([^']+)'/.exec(message);
-    if (unknown) throw new UsageError(`unknown flag ${unknown[1]} (see dist ${name} --help)`);
-    const ambiguous = /Option '([^']+)' argument is ambiguous/.exec(message);
-    if (ambiguous) {
-      const flag = ambiguous[1].replace(/^-., /, "");
-      const value = argv[argv.indexOf(flag) + 1];
-      throw new UsageError(
-        `flag ${flag} got ${
-          JSON.stringify(value)
-        }, which looks like a flag; write ${flag}=${value} if you mean it`,
-      );
+  const flags = commands[name].flags;
+  const values: Record<string, string | boolean | undefined> = {};
+  for (const [flag, f] of Object.entries(flags)) values[flag] = f.default;
+  const positionals: string[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i];
+    if (arg === "--") {
+      positionals.push(...argv.slice(i + 1));
+      break;
     }
-    const missing = /Option '([^']+?)(?: <value>)?' argument missing/.exec(message);
-    if (missing) throw new UsageError(`flag ${missing[1].replace(/^-., /, "")} needs a value`);
-    throw new UsageError(message.split("\n")[0]);
+    if (!arg.startsWith("-") || arg === "-") {
+      positionals.push(arg);
+      continue;
+    }
+    const eq = arg.indexOf("=");
+    const flag = arg.startsWith("--") ? arg.slice(2, eq < 0 ? undefined : eq) : "";
+    const f = Object.hasOwn(flags, flag) ? flags[flag] : undefined;
+    if (f === undefined) {
+      throw new UsageError(`unknown flag ${eq < 0 ? arg : arg.slice(0, eq)} (see dist ${name} --help)`);
+    }
+    if (f.type === "boolean") {
+      if (eq >= 0) throw new UsageError(`flag --${flag} takes no value`);
+      values[flag] = true;
+    } else if (eq >= 0) {
+      values[flag] = arg.slice(eq + 1);
+    } else if (i + 1 >= argv.length) {
+      throw new UsageError(`flag --${flag} needs a value`);
+    } else {
+      const value = argv[++i];
+      if (value.startsWith("-") && value !== "-") {
+        throw new UsageError(
+          `flag --${flag} got ${
+            JSON.stringify(value)
+          }, which looks like a flag; write --${flag}=${value} if you mean it`,
+        );
+      }
+      values[flag] = value;
+    }
   }
+  return { values, positionals };
 }
 
 function logFormat(text: string): LogFormat {
@@ -322,6 +339,7 @@ async function showInfo(positionals: string[], flags: Record<string, string>): P
   }
   const address = checked(() => parseAddress(positionals[0]));
   const { authToken } = await security(flags);
+  const { clusterInfo, formatInfo } = await import("./client/info.ts");
   const report = await clusterInfo(address, { authToken });
   console.log(flags.json ? JSON.stringify(report, null, 2) : formatInfo(report));
   return 0;
@@ -405,6 +423,7 @@ async function run(argv: string[]): Promise<number> {
 
   if (name === "scheduler") {
     if (positionals.length > 0) throw new UsageError(`unexpected argument ${JSON.stringify(positionals[0])}`);
+    const { startScheduler } = await import("./scheduler/scheduler.ts");
     const node = await startScheduler({
       host: flags.host,
       port,
@@ -427,6 +446,7 @@ async function run(argv: string[]): Promise<number> {
     const workers = positiveNumber("workers", flags.workers, true);
     const threads = positiveNumber("nthreads", flags.nthreads, true);
     const { authToken } = await security(flags);
+    const { LocalCluster } = await import("./client/local.ts");
     const cluster = await LocalCluster.start({
       workers,
       threads,
@@ -452,6 +472,7 @@ async function run(argv: string[]): Promise<number> {
   const scheduler = checked(() => parseAddress(positionals[0]));
   const nthreads = positiveNumber("nthreads", flags.nthreads, true);
   const deathTimeoutMs = positiveNumber("death-timeout", flags["death-timeout"], false) * 1000;
+  const { startWorker } = await import("./worker/worker.ts");
   const node = await startWorker({
     scheduler,
     host: flags.host,

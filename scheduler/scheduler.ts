@@ -17,17 +17,12 @@ import { type SecurityOptions, tokenFromEnv } from "../protocol/handshake.ts";
 import { keyPrefix, SchedulerTasks, type TaskSpec } from "./tasks.ts";
 import { Dashboard } from "./dashboard.ts";
 import { type HttpServer, startHttp } from "../_http.ts";
+import { ALLOWED_FAILURES, DASHBOARD_PORT, SCHEDULER_PORT, WORKER_TTL_MS } from "../_defaults.ts";
 
-/** Default scheduler port, as Dask's. */
-export const SCHEDULER_PORT = 8786;
-/** Default dashboard port, as Dask's. */
-export const DASHBOARD_PORT = 8787;
+export { ALLOWED_FAILURES, DASHBOARD_PORT, SCHEDULER_PORT, WORKER_TTL_MS };
+
 /** How long the scheduler waits for one worker's reply to a broadcast or delete. */
 export const WORKER_CALL_TIMEOUT_MS = 30_000;
-/** Default time after which a worker that sent no heartbeat is removed. */
-export const WORKER_TTL_MS = 30_000;
-/** Default number of deaths a task may cause before it fails with KilledWorker. */
-export const ALLOWED_FAILURES = 3;
 
 /** How often workers heartbeat: less often as the cluster grows, so the scheduler is not flooded. */
 export function heartbeatIntervalMs(workers: number): number {

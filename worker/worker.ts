@@ -33,9 +33,10 @@ import { AuthenticationError, openComm, type SecurityOptions, tokenFromEnv } fro
 import { ConnectionPool } from "../protocol/pool.ts";
 import { ExecutorDiedError, ExecutorPool, shared } from "./executors.ts";
 import { DataStore, refsIn, resolveRefs } from "./store.ts";
+import { DEATH_TIMEOUT_MS } from "../_defaults.ts";
 
-/** Default for how long a worker keeps trying to reach its scheduler: 60 s. */
-export const DEATH_TIMEOUT_MS = 60_000;
+export { DEATH_TIMEOUT_MS };
+
 /** The first and the largest wait between attempts to reach the scheduler. */
 const BACKOFF_FIRST_MS = 50;
 const BACKOFF_MAX_MS = 2_000;
@@ -544,6 +545,11 @@ class Worker implements WorkerNode {
       gauge("dist_worker_tasks_running", "Tasks on its executors.", this.#executors.running),
       gauge("dist_worker_tasks_queued", "Tasks waiting for an executor.", this.#executors.queued),
       gauge("dist_worker_threads", "Executors.", this.#nthreads),
+      gauge(
+        "dist_worker_executors_started",
+        "Executors started (each starts when a task first needs it).",
+        this.#executors.started,
+      ),
       {
         name: "dist_worker_transferred_bytes_total",
         help: "Bytes fetched from peers (in), and served to peers and clients (out).",
