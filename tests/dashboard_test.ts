@@ -725,6 +725,8 @@ Deno.test("worker: httpPort serves the worker's own /metrics and /health", async
       const empty = await scrape(`${url}/metrics`);
       assert.equal(valueOf(empty, "dist_worker_keys"), 0);
       assert.equal(valueOf(empty, "dist_worker_threads"), 2);
+      // Executors start when a task first needs them: an idle worker has none.
+      assert.equal(valueOf(empty, "dist_worker_executors_started"), 0);
     }
 
     await using client = await Client.connect(scheduler.address);
@@ -741,6 +743,7 @@ Deno.test("worker: httpPort serves the worker's own /metrics and /health", async
     assert.equal(valueOf(a, "dist_worker_bytes"), workers[0].data.totalBytes());
     assert.equal(valueOf(a, "dist_worker_tasks_running"), 0);
     assert.equal(valueOf(a, "dist_worker_tasks_queued"), 0);
+    assert.ok(valueOf(a, "dist_worker_executors_started") >= 1);
     assert.ok(valueOf(a, "dist_worker_transferred_bytes_total", { direction: "out" }) >= 80_000);
     assert.ok(valueOf(b, "dist_worker_transferred_bytes_total", { direction: "in" }) >= 80_000);
     // Bob served only the client its small result.

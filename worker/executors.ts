@@ -77,9 +77,52 @@ export function shared(value: unknown): unknown {
   return value;
 }
 
-/** Runs functions on `size` executors. */
+/**
+ * Checks, without starting an executor, that executors can be started with
+ * `permissions`: throws when they ask for more than this process has. (Without Deno's
+ * --unstable-worker-options flag, Deno ends the process here with its own message.)
+ *
+ * The probe hands Deno a URL that can never load: Deno checks the flag and the
+ * permissions before it parses the URL, so nothing is started either way.
+ */
+function checkPermissions(permissions: Deno.PermissionOptions): void {
+  if (permissions === "inherit") return;
+  let probe: Worker;
+  try {
+    probe = new Worker("http://[", { type: "module", deno: { permissions } } as WorkerOptions);
+  } catch (error) {
+    if (error instanceof URIError || /invalid url/i.test((error as Error).message)) return;
+    throw startError(permissions, error);
+  }
+  probe.terminate();
+}
+
+function startError(permissions: Deno.PermissionOptions, error: unknown): Error {
+  if (/escalate/i.test((error as Error).message)) {
+    return new Error(
+      `The task permissions ${JSON.stringify(permissions)} ask for more than this worker process has: ` +
+        "start it with the matching --allow-* flags, or grant tasks less",
+      { cause: error },
+    );
+  }
+  if (/unstable-worker-options/.test((error as Error).message)) {
+    return new Error(
+      "Sandboxed tasks need Deno's --unstable-worker-options flag (dist's tasks and binary pass it); " +
+        'or set taskPermissions: "inherit" to give tasks the worker\'s own permissions',
+      { cause: error },
+    );
+  }
+  return error as Error;
+}
+
+/**
+ * Runs functions on up to `size` executors. An executor starts when a task first needs
+ * it (as a thread pool does), so a worker that only holds data, or has not been given
+ * work yet, does not pay the ~14 MiB each one costs.
+ */
 export class ExecutorPool {
-  #executors: Executor[] = [];
+  /** One slot per thread: null until a task needs it, and again after it was stopped. */
+  #executors: (Executor | null)[];
   #queue: Job[] = [];
   #nextId = 1;
   #fnIds = new Lru<string, number>(FUNCTIONS_MAX);
@@ -91,18 +134,25 @@ export class ExecutorPool {
   #permissions: Deno.PermissionOptions;
 
   /**
-   * Starts `size` executors with `permissions` (default "none": no file, network, env,
-   * subprocess or FFI access for tasks). Anything but "inherit" needs Deno's
-   * --unstable-worker-options flag.
+   * A pool of `size` executors with `permissions` (default "none": no file, network,
+   * env, subprocess or FFI access for tasks). Anything but "inherit" needs Deno's
+   * --unstable-worker-options flag. Throws at once when the permissions cannot be
+   * granted, though no executor starts before the first task.
    */
   constructor(size: number, permissions: Deno.PermissionOptions = "none") {
+    checkPermissions(permissions);
     this.#permissions = permissions;
-    for (let i = 0; i < size; i++) this.#executors.push(this.#spawn());
+    this.#executors = Array.from({ length: size }, () => null);
   }
 
   /** Tasks running now. */
   get running(): number {
-    return this.#executors.reduce((n, e) => n + e.jobs.size, 0);
+    return this.#executors.reduce((n, e) => n + (e?.jobs.size ?? 0), 0);
+  }
+
+  /** Executors started (and not stopped since). */
+  get started(): number {
+    return this.#executors.filter((e) => e !== null).length;
   }
 
   /** Milliseconds executors spent running tasks since the last call (for a CPU figure). */
@@ -143,9 +193,9 @@ export class ExecutorPool {
       this.#queue.splice(waiting, 1)[0].reject(new CancelledError(key));
       return true;
     }
-    const i = this.#executors.findIndex((e) => [...e.jobs.values()].some((j) => j.key === key));
+    const i = this.#executors.findIndex((e) => e !== null && [...e.jobs.values()].some((j) => j.key === key));
     if (i < 0) return false;
-    const executor = this.#executors[i];
+    const executor = this.#executors[i]!;
     executor.worker.terminate();
     // The executor's other jobs never ran to the end: they go back to the front of the queue.
     const others: Job[] = [];
@@ -154,7 +204,7 @@ export class ExecutorPool {
       else others.push(job);
     }
     this.#queue.unshift(...others);
-    this.#executors[i] = this.#spawn();
+    this.#executors[i] = null;
     this.#pump();
     return true;
   }
@@ -166,6 +216,7 @@ export class ExecutorPool {
       job.reject(new CancelledError(job.key, "not run: the worker closed"));
     }
     for (const e of this.#executors) {
+      if (e === null) continue;
       e.worker.terminate();
       for (const job of e.jobs.values()) {
         job.reject(new CancelledError(job.key, "stopped: the worker closed"));
@@ -184,23 +235,7 @@ export class ExecutorPool {
           : { type: "module", deno: { permissions: this.#permissions } } as WorkerOptions,
       );
     } catch (error) {
-      if (/escalate/i.test((error as Error).message)) {
-        throw new Error(
-          `The task permissions ${
-            JSON.stringify(this.#permissions)
-          } ask for more than this worker process has: ` +
-            "start it with the matching --allow-* flags, or grant tasks less",
-          { cause: error },
-        );
-      }
-      if (/unstable-worker-options/.test((error as Error).message)) {
-        throw new Error(
-          "Sandboxed tasks need Deno's --unstable-worker-options flag (dist's tasks and binary pass it); " +
-            'or set taskPermissions: "inherit" to give tasks the worker\'s own permissions',
-          { cause: error },
-        );
-      }
-      throw error;
+      throw startError(this.#permissions, error);
     }
     const executor: Executor = { worker, jobs: new Map(), known: new Lru(EXECUTOR_FUNCTIONS_MAX) };
     worker.onmessage = (event: MessageEvent<ExecutorMessage>) => {
@@ -241,7 +276,7 @@ export class ExecutorPool {
       }
       executor.jobs.clear();
       if (i >= 0 && !this.#closed) {
-        this.#executors[i] = this.#spawn();
+        this.#executors[i] = null;
         this.#pump();
       }
     };
@@ -263,8 +298,18 @@ export class ExecutorPool {
     executor.jobs.clear();
     this.#queue.unshift(...others);
     if (i >= 0 && !this.#closed) {
-      this.#executors[i] = this.#spawn();
+      this.#executors[i] = null;
       this.#pump();
+    }
+  }
+
+  /** Starts an executor; when that fails, every waiting task fails with the reason. */
+  #spawnOrFail(): Executor | null {
+    try {
+      return this.#spawn();
+    } catch (error) {
+      for (const job of this.#queue.splice(0)) job.reject(error as Error);
+      return null;
     }
   }
 
@@ -273,12 +318,16 @@ export class ExecutorPool {
     this.#pumpScheduled = false;
     if (this.#closed) return;
     while (this.#queue.length > 0) {
-      let target: Executor | null = null;
-      for (const e of this.#executors) {
-        if (e.jobs.size < EXECUTOR_JOBS_MAX && (target === null || e.jobs.size < target.jobs.size)) {
-          target = e;
-        }
+      // The least busy slot with room; an idle executor before one not started yet.
+      let slot = -1;
+      let best = Infinity;
+      for (let i = 0; i < this.#executors.length; i++) {
+        const e = this.#executors[i];
+        const load = e === null ? 1 : 2 * e.jobs.size;
+        if (load < best && (e === null || e.jobs.size < EXECUTOR_JOBS_MAX)) [slot, best] = [i, load];
       }
+      if (slot < 0) return;
+      const target = this.#executors[slot] ?? (this.#executors[slot] = this.#spawnOrFail());
       if (target === null) return;
       // Fill the least busy executor up to its share, then look again.
       const share = Math.max(
@@ -294,8 +343,8 @@ export class ExecutorPool {
         let fn = this.#fnIds.get(k);
         if (fn === undefined) this.#fnIds.set(k, fn = this.#nextFnId++);
         const message: WireJob = { id: job.id, fn, args: job.args, key: job.key };
-        if (target!.known.get(fn) === undefined) {
-          target!.known.set(fn, true);
+        if (target.known.get(fn) === undefined) {
+          target.known.set(fn, true);
           message.spec = job.spec;
         }
         return message;
@@ -314,11 +363,10 @@ export class ExecutorPool {
             ),
           );
         }
-        const i = this.#executors.indexOf(target);
         target.worker.terminate();
         for (const job of target.jobs.values()) this.#queue.unshift(job);
         target.jobs.clear();
-        this.#executors[i] = this.#spawn();
+        this.#executors[slot] = null;
       }
     }
   }
