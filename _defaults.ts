@@ -15,3 +15,5 @@ export const WORKER_TTL_MS = 30_000;
 export const ALLOWED_FAILURES = 3;
 /** Default for how long a worker keeps trying to reach its scheduler: 60 s. */
 export const DEATH_TIMEOUT_MS = 60_000;
+/** Default for how many large values (1 MiB or more) a worker sends at once. */
+export const TRANSFERS_OUT_MAX = 8;

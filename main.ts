@@ -13,6 +13,7 @@ import {
   DASHBOARD_PORT,
   DEATH_TIMEOUT_MS,
   SCHEDULER_PORT,
+  TRANSFERS_OUT_MAX,
   WORKER_TTL_MS,
 } from "./_defaults.ts";
 import { FRAME_BYTES_MAX } from "./protocol/framing.ts";
@@ -207,6 +208,12 @@ const commands: Record<string, { usage: string; summary: string; flags: Record<s
         type: "string",
         value: "PORT",
         help: "serve /metrics and /health over HTTP on this port (0: any)",
+      },
+      "transfers-out-max": {
+        type: "string",
+        default: String(TRANSFERS_OUT_MAX),
+        value: "N",
+        help: "large values (1 MiB or more) sent to peers and clients at once; more wait (busy, retried)",
       },
       ...auth,
       ...tls,
@@ -484,6 +491,7 @@ async function run(argv: string[]): Promise<number> {
     ...await security(flags),
     frameBytesMax: positiveNumber("frame-bytes-max", flags["frame-bytes-max"], true),
     connectionsMax: positiveNumber("connections-max", flags["connections-max"], true),
+    transfersOutMax: positiveNumber("transfers-out-max", flags["transfers-out-max"], true),
     httpPort: flags["http-port"] === undefined
       ? undefined
       : checked(() => parsePort(flags["http-port"], "--http-port")),

@@ -19,6 +19,7 @@ import {
 import { type Sendable, toFunctionSpec } from "../protocol/functions.ts";
 import { clientOps, type FunctionSpec, type GraphTask, type WorkerInfo } from "../protocol/ops.ts";
 import { ConnectionPool } from "../protocol/pool.ts";
+import { fetchData } from "../protocol/fetch.ts";
 import { dispatchTo } from "../protocol/server.ts";
 import { openComm, type SecurityOptions, tokenFromEnv } from "../protocol/handshake.ts";
 import { randomToken, tokenize } from "./_tokenize.ts";
@@ -523,7 +524,7 @@ export class Client implements AsyncDisposable {
       await Promise.all([...byWorker].map(async ([worker, list]) => {
         try {
           const comm = await this.#peers.get(worker);
-          const got = await comm.call("get_data", { keys: list }) as Record<string, unknown>;
+          const got = await fetchData(comm, list);
           for (const key of list) if (Object.hasOwn(got, key)) values.set(key, got[key]);
         } catch (error) {
           // A lost holder is retried against fresh who_has; any other failure (say, a

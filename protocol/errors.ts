@@ -31,6 +31,18 @@ export class TimeoutError extends Error {
   }
 }
 
+/**
+ * A worker already sends as many large values as it allows at once (`transfersOutMax`):
+ * ask again a little later. Fetches back off and retry on their own.
+ */
+export class BusyError extends Error {
+  /** Builds the error. */
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.name = "BusyError";
+  }
+}
+
 /** The keys a computation needs exist nowhere the cluster can reach. */
 export class MissingDataError extends Error {
   /** The keys that could not be found. */

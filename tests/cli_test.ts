@@ -249,6 +249,7 @@ Deno.test("cli: --help of each command lists every flag with its default", async
       "death-timeout": "60",
       "task-permissions": "none",
       "http-port": null,
+      "transfers-out-max": "8",
       ...security,
       "log-level": "info",
       "log-format": "text",

@@ -11,6 +11,7 @@ import { createLogger, type Logger } from "../_log.ts";
 import { type Address, formatAddress, parseAddress } from "../protocol/address.ts";
 import type { Comm, Dispatch } from "../protocol/comm.ts";
 import {
+  BusyError,
   ConnectionClosedError,
   MissingDataError,
   ProtocolError,
@@ -31,11 +32,12 @@ import { type Family, type HttpServer, LoopLag, prometheus, startHttp } from "..
 import { dispatchTo, type Handlers, serve, type Server } from "../protocol/server.ts";
 import { AuthenticationError, openComm, type SecurityOptions, tokenFromEnv } from "../protocol/handshake.ts";
 import { ConnectionPool } from "../protocol/pool.ts";
+import { fetchData, isBusy } from "../protocol/fetch.ts";
 import { ExecutorDiedError, ExecutorPool, shared } from "./executors.ts";
 import { DataStore, refsIn, resolveRefs } from "./store.ts";
-import { DEATH_TIMEOUT_MS } from "../_defaults.ts";
+import { DEATH_TIMEOUT_MS, TRANSFERS_OUT_MAX } from "../_defaults.ts";
 
-export { DEATH_TIMEOUT_MS };
+export { DEATH_TIMEOUT_MS, TRANSFERS_OUT_MAX };
 
 /** The first and the largest wait between attempts to reach the scheduler. */
 const BACKOFF_FIRST_MS = 50;
@@ -46,6 +48,8 @@ const FETCH_BACKOFF_MS = 100;
 const RETIRE_TIMEOUT_MS = 60_000;
 /** Most transfers a worker remembers between two heartbeats. */
 const TRANSFER_LOG_MAX = 1_000;
+/** Replies this large count against `transfersOutMax`; smaller ones are always served. */
+export const TRANSFER_LARGE_BYTES = 1024 * 1024;
 /** How a worker tells the scheduler about keys: a call it waits on, a notice, or a notice of fetched replicas. */
 type Report = "call" | "notice" | "replica";
 /** How long a call to a peer or the scheduler may take. */
@@ -69,6 +73,11 @@ export interface WorkerOptions extends SecurityOptions {
   frameBytesMax?: number;
   /** Most open connections; more are closed on arrival. */
   connectionsMax?: number;
+  /**
+   * Most large replies to get_data (1 MiB or more) it sends at once; more are answered
+   * BusyError, and the fetcher asks again after a pause. Default 8.
+   */
+  transfersOutMax?: number;
   /**
    * What tasks may touch (Deno permissions of the executors): default "none", no
    * file, network, env, subprocess or FFI access; "inherit" gives them the worker's own.
@@ -144,6 +153,11 @@ class Worker implements WorkerNode {
   #transfers: Transfer[] = [];
   #bytesIn = 0;
   #bytesOut = 0;
+  /** Large get_data replies being sent now. */
+  #transfersOut = 0;
+  /** get_data calls turned away busy, and busy replies this worker waited out. */
+  #busyReplies = 0;
+  #busyWaits = 0;
   #reconnecting: Promise<void> | null = null;
   #peers: ConnectionPool;
   #closing: Promise<void> | null = null;
@@ -425,10 +439,10 @@ class Worker implements WorkerNode {
           this.#log.debug(`Fetching ${batch.join(", ")} from ${holder}`);
           const comm = await this.#peers.get(holder);
           const start = Date.now();
-          const got = await comm.call("get_data", { keys: batch }, { timeoutMs: CALL_TIMEOUT_MS }) as Record<
-            string,
-            unknown
-          >;
+          const got = await fetchData(comm, batch, {
+            timeoutMs: CALL_TIMEOUT_MS,
+            onBusy: () => this.#busyWaits++,
+          });
           let bytes = 0;
           let count = 0;
           for (const key of batch) {
@@ -449,7 +463,9 @@ class Worker implements WorkerNode {
           this.#log.warn(`Fetching ${batch.join(", ")} from ${holder} failed: ${(error as Error).message}`);
           // A holder that is gone is a missing copy; any other refusal (a value over a
           // limit, say) is the task's error, and the copy is still there.
-          if (!(error instanceof ConnectionClosedError || error instanceof TimeoutError)) failure = error;
+          if (!(error instanceof ConnectionClosedError || error instanceof TimeoutError || isBusy(error))) {
+            failure = error;
+          }
         }
       }));
     }
@@ -469,14 +485,27 @@ class Worker implements WorkerNode {
 
   #handlers(): Handlers<WorkerOps> {
     return {
-      get_data: ({ keys }) => {
+      get_data: ({ keys }, comm) => {
         const out: Record<string, unknown> = {};
         const sizes = this.data.nbytes(keys);
+        let bytes = 0;
+        for (const key of keys) if (this.data.has(key)) bytes += sizes[key] ?? 0;
+        if (bytes >= TRANSFER_LARGE_BYTES) {
+          const max = this.#options.transfersOutMax ?? TRANSFERS_OUT_MAX;
+          if (this.#transfersOut >= max) {
+            this.#busyReplies++;
+            throw new BusyError(`Busy: ${this.address} sends ${max} large values already; ask again later`);
+          }
+          // Counted until the reply has left: it is queued once this returns, and the
+          // timer runs after that.
+          this.#transfersOut++;
+          setTimeout(() => comm.flushed().then(() => this.#transfersOut--), 0);
+        }
         for (const key of keys) {
           if (!this.data.has(key)) continue;
           out[key] = this.data.get(key);
-          this.#bytesOut += sizes[key] ?? 0;
         }
+        this.#bytesOut += bytes;
         return out;
       },
       update_data: async ({ data, report }) => {
@@ -545,6 +574,21 @@ class Worker implements WorkerNode {
       gauge("dist_worker_tasks_running", "Tasks on its executors.", this.#executors.running),
       gauge("dist_worker_tasks_queued", "Tasks waiting for an executor.", this.#executors.queued),
       gauge("dist_worker_threads", "Executors.", this.#nthreads),
+      gauge(
+        "dist_worker_transfers_out",
+        "Large values being sent now (see transfersOutMax).",
+        this.#transfersOut,
+      ),
+      {
+        name: "dist_worker_busy_total",
+        help:
+          "Fetches of large values turned away because too many were being sent (served), and busy replies this worker got and waited out (waited).",
+        type: "counter",
+        samples: [
+          { labels: { side: "served" }, value: this.#busyReplies },
+          { labels: { side: "waited" }, value: this.#busyWaits },
+        ],
+      },
       gauge(
         "dist_worker_executors_started",
         "Executors started (each starts when a task first needs it).",
