@@ -13,12 +13,14 @@ import {
   type Future,
   type Logger,
   progress,
+  rpc,
   type SchedulerNode,
   startScheduler,
   startWorker,
   taskOptions,
   wait,
   type WorkerNode,
+  type WorkerOps,
 } from "../mod.ts";
 import { prometheus } from "../_http.ts";
 import { LOG_LEVELS } from "../_log.ts";
@@ -987,4 +989,56 @@ Deno.test("cli: dist local --log-format json logs JSON lines", async () => {
     await local.stop();
   }
   assertJsonLogs(local.log, /^(scheduler|worker worker-0)$/);
+});
+
+Deno.test("worker metrics: busy replies a worker served and the ones its peers waited out add up", async () => {
+  const scheduler = await startScheduler({ port: 0, log: testLogger("scheduler") });
+  const logs = [capturingLogger(), capturingLogger()];
+  const workers: WorkerNode[] = [];
+  try {
+    for (const [i, name] of ["alice", "bob"].entries()) {
+      workers.push(
+        await startWorker({
+          scheduler: scheduler.address,
+          name,
+          nthreads: 1,
+          httpPort: 0,
+          transfersOutMax: 1,
+          log: logs[i],
+        }),
+      );
+    }
+    const [aliceUrl, bobUrl] = logs.map((log) =>
+      /Metrics at (http:\/\/\S+)\/metrics$/.exec(
+        log.lines.find((l) => /Metrics at /.test(l))!,
+      )![1]
+    );
+    const [alice, bob] = workers;
+    await using client = await Client.connect(scheduler.address);
+    const [big] = await client.scatter([new Uint8Array(32 * 1024 * 1024).fill(3)], {
+      workers: [alice.address],
+    });
+    await using a = rpc<WorkerOps>(alice.address);
+    // Three fetches of alice's large value at once, and she sends one at a time: two raw
+    // calls (which do not retry) and bob's for a task, which waits out any busy reply.
+    const [first, second, length] = await Promise.allSettled([
+      a.get_data({ keys: [big.key] }),
+      a.get_data({ keys: [big.key] }),
+      client.submit((x: Uint8Array) => x.length, big, taskOptions({ workers: ["bob"] })).result(),
+    ]);
+    assert.deepEqual(length, { status: "fulfilled", value: 32 * 1024 * 1024 });
+    assert.equal(bob.data.has(big.key), true);
+    const rawBusy = [first, second].filter((r) => r.status === "rejected").length;
+    const [am, bm] = await Promise.all([scrape(`${aliceUrl}/metrics`), scrape(`${bobUrl}/metrics`)]);
+    const served = valueOf(am, "dist_worker_busy_total", { side: "served" });
+    assert.ok(served >= 1, "three large fetches at once from a worker that sends one");
+    assert.equal(served, rawBusy + valueOf(bm, "dist_worker_busy_total", { side: "waited" }));
+    assert.equal(valueOf(am, "dist_worker_busy_total", { side: "waited" }), 0);
+    await eventually(async () =>
+      valueOf(await scrape(`${aliceUrl}/metrics`), "dist_worker_transfers_out") === 0
+    );
+  } finally {
+    await Promise.all(workers.map((w) => w.close()));
+    await scheduler.close();
+  }
 });

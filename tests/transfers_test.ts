@@ -51,7 +51,7 @@ Deno.test("fetches wait out a busy worker and all get their values", async () =>
   }
 });
 
-Deno.test("peers and clients fetching from a busy worker back off and finish", async () => {
+Deno.test("with one large transfer at a time, peers and clients fetching at once all get the value", async () => {
   await using cluster = await startCluster(3, { transfersOutMax: 1 });
   const [alice] = cluster.workers;
   await using client = await Client.connect(cluster.scheduler.address);

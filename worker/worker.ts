@@ -489,7 +489,11 @@ class Worker implements WorkerNode {
         const out: Record<string, unknown> = {};
         const sizes = this.data.nbytes(keys);
         let bytes = 0;
-        for (const key of keys) if (this.data.has(key)) bytes += sizes[key] ?? 0;
+        for (const key of keys) {
+          if (!this.data.has(key)) continue;
+          out[key] = this.data.get(key);
+          bytes += sizes[key] ?? 0;
+        }
         if (bytes >= TRANSFER_LARGE_BYTES) {
           const max = this.#options.transfersOutMax ?? TRANSFERS_OUT_MAX;
           if (this.#transfersOut >= max) {
@@ -500,10 +504,6 @@ class Worker implements WorkerNode {
           // timer runs after that.
           this.#transfersOut++;
           setTimeout(() => comm.flushed().then(() => this.#transfersOut--), 0);
-        }
-        for (const key of keys) {
-          if (!this.data.has(key)) continue;
-          out[key] = this.data.get(key);
         }
         this.#bytesOut += bytes;
         return out;
