@@ -154,9 +154,10 @@ export class Encoder {
 
   /**
    * Encodes `value`. Throws a TypeError naming `root` and the path inside the value
-   * when part of it cannot travel.
+   * when part of it cannot travel. With `scratch`, `head` is a view of the encoder's own
+   * memory, valid until its next `encode`: for a caller that copies it at once.
    */
-  encode(value: unknown, root = "value"): Encoded {
+  encode(value: unknown, root = "value", scratch = false): Encoded {
     this.#pos = 0;
     this.#buffers = [];
     try {
@@ -169,7 +170,7 @@ export class Encoder {
       }
       throw error;
     }
-    const head = this.#buf.slice(0, this.#pos);
+    const head = scratch ? this.#buf.subarray(0, this.#pos) : this.#buf.slice(0, this.#pos);
     const buffers = this.#buffers;
     this.#buffers = [];
     return { head, buffers };
@@ -461,9 +462,12 @@ export class Encoder {
   }
 }
 
+// What a decoder holds between messages (so it keeps no message alive).
+const NO_BYTES = new Uint8Array(0);
+
 /** Decodes msgpack bytes, resolving out-of-band references against `buffers`. */
 export class Decoder {
-  #buf: Uint8Array = new Uint8Array(0);
+  #buf: Uint8Array = NO_BYTES;
   #view: DataView = new DataView(this.#buf.buffer);
   #pos = 0;
   #buffers: readonly Uint8Array[] = [];
@@ -488,7 +492,7 @@ export class Decoder {
       throw new ProtocolError(`Malformed msgpack: ${(error as Error).message}`, { cause: error });
     } finally {
       this.#buffers = [];
-      this.#buf = new Uint8Array(0);
+      this.#buf = NO_BYTES;
     }
   }
 

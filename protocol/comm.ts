@@ -153,7 +153,7 @@ export class Comm {
           signal?.removeEventListener("abort", onAbort);
         };
       }
-      this.#writer.write(frames).catch((error) => this.close(error));
+      this.#send(frames);
     });
   }
 
@@ -165,7 +165,11 @@ export class Comm {
   /** Sends a one-way message; no reply comes. */
   notify(op: string, args: unknown = {}): void {
     if (this.#isClosed) throw new ConnectionClosedError(`Cannot send ${op}: the connection is closed`);
-    this.#writer.write(this.#encode({ op, args }, "args")).catch((error) => this.close(error));
+    this.#send(this.#encode({ op, args }, "args"));
+  }
+
+  #send(frames: Uint8Array[]): void {
+    this.#writer.write(frames, true).catch((error) => this.close(error));
   }
 
   /**
@@ -191,8 +195,9 @@ export class Comm {
     this.conn.close();
   }
 
+  // Frame 0 is the encoder's scratch memory: #send hands it to the writer, which copies it.
   #encode(message: Record<string, unknown>, root: string): Uint8Array[] {
-    const { head, buffers } = encoder.encode(message, root);
+    const { head, buffers } = encoder.encode(message, root, true);
     // The peer would close the connection over a message past the limit: refuse it here.
     const max = this.#options.peerFrameBytesMax ?? this.#options.frameBytesMax ?? FRAME_BYTES_MAX;
     let total = head.byteLength;
@@ -226,7 +231,8 @@ export class Comm {
           await new Promise((resolve) => setTimeout(resolve, 0));
           turn = performance.now();
         }
-        const frames = reader.tryNext() ?? await reader.next();
+        // The head is lent from the reader's buffer: decoded before the next read.
+        const frames = reader.tryNext(true) ?? await reader.next(true);
         if (frames === null) break;
         this.#receive(decoder.decode(frames[0], frames.slice(1)));
       }
@@ -269,7 +275,7 @@ export class Comm {
     this.#handle(m.op, m.args, hasId ? id : undefined);
   }
 
-  async #handle(op: string, args: unknown, id: number | undefined): Promise<void> {
+  #handle(op: string, args: unknown, id: number | undefined): void {
     const max = REQUESTS_IN_FLIGHT_MAX;
     if (this.#inFlight >= max) {
       if (id !== undefined) {
@@ -277,18 +283,36 @@ export class Comm {
       }
       return;
     }
-    this.#inFlight++;
+    let result: unknown;
     try {
       const dispatch = this.#options.dispatch;
       if (!dispatch) throw new ProtocolError(`Unknown op ${JSON.stringify(op)}: this end serves no ops`);
-      const result = await dispatch(op, args, this);
-      if (id !== undefined) this.#reply(id, result);
+      result = dispatch(op, args, this);
     } catch (error) {
-      if (id !== undefined) this.#reply(id, undefined, error);
-      else this.#log.warn(`Notice ${op} from ${this.conn.remoteAddress} failed: ${(error as Error).message}`);
-    } finally {
-      this.#inFlight--;
+      this.#failed(op, id, error);
+      return;
     }
+    // A handler that answers at once is replied to at once: no promise, no extra turn.
+    if (!isThenable(result)) {
+      if (id !== undefined) this.#reply(id, result);
+      return;
+    }
+    this.#inFlight++;
+    Promise.resolve(result).then(
+      (value) => {
+        this.#inFlight--;
+        if (id !== undefined) this.#reply(id, value);
+      },
+      (error) => {
+        this.#inFlight--;
+        this.#failed(op, id, error);
+      },
+    );
+  }
+
+  #failed(op: string, id: number | undefined, error: unknown): void {
+    if (id !== undefined) this.#reply(id, undefined, error);
+    else this.#log.warn(`Notice ${op} from ${this.conn.remoteAddress} failed: ${(error as Error).message}`);
   }
 
   #reply(id: number, result: unknown, error?: unknown): void {
@@ -303,8 +327,13 @@ export class Comm {
     } else {
       frames = this.#encode({ reply: id, error: toRemoteErrorInfo(error) }, "error");
     }
-    this.#writer.write(frames).catch((e) => this.close(e));
+    this.#send(frames);
   }
+}
+
+function isThenable(value: unknown): value is PromiseLike<unknown> {
+  return typeof value === "object" && value !== null &&
+    typeof (value as PromiseLike<unknown>).then === "function";
 }
 
 function toInfo(error: unknown): RemoteErrorInfo {

@@ -21,6 +21,10 @@ export const FRAME_BYTES_MAX = 1024 * 1024 * 1024;
 const READ_CHUNK_BYTES = 256 * 1024;
 /** Frames at most this long are copied out of the read buffer; longer ones get their own. */
 const SMALL_FRAME_BYTES = 64 * 1024;
+/** Frames at most this long are copied into the writer's arena when queued. */
+const COPIED_FRAME_BYTES = 16 * 1024;
+/** The writer's arena for headers and small frames. */
+const ARENA_BYTES = 64 * 1024;
 
 /** The part of a connection that framing reads from. */
 export interface ByteReader {
@@ -80,9 +84,9 @@ export class MessageReader {
    * The next message if it is already whole in the buffer (and needs no large frame),
    * without waiting: a reader drains a burst of small messages in one turn, so the
    * replies to all of them leave in one write. Null when more bytes are needed; throws
-   * like `next()` on a bad header.
+   * like `next()` on a bad header. With `borrowHead`, see `next()`.
    */
-  tryNext(): Uint8Array[] | null {
+  tryNext(borrowHead = false): Uint8Array[] | null {
     const available = this.#end - this.#start;
     if (available < 4) return null;
     const view = new DataView(this.#buf.buffer);
@@ -103,7 +107,7 @@ export class MessageReader {
     const frames: Uint8Array[] = new Array(count);
     for (let i = 0; i < count; i++) {
       const n = view.getUint32(this.#start + 4 + 8 * i, true);
-      frames[i] = this.#buf.slice(at, at + n);
+      frames[i] = i === 0 && borrowHead ? this.#buf.subarray(at, at + n) : this.#buf.slice(at, at + n);
       at += n;
     }
     this.#start = at;
@@ -114,8 +118,12 @@ export class MessageReader {
    * The next message's frames, or null when the stream ends between messages.
    * Throws ProtocolError on a bad header and ConnectionClosedError when the stream
    * ends inside a message.
+   *
+   * With `borrowHead`, frame 0 of a message may be a view of the read buffer instead of
+   * a copy: the caller must be done with it (decode it) before it reads again. That
+   * spares an allocation per message, most of what a tiny call costs past the syscalls.
    */
-  async next(): Promise<Uint8Array[] | null> {
+  async next(borrowHead = false): Promise<Uint8Array[] | null> {
     if (!(await this.#fill(4, true))) return null;
     const count = new DataView(this.#buf.buffer).getUint32(this.#start, true);
     if (count < 1 || count > MESSAGE_FRAMES_MAX) {
@@ -147,14 +155,18 @@ export class MessageReader {
     }
     this.#start += 4 + 8 * count;
     const frames: Uint8Array[] = new Array(count);
-    for (let i = 0; i < count; i++) frames[i] = await this.#frame(lengths[i]);
+    // A later frame's read may move the buffer's bytes: only a lone frame is lent.
+    const borrow = borrowHead && count === 1;
+    for (let i = 0; i < count; i++) frames[i] = await this.#frame(lengths[i], borrow);
     return frames;
   }
 
-  async #frame(n: number): Promise<Uint8Array> {
+  async #frame(n: number, borrow: boolean): Promise<Uint8Array> {
     if (n <= SMALL_FRAME_BYTES) {
       await this.#fill(n, false);
-      const out = this.#buf.slice(this.#start, this.#start + n);
+      const out = borrow
+        ? this.#buf.subarray(this.#start, this.#start + n)
+        : this.#buf.slice(this.#start, this.#start + n);
       this.#start += n;
       return out;
     }
@@ -212,6 +224,11 @@ export class MessageWriter {
   #writing: Promise<void> | null = null;
   #error: unknown = null;
   #out = new Uint8Array(READ_CHUNK_BYTES);
+  // Headers and small frames are copied here when queued, and written from here: no
+  // allocation per message. Reused from the start once everything queued is written.
+  #arena = new Uint8Array(ARENA_BYTES);
+  #arenaView = new DataView(this.#arena.buffer);
+  #arenaUsed = 0;
 
   /** Writes to `sink`. */
   constructor(sink: ByteWriter) {
@@ -225,16 +242,46 @@ export class MessageWriter {
 
   /**
    * Queues a message; resolves when it is written (callers may ignore that). Rejects if
-   * the stream fails.
+   * the stream fails. Frames up to 16 KiB are copied at once, larger ones are written
+   * later from where they are, so their memory must stay as it is until then. With
+   * `headIsScratch`, frame 0 is memory its caller will reuse (an encoder's): it is copied
+   * whatever its size.
    */
-  write(frames: readonly Uint8Array[]): Promise<void> {
+  write(frames: readonly Uint8Array[], headIsScratch = false): Promise<void> {
     if (this.#error) return Promise.reject(this.#error);
-    this.#queue.push(frameHeader(frames));
-    this.#queuedBytes += 4 + 8 * frames.length;
-    for (const f of frames) {
-      this.#queue.push(f);
-      this.#queuedBytes += f.byteLength;
+    const headerBytes = 4 + 8 * frames.length;
+    let copied = headerBytes;
+    for (const f of frames) if (f.byteLength <= COPIED_FRAME_BYTES) copied += f.byteLength;
+    if (this.#arenaUsed + copied > this.#arena.length) {
+      // Pieces queued so far keep the old arena alive until they are written.
+      this.#newArena(Math.max(ARENA_BYTES, copied));
     }
+    const arena = this.#arena;
+    const view = this.#arenaView;
+    let run = this.#arenaUsed;
+    let at = run;
+    view.setUint32(at, frames.length, true);
+    for (let i = 0; i < frames.length; i++) {
+      const n = frames[i].byteLength;
+      view.setUint32(at + 4 + 8 * i, n >>> 0, true);
+      view.setUint32(at + 8 + 8 * i, Math.floor(n / 0x100000000), true);
+    }
+    at += headerBytes;
+    for (let i = 0; i < frames.length; i++) {
+      const f = frames[i];
+      if (f.byteLength <= COPIED_FRAME_BYTES) {
+        arena.set(f, at);
+        at += f.byteLength;
+        continue;
+      }
+      if (at > run) this.#queue.push(arena.subarray(run, at));
+      this.#queue.push(i === 0 && headIsScratch ? f.slice() : f);
+      this.#queuedBytes += f.byteLength;
+      run = at;
+    }
+    if (at > run) this.#queue.push(arena.subarray(run, at));
+    this.#queuedBytes += copied;
+    this.#arenaUsed = at;
     if (this.#writing === null) {
       this.#writing = this.#drain();
       // Callers may ignore the promise; the failure still reaches whoever awaits it.
@@ -261,7 +308,8 @@ export class MessageWriter {
         let i = 0;
         while (i < batch.length) {
           const first = batch[i];
-          if (first.byteLength > this.#out.length / 2) {
+          // A large piece, or the last one alone, is written from where it is.
+          if (first.byteLength > this.#out.length / 2 || i === batch.length - 1) {
             i++;
             await this.#writeAll(first);
             this.#queuedBytes -= first.byteLength;
@@ -277,6 +325,9 @@ export class MessageWriter {
           this.#queuedBytes -= n;
         }
       }
+      // Everything queued has left: the arena starts over (at its usual size).
+      if (this.#arena.length > ARENA_BYTES) this.#newArena(ARENA_BYTES);
+      this.#arenaUsed = 0;
     } catch (error) {
       this.#error = error;
       this.#queue = [];
@@ -285,6 +336,12 @@ export class MessageWriter {
     } finally {
       this.#writing = null;
     }
+  }
+
+  #newArena(bytes: number): void {
+    this.#arena = new Uint8Array(bytes);
+    this.#arenaView = new DataView(this.#arena.buffer);
+    this.#arenaUsed = 0;
   }
 
   async #writeAll(p: Uint8Array): Promise<void> {

@@ -309,6 +309,92 @@ Deno.test("framing: frames read earlier are not overwritten by later reads", asy
   assert.equal(await reader.next(), null);
 });
 
+Deno.test("framing: a lent head is a view of the read buffer; other frames are always copies", async () => {
+  const one = [patterned(40, 1)];
+  const two = [patterned(30, 2), patterned(20, 3)];
+  // Waiting for bytes (next) and already buffered (tryNext), lent and not.
+  const reader = new MessageReader(new ChunkReader(wire(one, two, one, two, one)));
+  const lent = await reader.next(true);
+  assert.ok(lent);
+  assert.deepEqual(lent, one);
+  const buffered = reader.tryNext(true);
+  assert.ok(buffered);
+  assert.deepEqual(buffered, two);
+  assert.equal(buffered[0].buffer, lent[0].buffer, "both heads are views of one read buffer");
+  assert.notEqual(buffered[1].buffer, lent[0].buffer, "a frame after the head is its own copy");
+  const owned = reader.tryNext();
+  assert.ok(owned);
+  assert.deepEqual(owned, one);
+  assert.notEqual(owned[0].buffer, lent[0].buffer, "without lending, the head is a copy");
+
+  // next() lends only a lone frame: reading later frames may move the buffered bytes.
+  const multi = new MessageReader(new ChunkReader(wire(two), { chunk: () => 1 }));
+  const frames = await multi.next(true);
+  assert.ok(frames);
+  assert.deepEqual(frames, two);
+  assert.equal(frames[0].byteLength, frames[0].buffer.byteLength, "the head of two frames is a copy");
+});
+
+Deno.test("framing: queued small frames are copied at once; the caller may reuse their memory", async () => {
+  const sink = new LimitedWriter();
+  const writer = new MessageWriter(sink);
+  const scratch = patterned(100, 1);
+  const expected = scratch.slice();
+  const written = writer.write([scratch]);
+  scratch.fill(0); // before the writer's turn
+  // A scratch head larger than what is copied by default is copied too.
+  const bigScratch = patterned(100_000, 2);
+  const bigExpected = bigScratch.slice();
+  const bigWritten = writer.write([bigScratch], true);
+  bigScratch.fill(0);
+  await Promise.all([written, bigWritten]);
+  assert.deepEqual(sink.bytes(), wire([expected], [bigExpected]));
+});
+
+Deno.test("framing: the writer's arena is reused once all is written and never overwrites queued bytes", async () => {
+  let release!: () => void;
+  const gate = new Promise<void>((resolve) => release = resolve);
+  const chunks: Uint8Array[] = [];
+  const seen: Uint8Array[] = [];
+  let calls = 0;
+  const sink: ByteWriter = {
+    async write(p) {
+      calls++;
+      if (calls === 1) await gate;
+      seen.push(p);
+      chunks.push(p.slice());
+      return p.length;
+    },
+  };
+  const writer = new MessageWriter(sink);
+  // While the first write waits, queue over 64 KiB of small messages (more than one arena),
+  // some with a large frame between small ones.
+  const messages: Uint8Array[][] = [[patterned(10, 0)]];
+  const first = writer.write(messages[0]);
+  await Promise.resolve();
+  await Promise.resolve();
+  const more: Promise<void>[] = [];
+  for (let i = 1; i < 60; i++) {
+    const m = i % 20 === 0
+      ? [patterned(50, i), patterned(300_000, i), patterned(7, i)]
+      : [patterned(4000, i)];
+    messages.push(m);
+    more.push(writer.write(m.map((f) => f.slice())));
+  }
+  release();
+  await Promise.all([first, ...more]);
+  assert.deepEqual(concat(chunks), wire(...messages));
+  assert.equal(writer.queuedBytes, 0);
+
+  // Idle again: the next tiny messages are written from the same memory as before.
+  seen.length = 0;
+  await writer.write([patterned(5, 1)]);
+  await writer.write([patterned(6, 2)]);
+  assert.equal(seen.length, 2);
+  assert.equal(seen[0].buffer, seen[1].buffer, "one arena serves message after message");
+  assert.equal(seen[0].byteOffset, seen[1].byteOffset, "from its start each time");
+});
+
 Deno.test("framing: codec and framing together carry a value with out-of-band buffers", async () => {
   const encoder = new Encoder();
   const value = { op: "put", data: new Float64Array(INLINE_BYTES_MAX).fill(1.25), small: Uint8Array.of(4) };

@@ -50,6 +50,44 @@ Deno.test("a remote failure rejects with RemoteError carrying name, message and 
   }
 });
 
+Deno.test("handlers answering at once, with a promise or a thenable, or failing either way, all reply", async () => {
+  const server = await testServer((op, args) => {
+    const { n } = args as { n: number };
+    switch (op) {
+      case "now":
+        return { n };
+      case "later":
+        return sleep(n % 3).then(() => ({ n }));
+      case "thenable":
+        return { then: (resolve: (value: unknown) => void) => resolve({ n }) };
+      case "throw":
+        throw new RangeError(`sync ${n}`);
+      default:
+        return Promise.reject(new TypeError(`async ${n}`));
+    }
+  });
+  try {
+    await using client = rpc(server.url);
+    const ops = ["now", "later", "thenable", "throw", "reject"];
+    // 500 calls in one turn: their requests arrive together and are read in one go.
+    const replies = await Promise.all(
+      Array.from({ length: 500 }, (_, n) =>
+        client.call(ops[n % ops.length], { n }).then(
+          (value) => value,
+          (error: RemoteError) => `${error.remoteName}: ${error.message}`,
+        )),
+    );
+    replies.forEach((reply, n) => {
+      const op = ops[n % ops.length];
+      if (op === "throw") assert.equal(reply, `RangeError: sync ${n}`);
+      else if (op === "reject") assert.equal(reply, `TypeError: async ${n}`);
+      else assert.deepEqual(reply, { n }, `${op} ${n}`);
+    });
+  } finally {
+    await server.close();
+  }
+});
+
 Deno.test("a lost connection rejects every pending call at once; the next call reconnects", async () => {
   const never = Promise.withResolvers<void>();
   const server = await testServer(async (op) => {
