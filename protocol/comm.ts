@@ -128,7 +128,7 @@ export class Comm {
         new RangeError(`Cannot call ${op}: ${max} calls already wait for replies (the limit)`),
       );
     }
-    options.signal?.throwIfAborted();
+    if (options.signal?.aborted) return Promise.reject(options.signal.reason);
     const id = this.#nextId++;
     let frames: Uint8Array[];
     try {
