@@ -59,7 +59,11 @@ export async function spawnNode(args: string[], options: SpawnOptions = {}): Pro
   const permissions = args[0] === "local" ? [...NODE_PERMISSIONS, "--allow-run"] : NODE_PERMISSIONS;
   // --no-config: a node runs with dist's settings, not with whatever deno.json, import map
   // or lockfile the caller's directory has (and skips reading them: ~2 MiB per process).
-  const prefix = Deno.build.standalone ? [] : ["run", "--no-config", ...permissions, MAIN.href];
+  // --no-code-cache: V8's code cache is a file Deno maps into every process; a node compiles
+  // its little code at start instead (~1-2 MiB less RSS, registration as fast).
+  const prefix = Deno.build.standalone
+    ? []
+    : ["run", "--no-config", "--no-code-cache", ...permissions, MAIN.href];
   const child = new Deno.Command(Deno.execPath(), {
     args: [...prefix, ...args],
     stdin: "null",
