@@ -26,11 +26,14 @@ export interface FetchOptions {
   timeoutMs?: number;
   /** Called once per busy reply (for counters). */
   onBusy?: () => void;
+  /** Asked after each busy reply: true stops waiting, and the busy error is thrown (another holder has it). */
+  elsewhere?: () => boolean;
 }
 
 /**
  * Asks `comm`'s worker for `keys`; resolves what it holds of them (missing keys are
- * absent). Busy replies are retried with backoff for up to `BUSY_WAIT_MAX_MS`.
+ * absent). Busy replies are retried with backoff for up to `BUSY_WAIT_MAX_MS`, unless
+ * `elsewhere` says to ask another holder instead.
  */
 export async function fetchData(
   comm: Comm,
@@ -48,6 +51,7 @@ export async function fetchData(
     } catch (error) {
       if (!isBusy(error) || Date.now() - started >= BUSY_WAIT_MAX_MS) throw error;
       options.onBusy?.();
+      if (options.elsewhere?.()) throw error;
       // Full jitter: fetchers turned away together do not all come back together.
       await new Promise((resolve) => setTimeout(resolve, Math.random() * pauseMs));
       pauseMs = Math.min(BUSY_BACKOFF_MAX_MS, pauseMs * 2);

@@ -1,6 +1,8 @@
 import assert from "node:assert/strict";
 import { Client, RemoteError, rpc, taskOptions, type WorkerOps } from "../mod.ts";
-import { startCluster } from "./_helpers.ts";
+import { eventually, startCluster } from "./_helpers.ts";
+import { Encoder } from "../protocol/codec.ts";
+import { frameHeader } from "../protocol/framing.ts";
 import { openComm } from "../protocol/handshake.ts";
 import { fetchData } from "../protocol/fetch.ts";
 import { parseAddress } from "../protocol/address.ts";
@@ -64,4 +66,51 @@ Deno.test("with one large transfer at a time, peers and clients fetching at once
   const gathered = [client.gather(big), client.gather(big)];
   for (const s of await Promise.all(sums)) assert.equal(s, 4 * MIB);
   for (const g of await Promise.all(gathered)) assert.equal((g as Float64Array).length, 2 * MIB);
+});
+
+/** The value of one sample in a worker's /metrics text. */
+async function metric(url: string, sample: string): Promise<number> {
+  const text = await (await fetch(`${url}/metrics`)).text();
+  const line = text.split("\n").find((l) => l.startsWith(`${sample} `));
+  assert.ok(line, `no sample ${sample} in ${url}/metrics`);
+  return Number(line.split(" ")[1]);
+}
+
+Deno.test("a worker told busy fetches from another holder at once instead of waiting", async () => {
+  await using cluster = await startCluster(3, { transfersOutMax: 1, httpPort: 0 });
+  const [alice, bob, carol] = cluster.workers;
+  await using client = await Client.connect(cluster.scheduler.address);
+  const [big] = await client.scatter([new Float64Array(4 * MIB).fill(1)], { workers: [alice.address] });
+  const length = (a: Float64Array) => a.length;
+  // Bob takes a copy: now alice and bob hold it, alice first.
+  assert.equal(
+    await client.submit(length, big, taskOptions({ workers: ["bob"], pure: false })).result(),
+    4 * MIB,
+  );
+  assert.ok(bob.data.has(big.key));
+
+  // A peer asks alice for it and never reads: her one large-transfer slot stays taken.
+  const { host, port } = parseAddress(alice.address);
+  const stalled = await Deno.connect({ hostname: host, port });
+  try {
+    const { head } = new Encoder().encode({ op: "get_data", id: 1, args: { keys: [big.key] } }, "args");
+    await stalled.write(new Uint8Array([...frameHeader([head]), ...head]));
+    await using a = rpc<WorkerOps>(alice.address);
+    await eventually(() =>
+      a.get_data({ keys: [big.key] }).then(() => false, (e) => e instanceof RemoteError)
+    );
+    const servedBefore = await metric(alice.httpUrl!, 'dist_worker_busy_total{side="served"}');
+
+    // Carol needs it: alice says busy, so carol takes bob's copy; waiting out alice would
+    // take until the stalled peer goes (the end of this test).
+    const started = Date.now();
+    const got = await client.submit(length, big, taskOptions({ workers: ["carol"], pure: false })).result();
+    assert.equal(got, 4 * MIB);
+    assert.ok(Date.now() - started < 10_000, `carol took ${Date.now() - started} ms`);
+    assert.ok(carol.data.has(big.key));
+    assert.equal(await metric(alice.httpUrl!, 'dist_worker_busy_total{side="served"}'), servedBefore + 1);
+    assert.equal(await metric(carol.httpUrl!, 'dist_worker_busy_total{side="waited"}'), 1);
+  } finally {
+    stalled.close();
+  }
 });

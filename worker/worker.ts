@@ -97,6 +97,8 @@ export interface WorkerNode {
   readonly identity: WorkerIdentity;
   /** Its data. */
   readonly data: DataStore;
+  /** Where its `/metrics` and `/health` are served (`http://host:port`); null without `httpPort`. */
+  readonly httpUrl: string | null;
   /** Resolves once closed: by `close()`, `terminate`, or losing the scheduler for good. */
   readonly closed: Promise<void>;
   /** Why it closed on its own (the scheduler was lost for good); null otherwise. */
@@ -196,6 +198,10 @@ class Worker implements WorkerNode {
 
   get identity(): WorkerIdentity {
     return this.#identity;
+  }
+
+  get httpUrl(): string | null {
+    return this.#http?.url ?? null;
   }
 
   async start(): Promise<void> {
@@ -401,20 +407,18 @@ class Worker implements WorkerNode {
    * as replicas and tells the scheduler.
    */
   async #gather(keys: string[], known?: Record<string, string[]>, mode: Report = "call"): Promise<void> {
-    let whoHas = known;
-    if (whoHas === undefined) {
-      this.#log.debug(`Asking the scheduler who has ${keys.join(", ")}`);
-      whoHas = await this.#schedulerCall("who_has", { keys }) as Record<string, string[]>;
-    }
+    if (known === undefined) this.#log.debug(`Asking the scheduler who has ${keys.join(", ")}`);
+    let whoHas = known ?? await this.#schedulerCall("who_has", { keys }) as Record<string, string[]>;
     const remaining = new Set(keys);
     const tried = new Map<string, Set<string>>(keys.map((k) => [k, new Set([this.address])]));
     const fetched: string[] = [];
     let failure: unknown = null;
     let refreshed = known === undefined;
+    const untried = (key: string) => (whoHas[key] ?? []).filter((a) => !tried.get(key)!.has(a));
     for (;;) {
       const batches = new Map<string, string[]>();
       for (const key of remaining) {
-        const holders = (whoHas[key] ?? []).filter((a) => !tried.get(key)!.has(a));
+        const holders = untried(key);
         if (holders.length === 0) continue;
         const holder = holders.find((a) => batches.has(a)) ?? holders[0];
         tried.get(key)!.add(holder);
@@ -442,6 +446,9 @@ class Worker implements WorkerNode {
           const got = await fetchData(comm, batch, {
             timeoutMs: CALL_TIMEOUT_MS,
             onBusy: () => this.#busyWaits++,
+            // Busy, and another holder not yet asked has one of these keys: ask it now
+            // (Dask's way) rather than wait here.
+            elsewhere: () => batch.some((key) => untried(key).length > 0),
           });
           let bytes = 0;
           let count = 0;
@@ -465,6 +472,13 @@ class Worker implements WorkerNode {
           // limit, say) is the task's error, and the copy is still there.
           if (!(error instanceof ConnectionClosedError || error instanceof TimeoutError || isBusy(error))) {
             failure = error;
+          }
+          // A busy holder left for another keeps the keys no one else has: asked again
+          // next round, where it is the only one left, so that ask waits it out.
+          if (isBusy(error)) {
+            for (const key of batch) {
+              if (remaining.has(key) && untried(key).length === 0) tried.get(key)!.delete(holder);
+            }
           }
         }
       }));
