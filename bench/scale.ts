@@ -311,7 +311,7 @@ function total(counts: Record<string, number>): number {
 }
 
 /** Waits until the scheduler holds no task (or `ms` passed); what it still holds. */
-async function settle(address: string, ms = 2_000): Promise<Record<string, number>> {
+async function settle(address: string, ms = 30_000): Promise<Record<string, number>> {
   const deadline = Date.now() + ms;
   for (;;) {
     const counts = await schedulerTasks(address);
@@ -353,6 +353,10 @@ interface Run {
   left: Record<string, number>;
   /** The longest the scheduler took to answer a ping while the graph ran, in ms. */
   deafMs: number;
+  /** From the root's release until the scheduler holds no task (or gave up waiting). */
+  releaseS: number;
+  /** The longest ping round trip to the scheduler meanwhile. */
+  releaseDeafMs: number;
   /** Warnings the nodes logged while the graph ran. */
   warnings: number;
   /** Why the graph did not finish, if it did not. */
@@ -416,6 +420,9 @@ async function measure(leaves: number, workers: number): Promise<Run> {
     const [clientAfter] = await procs([Deno.pid]);
     const deafMs = await pinger.stop();
     const warnings = logged() - loggedBefore;
+    // Forgetting the graph is work too: how deaf is the scheduler while it does that?
+    const releasePinger = await startPinger(cluster.scheduler.address);
+    const releaseStarted = performance.now();
     root.release();
     // VmHWM catches a peak between samples, once it passes the warm-up's.
     const schedulerPeakRss = Math.max(
@@ -423,6 +430,8 @@ async function measure(leaves: number, workers: number): Promise<Run> {
       after.hwmBytes > before.hwmBytes ? after.hwmBytes : 0,
     );
     const left = failure ? {} : await settle(cluster.scheduler.address);
+    const releaseS = (performance.now() - releaseStarted) / 1000;
+    const releaseDeafMs = await releasePinger.stop();
     return {
       leaves,
       tasks,
@@ -440,6 +449,8 @@ async function measure(leaves: number, workers: number): Promise<Run> {
       clientPeakHeap: peak.clientHeap,
       left,
       deafMs,
+      releaseS,
+      releaseDeafMs,
       warnings,
       failure,
     };
@@ -498,6 +509,7 @@ function sizeRow(r: Run): string[] {
     perTask(r.clientPeakHeap - r.clientBaseHeap, r.tasks),
     perTask(r.clientPeakRss - r.clientBaseRss, r.tasks),
     fmt(r.deafMs),
+    `${fmt(r.releaseS, 2)} / ${fmt(r.releaseDeafMs)}`,
     fmt(r.warnings),
     leftText(r.left),
   ];
@@ -560,6 +572,7 @@ console.log(table([
     "client heap B/task",
     "client RSS B/task",
     "sched deaf ms",
+    "release s / deaf ms",
     "warnings",
     "left",
   ],
@@ -593,7 +606,8 @@ console.log(
   `\nsubmit: the client's synchronous work to build the graph. sched: the scheduler process (CPU user+sys ` +
     `from /proc/PID/stat; RSS before submission -> peak while the graph runs). client: this process ` +
     `(Deno.memoryUsage()). sched deaf: the longest ping round trip to the scheduler (from a process of its ` +
-    `own) while the graph ran. warnings: lines the nodes logged meanwhile. left: tasks the scheduler still ` +
+    `own) while the graph ran. release: from releasing the root until the scheduler holds no task, and the ` +
+    `longest ping meanwhile. warnings: lines the nodes logged meanwhile. left: tasks the scheduler still ` +
     `holds once every future is released.\n` +
     `(whole run: ${fmt((performance.now() - started) / 1000, 1)} s)`,
 );

@@ -101,8 +101,19 @@ export async function startScheduler(options: SchedulerOptions = {}): Promise<Sc
   let dashboard: Dashboard | null = null;
   let http: HttpServer | null = null;
 
+  // A release too large for one turn goes on in the next ones, between other messages.
+  let releasing: ReturnType<typeof setTimeout> | null = null;
+  const continueReleases = () => {
+    releasing = null;
+    state.continueReleases();
+    flush();
+  };
+
   /** Sends what the state decided. A peer whose connection is gone is dropped by its close handler. */
   const flush = () => {
+    if (state.releasesPending && releasing === null && closing === null) {
+      releasing = setTimeout(continueReleases, 0);
+    }
     for (const m of state.drain()) {
       const comm = m.to === "worker" ? commOf.get(m.address) : clients.get(m.client);
       if (comm === undefined || comm.isClosed) continue;
@@ -395,6 +406,7 @@ export async function startScheduler(options: SchedulerOptions = {}): Promise<Sc
     closed,
     close() {
       clearInterval(ttlTimer);
+      if (releasing !== null) clearTimeout(releasing);
       dashboard?.close();
       const httpClosed = http?.close();
       closing ??= Promise.all([server.close(), httpClosed]).then(() => {

@@ -148,6 +148,12 @@ export interface ComputeTaskArgs {
 
 /** Tasks a worker may hold beyond its threads, so it never waits on a round trip. */
 export const WORKER_EXTRA_TASKS = 32;
+/**
+ * Most tasks one turn checks for release and forgetting; the rest of a large release
+ * waits for `continueReleases()`. Forgetting a 1M-task graph at once kept the scheduler
+ * from everything else for ~2.5 s.
+ */
+export const RELEASE_STEPS_PER_TURN = 50_000;
 /** Assumed bytes per second between workers when weighing a transfer against load. */
 const BANDWIDTH_BYTES_PER_S = 500e6;
 /** Assumed duration of a task whose kind has not finished once yet. */
@@ -235,13 +241,35 @@ export class SchedulerTasks {
   #roundRobin = 0;
   #functions = new Lru<string, number>(FUNCTIONS_MAX);
   #nextFunctionId = 1;
+  /** Tasks still to check for release or forgetting, and the checks made this turn. */
+  #releases: TaskState[] = [];
+  #releaseSteps = 0;
 
-  /** The messages produced since the last call, to be sent by the shell. */
+  /**
+   * The messages produced since the last call, to be sent by the shell. It also ends the
+   * turn: the next one may check another `RELEASE_STEPS_PER_TURN` tasks for release.
+   */
   drain(): Outgoing[] {
     const out = this.#out;
     this.#out = [];
     this.#lastToWorker.clear();
+    this.#releaseSteps = 0;
     return out;
+  }
+
+  /** True while a large release has work left: the shell calls `continueReleases()` in a later turn. */
+  get releasesPending(): boolean {
+    return this.#releases.length > 0;
+  }
+
+  /**
+   * Goes on with a large release, for up to a turn's worth of tasks; true while some is
+   * left. Every task is checked again when its turn comes: a key wanted meanwhile stays.
+   */
+  continueReleases(): boolean {
+    this.#releaseSteps = 0;
+    this.#runReleases();
+    return this.#releases.length > 0;
   }
 
   /**
@@ -966,8 +994,14 @@ export class SchedulerTasks {
   }
 
   #maybeRelease(root: TaskState): void {
-    const stack = [root];
-    while (stack.length > 0) {
+    this.#releases.push(root);
+    this.#runReleases();
+  }
+
+  #runReleases(): void {
+    const stack = this.#releases;
+    while (stack.length > 0 && this.#releaseSteps < RELEASE_STEPS_PER_TURN) {
+      this.#releaseSteps++;
       const ts = stack.pop()!;
       if (ts.whoWants.size > 0 || ts.waiters.size > 0 || ts.external) continue;
       if (ts.state === "memory") {
@@ -978,7 +1012,7 @@ export class SchedulerTasks {
         ts.state = "released";
         for (const dep of ts.dependencies) if (dep.waiters.delete(ts)) stack.push(dep);
       }
-      if (this.#canForget(ts)) stack.push(...this.#forgetOne(ts, false));
+      if (this.#canForget(ts)) { for (const dep of this.#forgetOne(ts, false)) stack.push(dep); }
     }
   }
 
