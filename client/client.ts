@@ -19,7 +19,7 @@ import {
 import { type Sendable, toFunctionSpec } from "../protocol/functions.ts";
 import { clientOps, type FunctionSpec, type GraphTask, type WorkerInfo } from "../protocol/ops.ts";
 import { ConnectionPool } from "../protocol/pool.ts";
-import { fetchData } from "../protocol/fetch.ts";
+import { fetchData, isBusy } from "../protocol/fetch.ts";
 import { dispatchTo } from "../protocol/server.ts";
 import { openComm, type SecurityOptions, tokenFromEnv } from "../protocol/handshake.ts";
 import { randomToken, tokenize } from "./_tokenize.ts";
@@ -512,27 +512,44 @@ export class Client implements AsyncDisposable {
           if (rec) rec.workers = whoHas[key] ?? [];
         }
       }
-      const byWorker = new Map<string, string[]>();
-      for (const key of remaining) {
-        const holders = this.#keys.get(key)?.workers ?? [];
-        const worker = holders[Math.floor(Math.random() * holders.length)];
-        if (worker === undefined) continue;
-        let list = byWorker.get(worker);
-        if (list === undefined) byWorker.set(worker, list = []);
-        list.push(key);
-      }
-      await Promise.all([...byWorker].map(async ([worker, list]) => {
-        try {
-          const comm = await this.#peers.get(worker);
-          const got = await fetchData(comm, list);
-          for (const key of list) if (Object.hasOwn(got, key)) values.set(key, got[key]);
-        } catch (error) {
-          // A lost holder is retried against fresh who_has; any other failure (say, a
-          // value over a limit) is the answer, and says why.
-          if (!(error instanceof ConnectionClosedError)) failure = error;
+      // Holders asked this round, per key: a busy one is left for another holder if any.
+      const asked = new Map<string, Set<string>>(remaining.map((k) => [k, new Set()]));
+      const untried = (key: string) =>
+        (this.#keys.get(key)?.workers ?? []).filter((w) => !asked.get(key)!.has(w));
+      for (;;) {
+        const byWorker = new Map<string, string[]>();
+        for (const key of remaining) {
+          if (values.has(key)) continue;
+          const holders = untried(key);
+          const worker = holders[Math.floor(Math.random() * holders.length)];
+          if (worker === undefined) continue;
+          asked.get(key)!.add(worker);
+          let list = byWorker.get(worker);
+          if (list === undefined) byWorker.set(worker, list = []);
+          list.push(key);
         }
-      }));
-      if (failure) throw failure;
+        if (byWorker.size === 0) break;
+        await Promise.all([...byWorker].map(async ([worker, list]) => {
+          let movedOn = false;
+          try {
+            const comm = await this.#peers.get(worker);
+            const got = await fetchData(comm, list, {
+              elsewhere: () => (movedOn = list.some((key) => untried(key).length > 0)),
+            });
+            for (const key of list) if (Object.hasOwn(got, key)) values.set(key, got[key]);
+          } catch (error) {
+            if (isBusy(error) && movedOn) {
+              // Keys no other holder has are asked of this one again, which then waits it out.
+              for (const key of list) if (untried(key).length === 0) asked.get(key)!.delete(worker);
+              return;
+            }
+            // A lost holder is retried against fresh who_has; any other failure (say, a
+            // value over a limit) is the answer, and says why.
+            if (!(error instanceof ConnectionClosedError)) failure = error;
+          }
+        }));
+        if (failure) throw failure;
+      }
       remaining = remaining.filter((k) => !values.has(k));
     }
     if (remaining.length > 0) throw new MissingDataError(remaining);

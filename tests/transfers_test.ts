@@ -114,3 +114,31 @@ Deno.test("a worker told busy fetches from another holder at once instead of wai
     stalled.close();
   }
 });
+
+Deno.test("a client told busy gathers from another holder it knows of instead of waiting", async () => {
+  await using cluster = await startCluster(2, { transfersOutMax: 1 });
+  const [alice] = cluster.workers;
+  await using client = await Client.connect(cluster.scheduler.address);
+  // On both workers: the client learns both holders.
+  const [big] = await client.scatter([new Float64Array(4 * MIB).fill(1)], { broadcast: true });
+  const { host, port } = parseAddress(alice.address);
+  const stalled = await Deno.connect({ hostname: host, port });
+  try {
+    const { head } = new Encoder().encode({ op: "get_data", id: 1, args: { keys: [big.key] } }, "args");
+    await stalled.write(new Uint8Array([...frameHeader([head]), ...head]));
+    await using a = rpc<WorkerOps>(alice.address);
+    await eventually(() =>
+      a.get_data({ keys: [big.key] }).then(() => false, (e) => e instanceof RemoteError)
+    );
+    // Each gather picks a holder at random; one that meets busy alice must turn to bob,
+    // since waiting her out would last until the stalled peer goes (the end of this test).
+    for (let i = 0; i < 8; i++) {
+      const started = Date.now();
+      const value = await client.gather(big) as Float64Array;
+      assert.equal(value.length, 4 * MIB);
+      assert.ok(Date.now() - started < 10_000, `gather ${i} took ${Date.now() - started} ms`);
+    }
+  } finally {
+    stalled.close();
+  }
+});

@@ -439,6 +439,8 @@ class Worker implements WorkerNode {
         continue;
       }
       await Promise.all([...batches].map(async ([holder, batch]) => {
+        // Set when a busy holder is left for another (not when it stayed busy past the wait).
+        let movedOn = false;
         try {
           this.#log.debug(`Fetching ${batch.join(", ")} from ${holder}`);
           const comm = await this.#peers.get(holder);
@@ -448,7 +450,7 @@ class Worker implements WorkerNode {
             onBusy: () => this.#busyWaits++,
             // Busy, and another holder not yet asked has one of these keys: ask it now
             // (Dask's way) rather than wait here.
-            elsewhere: () => batch.some((key) => untried(key).length > 0),
+            elsewhere: () => (movedOn = batch.some((key) => untried(key).length > 0)),
           });
           let bytes = 0;
           let count = 0;
@@ -475,7 +477,7 @@ class Worker implements WorkerNode {
           }
           // A busy holder left for another keeps the keys no one else has: asked again
           // next round, where it is the only one left, so that ask waits it out.
-          if (isBusy(error)) {
+          if (isBusy(error) && movedOn) {
             for (const key of batch) {
               if (remaining.has(key) && untried(key).length === 0) tried.get(key)!.delete(holder);
             }
