@@ -76,6 +76,25 @@ async function metric(url: string, sample: string): Promise<number> {
   return Number(line.split(" ")[1]);
 }
 
+/**
+ * Asks the worker at `address` for `key` and never reads the reply: its one large-transfer
+ * slot (transfersOutMax 1) stays taken until the returned connection closes.
+ */
+async function takeTheSlot(address: string, key: string): Promise<Deno.Conn> {
+  const { host, port } = parseAddress(address);
+  const stalled = await Deno.connect({ hostname: host, port });
+  try {
+    const { head } = new Encoder().encode({ op: "get_data", id: 1, args: { keys: [key] } }, "args");
+    await stalled.write(new Uint8Array([...frameHeader([head]), ...head]));
+    await using a = rpc<WorkerOps>(address);
+    await eventually(() => a.get_data({ keys: [key] }).then(() => false, (e) => e instanceof RemoteError));
+    return stalled;
+  } catch (error) {
+    stalled.close();
+    throw error;
+  }
+}
+
 Deno.test("a worker told busy fetches from another holder at once instead of waiting", async () => {
   await using cluster = await startCluster(3, { transfersOutMax: 1, httpPort: 0 });
   const [alice, bob, carol] = cluster.workers;
@@ -89,16 +108,8 @@ Deno.test("a worker told busy fetches from another holder at once instead of wai
   );
   assert.ok(bob.data.has(big.key));
 
-  // A peer asks alice for it and never reads: her one large-transfer slot stays taken.
-  const { host, port } = parseAddress(alice.address);
-  const stalled = await Deno.connect({ hostname: host, port });
+  const stalled = await takeTheSlot(alice.address, big.key);
   try {
-    const { head } = new Encoder().encode({ op: "get_data", id: 1, args: { keys: [big.key] } }, "args");
-    await stalled.write(new Uint8Array([...frameHeader([head]), ...head]));
-    await using a = rpc<WorkerOps>(alice.address);
-    await eventually(() =>
-      a.get_data({ keys: [big.key] }).then(() => false, (e) => e instanceof RemoteError)
-    );
     const servedBefore = await metric(alice.httpUrl!, 'dist_worker_busy_total{side="served"}');
 
     // Carol needs it: alice says busy, so carol takes bob's copy; waiting out alice would
@@ -121,15 +132,8 @@ Deno.test("a client told busy gathers from another holder it knows of instead of
   await using client = await Client.connect(cluster.scheduler.address);
   // On both workers: the client learns both holders.
   const [big] = await client.scatter([new Float64Array(4 * MIB).fill(1)], { broadcast: true });
-  const { host, port } = parseAddress(alice.address);
-  const stalled = await Deno.connect({ hostname: host, port });
+  const stalled = await takeTheSlot(alice.address, big.key);
   try {
-    const { head } = new Encoder().encode({ op: "get_data", id: 1, args: { keys: [big.key] } }, "args");
-    await stalled.write(new Uint8Array([...frameHeader([head]), ...head]));
-    await using a = rpc<WorkerOps>(alice.address);
-    await eventually(() =>
-      a.get_data({ keys: [big.key] }).then(() => false, (e) => e instanceof RemoteError)
-    );
     // Each gather picks a holder at random; one that meets busy alice must turn to bob,
     // since waiting her out would last until the stalled peer goes (the end of this test).
     for (let i = 0; i < 8; i++) {
