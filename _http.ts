@@ -36,6 +36,8 @@ export interface HttpOptions {
 }
 
 const COOKIE = "dist_auth";
+/** How long a closing HTTP server lets responses in flight finish before it cuts them. */
+const HTTP_CLOSE_GRACE_MS = 1_000;
 
 function cookieValue(token: string): string {
   return toBase64(hmacSha256(token, "dist-dashboard"), true);
@@ -68,7 +70,6 @@ ${failed ? '<p class="err">Wrong token.</p>' : ""}
 // deno-lint-ignore require-await
 export async function startHttp(options: HttpOptions): Promise<HttpServer> {
   const { authToken, routes, log } = options;
-  const abort = new AbortController();
   const handler = async (request: Request): Promise<Response> => {
     const url = new URL(request.url);
     if (url.pathname === "/health") {
@@ -106,8 +107,7 @@ export async function startHttp(options: HttpOptions): Promise<HttpServer> {
     return new Response("Not found\n", { status: 404 });
   };
   // Deno.serve binds at once (a taken port throws here), so no await is needed.
-  const listen = (port: number) =>
-    Deno.serve({ hostname: options.host, port, signal: abort.signal, onListen: () => {} }, handler);
+  const listen = (port: number) => Deno.serve({ hostname: options.host, port, onListen: () => {} }, handler);
   let server: Deno.HttpServer<Deno.NetAddr>;
   try {
     server = listen(options.port);
@@ -126,8 +126,15 @@ export async function startHttp(options: HttpOptions): Promise<HttpServer> {
   return {
     url: formatAddress({ host: shown, port: server.addr.port }).replace(/^tcp:/, "http:"),
     async close() {
-      abort.abort();
-      await server.finished;
+      // Responses still going (an event stream its owner has just ended) finish cleanly,
+      // where aborting the server would cut them. One that has not finished within
+      // HTTP_CLOSE_GRACE_MS (a viewer that stopped reading) is left to end with its
+      // connection: Deno cannot abort a server that is shutting down.
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      await Promise.race([
+        server.shutdown(),
+        new Promise((resolve) => timer = setTimeout(resolve, HTTP_CLOSE_GRACE_MS)),
+      ]).finally(() => clearTimeout(timer));
     },
   };
 }
