@@ -531,10 +531,25 @@ export class Client implements AsyncDisposable {
         if (byWorker.size === 0) break;
         await Promise.all([...byWorker].map(async ([worker, list]) => {
           let movedOn = false;
+          let lookedUp = false;
           try {
             const comm = await this.#peers.get(worker);
             const got = await fetchData(comm, list, {
-              elsewhere: () => (movedOn = list.some((key) => untried(key).length > 0)),
+              elsewhere: () => {
+                movedOn = list.some((key) => untried(key).length > 0);
+                if (!movedOn && !lookedUp) {
+                  // The client hears of a key's first holder only: while it waits out the
+                  // busy one, ask where the copies are now (the next busy reply uses it).
+                  lookedUp = true;
+                  this.#comm.call("who_has", { keys: list }).then((whoHas) => {
+                    for (const [key, holders] of Object.entries(whoHas as Record<string, string[]>)) {
+                      const rec = this.#keys.get(key);
+                      if (rec && holders.length > 0) rec.workers = holders;
+                    }
+                  }, () => {});
+                }
+                return movedOn;
+              },
             });
             for (const key of list) if (Object.hasOwn(got, key)) values.set(key, got[key]);
           } catch (error) {

@@ -146,3 +146,23 @@ Deno.test("a client told busy gathers from another holder it knows of instead of
     stalled.close();
   }
 });
+
+Deno.test("a client told busy looks up where else the value is, then gathers it there", async () => {
+  await using cluster = await startCluster(2, { transfersOutMax: 1 });
+  const [alice, bob] = cluster.workers;
+  await using client = await Client.connect(cluster.scheduler.address);
+  // The client knows alice only; bob takes a copy for a task of his.
+  const [big] = await client.scatter([new Float64Array(4 * MIB).fill(1)], { workers: [alice.address] });
+  const length = (a: Float64Array) => a.length;
+  await client.submit(length, big, taskOptions({ workers: ["bob"], pure: false })).result();
+  assert.ok(bob.data.has(big.key));
+  const stalled = await takeTheSlot(alice.address, big.key);
+  try {
+    const started = Date.now();
+    const value = await client.gather(big) as Float64Array;
+    assert.equal(value.length, 4 * MIB);
+    assert.ok(Date.now() - started < 10_000, `the gather took ${Date.now() - started} ms`);
+  } finally {
+    stalled.close();
+  }
+});
