@@ -36,7 +36,7 @@ export interface HttpOptions {
 }
 
 const COOKIE = "dist_auth";
-/** How long a closing HTTP server lets responses in flight finish before it cuts them. */
+/** How long a closing HTTP server waits for responses in flight to finish before it returns. */
 const HTTP_CLOSE_GRACE_MS = 1_000;
 
 function cookieValue(token: string): string {

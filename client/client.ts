@@ -499,6 +499,19 @@ export class Client implements AsyncDisposable {
     return fill(value, values) as Gathered<T>;
   }
 
+  /**
+   * Asks the scheduler who holds `keys` and remembers it. With `keepKnown`, a key the
+   * scheduler names no holder for keeps the ones known (a lookup made only to find more).
+   */
+  async #lookUpHolders(keys: string[], keepKnown: boolean): Promise<void> {
+    const whoHas = await this.#comm.call("who_has", { keys }) as Record<string, string[]>;
+    for (const key of keys) {
+      const rec = this.#keys.get(key);
+      const holders = whoHas[key] ?? [];
+      if (rec && !(keepKnown && holders.length === 0)) rec.workers = holders;
+    }
+  }
+
   async #fetch(keys: string[]): Promise<Map<string, unknown>> {
     const values = new Map<string, unknown>();
     let remaining = keys;
@@ -506,11 +519,7 @@ export class Client implements AsyncDisposable {
     for (let round = 0; round < 2 && remaining.length > 0; round++) {
       if (round > 0) {
         // Some holder failed or had dropped the key: ask where the copies are now.
-        const whoHas = await this.#comm.call("who_has", { keys: remaining }) as Record<string, string[]>;
-        for (const key of remaining) {
-          const rec = this.#keys.get(key);
-          if (rec) rec.workers = whoHas[key] ?? [];
-        }
+        await this.#lookUpHolders(remaining, false);
       }
       // Holders asked this round, per key: a busy one is left for another holder if any.
       const asked = new Map<string, Set<string>>(remaining.map((k) => [k, new Set()]));
@@ -541,12 +550,7 @@ export class Client implements AsyncDisposable {
                   // The client hears of a key's first holder only: while it waits out the
                   // busy one, ask where the copies are now (the next busy reply uses it).
                   lookedUp = true;
-                  this.#comm.call("who_has", { keys: list }).then((whoHas) => {
-                    for (const [key, holders] of Object.entries(whoHas as Record<string, string[]>)) {
-                      const rec = this.#keys.get(key);
-                      if (rec && holders.length > 0) rec.workers = holders;
-                    }
-                  }, () => {});
+                  this.#lookUpHolders(list, true).catch(() => {});
                 }
                 return movedOn;
               },

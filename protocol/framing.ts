@@ -41,14 +41,18 @@ export interface ByteWriter {
 /** The header that precedes `frames` on the wire. */
 export function frameHeader(frames: readonly Uint8Array[]): Uint8Array {
   const header = new Uint8Array(4 + 8 * frames.length);
-  const view = new DataView(header.buffer);
-  view.setUint32(0, frames.length, true);
+  putFrameHeader(new DataView(header.buffer), 0, frames);
+  return header;
+}
+
+/** Writes the header of `frames` into `view` at `at` (it takes 4 + 8 * frames.length bytes). */
+function putFrameHeader(view: DataView, at: number, frames: readonly Uint8Array[]): void {
+  view.setUint32(at, frames.length, true);
   for (let i = 0; i < frames.length; i++) {
     const n = frames[i].byteLength;
-    view.setUint32(4 + 8 * i, n >>> 0, true);
-    view.setUint32(8 + 8 * i, Math.floor(n / 0x100000000), true);
+    view.setUint32(at + 4 + 8 * i, n >>> 0, true);
+    view.setUint32(at + 8 + 8 * i, Math.floor(n / 0x100000000), true);
   }
-  return header;
 }
 
 /** Reads whole messages (arrays of frames) from a byte stream. */
@@ -257,15 +261,9 @@ export class MessageWriter {
       this.#newArena(Math.max(ARENA_BYTES, copied));
     }
     const arena = this.#arena;
-    const view = this.#arenaView;
     let run = this.#arenaUsed;
     let at = run;
-    view.setUint32(at, frames.length, true);
-    for (let i = 0; i < frames.length; i++) {
-      const n = frames[i].byteLength;
-      view.setUint32(at + 4 + 8 * i, n >>> 0, true);
-      view.setUint32(at + 8 + 8 * i, Math.floor(n / 0x100000000), true);
-    }
+    putFrameHeader(this.#arenaView, at, frames);
     at += headerBytes;
     for (let i = 0; i < frames.length; i++) {
       const f = frames[i];

@@ -25,7 +25,7 @@ import {
 import { prometheus } from "../_http.ts";
 import { LOG_LEVELS } from "../_log.ts";
 import { NODE_PERMISSIONS, type NodeProcess, spawnNode } from "../_spawn.ts";
-import { eventually, testLogger } from "./_helpers.ts";
+import { eventually, startCluster, testLogger } from "./_helpers.ts";
 
 const MAIN = new URL("../main.ts", import.meta.url);
 /** Longest wait for an SSE event: the stream sends one every 500 ms. */
@@ -713,11 +713,13 @@ Deno.test("worker: httpPort serves the worker's own /metrics and /health", async
         await startWorker({ scheduler: scheduler.address, name, nthreads: 2, httpPort: 0, log: logs[i] }),
       );
     }
-    // WorkerNode does not expose its HTTP address: its log line is the only way to learn it.
-    const urls = logs.map((log) => {
+    // The worker logs where its metrics are, and says so as httpUrl.
+    const urls = logs.map((log, i) => {
       const line = log.lines.find((l) => /Metrics at /.test(l));
       assert.ok(line, log.lines.join("\n"));
-      return /Metrics at (http:\/\/\S+)\/metrics$/.exec(line)![1];
+      const url = /Metrics at (http:\/\/\S+)\/metrics$/.exec(line)![1];
+      assert.equal(workers[i].httpUrl, url);
+      return url;
     });
     for (const url of urls) {
       const health = await getText(`${url}/health`);
@@ -992,53 +994,30 @@ Deno.test("cli: dist local --log-format json logs JSON lines", async () => {
 });
 
 Deno.test("worker metrics: busy replies a worker served and the ones its peers waited out add up", async () => {
-  const scheduler = await startScheduler({ port: 0, log: testLogger("scheduler") });
-  const logs = [capturingLogger(), capturingLogger()];
-  const workers: WorkerNode[] = [];
-  try {
-    for (const [i, name] of ["alice", "bob"].entries()) {
-      workers.push(
-        await startWorker({
-          scheduler: scheduler.address,
-          name,
-          nthreads: 1,
-          httpPort: 0,
-          transfersOutMax: 1,
-          log: logs[i],
-        }),
-      );
-    }
-    const [aliceUrl, bobUrl] = logs.map((log) =>
-      /Metrics at (http:\/\/\S+)\/metrics$/.exec(
-        log.lines.find((l) => /Metrics at /.test(l))!,
-      )![1]
-    );
-    const [alice, bob] = workers;
-    await using client = await Client.connect(scheduler.address);
-    const [big] = await client.scatter([new Uint8Array(32 * 1024 * 1024).fill(3)], {
-      workers: [alice.address],
-    });
-    await using a = rpc<WorkerOps>(alice.address);
-    // Three fetches of alice's large value at once, and she sends one at a time: two raw
-    // calls (which do not retry) and bob's for a task, which waits out any busy reply.
-    const [first, second, length] = await Promise.allSettled([
-      a.get_data({ keys: [big.key] }),
-      a.get_data({ keys: [big.key] }),
-      client.submit((x: Uint8Array) => x.length, big, taskOptions({ workers: ["bob"] })).result(),
-    ]);
-    assert.deepEqual(length, { status: "fulfilled", value: 32 * 1024 * 1024 });
-    assert.equal(bob.data.has(big.key), true);
-    const rawBusy = [first, second].filter((r) => r.status === "rejected").length;
-    const [am, bm] = await Promise.all([scrape(`${aliceUrl}/metrics`), scrape(`${bobUrl}/metrics`)]);
-    const served = valueOf(am, "dist_worker_busy_total", { side: "served" });
-    assert.ok(served >= 1, "three large fetches at once from a worker that sends one");
-    assert.equal(served, rawBusy + valueOf(bm, "dist_worker_busy_total", { side: "waited" }));
-    assert.equal(valueOf(am, "dist_worker_busy_total", { side: "waited" }), 0);
-    await eventually(async () =>
-      valueOf(await scrape(`${aliceUrl}/metrics`), "dist_worker_transfers_out") === 0
-    );
-  } finally {
-    await Promise.all(workers.map((w) => w.close()));
-    await scheduler.close();
-  }
+  await using cluster = await startCluster(2, { transfersOutMax: 1, httpPort: 0 });
+  const [alice, bob] = cluster.workers;
+  const [aliceUrl, bobUrl] = [alice.httpUrl!, bob.httpUrl!];
+  await using client = await Client.connect(cluster.scheduler.address);
+  const [big] = await client.scatter([new Uint8Array(32 * 1024 * 1024).fill(3)], {
+    workers: [alice.address],
+  });
+  await using a = rpc<WorkerOps>(alice.address);
+  // Three fetches of alice's large value at once, and she sends one at a time: two raw
+  // calls (which do not retry) and bob's for a task, which waits out any busy reply.
+  const [first, second, length] = await Promise.allSettled([
+    a.get_data({ keys: [big.key] }),
+    a.get_data({ keys: [big.key] }),
+    client.submit((x: Uint8Array) => x.length, big, taskOptions({ workers: ["bob"] })).result(),
+  ]);
+  assert.deepEqual(length, { status: "fulfilled", value: 32 * 1024 * 1024 });
+  assert.equal(bob.data.has(big.key), true);
+  const rawBusy = [first, second].filter((r) => r.status === "rejected").length;
+  const [am, bm] = await Promise.all([scrape(`${aliceUrl}/metrics`), scrape(`${bobUrl}/metrics`)]);
+  const served = valueOf(am, "dist_worker_busy_total", { side: "served" });
+  assert.ok(served >= 1, "three large fetches at once from a worker that sends one");
+  assert.equal(served, rawBusy + valueOf(bm, "dist_worker_busy_total", { side: "waited" }));
+  assert.equal(valueOf(am, "dist_worker_busy_total", { side: "waited" }), 0);
+  await eventually(async () =>
+    valueOf(await scrape(`${aliceUrl}/metrics`), "dist_worker_transfers_out") === 0
+  );
 });
