@@ -33,7 +33,44 @@ export function describe(value: unknown): string {
       ? "an object"
       : `a ${proto.constructor?.name ?? "object"}`;
   }
+  // A bigint's decimal form costs time superlinear in its size; its hex length is cheap.
+  if (type === "bigint") return `a bigint (${(value as bigint).toString(16).length * 4} bits or so)`;
   return `${type === "undefined" ? "nothing" : `a ${type}`} (${String(value).slice(0, 40)})`;
+}
+
+/**
+ * Where `key` has a lone surrogate (half of a UTF-16 pair, e.g. from cutting "😀" in two),
+ * or -1 when it is well-formed.
+ */
+function loneSurrogateAt(key: string): number {
+  for (let i = 0; i < key.length; i++) {
+    const c = key.charCodeAt(i);
+    if (c < 0xd800 || c > 0xdfff) continue;
+    if (c <= 0xdbff && i + 1 < key.length) {
+      const d = key.charCodeAt(i + 1);
+      if (d >= 0xdc00 && d <= 0xdfff) {
+        i++;
+        continue;
+      }
+    }
+    return i;
+  }
+  return -1;
+}
+
+/**
+ * Throws a TypeError unless `key` is a string that is well-formed Unicode: a key with a lone
+ * surrogate would not be the same key on every node and language (UTF-8 cannot carry it).
+ * `what` names it in the message: "submit: key".
+ */
+export function checkKey(key: unknown, what = "Key"): asserts key is string {
+  if (typeof key !== "string") throw new TypeError(`${what} must be a string, got ${describe(key)}`);
+  if (key.isWellFormed()) return;
+  throw new TypeError(
+    `${what} ${JSON.stringify(key)} is not a well-formed string: a lone surrogate at index ${
+      loneSurrogateAt(key)
+    }; cut strings at code points (Array.from(s)), or use s.toWellFormed()`,
+  );
 }
 
 function fail(path: string, expected: string, value: unknown): never {
@@ -52,6 +89,24 @@ function schema<T>(expected: string, check: (v: unknown) => boolean): Schema<T> 
 
 /** Any string. */
 export const string: Schema<string> = schema("a string", (v) => typeof v === "string");
+/**
+ * A key: a well-formed string (see `checkKey`). It says "a string" where it expects one,
+ * so "an array of strings" reads as before; a lone surrogate gets its own message.
+ */
+export const key: Schema<string> = {
+  expected: "a string",
+  parse(value, path) {
+    if (typeof value !== "string") fail(path, "a string", value);
+    if (!value.isWellFormed()) {
+      throw new TypeError(
+        `${path}: expected a well-formed string (a key), got one with a lone surrogate at index ${
+          loneSurrogateAt(value)
+        }`,
+      );
+    }
+    return value;
+  },
+};
 /** A non-empty string. */
 export const name: Schema<string> = schema(
   "a non-empty string",
@@ -126,14 +181,23 @@ function isPlainObject(v: unknown): v is Record<string, unknown> {
   return proto === Object.prototype || proto === null;
 }
 
-/** An object used as a map: any keys, every value matching `item`. */
-export function recordOf<T>(item: Schema<T>): Schema<Record<string, T>> {
+/**
+ * An object used as a map: any keys, every value matching `item`. With `keys`, every
+ * field name must match it too (a record of data by key checks its keys are keys).
+ */
+export function recordOf<T>(
+  item: Schema<T>,
+  options: { keys?: Schema<string> } = {},
+): Schema<Record<string, T>> {
   const expected = `an object of ${item.expected.replace(/^an? /, "")} values`;
   return {
     expected,
     parse(value, path) {
       if (!isPlainObject(value)) fail(path, expected, value);
-      for (const key in value) item.parse(value[key], `${path}.${key}`);
+      for (const k in value) {
+        options.keys?.parse(k, `${path} field ${JSON.stringify(k)}`);
+        item.parse(value[k], `${path}.${k}`);
+      }
       return value as Record<string, T>;
     },
   };
@@ -160,7 +224,8 @@ export function object<S extends Shape>(shape: S): Schema<ObjectOf<S>> {
       if (value === undefined || value === null) value = {};
       if (!isPlainObject(value)) fail(path, expected, value);
       for (const key in value) {
-        if (!(key in shape)) {
+        // Own fields only: `in` would let inherited names through ("toString", "__proto__").
+        if (!Object.hasOwn(shape, key)) {
           throw new TypeError(
             `${path}: unknown field ${JSON.stringify(key)} (known: ${keys.join(", ") || "none"})`,
           );
@@ -171,7 +236,7 @@ export function object<S extends Shape>(shape: S): Schema<ObjectOf<S>> {
       const out: Record<string, unknown> = {};
       for (const key of keys) {
         const s = shape[key];
-        const v = value[key];
+        const v = Object.hasOwn(value, key) ? value[key] : undefined;
         if (v === undefined || v === null) {
           if (!s.optional) throw new TypeError(`${path}.${key}: missing (expected ${s.expected})`);
           continue;

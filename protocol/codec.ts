@@ -8,6 +8,7 @@
  * @module
  */
 
+import { checkKey } from "./_validate.ts";
 import { ProtocolError } from "./errors.ts";
 
 /** Extension type codes (PROTOCOL.md, "Extension types"). */
@@ -22,6 +23,11 @@ export const EXT_SET = 4;
 export const EXT_MAP = 5;
 /** A reference to a key's value (`ref("x")`); the payload is the key as UTF-8. */
 export const EXT_REF = 6;
+/**
+ * A string that is not well-formed UTF-16 (it has a lone surrogate, which UTF-8 cannot
+ * carry); the payload is its UTF-16 code units, little-endian. Written only for such strings.
+ */
+export const EXT_UTF16 = 7;
 const EXT_TIMESTAMP = -1;
 
 /**
@@ -48,7 +54,7 @@ export class Ref {
   readonly key: string;
   /** Builds a reference to `key`. */
   constructor(key: string) {
-    if (typeof key !== "string") throw new TypeError(`A ref takes a key string, got ${typeof key}`);
+    checkKey(key, "ref: key");
     this.key = key;
   }
 }
@@ -59,6 +65,14 @@ export const VALUE_DEPTH_MAX = 256;
 export const BUFFERS_MAX = 1023;
 /** Binary values at least this long travel as frames of their own. */
 export const INLINE_BYTES_MAX = 16 * 1024;
+/**
+ * Largest bigint magnitude that travels, in bytes (a 524,288-bit number): it encodes and
+ * decodes in about a millisecond. Without a cap one message could hold a node's only
+ * thread for seconds (BigInt arithmetic on huge numbers is slow), and its heartbeats with it.
+ */
+export const BIGINT_BYTES_MAX = 64 * 1024;
+// Magnitudes at or past this do not fit in BIGINT_BYTES_MAX bytes; a comparison costs nothing.
+const BIGINT_LIMIT = 1n << BigInt(BIGINT_BYTES_MAX * 8);
 
 /** Any typed array kind dist carries. */
 export type TypedArray =
@@ -102,16 +116,24 @@ KINDS.forEach((ctor, kind) => ctor && KIND_OF.set(ctor.prototype, kind));
 
 const textEncoder = new TextEncoder();
 const textDecoder = new TextDecoder("utf-8", { fatal: true });
+const latin1 = new TextDecoder("latin1");
+// Hex digits as ASCII, and back: bigints go through hex strings, which V8 converts in linear time.
+const HEX_DIGITS = textEncoder.encode("0123456789abcdef");
+const NIBBLE = new Uint8Array(128);
+for (let i = 0; i < 16; i++) NIBBLE[HEX_DIGITS[i]] = i;
 
 /** A value that cannot travel; `path` says where inside the value it sits. */
 class UnsendableError extends TypeError {
   readonly segments: (string | number)[] = [];
   readonly what: string;
   readonly advice: string;
-  constructor(what: string, advice: string) {
+  /** Past a size limit (a RangeError to the caller), rather than of a kind that cannot travel. */
+  readonly tooLarge: boolean;
+  constructor(what: string, advice: string, tooLarge = false) {
     super(what);
     this.what = what;
     this.advice = advice;
+    this.tooLarge = tooLarge;
   }
 }
 
@@ -164,9 +186,8 @@ export class Encoder {
       this.#value(value, 0);
     } catch (error) {
       if (error instanceof UnsendableError) {
-        throw new TypeError(
-          `Cannot send ${formatPath(root, error.segments)}: ${error.what}; ${error.advice}`,
-        );
+        const ctor = error.tooLarge ? RangeError : TypeError;
+        throw new ctor(`Cannot send ${formatPath(root, error.segments)}: ${error.what}; ${error.advice}`);
       }
       throw error;
     }
@@ -274,7 +295,11 @@ export class Encoder {
         b[start + n] = c;
       }
     }
-    if (n < len) n = textEncoder.encodeInto(s, b.subarray(start)).written;
+    if (n < len) {
+      // UTF-8 has no lone surrogates (TextEncoder would write U+FFFD): such a string goes as UTF-16.
+      if (!s.isWellFormed()) return this.#utf16(s);
+      n = textEncoder.encodeInto(s, b.subarray(start)).written;
+    }
     const at = this.#pos;
     if (headerSize === 1) b[at] = 0xa0 | n;
     else if (headerSize === 2) (b[at] = 0xd9, b[at + 1] = n);
@@ -298,20 +323,37 @@ export class Encoder {
     b[this.#pos++] = type & 0xff;
   }
 
+  #utf16(s: string): void {
+    const n = s.length;
+    this.#extHeader(EXT_UTF16, n * 2);
+    this.#ensure(n * 2);
+    for (let i = 0; i < n; i++) this.#view.setUint16(this.#pos + i * 2, s.charCodeAt(i), true);
+    this.#pos += n * 2;
+  }
+
   #bigint(v: bigint): void {
     const negative = v < 0n;
-    let mag = negative ? -v : v;
-    const bytes: number[] = [];
-    while (mag > 0n) {
-      bytes.push(Number(mag & 0xffn));
-      mag >>= 8n;
+    const mag = negative ? -v : v;
+    if (mag >= BIGINT_LIMIT) {
+      throw new UnsendableError(
+        `a bigint of more than ${BIGINT_BYTES_MAX} bytes (BIGINT_BYTES_MAX) cannot travel`,
+        "send it as a typed array of its digits, or as a string",
+        true,
+      );
     }
-    bytes.reverse();
-    this.#extHeader(EXT_BIGINT, bytes.length + 1);
-    this.#ensure(bytes.length + 1);
-    this.#buf[this.#pos++] = negative ? 1 : 0;
-    this.#buf.set(bytes, this.#pos);
-    this.#pos += bytes.length;
+    // Hex, not byte-by-byte shifts: each shift copies the whole number, quadratic in its size.
+    const hex = mag === 0n ? "" : mag.toString(16);
+    const odd = hex.length & 1;
+    const size = (hex.length + odd) >> 1;
+    this.#extHeader(EXT_BIGINT, size + 1);
+    this.#ensure(size + 1);
+    const b = this.#buf;
+    b[this.#pos++] = negative ? 1 : 0;
+    let j = 0;
+    if (odd) b[this.#pos++] = NIBBLE[hex.charCodeAt(j++)];
+    for (; j < hex.length; j += 2) {
+      b[this.#pos++] = (NIBBLE[hex.charCodeAt(j)] << 4) | NIBBLE[hex.charCodeAt(j + 1)];
+    }
   }
 
   #binary(kind: number, bytes: Uint8Array): void {
@@ -687,12 +729,38 @@ export class Decoder {
     switch (type) {
       case EXT_BIGINT: {
         if (length < 1) throw new ProtocolError("Malformed msgpack: empty bigint");
+        if (length - 1 > BIGINT_BYTES_MAX) {
+          throw new ProtocolError(
+            `Malformed msgpack: a bigint of ${length - 1} bytes, past BIGINT_BYTES_MAX (${BIGINT_BYTES_MAX})`,
+          );
+        }
         const sign = this.#buf[this.#pos];
         if (sign > 1) throw new ProtocolError(`Malformed msgpack: bigint sign byte ${sign} (0 or 1 allowed)`);
-        let mag = 0n;
-        for (let i = this.#pos + 1; i < end; i++) mag = (mag << 8n) | BigInt(this.#buf[i]);
+        const hex = new Uint8Array(3 + (length - 1) * 2);
+        hex[0] = 0x30; // "0x0": a valid literal even when the magnitude has no bytes
+        hex[1] = 0x78;
+        hex[2] = 0x30;
+        for (let i = this.#pos + 1, j = 3; i < end; i++, j += 2) {
+          hex[j] = HEX_DIGITS[this.#buf[i] >> 4];
+          hex[j + 1] = HEX_DIGITS[this.#buf[i] & 15];
+        }
+        const mag = BigInt(latin1.decode(hex));
         this.#pos = end;
         return sign === 1 ? -mag : mag;
+      }
+      case EXT_UTF16: {
+        if (length % 2 !== 0) {
+          throw new ProtocolError("Malformed msgpack: a UTF-16 string of an odd byte count");
+        }
+        const units = new Uint16Array(length / 2);
+        for (let i = 0; i < units.length; i++) units[i] = this.#view.getUint16(this.#pos + i * 2, true);
+        this.#pos = end;
+        let out = "";
+        // In slices: fromCharCode takes its arguments on the stack.
+        for (let i = 0; i < units.length; i += 8192) {
+          out += String.fromCharCode(...units.subarray(i, i + 8192));
+        }
+        return out;
       }
       case EXT_TYPED_INLINE: {
         if (length < 1) throw new ProtocolError("Malformed msgpack: empty typed array");

@@ -92,7 +92,9 @@ export interface WorkerInfo {
   metrics: Record<string, number>;
 }
 
-const keys = v.arrayOf(v.string);
+const keys = v.arrayOf(v.key);
+/** Values (or holders, sizes) by key: the field names are keys too. */
+const byKey = <T>(item: v.Schema<T>) => v.recordOf(item, { keys: v.key });
 const address = v.address;
 const errorInfo = v.object({ name: v.string, message: v.string, stack: v.optional(v.string) });
 
@@ -137,7 +139,7 @@ export interface GraphTask {
 }
 
 const graphTask: v.Schema<GraphTask> = v.object({
-  key: v.string,
+  key: v.key,
   fn: v.count,
   args: v.arrayOf(v.unknown),
   deps: keys,
@@ -150,7 +152,7 @@ const graphTask: v.Schema<GraphTask> = v.object({
 export const workerOps = {
   get_data: op<Record<string, unknown>>()(v.object({ keys })),
   update_data: op<OkReply & { nbytes: Record<string, number> }>()(
-    v.object({ data: v.recordOf(v.unknown), report: v.optional(v.boolean) }),
+    v.object({ data: byKey(v.unknown), report: v.optional(v.boolean) }),
   ),
   delete_data: op<OkReply>()(v.object({ keys, report: v.optional(v.boolean) })),
   keys: op<string[]>()(v.object({})),
@@ -159,7 +161,7 @@ export const workerOps = {
   terminate: op<OkReply>()(v.object({})),
   compute: op<OkReply & { key: string; nbytes: number }>()(
     v.object({
-      key: v.string,
+      key: v.key,
       function: functionSpec,
       keys: v.optional(keys),
       args: v.optional(v.arrayOf(v.unknown)),
@@ -168,15 +170,15 @@ export const workerOps = {
   // From the scheduler, as notices on the worker's registration connection:
   compute_task: op<void>()(
     v.object({
-      key: v.string,
+      key: v.key,
       fnId: v.count,
       function: v.optional(functionSpec),
       args: v.arrayOf(v.unknown),
-      who_has: v.recordOf(v.arrayOf(address)),
+      who_has: byKey(v.arrayOf(address)),
     }),
   ),
   free_keys: op<OkReply>()(v.object({ keys })),
-  gather_keys: op<OkReply & { missing: string[] }>()(v.object({ who_has: v.recordOf(v.arrayOf(address)) })),
+  gather_keys: op<OkReply & { missing: string[] }>()(v.object({ who_has: byKey(v.arrayOf(address)) })),
   cancel_task: op<OkReply>()(v.object({ keys })),
 };
 
@@ -188,12 +190,12 @@ export const schedulerOps = {
       name: v.optional(v.string),
       nthreads: v.optional(v.positive),
       keys: v.optional(keys),
-      nbytes: v.optional(v.recordOf(v.count)),
+      nbytes: v.optional(byKey(v.count)),
     }),
   ),
   unregister: op<OkReply>()(v.object({ address })),
   add_keys: op<OkReply>()(
-    v.object({ address, keys, nbytes: v.optional(v.recordOf(v.count)), replicas: v.optional(v.boolean) }),
+    v.object({ address, keys, nbytes: v.optional(byKey(v.count)), replicas: v.optional(v.boolean) }),
   ),
   remove_keys: op<OkReply>()(v.object({ address, keys })),
   who_has: op<Record<string, string[]>>()(v.object({ keys: v.optional(keys) })),
@@ -217,12 +219,12 @@ export const schedulerOps = {
   ),
   release_keys: op<OkReply>()(v.object({ keys })),
   cancel_keys: op<OkReply>()(v.object({ keys })),
-  scatter: op<OkReply>()(v.object({ who_has: v.recordOf(v.arrayOf(address)), nbytes: v.recordOf(v.count) })),
+  scatter: op<OkReply>()(v.object({ who_has: byKey(v.arrayOf(address)), nbytes: byKey(v.count) })),
   progress: op<Record<string, Record<string, number>>>()(v.object({})),
   // Workers, as notices on their registration connection:
   task_finished: op<void>()(
     v.object({
-      key: v.string,
+      key: v.key,
       nbytes: v.count,
       duration: v.number,
       start: v.optional(v.number),
@@ -232,7 +234,7 @@ export const schedulerOps = {
   ),
   task_erred: op<void>()(
     v.object({
-      key: v.string,
+      key: v.key,
       error: errorInfo,
       killed: v.optional(v.boolean),
       start: v.optional(v.number),
@@ -240,7 +242,7 @@ export const schedulerOps = {
       thread: v.optional(v.count),
     }),
   ),
-  missing_data: op<void>()(v.object({ key: v.string, missing: v.recordOf(v.arrayOf(address)) })),
+  missing_data: op<void>()(v.object({ key: v.key, missing: byKey(v.arrayOf(address)) })),
   heartbeat: op<{ status: "OK" | "unknown"; heartbeat_interval_ms: number }>()(
     v.object({
       address,
@@ -255,10 +257,10 @@ export const schedulerOps = {
 
 /** The notices a scheduler sends a client about the keys it wants. */
 export const clientOps = {
-  key_done: op<void>()(v.object({ key: v.string, nbytes: v.count, workers: v.arrayOf(address) })),
-  key_erred: op<void>()(v.object({ key: v.string, error: errorInfo, task: v.string })),
-  key_cancelled: op<void>()(v.object({ key: v.string, reason: v.string })),
-  key_lost: op<void>()(v.object({ key: v.string, reason: v.string })),
+  key_done: op<void>()(v.object({ key: v.key, nbytes: v.count, workers: v.arrayOf(address) })),
+  key_erred: op<void>()(v.object({ key: v.key, error: errorInfo, task: v.key })),
+  key_cancelled: op<void>()(v.object({ key: v.key, reason: v.string })),
+  key_lost: op<void>()(v.object({ key: v.key, reason: v.string })),
 };
 
 /** A table of ops. */

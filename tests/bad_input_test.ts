@@ -1,11 +1,12 @@
 import assert from "node:assert/strict";
 import { RemoteError, rpc, type SchedulerOps, type WorkerOps } from "../mod.ts";
-import { Decoder, Encoder } from "../protocol/codec.ts";
+import { BIGINT_BYTES_MAX, Decoder, Encoder, EXT_BIGINT } from "../protocol/codec.ts";
 import { frameHeader, MessageReader } from "../protocol/framing.ts";
 import { schedulerOps, workerOps } from "../protocol/ops.ts";
 import { connect } from "../protocol/transport.ts";
 import { parseAddress } from "../protocol/address.ts";
-import { startCluster } from "./_helpers.ts";
+import { spawnNode } from "../_spawn.ts";
+import { eventually, startCluster } from "./_helpers.ts";
 
 const encoder = new Encoder();
 const decoder = new Decoder();
@@ -118,12 +119,21 @@ Deno.test("bad envelopes get an error reply when they carry an id, and the conne
 const wrongForEveryOp: [unknown, RegExp][] = [
   [42, /expected an object/],
   [{ bogus: 1 }, /unknown field "bogus"/],
+  // Names every object inherits are unknown fields too (an `in` check let them through).
+  [{ toString: 1 }, /unknown field "toString"/],
+  [{ constructor: 1 }, /unknown field "constructor"/],
+  [{ hasOwnProperty: "x" }, /unknown field "hasOwnProperty"/],
+  [JSON.parse('{"__proto__": 1}'), /unknown field "__proto__"/],
 ];
 
 /** Arguments with a wrong type in a named field, per op. */
 const wrongField: Record<string, [unknown, RegExp][]> = {
   get_data: [
     [{ keys: "x" }, /args\.keys: expected an array of strings/],
+    [
+      { keys: ["ok", "file-😀x".slice(0, 6)] },
+      /args\.keys\[1\]: expected a well-formed string \(a key\), got one with a lone surrogate at index 5/,
+    ],
     [{ keys: [1] }, /args\.keys\[0\]/],
     [
       {},
@@ -133,8 +143,11 @@ const wrongField: Record<string, [unknown, RegExp][]> = {
   update_data: [[{ data: [1] }, /args\.data: expected an object/], [
     { data: {}, report: "yes" },
     /args\.report/,
+  ], [{ data: { "\uDC00x": 1 } }, /args\.data field "\\udc00x": expected a well-formed string \(a key\)/]],
+  delete_data: [[{ keys: [null] }, /args\.keys\[0\]/], [{ keys: [], report: 1 }, /args\.report/], [
+    { keys: ["a\uD800b"] },
+    /args\.keys\[0\]: expected a well-formed string \(a key\), got one with a lone surrogate at index 1/,
   ]],
-  delete_data: [[{ keys: [null] }, /args\.keys\[0\]/], [{ keys: [], report: 1 }, /args\.report/]],
   compute: [
     [{ key: 1, function: { source: "(x) => x" } }, /args\.key: expected a string/],
     [{ key: "k", function: { code: "(x) => x" } }, /expected a function or \{ module, name \}, got object/],
@@ -160,7 +173,10 @@ const wrongField: Record<string, [unknown, RegExp][]> = {
     /Unknown worker tcp:\/\/nobody:1/,
   ]],
   remove_keys: [[{ address: "tcp://a:1" }, /args\.keys: missing/]],
-  who_has: [[{ keys: "k" }, /args\.keys/]],
+  who_has: [[{ keys: "k" }, /args\.keys/], [
+    { keys: ["\uD800"] },
+    /args\.keys\[0\]: expected a well-formed string/,
+  ]],
   has_what: [[{ workers: [1] }, /args\.workers\[0\]/]],
   broadcast: [[{ msg: { op: "" } }, /args\.msg\.op/], [{ msg: "ping" }, /args\.msg: expected an object/]],
 };
@@ -210,5 +226,56 @@ Deno.test("a compute whose function field is malformed on the wire is refused by
     );
   } finally {
     c.close();
+  }
+});
+
+/** A request whose args hold a bigint ext of `size` magnitude bytes: hand-made, the Encoder refuses it. */
+function hugeBigintRequest(id: number, size: number): Uint8Array[] {
+  const { head } = encoder.encode({ op: "ping", id, args: { n: null } });
+  // The envelope ends with the nil of args.n: put the extension in its place.
+  const ext = new Uint8Array(6 + 1 + size).fill(0x7f);
+  ext[0] = 0xc9;
+  new DataView(ext.buffer).setUint32(1, size + 1);
+  ext[5] = EXT_BIGINT;
+  ext[6] = 0;
+  assert.equal(head.at(-1), 0xc0);
+  const bytes = new Uint8Array(head.length - 1 + ext.length);
+  bytes.set(head.subarray(0, -1));
+  bytes.set(ext, head.length - 1);
+  return [bytes];
+}
+
+Deno.test("a huge bigint on the wire is refused at once; the nodes keep answering and their heartbeats keep working", async () => {
+  // Real processes: a node frozen by a quadratic decode must not freeze this test with it.
+  const scheduler = await spawnNode(["scheduler", "--port", "0", "--worker-ttl", "3"]);
+  const worker = await spawnNode(["worker", scheduler.address, "--name", "alice"]);
+  try {
+    await using center = rpc<SchedulerOps>(scheduler.address);
+    await eventually(async () => (await center.workers()).length === 1);
+    for (const address of [scheduler.address, worker.address]) {
+      // 256 KiB of magnitude: the byte-at-a-time decode took ~20 s, the TTL is 3 s.
+      for (const size of [BIGINT_BYTES_MAX + 1, 256 * 1024]) {
+        const c = await raw(address);
+        const frames = hugeBigintRequest(9, size);
+        const start = performance.now();
+        await c.send(frameHeader(frames));
+        for (const f of frames) await c.send(f);
+        assert.ok(await c.closedByPeer(), "the connection that sent it is closed (malformed msgpack)");
+        c.close();
+        const ms = performance.now() - start;
+        assert.ok(ms < 2_000, `refused after ${ms.toFixed(0)} ms`);
+      }
+      await using node = rpc(address);
+      assert.equal(await node.call("ping"), "pong");
+    }
+    const log = () => scheduler.log.join("\n");
+    assert.match(log(), /a bigint of 262144 bytes, past BIGINT_BYTES_MAX \(65536\)/);
+    // The worker is still registered and heard from: its heartbeats kept arriving.
+    const [info] = await center.workers();
+    assert.equal(info?.name, "alice", log());
+    assert.ok(info.lastSeen < 3, `last heard ${info.lastSeen} s ago`);
+  } finally {
+    await worker.stop();
+    await scheduler.stop();
   }
 });

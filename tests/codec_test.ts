@@ -7,6 +7,7 @@
 import assert from "node:assert/strict";
 import { addExtension, FLOAT32_OPTIONS, Packr, Unpackr } from "npm:msgpackr@1.11.5/pack";
 import {
+  BIGINT_BYTES_MAX,
   BUFFERS_MAX,
   Decoder,
   Encoder,
@@ -16,6 +17,7 @@ import {
   EXT_SET,
   EXT_TYPED_FRAME,
   EXT_TYPED_INLINE,
+  EXT_UTF16,
   formatPath,
   INLINE_BYTES_MAX,
   Ref,
@@ -276,8 +278,89 @@ Deno.test("codec: bigint round-trips as bigint", () => {
   assert.deepEqual(encoder.encode(0x1234n).head, Uint8Array.of(0xc7, 3, EXT_BIGINT, 0, 0x12, 0x34));
 });
 
+Deno.test("codec: a bigint of BIGINT_BYTES_MAX bytes round-trips in linear time; one byte more is refused", () => {
+  // Byte-at-a-time shifts took seconds at this size (quadratic); hex conversion takes ~1 ms.
+  const cap = (1n << BigInt(BIGINT_BYTES_MAX * 8)) - 1n;
+  const start = performance.now();
+  for (const value of [cap, -cap, cap - 12345678901234567890n, 1n << BigInt(BIGINT_BYTES_MAX * 8 - 1)]) {
+    const { head } = encoder.encode(value);
+    assert.equal(head.length, 6 + 1 + BIGINT_BYTES_MAX);
+    assert.equal(decoder.decode(head), value);
+  }
+  // Generous for a loaded machine; the quadratic codec took about 4 s for these four.
+  const ms = performance.now() - start;
+  assert.ok(ms < 400, `four round trips of ${BIGINT_BYTES_MAX}-byte bigints took ${ms.toFixed(0)} ms`);
+  for (const value of [cap + 1n, -(cap + 1n), 1n << (8n * 1024n * 1024n)]) {
+    const start = performance.now();
+    assert.throws(
+      () => encoder.encode({ n: [value] }, "args"),
+      (error: unknown) => {
+        assert.ok(error instanceof RangeError, String(error));
+        assert.equal(
+          error.message,
+          "Cannot send args.n[0]: a bigint of more than 65536 bytes (BIGINT_BYTES_MAX) cannot travel; " +
+            "send it as a typed array of its digits, or as a string",
+        );
+        return true;
+      },
+    );
+    assert.ok(performance.now() - start < 500, "refused without converting it");
+  }
+  // Another writer's bytes: a magnitude one byte past the cap is refused before any conversion.
+  const ext = (size: number): Uint8Array => {
+    const bytes = new Uint8Array(7 + size).fill(0xff);
+    bytes[0] = 0xc9;
+    new DataView(bytes.buffer).setUint32(1, size + 1);
+    bytes[5] = EXT_BIGINT;
+    bytes[6] = 0;
+    return bytes;
+  };
+  assertMalformed(ext(BIGINT_BYTES_MAX + 1), /a bigint of 65537 bytes, past BIGINT_BYTES_MAX \(65536\)/);
+  // (assert.throws, not assertMalformed: that one hex-dumps the bytes for its message.)
+  assert.throws(
+    () => decoder.decode(ext(16 * 1024 * 1024)),
+    /a bigint of 16777216 bytes, past BIGINT_BYTES_MAX/,
+  );
+  // At the cap, a leading zero byte (not canonical, still readable) is fine.
+  const padded = ext(BIGINT_BYTES_MAX);
+  padded[7] = 0;
+  assert.equal(decoder.decode(padded), cap >> 8n);
+});
+
 // ---------------------------------------------------------------------------------------
 // Strings
+
+Deno.test("codec: strings with lone surrogates keep every code unit, as values, keys and members", () => {
+  const cut = "file-😀x".slice(0, 6); // ends with half of a surrogate pair
+  const samples = [
+    cut,
+    "\uDC00",
+    "\uD800\uD800",
+    "a\uDFFFb",
+    "é\uD83D",
+    "x".repeat(70) + "\uD800",
+    "\uDE00".repeat(9000),
+  ];
+  for (const s of samples) {
+    assert.equal(s.isWellFormed(), false);
+    const back = roundTrip({ [s]: s, list: [s], set: new Set([s]), map: new Map([[s, s]]) }) as {
+      list: string[];
+      set: Set<string>;
+      map: Map<string, string>;
+    } & Record<string, string>;
+    assert.equal(back[s], s, "as an object key and value");
+    assert.equal(back.list[0], s);
+    assert.ok(back.set.has(s));
+    assert.equal(back.map.get(s), s);
+    const { head } = encoder.encode(s);
+    const typeAt = head[0] === 0xc7 ? 2 : head[0] === 0xc8 ? 3 : head[0] === 0xc9 ? 5 : 1;
+    assert.equal(head[typeAt], EXT_UTF16, hex(head.subarray(0, 8)));
+  }
+  // Well-formed strings (pairs included) stay msgpack str, read by any msgpack library.
+  assert.deepEqual(encoder.encode("😀").head, Uint8Array.of(0xa4, 0xf0, 0x9f, 0x98, 0x80));
+  assertMalformed([0xd6, EXT_UTF16, 0x61, 0x00, 0x62], /truncated/);
+  assertMalformed([0xc7, 3, EXT_UTF16, 0x61, 0x00, 0x62], /odd byte count/);
+});
 
 Deno.test("codec: strings at every length boundary round-trip", () => {
   const lengths = [0, 1, 23, 24, 31, 32, 63, 64, 255, 256, 65535, 65536, 100_000];
@@ -709,6 +792,7 @@ Deno.test("codec: the byte examples in PROTOCOL.md", () => {
     [new Date(1500), [0xc7, 0x0c, 0xff, 0x1d, 0xcd, 0x65, 0x00, 0, 0, 0, 0, 0, 0, 0, 0x01]],
     ["abcdefghij", [0xaa, ...new TextEncoder().encode("abcdefghij")]],
     ["abcdefghijk", [0xd9, 0x0b, ...new TextEncoder().encode("abcdefghijk")]],
+    ["a\uD800", [0xd6, 0x07, 0x61, 0x00, 0x00, 0xd8]],
   ];
   for (const [value, bytes] of cases) {
     const { head, buffers } = encoder.encode(value);
@@ -1117,7 +1201,7 @@ Deno.test("codec malformed: a reference to a missing out-of-band frame", () => {
 });
 
 Deno.test("codec malformed: unknown extension types", () => {
-  assertMalformed([0xd4, 7, 0], /unknown extension type 7/);
+  assertMalformed([0xd4, 8, 0], /unknown extension type 8/);
   assertMalformed([0xd4, 0, 0], /unknown extension type 0/); // msgpackr's "undefined"
   assertMalformed([0xc7, 0, 0x7f], /unknown extension type 127/);
   assertMalformed([0xd4, 0xfe, 0], /unknown extension type -2/);
