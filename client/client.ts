@@ -7,7 +7,8 @@
  */
 
 import { type Address, formatAddress, parseAddress } from "../protocol/address.ts";
-import { Ref } from "../protocol/codec.ts";
+import { formatPath, Ref, VALUE_DEPTH_MAX } from "../protocol/codec.ts";
+import { checkKey } from "../protocol/_validate.ts";
 import type { Comm, Dispatch } from "../protocol/comm.ts";
 import {
   CancelledError,
@@ -179,25 +180,56 @@ function isPlainObject(v: unknown): v is Record<string, unknown> {
   return proto === Object.prototype || proto === null;
 }
 
+/**
+ * The codec's own error for a value nested too deep (a circular one, most likely): the
+ * walks below meet such a value before the codec does, and must not overflow the stack.
+ */
+function tooDeep(root: string, path: (string | number)[]): TypeError {
+  return new TypeError(
+    `Cannot send ${formatPath(root, path)}: nested deeper than ${VALUE_DEPTH_MAX} levels; ` +
+      "is it a circular reference?",
+  );
+}
+
 /** `value` with futures replaced by references; their keys collected in `deps`. */
-function refsForFutures(value: unknown, deps: Set<string>): unknown {
+function refsForFutures(value: unknown, deps: Set<string>, path: (string | number)[] = []): unknown {
   if (value instanceof Future) {
     deps.add(value.key);
     return new Ref(value.key);
   }
-  if (Array.isArray(value)) return value.map((v) => refsForFutures(v, deps));
+  if (Array.isArray(value)) {
+    if (path.length >= VALUE_DEPTH_MAX) throw tooDeep("args", path);
+    return value.map((v, i) => {
+      path.push(i);
+      const out = refsForFutures(v, deps, path);
+      path.pop();
+      return out;
+    });
+  }
   if (isPlainObject(value)) {
+    if (path.length >= VALUE_DEPTH_MAX) throw tooDeep("args", path);
     const out: Record<string, unknown> = {};
-    for (const key in value) out[key] = refsForFutures(value[key], deps);
+    for (const key in value) {
+      path.push(key);
+      out[key] = refsForFutures(value[key], deps, path);
+      path.pop();
+    }
     return out;
   }
   return value;
 }
 
-function collectFutures(value: unknown, out: Future[]): Future[] {
+function collectFutures(value: unknown, out: Future[], path: (string | number)[] = []): Future[] {
   if (value instanceof Future) out.push(value);
-  else if (Array.isArray(value)) { for (const v of value) collectFutures(v, out); }
-  else if (isPlainObject(value)) { for (const key in value) collectFutures(value[key], out); }
+  else if (Array.isArray(value) || isPlainObject(value)) {
+    if (path.length >= VALUE_DEPTH_MAX) throw tooDeep("value", path);
+    const array = Array.isArray(value);
+    for (const key in value) {
+      path.push(array ? Number(key) : key);
+      collectFutures((value as Record<string, unknown>)[key], out, path);
+      path.pop();
+    }
+  }
   return out;
 }
 
@@ -219,7 +251,8 @@ function functionName(fn: unknown): string {
     ? (fn as { name?: string }).name
     : "";
   // Keys are prefix-token: a dash inside the name would split the prefix.
-  return (name || "lambda").replace(/^bound /, "").replaceAll("-", "_");
+  // Keys must be well-formed: a name with a lone surrogate must not make one.
+  return (name || "lambda").replace(/^bound /, "").replaceAll("-", "_").toWellFormed();
 }
 
 const identity = { source: "(value) => value" };
@@ -354,6 +387,7 @@ export class Client implements AsyncDisposable {
    * `fn` over each item of the iterables (zipped, like Dask's map); one future per item.
    */
   map<F extends TaskFunction>(fn: F | Sendable, ...iterables: unknown[]): Future<ResultOf<F>>[] {
+    this.#checkOpen();
     let options: SubmitOptions = {};
     if (iterables.at(-1) instanceof TaskOptions) options = (iterables.pop() as TaskOptions).options;
     if (options.key !== undefined) throw new TypeError("map takes no key option: each task gets its own key");
@@ -374,6 +408,7 @@ export class Client implements AsyncDisposable {
 
   #submit(fn: unknown, spec: FunctionSpec, args: unknown[], options: SubmitOptions): Future {
     this.#checkOpen();
+    if (options.key !== undefined) checkKey(options.key, "submit: key option");
     const deps = new Set<string>();
     const wireArgs = refsForFutures(args, deps) as unknown[];
     const token = options.pure === false
@@ -419,6 +454,7 @@ export class Client implements AsyncDisposable {
     const state = new Map<string, "visiting" | "done">();
     const convert = (arg: unknown, found: Set<string>): unknown => {
       if (typeof arg === "string" && Object.hasOwn(graph, arg)) {
+        checkKey(arg, "get: graph key");
         found.add(arg);
         return new Ref(arg);
       }
@@ -435,6 +471,7 @@ export class Client implements AsyncDisposable {
       if (state.get(key) === "visiting") {
         throw new RangeError(`get: the graph has a cycle through ${JSON.stringify(key)}`);
       }
+      checkKey(key, "get: graph key");
       state.set(key, "visiting");
       const found = new Set<string>();
       const value = graph[key];
@@ -488,6 +525,7 @@ export class Client implements AsyncDisposable {
    * one request per worker. Rejects with the first error among them.
    */
   async gather<T>(value: T): Promise<Gathered<T>> {
+    this.#checkOpen();
     const futures = collectFutures(value, []);
     await Promise.all(futures.map((f) => this._settled(f.key)));
     for (const f of futures) {
@@ -599,6 +637,7 @@ export class Client implements AsyncDisposable {
     const entries: [string, unknown][] = Array.isArray(values)
       ? values.map((v) => [`${typeName(v)}-${randomToken()}`, v])
       : Object.entries(values);
+    for (const [key] of entries) checkKey(key, "scatter: key");
     const load = new Map(allowed.map((w) => [w.address, w.nbytes]));
     const perWorker = new Map<string, Record<string, unknown>>();
     const whoHas: Record<string, string[]> = {};

@@ -8,6 +8,7 @@
 import type { Logger } from "../_log.ts";
 import { parseAddress } from "./address.ts";
 import type { Comm, CommOptions } from "./comm.ts";
+import { ConnectionClosedError } from "./errors.ts";
 import { openComm, type SecurityOptions } from "./handshake.ts";
 
 /** Most peer connections a pool keeps open; the least recently opened is closed past it. */
@@ -28,7 +29,11 @@ export class ConnectionPool {
 
   /** The connection to `address`, opened if needed. A closed one is replaced. */
   get(address: string): Promise<Comm> {
-    if (this.#closed) return Promise.reject(new Error("The connection pool is closed"));
+    if (this.#closed) {
+      return Promise.reject(
+        new ConnectionClosedError(`Cannot connect to ${address}: the connection pool is closed`),
+      );
+    }
     let peer = this.#peers.get(address);
     if (peer !== undefined) return peer;
     if (this.#peers.size >= this.#max) {

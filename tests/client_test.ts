@@ -3,16 +3,20 @@ import {
   asCompleted,
   CancelledError,
   Client,
+  ConnectionClosedError,
   Future,
+  ref,
   rpc,
   type SchedulerOps,
+  startScheduler,
+  startWorker,
   type TaskError,
   taskOptions,
   wait,
   type WorkerOps,
 } from "../mod.ts";
 import { spawnNode } from "../_spawn.ts";
-import { eventually, startCluster } from "./_helpers.ts";
+import { eventually, startCluster, testLogger } from "./_helpers.ts";
 
 const inc = (x: number) => x + 1;
 const add = (a: number, b: number) => a + b;
@@ -302,6 +306,125 @@ Deno.test("client: closing the client frees its data; a closed client refuses wo
   assert.throws(() => client.submit(inc, 2), /closed/);
   await using alice = rpc<WorkerOps>(cluster.workers[0].address);
   await eventually(async () => (await alice.keys()).length === 0);
+});
+
+Deno.test("client: every method of a closed client rejects with ConnectionClosedError", async () => {
+  await using cluster = await startCluster(1);
+  const client = await Client.connect(cluster.scheduler.address);
+  const x = client.submit(inc, 1);
+  assert.equal(await x.result(), 2);
+  await client.close();
+  const calls: [string, () => unknown][] = [
+    ["gather", () => client.gather([x])],
+    ["result", () => x.result()],
+    ["submit", () => client.submit(inc, 2)],
+    ["map", () => client.map(inc, [])],
+    ["scatter", () => client.scatter([1])],
+    ["get", () => client.get({ a: 1 }, "a")],
+  ];
+  for (const [name, call] of calls) {
+    let error: unknown;
+    try {
+      await call();
+    } catch (e) {
+      error = e;
+    }
+    assert.ok(error instanceof ConnectionClosedError, `${name}: ${error}`);
+    assert.match(error.message, /^This client's connection to tcp:\/\/127\.0\.0\.1:\d+ is closed$/, name);
+  }
+});
+
+Deno.test("client: a circular argument gets the codec's error naming its path, not a stack overflow", async () => {
+  await withClient(1, async (client) => {
+    const a: Record<string, unknown> = { n: 1 };
+    a.self = a;
+    const list: unknown[] = [];
+    list.push(list);
+    for (
+      const [submit, path] of [
+        [() => client.submit(inc, a), /^Cannot send args\[0\]\.self\.self\.self/],
+        [() => client.submit(inc, 1, a, taskOptions({ pure: false })), /^Cannot send args\[1\]\.self\.self/],
+        [() => client.submit(inc, { deep: [list] }), /^Cannot send args\[0\]\.deep\[0\]\[0\]\[0\]/],
+        [() => client.map(inc, [a]), /^Cannot send args\[0\]\.self/],
+      ] as const
+    ) {
+      assert.throws(submit, (error: unknown) => {
+        assert.ok(error instanceof TypeError, String(error));
+        assert.match(error.message, path);
+        assert.match(error.message, /: nested deeper than 256 levels; is it a circular reference\?$/);
+        return true;
+      });
+    }
+    await assert.rejects(client.gather(a), /^TypeError: Cannot send value\.self\.self.*circular reference/);
+    assert.equal(await client.submit(inc, 1).result(), 2);
+  });
+});
+
+Deno.test("client: keys with lone surrogates are refused with a TypeError naming the key", async () => {
+  await withClient(2, async (client) => {
+    const cut = "file-😀x".slice(0, 6); // half of the emoji's surrogate pair
+    const advice =
+      /: a lone surrogate at index 5; cut strings at code points \(Array\.from\(s\)\), or use s\.toWellFormed\(\)$/;
+    const refusals: [() => unknown, string][] = [
+      [() => client.submit(inc, 1, taskOptions({ key: cut })), 'submit: key option "file-\\ud83d"'],
+      [() => client.get({ [cut]: 1 }, cut), 'get: graph key "file-\\ud83d"'],
+      [() => client.get({ [cut]: 1, b: [inc, cut] }, "b"), 'get: graph key "file-\\ud83d"'],
+      [() => client.scatter({ [cut]: 1 }), 'scatter: key "file-\\ud83d"'],
+      [() => ref(cut), 'ref: key "file-\\ud83d"'],
+    ];
+    for (const [call, named] of refusals) {
+      let error: unknown;
+      try {
+        await call();
+      } catch (e) {
+        error = e;
+      }
+      assert.ok(error instanceof TypeError, `${named}: ${error}`);
+      assert.ok(error.message.startsWith(`${named} is not a well-formed string`), error.message);
+      assert.match(error.message, advice);
+    }
+  });
+});
+
+Deno.test("client: values with lone surrogates come back identical through a cluster", async () => {
+  await withClient(2, async (client) => {
+    const cut = "file-😀x".slice(0, 6);
+    // In strings, keys of objects and Maps, Sets; there and back.
+    const value = { [cut]: [cut, "\uDC00", new Map([[cut, new Set(["a\uD800b"])]])], plain: "😀" };
+    const echoed = client.submit((v: unknown) => v, value);
+    assert.deepEqual(await echoed.result(), value);
+    const [scattered] = await client.scatter([cut]);
+    assert.equal(await scattered.result(), cut);
+    assert.equal(await client.submit((s: string) => s + "\uDFFF", scattered).result(), cut + "\uDFFF");
+    assert.equal(await client.submit(() => "😀".slice(1)).result(), "\uDE00");
+    // A function whose name has a lone surrogate still makes a well-formed key.
+    const named = { [`f${cut}`]: (x: number) => x * 2 }[`f${cut}`];
+    const doubled = client.submit(named, 21);
+    assert.ok(doubled.key.isWellFormed(), doubled.key);
+    assert.equal(await doubled.result(), 42);
+  });
+});
+
+Deno.test("client: KilledWorker names the allowed failures (--allowed-failures 1)", async () => {
+  const scheduler = await startScheduler({ port: 0, allowedFailures: 1, log: testLogger("scheduler") });
+  const workers = [
+    await startWorker({ scheduler: scheduler.address, nthreads: 1, log: testLogger("alice") }),
+    await startWorker({ scheduler: scheduler.address, nthreads: 1, log: testLogger("bob") }),
+  ];
+  try {
+    await using client = await Client.connect(scheduler.address);
+    const killer = client.submit(() => Deno.exit(1), taskOptions({ key: "killer-1" }));
+    const error = await killer.result().catch((e) => e);
+    assert.equal(error.name, "KilledWorker");
+    assert.equal(
+      error.message,
+      "Task killer-1 was running when 2 workers (or their executors) died; " +
+        "it is not retried past allowed_failures=1",
+    );
+  } finally {
+    for (const w of workers) await w.close();
+    await scheduler.close();
+  }
 });
 
 Deno.test("Client.local starts worker processes and stops them on close", async () => {
