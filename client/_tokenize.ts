@@ -21,12 +21,19 @@ function mix(bytes: Uint8Array, h: [number, number]): void {
   h[1] = b;
 }
 
-/** A 16-hex-digit token of `value` (whatever can travel), stable across processes. */
-export function tokenize(value: unknown): string {
-  const { head, buffers } = encoder.encode(value, "args");
+/**
+ * A 16-hex-digit token of a function and its arguments (whatever can travel), stable
+ * across processes. It costs one encoding of each, linear in their size (the codec caps
+ * what is slow to convert, like huge bigints), and names `args` paths in its errors.
+ */
+export function tokenize(fn: unknown, args: unknown[]): string {
   const h: [number, number] = [0x811c9dc5, 0x9747b28c];
-  mix(head, h);
-  for (const b of buffers) mix(b, h);
+  for (const [value, root] of [[fn, "function"], [args, "args"]] as const) {
+    // The head is the encoder's own memory until its next encode: mixed at once.
+    const { head, buffers } = encoder.encode(value, root, true);
+    mix(head, h);
+    for (const b of buffers) mix(b, h);
+  }
   return (h[0] >>> 0).toString(16).padStart(8, "0") + (h[1] >>> 0).toString(16).padStart(8, "0");
 }
 

@@ -413,7 +413,7 @@ export class Client implements AsyncDisposable {
     const wireArgs = refsForFutures(args, deps) as unknown[];
     const token = options.pure === false
       ? randomToken()
-      : tokenize(["source" in spec ? spec.source : [spec.module, spec.name], wireArgs]);
+      : tokenize("source" in spec ? spec.source : [spec.module, spec.name], wireArgs);
     const key = options.key ?? `${functionName(fn)}-${token}`;
     const known = this.#keys.has(key);
     const future = this.#ref(key);

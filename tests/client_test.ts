@@ -16,6 +16,7 @@ import {
   type WorkerOps,
 } from "../mod.ts";
 import { spawnNode } from "../_spawn.ts";
+import { BIGINT_BYTES_MAX } from "../protocol/codec.ts";
 import { eventually, startCluster, testLogger } from "./_helpers.ts";
 
 const inc = (x: number) => x + 1;
@@ -402,6 +403,32 @@ Deno.test("client: values with lone surrogates come back identical through a clu
     const doubled = client.submit(named, 21);
     assert.ok(doubled.key.isWellFormed(), doubled.key);
     assert.equal(await doubled.result(), 42);
+  });
+});
+
+Deno.test("client: a bigint argument of BIGINT_BYTES_MAX bytes makes its key at once and round-trips; a larger one is refused", async () => {
+  await withClient(1, async (client) => {
+    const big = (1n << BigInt(BIGINT_BYTES_MAX * 8)) - 1n;
+    const start = performance.now();
+    const args = Array.from({ length: 8 }, (_, i) => big - BigInt(i));
+    const f = client.submit((...ns: bigint[]) => ns[7] - 1n, ...args);
+    const ms = performance.now() - start;
+    // The key is a hash of the encoded arguments: byte-at-a-time bigint encoding took ~2 s here.
+    assert.ok(ms < 250, `submit took ${ms.toFixed(0)} ms`);
+    assert.equal(await f.result(), big - 8n);
+    assert.throws(() => client.submit((n: bigint) => n, 1, { x: big + 1n }), (error: unknown) => {
+      assert.ok(error instanceof RangeError, String(error));
+      assert.equal(
+        error.message,
+        "Cannot send args[1].x: a bigint of more than 65536 bytes (BIGINT_BYTES_MAX) cannot travel; " +
+          "send it as a typed array of its digits, or as a string",
+      );
+      return true;
+    });
+    // A task that makes one fails its own task, with the same reason.
+    const made = client.submit((bits: number) => 1n << BigInt(bits), BIGINT_BYTES_MAX * 8);
+    await assert.rejects(made.result(), /cannot be kept: Cannot send .*BIGINT_BYTES_MAX/);
+    assert.equal(await client.submit(inc, 1).result(), 2);
   });
 });
 
