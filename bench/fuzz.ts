@@ -36,7 +36,7 @@ import { isDeepStrictEqual, parseArgs } from "node:util";
 import { type NodeProcess, spawnNode } from "../_spawn.ts";
 import { Client, Ref, rpc, taskOptions } from "../mod.ts";
 import { isLoopback, parseAddress } from "../protocol/address.ts";
-import { Decoder, Encoder } from "../protocol/codec.ts";
+import { BIGINT_BYTES_MAX, Decoder, Encoder } from "../protocol/codec.ts";
 import { FRAME_BYTES_MAX, frameHeader, MESSAGE_FRAMES_MAX, MessageReader } from "../protocol/framing.ts";
 import { clientHandshake, tokenFromEnv } from "../protocol/handshake.ts";
 import { schedulerOps, workerOps } from "../protocol/ops.ts";
@@ -465,8 +465,9 @@ function writeExotic(value: unknown, rng: Rng): Uint8Array[] {
         sink.byte(v >= 0n ? 0xcf : 0xd3);
         return sink.uint(v, 8);
       }
-      const mag: number[] = [];
-      for (let m = v < 0n ? -v : v; m > 0n; m >>= 8n) mag.unshift(Number(m & 0xffn));
+      // Through hex: byte-at-a-time shifts are quadratic, and cap-sized bigints are fuzzed too.
+      const digits = v === 0n ? "" : (v < 0n ? -v : v).toString(16);
+      const mag = (digits.length % 2 ? "0" + digits : digits).match(/../g)?.map((h) => parseInt(h, 16)) ?? [];
       const zeros = rng.chance(0.1) ? rng.int(3) : 0; // not canonical, still readable
       extHeader(sink, 1, 1 + zeros + mag.length);
       sink.byte(v < 0n ? 1 : 0);
@@ -730,6 +731,7 @@ function randomValue(g: Gen, depth = 0): unknown {
   if (roll < 20) return randomInt(rng);
   if (roll < 26) return randomFloat(rng);
   if (roll < 30) {
+    if (rng.chance(0.15)) return hugeBigint(g);
     return rng.chance(0.5) ? rng.pick(BIGINTS) : BigInt(randomInt(rng) || 1) ** BigInt(rng.int(9));
   }
   if (roll < 48) return randomString(g);
@@ -781,10 +783,49 @@ function randomValue(g: Gen, depth = 0): unknown {
   return {};
 }
 
+/**
+ * A bigint around BIGINT_BYTES_MAX: at the cap, as a bigint the Encoder sends; past it, as
+ * raw ext 1 bytes (the Encoder refuses them, so the exotic writer sends them) that the node must
+ * refuse at once.
+ */
+function hugeBigint(g: Gen): unknown {
+  const { rng } = g;
+  if (rng.chance(0.3)) {
+    return (rng.chance(0.5) ? -1n : 1n) * ((1n << BigInt(BIGINT_BYTES_MAX * 8)) - 1n);
+  }
+  let size = rng.pick([BIGINT_BYTES_MAX, BIGINT_BYTES_MAX + 1, 256 * 1024, 1024 * 1024]);
+  // 256 KiB even past the budget: what took a node ~20 s to decode when bigints had no cap.
+  if (size > g.budget) size = Math.min(size, 256 * 1024);
+  g.budget -= size;
+  const bytes = new Uint8Array(7 + size).fill(rng.int(256));
+  bytes[0] = 0xc9;
+  new DataView(bytes.buffer).setUint32(1, size + 1);
+  bytes[5] = 1;
+  bytes[6] = rng.int(2);
+  return new Raw(bytes);
+}
+
+/** A key cut inside a surrogate pair, as `"file-😀x".slice(0, 6)` does: nodes must refuse it. */
+function illFormedKey(g: Gen): string {
+  const { rng } = g;
+  const base = rng.pick(g.keys);
+  return rng.pick([`${base}-\u{1F600}x`.slice(0, base.length + 2), `\uDC00${base}`, `${base}\uD800\uD800`]);
+}
+
+/** Names every object inherits: an `in` check for unknown fields lets them through. */
+const INHERITED_NAMES = [
+  "toString",
+  "constructor",
+  "__proto__",
+  "hasOwnProperty",
+  "valueOf",
+  "isPrototypeOf",
+];
+
 // ---- valid arguments, per op ----
 
 function key(g: Gen): string {
-  return g.rng.pick(g.keys);
+  return g.rng.chance(0.02) ? illFormedKey(g) : g.rng.pick(g.keys);
 }
 
 function keys(g: Gen): string[] {
@@ -840,14 +881,21 @@ const WORKER_TEMPLATES: Record<string, Template> = {
     keys: maybe(g, () => keys(g)),
     args: maybe(
       g,
-      () => Array.from({ length: g.rng.int(3) }, () => g.rng.chance(0.3) ? new Ref(key(g)) : smallValue(g)),
+      () =>
+        Array.from(
+          { length: g.rng.int(3) },
+          () => g.rng.chance(0.3) ? new Ref(key(g).toWellFormed()) : smallValue(g),
+        ),
     ),
   }),
   compute_task: (g) => ({
     key: key(g),
     fnId: g.rng.int(6),
     function: maybe(g, () => functionSpec(g)),
-    args: Array.from({ length: g.rng.int(3) }, () => g.rng.chance(0.3) ? new Ref(key(g)) : smallValue(g)),
+    args: Array.from(
+      { length: g.rng.int(3) },
+      () => g.rng.chance(0.3) ? new Ref(key(g).toWellFormed()) : smallValue(g),
+    ),
     who_has: whoHas(g),
   }),
   free_keys: (g) => ({ keys: keys(g) }),
@@ -860,7 +908,10 @@ function graphTask(g: Gen, nfunctions: number, taskKeys: string[]): Record<strin
   return {
     key: g.rng.pick(taskKeys),
     fn: g.rng.chance(0.9) ? g.rng.int(Math.max(1, nfunctions)) : nfunctions,
-    args: [...deps.map((d) => new Ref(d)), ...Array.from({ length: g.rng.int(2) }, () => smallValue(g))],
+    args: [
+      ...deps.map((d) => new Ref(d.toWellFormed())),
+      ...Array.from({ length: g.rng.int(2) }, () => smallValue(g)),
+    ],
     deps,
     priority: maybe(g, () => randomInt(g.rng)),
     retries: maybe(g, () => g.rng.int(3)),
@@ -1057,9 +1108,20 @@ function envelopeInput(kind: FuzzTarget["kind"], op: string, g: Gen): { frames: 
     if (fields.length > 0) delete valid[rng.pick(fields)];
     args = valid;
   } else if (r < 48) {
-    strategy = "extra";
+    strategy = rng.chance(0.3) ? "inherited" : "extra";
     const valid = validArgs(kind, op, g);
-    valid[rng.chance(0.5) ? rng.pick(FIELD_NAMES) : randomString(g)] = randomValue(g);
+    const name = strategy === "inherited"
+      ? rng.pick(INHERITED_NAMES)
+      : rng.chance(0.5)
+      ? rng.pick(FIELD_NAMES)
+      : randomString(g);
+    // Defined, not assigned: `valid.__proto__ = x` would set the prototype instead of a field.
+    Object.defineProperty(valid, name, {
+      value: randomValue(g),
+      enumerable: true,
+      writable: true,
+      configurable: true,
+    });
     args = valid;
   } else if (r < 60) {
     strategy = "nested-wrong";
@@ -1817,6 +1879,9 @@ async function runInput(state: RunState, index: number): Promise<void> {
     });
     return;
   }
+  if (outcome.fuzzReply === "result" && / envelope inherited/.test(` ${input.how}`)) {
+    outcome.problems.push("args with an inherited field name (toString, __proto__, ...) were accepted");
+  }
   if (outcome.fuzzReply === "result") report.replies.result++;
   else if (outcome.fuzzReply === "error") {
     report.replies.error++;
@@ -1890,6 +1955,7 @@ function canaryValues(): Record<string, unknown> {
       set: new Set([1, "a"]),
       map: new Map<unknown, unknown>([["k", 1], [2, [3]]]),
       unicode: "ü日本\u{1F600}",
+      lone: "\u{1F600}".slice(0, 1) + "x\uDC00",
       ref: new Ref("x"),
       empty: { list: [], text: "", object: {} },
     },

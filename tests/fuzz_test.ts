@@ -143,6 +143,41 @@ Deno.test("fuzz: a seed makes the same inputs every time, and they reach every o
   assert.deepEqual(expected.filter((op) => !ops.has(op)), [], "ops no input was made for");
 });
 
+/** Whether `v` holds a string (as a value or a field name) with a lone surrogate. */
+function hasLoneSurrogate(v: unknown, depth = 0): boolean {
+  if (typeof v === "string") return !v.isWellFormed();
+  if (typeof v !== "object" || v === null || depth > 300 || ArrayBuffer.isView(v)) return false;
+  const entries = v instanceof Map
+    ? [...v].flat()
+    : Array.isArray(v) || v instanceof Set
+    ? [...v]
+    : Object.entries(v).flat();
+  return entries.some((item) => hasLoneSurrogate(item, depth + 1));
+}
+
+Deno.test("fuzz: inputs include bigints past the cap, keys and values with lone surrogates, and inherited field names", () => {
+  const targets: FuzzTarget[] = [
+    { address: "tcp://127.0.0.1:1", kind: "scheduler" },
+    { address: "tcp://127.0.0.1:2", kind: "worker" },
+    { address: "tcp://127.0.0.1:3", kind: "worker" },
+  ];
+  // An ext32 bigint header one byte past BIGINT_BYTES_MAX: c9, length 65538, type 1.
+  const pastCap = Uint8Array.of(0xc9, 0x00, 0x01, 0x00, 0x02, 0x01);
+  const found = { pastCap: 0, lone: 0, inherited: 0 };
+  for (let i = 0; i < 6_000; i++) {
+    const input = fuzzInput(7, i, targets);
+    if (input === null) continue;
+    const at = input.bytes.indexOf(0xc9);
+    if (at >= 0 && pastCap.every((b, j) => input.bytes[at + j] === b)) {
+      found.pastCap++;
+      assert.equal(input.end, "close", `input #${i}: a bigint past the cap closes the connection`);
+    }
+    if (input.messages.some((m) => hasLoneSurrogate(m))) found.lone++;
+    if (/envelope inherited/.test(input.how)) found.inherited++;
+  }
+  assert.ok(found.pastCap > 0 && found.lone > 0 && found.inherited > 0, JSON.stringify(found));
+});
+
 // ---- what the fuzzer found: each fails until the bug is fixed ----
 
 const mul = (a: number, b: number) => a * b;
