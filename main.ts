@@ -479,6 +479,11 @@ async function run(argv: string[]): Promise<number> {
   const scheduler = checked(() => parseAddress(positionals[0]));
   const nthreads = positiveNumber("nthreads", flags.nthreads, true);
   const deathTimeoutMs = positiveNumber("death-timeout", flags["death-timeout"], false) * 1000;
+  const secure = await security(flags);
+  // Read once: tasks granted `env` (or `inherit`) must not find the cluster's secret there.
+  if (Deno.permissions.querySync({ name: "env", variable: "DIST_AUTH_TOKEN" }).state === "granted") {
+    Deno.env.delete("DIST_AUTH_TOKEN");
+  }
   const { startWorker } = await import("./worker/worker.ts");
   const node = await startWorker({
     scheduler,
@@ -488,7 +493,7 @@ async function run(argv: string[]): Promise<number> {
     nthreads,
     deathTimeoutMs,
     taskPermissions: taskPermissions(flags["task-permissions"]),
-    ...await security(flags),
+    ...secure,
     frameBytesMax: positiveNumber("frame-bytes-max", flags["frame-bytes-max"], true),
     connectionsMax: positiveNumber("connections-max", flags["connections-max"], true),
     transfersOutMax: positiveNumber("transfers-out-max", flags["transfers-out-max"], true),
