@@ -8,6 +8,7 @@
 
 import assert from "node:assert/strict";
 import { Client, rpc, type WorkerOps } from "../mod.ts";
+import { ExecutorPool } from "../worker/executors.ts";
 import { type NodeProcess, spawnNode } from "../_spawn.ts";
 
 const TOKEN = "sandbox-test-token-0123456789abcdef";
@@ -30,7 +31,7 @@ async function bounded<T>(promise: Promise<T>): Promise<T> {
 }
 
 /** A scheduler and one worker as processes, with the worker's extra flags. */
-async function cluster(workerArgs: string[], env: Record<string, string> = {}) {
+async function cluster(workerArgs: string[], env: Record<string, string> = {}, schedulerArgs: string[] = []) {
   const nodes: NodeProcess[] = [];
   const close = async () => {
     for (const n of nodes.reverse()) {
@@ -41,7 +42,9 @@ async function cluster(workerArgs: string[], env: Record<string, string> = {}) {
     }
   };
   try {
-    const scheduler = await spawnNode(["scheduler", "--port", "0", "--log-level", "info"], { env });
+    const scheduler = await spawnNode(["scheduler", "--port", "0", "--log-level", "info", ...schedulerArgs], {
+      env,
+    });
     nodes.push(scheduler);
     const worker = await spawnNode(
       ["worker", scheduler.address, "--nthreads", "1", "--log-level", "info", ...workerArgs],
@@ -139,4 +142,62 @@ Deno.test("sandbox: a task sees neither its worker's command line nor its token 
     client.submit(() => Deno.chdir("/")).result(),
     /NotCapable: Cannot change the working directory to \/: tasks share it with their worker/,
   );
+});
+
+Deno.test("sandbox: with --isolation process, a task that exhausts its heap fails as KilledWorker; the worker and its data stay", async () => {
+  await using c = await cluster(
+    ["--isolation", "process", "--task-heap-mib", "64", "--task-permissions", "none"],
+    {},
+    ["--allowed-failures", "1"],
+  );
+  await using client = await Client.connect(c.scheduler.address);
+  const [kept] = await client.scatter([new Float64Array(100_000).fill(2.5)]);
+  const hog = client.submit(() => {
+    const hoard: number[][] = [];
+    for (;;) hoard.push(new Array(100_000).fill(1.5));
+  });
+  await assert.rejects(bounded(hog.result()), (error: Error) => {
+    assert.equal(error.name, "KilledWorker", `${error.name}: ${error.message}`);
+    assert.match(error.message, /ran out of memory \(it reached its JS heap limit\)/);
+    return true;
+  });
+  assert.match(await processState(c.worker.child.pid), /^[SR]$/);
+  // The worker still holds what it had and still computes, in a fresh executor process.
+  const sum = (x: Float64Array) => x.reduce((a, b) => a + b, 0);
+  assert.equal(await bounded(client.submit(sum, kept).result()), 250_000);
+  // Signals and exits end only the executor's process too.
+  await assert.rejects(
+    bounded(client.submit(() => Deno.exit(3)).result()),
+    /killed its executor: it ended its executor \(Deno\.exit or close, code 3\)/,
+  );
+  assert.equal(await bounded(client.submit(sum, kept).result()), 250_000);
+  assert.ok(!c.worker.log.some((line) => /ERROR/.test(line)), c.worker.log.join("\n"));
+});
+
+Deno.test("sandbox: process executors keep the sandbox and carry every value kind both ways", async () => {
+  const pool = new ExecutorPool(1, "none", { isolation: "process" });
+  try {
+    const value = {
+      f64: new Float64Array([1.5, 2.5]),
+      big: new Uint8Array(200_000).fill(7),
+      map: new Map([["a", 1n << 80n]]),
+      set: new Set(["x"]),
+      date: new Date(0),
+      nested: [null, true, "s"],
+    };
+    const { result } = await pool.run({ source: "(v) => v" }, [value], "echo");
+    assert.deepEqual(result, value);
+    await assert.rejects(
+      pool.run({ source: "async () => await Deno.readTextFile('/etc/hostname')" }, [], "read"),
+      /Requires read access/,
+    );
+    await assert.rejects(
+      pool.run({ source: "() => Deno.kill(Deno.pid, 'SIGKILL')" }, [], "kill"),
+      /may not signal it/,
+    );
+    assert.equal((await pool.run({ source: "() => 1" }, [], "after")).result, 1);
+  } finally {
+    await pool.close();
+  }
+  assert.throws(() => new ExecutorPool(1, "none", { heapMib: 64 }), /needs isolation: process/);
 });
