@@ -55,8 +55,10 @@ export async function* lines(stream: ReadableStream<Uint8Array>): AsyncGenerator
  */
 export async function spawnNode(args: string[], options: SpawnOptions = {}): Promise<NodeProcess> {
   // A compiled `dist` binary is its own main.ts: it takes the subcommand directly.
-  // `dist local` starts worker processes of its own.
-  const permissions = args[0] === "local" ? [...NODE_PERMISSIONS, "--allow-run"] : NODE_PERMISSIONS;
+  // `dist local` starts worker processes of its own, and a worker with --isolation process executor processes.
+  const spawns = args[0] === "local" ||
+    args.some((a, i) => a === "--isolation=process" || (a === "--isolation" && args[i + 1] === "process"));
+  const permissions = spawns ? [...NODE_PERMISSIONS, "--allow-run"] : NODE_PERMISSIONS;
   // --no-config: a node runs with dist's settings, not with whatever deno.json, import map
   // or lockfile the caller's directory has (and skips reading them: ~2 MiB per process).
   // --no-code-cache: V8's code cache is a file Deno maps into every process; a node compiles

@@ -39,6 +39,31 @@ function taskPermissions(text: string): Deno.PermissionOptions {
   return out as Deno.PermissionOptionsObject;
 }
 
+/** Reads --isolation. */
+function isolation(text: string): "thread" | "process" {
+  if (text !== "thread" && text !== "process") {
+    throw new UsageError(`Invalid --isolation ${JSON.stringify(text)}: expected thread or process`);
+  }
+  return text;
+}
+
+/** Reads --task-heap-mib, which only a process executor can honour. */
+function taskHeapMib(text: string | undefined, isolation: string): number | undefined {
+  if (text === undefined) return undefined;
+  if (isolation !== "process") {
+    throw new UsageError(
+      "--task-heap-mib needs --isolation process: a thread executor shares its worker's heap",
+    );
+  }
+  const mib = Number(text);
+  if (!/^\d+$/.test(text) || mib < 16) {
+    throw new UsageError(
+      `Invalid --task-heap-mib ${JSON.stringify(text)}: expected a whole number of MiB, 16 or more`,
+    );
+  }
+  return mib;
+}
+
 /** The shared secret (flag, file, or environment) and TLS files, read now. */
 async function security(flags: Record<string, string | undefined>): Promise<SecurityOptions> {
   let authToken = flags["auth-token"];
@@ -203,6 +228,18 @@ const commands: Record<string, { usage: string; summary: string; flags: Record<s
         default: "none",
         value: "LIST",
         help: 'what tasks may touch: "none", "inherit", or e.g. "read=/data;/tmp,net=example.com,env"',
+      },
+      isolation: {
+        type: "string",
+        default: "thread",
+        value: "KIND",
+        help: "where tasks run: thread (in this process, no copies) or process (one that a task " +
+          "exhausting memory or crashing takes down instead of the worker)",
+      },
+      "task-heap-mib": {
+        type: "string",
+        value: "MIB",
+        help: "with --isolation process: each executor's JS heap limit; a task past it fails as KilledWorker",
       },
       "http-port": {
         type: "string",
@@ -400,6 +437,21 @@ function exitOnSignal(node: { close(): Promise<void> }): void {
   for (const signal of ["SIGINT", "SIGTERM"] as const) Deno.addSignalListener(signal, stop);
 }
 
+/** Not a user's command: the process a worker started with --isolation process runs this. */
+const EXECUTOR_COMMAND = "_executor";
+
+async function executorHost(argv: string[]): Promise<number> {
+  const at = argv.indexOf("--permissions");
+  let permissions: Deno.PermissionOptions;
+  try {
+    permissions = JSON.parse(argv[at + 1]);
+  } catch {
+    throw new UsageError(`${EXECUTOR_COMMAND} is started by a worker (--isolation process), not by hand`);
+  }
+  const { runExecutorHost } = await import("./worker/executor_host.ts");
+  return await runExecutorHost(permissions);
+}
+
 async function run(argv: string[]): Promise<number> {
   const [name, ...rest] = argv;
   if (name === undefined) throw new UsageError("missing command: scheduler or worker (see dist --help)");
@@ -411,6 +463,7 @@ async function run(argv: string[]): Promise<number> {
     console.log(`dist ${config.version}`);
     return 0;
   }
+  if (name === EXECUTOR_COMMAND) return await executorHost(rest);
   if (!Object.hasOwn(commands, name)) {
     throw new UsageError(`unknown command ${JSON.stringify(name)} (see dist --help)`);
   }
@@ -479,6 +532,11 @@ async function run(argv: string[]): Promise<number> {
   const scheduler = checked(() => parseAddress(positionals[0]));
   const nthreads = positiveNumber("nthreads", flags.nthreads, true);
   const deathTimeoutMs = positiveNumber("death-timeout", flags["death-timeout"], false) * 1000;
+  const secure = await security(flags);
+  // Read once: tasks granted `env` (or `inherit`) must not find the cluster's secret there.
+  if (Deno.permissions.querySync({ name: "env", variable: "DIST_AUTH_TOKEN" }).state === "granted") {
+    Deno.env.delete("DIST_AUTH_TOKEN");
+  }
   const { startWorker } = await import("./worker/worker.ts");
   const node = await startWorker({
     scheduler,
@@ -488,7 +546,9 @@ async function run(argv: string[]): Promise<number> {
     nthreads,
     deathTimeoutMs,
     taskPermissions: taskPermissions(flags["task-permissions"]),
-    ...await security(flags),
+    isolation: isolation(flags.isolation),
+    taskHeapMib: taskHeapMib(flags["task-heap-mib"], flags.isolation),
+    ...secure,
     frameBytesMax: positiveNumber("frame-bytes-max", flags["frame-bytes-max"], true),
     connectionsMax: positiveNumber("connections-max", flags["connections-max"], true),
     transfersOutMax: positiveNumber("transfers-out-max", flags["transfers-out-max"], true),

@@ -632,6 +632,12 @@ const SOURCES = [
   "() => Object.create(null)",
   "() => [ , 1]",
   "() => 'x'.repeat(100000)",
+  // Tasks that go for their own worker process (signals, the runtime's ops, its argv).
+  "() => Deno.kill(Deno.pid, 'SIGSTOP')",
+  "() => Deno.kill(Deno.pid, 'SIGKILL')",
+  "() => Deno.kill(0, 'SIGTERM')",
+  "() => Deno[Deno.internal]?.core?.ops?.op_kill?.(Deno.pid, 'SIGKILL')",
+  "() => Deno.args",
   "class {}",
   "42",
   "'not a function'",

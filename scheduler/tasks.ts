@@ -558,7 +558,7 @@ export class SchedulerTasks {
     if (killed) {
       if (++ts.suspicious > this.allowedFailures) {
         this.failed++;
-        this.#err(ts, killedWorker(ts, this.allowedFailures), ts.key);
+        this.#err(ts, killedWorker(ts, this.allowedFailures, error.message), ts.key);
       } else {
         ts.state = "released";
         this.#ready(ts);
@@ -1122,10 +1122,11 @@ function refuseCycles(byKey: Map<string, TaskSpec>, tasks: Map<string, TaskState
   }
 }
 
-function killedWorker(ts: TaskState, allowed: number): RemoteErrorInfo {
+/** `last`: what the executor that died last said, when it was the task's own executor. */
+function killedWorker(ts: TaskState, allowed: number, last?: string): RemoteErrorInfo {
   return {
     name: "KilledWorker",
     message: `Task ${ts.key} was running when ${ts.suspicious} workers (or their executors) died; ` +
-      `it is not retried past allowed_failures=${allowed}`,
+      `it is not retried past allowed_failures=${allowed}` + (last ? `. The last time: ${last}` : ""),
   };
 }

@@ -139,6 +139,33 @@ for (const [target, name] of [[Deno, "exit"], [globalThis, "close"]] as const) {
   Object.defineProperty(target, name, { value: exit, configurable: true, writable: true });
 }
 
+// An executor is a thread of the worker's process, so whatever a task does to "its own
+// process" it does to the worker and every key it holds. Deno asks no permission to
+// signal the process's own pid (SIGKILL, SIGSTOP...), and `Deno[Deno.internal]` reaches
+// the runtime's ops, the permission checks' bypass: both go before any task runs.
+const denoKill = Deno.kill.bind(Deno);
+function kill(pid: number, signal?: Deno.Signal): void {
+  if (!Number.isSafeInteger(pid) || pid <= 0 || pid === Deno.pid) {
+    throw new Deno.errors.NotCapable(
+      `Cannot send ${signal ?? "SIGTERM"} to ${pid <= 0 ? "a process group" : `process ${pid}`}: ` +
+        "tasks run inside their worker's process and may not signal it",
+    );
+  }
+  denoKill(pid, signal);
+}
+/** The process's working directory is the worker's too: a task may not move it. */
+function chdir(directory: string | URL): void {
+  throw new Deno.errors.NotCapable(
+    `Cannot change the working directory to ${directory}: tasks share it with their worker; use absolute paths`,
+  );
+}
+for (const [name, value] of [["kill", kill], ["chdir", chdir]] as const) {
+  Object.defineProperty(Deno, name, { value, configurable: false, writable: false });
+}
+// The worker's command line can hold its --auth-token: tasks see none of it.
+Object.defineProperty(Deno, "args", { value: Object.freeze([]), configurable: false, writable: false });
+delete (Deno as unknown as Record<symbol, unknown>)[(Deno as unknown as { internal: symbol }).internal];
+
 let chain = Promise.resolve();
 self.addEventListener("message", (event: MessageEvent<Job[]>) => {
   const jobs = event.data;

@@ -12,6 +12,7 @@ import { functionKey } from "../protocol/functions.ts";
 import { Lru } from "../_lru.ts";
 import type { ExecutorMessage, Job as WireJob } from "./executor.ts";
 import { EXECUTOR_FUNCTIONS_MAX } from "./functions.ts";
+import { checkCanSpawn, ProcessExecutor } from "./executor_process.ts";
 
 /** A task took its executor down (it called Deno.exit): the task killed its worker, in effect. */
 export class ExecutorDiedError extends Error {
@@ -51,8 +52,24 @@ interface Job {
   reject: (error: Error) => void;
 }
 
+/**
+ * Where tasks run: `thread`, a Web Worker in the worker's process (shared memory, no
+ * copies, ~14 MiB each); `process`, that same Web Worker inside a child process of its
+ * own (values are copied through a pipe, a Deno process more each), so that a task that
+ * exhausts its heap or crashes V8 ends its executor, never the worker and its data.
+ */
+export type Isolation = "thread" | "process";
+
+/** Options of an `ExecutorPool`. */
+export interface ExecutorPoolOptions {
+  /** Threads or processes (default "thread"). */
+  isolation?: Isolation;
+  /** With `process`: each executor's JS heap limit in MiB (default: V8's). */
+  heapMib?: number;
+}
+
 interface Executor {
-  worker: Worker;
+  worker: Worker | ProcessExecutor;
   /** Jobs handed over and not yet answered, in order. */
   jobs: Map<number, Job>;
   /** Function ids this executor has, mirroring its own LRU (touched per job, in order). */
@@ -132,6 +149,9 @@ export class ExecutorPool {
   #busyMs = 0;
 
   #permissions: Deno.PermissionOptions;
+  #options: ExecutorPoolOptions;
+  /** Executor processes ended and not yet reaped. */
+  #ending = new Set<Promise<void>>();
 
   /**
    * A pool of `size` executors with `permissions` (default "none": no file, network,
@@ -139,9 +159,28 @@ export class ExecutorPool {
    * --unstable-worker-options flag. Throws at once when the permissions cannot be
    * granted, though no executor starts before the first task.
    */
-  constructor(size: number, permissions: Deno.PermissionOptions = "none") {
+  constructor(size: number, permissions: Deno.PermissionOptions = "none", options: ExecutorPoolOptions = {}) {
     checkPermissions(permissions);
+    if (
+      options.isolation !== undefined && options.isolation !== "thread" && options.isolation !== "process"
+    ) {
+      throw new RangeError(
+        `Invalid isolation ${JSON.stringify(options.isolation)}: expected "thread" or "process"`,
+      );
+    }
+    if (options.heapMib !== undefined) {
+      if (options.isolation !== "process") {
+        throw new RangeError(
+          "A heap limit per executor needs isolation: process (a thread shares its process's)",
+        );
+      }
+      if (!Number.isInteger(options.heapMib) || options.heapMib < 16) {
+        throw new RangeError(`Invalid heap limit ${options.heapMib} MiB: expected a whole number from 16 up`);
+      }
+    }
+    if (options.isolation === "process") checkCanSpawn();
     this.#permissions = permissions;
+    this.#options = options;
     this.#executors = Array.from({ length: size }, () => null);
   }
 
@@ -196,7 +235,7 @@ export class ExecutorPool {
     const i = this.#executors.findIndex((e) => e !== null && [...e.jobs.values()].some((j) => j.key === key));
     if (i < 0) return false;
     const executor = this.#executors[i]!;
-    executor.worker.terminate();
+    this.#stop(executor);
     // The executor's other jobs never ran to the end: they go back to the front of the queue.
     const others: Job[] = [];
     for (const job of executor.jobs.values()) {
@@ -209,37 +248,55 @@ export class ExecutorPool {
     return true;
   }
 
-  /** Stops every executor; waiting and running tasks reject. */
-  close(): void {
+  /** Stops every executor; waiting and running tasks reject. Resolves when executor processes are gone. */
+  close(): Promise<void> {
     this.#closed = true;
     for (const job of this.#queue.splice(0)) {
       job.reject(new CancelledError(job.key, "not run: the worker closed"));
     }
     for (const e of this.#executors) {
       if (e === null) continue;
-      e.worker.terminate();
+      this.#stop(e);
       for (const job of e.jobs.values()) {
         job.reject(new CancelledError(job.key, "stopped: the worker closed"));
       }
       e.jobs.clear();
     }
+    return Promise.all(this.#ending).then(() => {});
+  }
+
+  /** Ends an executor; a process is reaped in the background (close() waits for it). */
+  #stop(executor: Executor): void {
+    executor.worker.terminate();
+    if (executor.worker instanceof ProcessExecutor) {
+      const ending = executor.worker.closed;
+      this.#ending.add(ending);
+      ending.finally(() => this.#ending.delete(ending));
+    }
   }
 
   #spawn(): Executor {
-    let worker: Worker;
+    let worker: Worker | ProcessExecutor;
     try {
-      worker = new Worker(
-        EXECUTOR_URL,
-        this.#permissions === "inherit"
-          ? { type: "module" }
-          : { type: "module", deno: { permissions: this.#permissions } } as WorkerOptions,
-      );
+      worker = this.#options.isolation === "process"
+        ? new ProcessExecutor({ permissions: this.#permissions, heapMib: this.#options.heapMib })
+        : new Worker(
+          EXECUTOR_URL,
+          this.#permissions === "inherit"
+            ? { type: "module" }
+            : { type: "module", deno: { permissions: this.#permissions } } as WorkerOptions,
+        );
     } catch (error) {
       throw startError(this.#permissions, error);
     }
     const executor: Executor = { worker, jobs: new Map(), known: new Lru(EXECUTOR_FUNCTIONS_MAX) };
-    worker.onmessage = (event: MessageEvent<ExecutorMessage>) => {
+    if (worker instanceof ProcessExecutor) {
+      worker.onexit = (reason) => this.#lost(executor, reason);
+    }
+    worker.onmessage = (event: { data: ExecutorMessage | { kind: "error"; message: string } }) => {
       const m = event.data;
+      // An executor process relays its thread's own failure.
+      if (m?.kind === "error" && typeof m.message === "string") return this.#failed(executor, m.message);
       // A task can post messages of its own: only the executor's two kinds count.
       if (m?.kind === "exit" && typeof m.id === "number") return this.#died(executor, m);
       if (m?.kind !== "results" || !Array.isArray(m.results)) return;
@@ -266,32 +323,56 @@ export class ExecutorPool {
       }
       this.#pump();
     };
-    worker.onerror = (event: ErrorEvent) => {
-      event.preventDefault();
-      // The executor itself broke (not the task's function): replace it.
-      const i = this.#executors.indexOf(executor);
-      executor.worker.terminate();
-      for (const job of executor.jobs.values()) {
-        job.reject(new Error(`The executor failed: ${event.message}`));
-      }
-      executor.jobs.clear();
-      if (i >= 0 && !this.#closed) {
-        this.#executors[i] = null;
-        this.#pump();
-      }
-    };
+    if (worker instanceof Worker) {
+      worker.onerror = (event: ErrorEvent) => {
+        event.preventDefault();
+        this.#failed(executor, event.message);
+      };
+    }
     return executor;
   }
 
-  /** An executor's task called Deno.exit: that task fails, its other tasks run elsewhere. */
-  #died(executor: Executor, exit: { exited: number; id: number }): void {
+  /** The executor itself broke (not the task's function): its jobs fail, and it is replaced. */
+  #failed(executor: Executor, message: string): void {
     const i = this.#executors.indexOf(executor);
-    executor.worker.terminate();
+    this.#stop(executor);
+    for (const job of executor.jobs.values()) {
+      job.reject(new Error(`The executor failed: ${message}`));
+    }
+    executor.jobs.clear();
+    if (i >= 0 && !this.#closed) {
+      this.#executors[i] = null;
+      this.#pump();
+    }
+  }
+
+  /**
+   * An executor process died by itself (out of memory, a signal): the job it was running,
+   * its first (it runs them in order), killed it; the others run elsewhere.
+   */
+  #lost(executor: Executor, reason: string): void {
+    const [running] = executor.jobs.values();
+    if (running === undefined) {
+      // Idle when it died: nothing to blame; the slot starts afresh when needed.
+      const i = this.#executors.indexOf(executor);
+      if (i >= 0) this.#executors[i] = null;
+      return;
+    }
+    this.#died(executor, { exited: -1, id: running.id }, reason);
+  }
+
+  /** An executor's task called Deno.exit, or killed its process: that task fails, the others run elsewhere. */
+  #died(executor: Executor, exit: { exited: number; id: number }, reason?: string): void {
+    const i = this.#executors.indexOf(executor);
+    this.#stop(executor);
     const others: Job[] = [];
     for (const job of executor.jobs.values()) {
       if (job.id === exit.id) {
         job.reject(
-          new ExecutorDiedError(job.key, `it ended its executor (Deno.exit or close, code ${exit.exited})`),
+          new ExecutorDiedError(
+            job.key,
+            reason ?? `it ended its executor (Deno.exit or close, code ${exit.exited})`,
+          ),
         );
       } else others.push(job);
     }
@@ -363,7 +444,7 @@ export class ExecutorPool {
             ),
           );
         }
-        target.worker.terminate();
+        this.#stop(target);
         for (const job of target.jobs.values()) this.#queue.unshift(job);
         target.jobs.clear();
         this.#executors[slot] = null;

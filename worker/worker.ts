@@ -33,7 +33,7 @@ import { dispatchTo, type Handlers, serve, type Server } from "../protocol/serve
 import { AuthenticationError, openComm, type SecurityOptions, tokenFromEnv } from "../protocol/handshake.ts";
 import { ConnectionPool } from "../protocol/pool.ts";
 import { fetchData, isBusy } from "../protocol/fetch.ts";
-import { ExecutorDiedError, ExecutorPool, shared } from "./executors.ts";
+import { ExecutorDiedError, ExecutorPool, type Isolation, shared } from "./executors.ts";
 import { DataStore, refsIn, resolveRefs } from "./store.ts";
 import { DEATH_TIMEOUT_MS, TRANSFERS_OUT_MAX } from "../_defaults.ts";
 
@@ -83,6 +83,15 @@ export interface WorkerOptions extends SecurityOptions {
    * file, network, env, subprocess or FFI access; "inherit" gives them the worker's own.
    */
   taskPermissions?: Deno.PermissionOptions;
+  /**
+   * Where tasks run: "thread" (default), a Web Worker in this process; "process", one in
+   * a child process of its own, so a task that exhausts its heap, crashes or stops its
+   * process fails as KilledWorker instead of taking the worker and its data down. Values
+   * are copied to and from such an executor, and the worker needs --allow-run.
+   */
+  isolation?: Isolation;
+  /** With isolation "process": each executor's JS heap limit in MiB (default: V8's). */
+  taskHeapMib?: number;
   /** Serve /metrics and /health over HTTP on this port (0: any); undefined for none. */
   httpPort?: number;
   /** Where it logs; default stderr at info. */
@@ -183,7 +192,10 @@ class Worker implements WorkerNode {
       handshakeTimeoutMs: options.handshakeTimeoutMs,
     };
     this.#dispatch = dispatchTo("worker", workerOps, this.#handlers());
-    this.#executors = new ExecutorPool(nthreads, options.taskPermissions ?? "none");
+    this.#executors = new ExecutorPool(nthreads, options.taskPermissions ?? "none", {
+      isolation: options.isolation,
+      heapMib: options.taskHeapMib,
+    });
     this.#peers = new ConnectionPool({
       ...this.#security,
       frameBytesMax: options.frameBytesMax,
@@ -730,7 +742,7 @@ class Worker implements WorkerNode {
         }
       }
       await this.#reconnecting?.catch(() => {});
-      this.#executors.close();
+      await this.#executors.close();
       await comm?.close();
       await this.#server?.close();
       this.#lag?.stop();
