@@ -149,15 +149,15 @@ export async function startScheduler(options: SchedulerOptions = {}): Promise<Sc
     }
     // A compute_task that cannot be sent fails its task, which may make more messages.
     for (let out = state.drain(); out.length > 0; out = state.drain()) {
-      // Functions a failed compute_task carried, per worker: a later task of this batch
-      // that names the same function id must carry it instead.
-      const unsentFunctions = new Map<string, Map<number, FunctionSpec>>();
+      // Workers a compute_task of this batch did not reach: their function ids are out of
+      // step until the batch ends (the state starts them over), so every later task of
+      // the batch carries its function.
+      const unreached = new Set<string>();
       for (const m of out) {
         const comm = m.to === "worker" ? commOf.get(m.address) : clients.get(m.client);
         if (comm === undefined || comm.isClosed) continue;
-        if (m.to === "worker" && m.op === "compute_task" && m.args.function === undefined) {
-          const spec = unsentFunctions.get(m.address)?.get(m.args.fnId);
-          if (spec !== undefined) m.args.function = spec;
+        if (m.to === "worker" && m.op === "compute_task" && unreached.has(m.address)) {
+          m.args.function ??= state.tasks.get(m.args.key)?.run?.function;
         }
         try {
           comm.notify(m.op, m.args);
@@ -165,11 +165,7 @@ export async function startScheduler(options: SchedulerOptions = {}): Promise<Sc
           const to = m.to === "worker" ? m.address : m.client;
           log.warn(`Could not send ${m.op} to ${to}: ${(error as Error).message}`);
           if (m.to === "worker" && m.op === "compute_task") {
-            if (m.args.function !== undefined) {
-              let lost = unsentFunctions.get(m.address);
-              if (lost === undefined) unsentFunctions.set(m.address, lost = new Map());
-              lost.set(m.args.fnId, m.args.function);
-            }
+            unreached.add(m.address);
             const info = toRemoteErrorInfo(error);
             state.computeTaskUnsent(m.address, m.args.key, {
               name: info.name,

@@ -128,9 +128,11 @@ Deno.test("a raw client's graph holding a date out of a Date's range fails its t
   // scheduler could never send the task to a worker.
   await using cluster = await startCluster(1);
   const erred: { key: string; error: { name: string; message: string } }[] = [];
+  const done: string[] = [];
   const raw = await openComm(parseAddress(cluster.scheduler.address), {
     dispatch: (op, args) => {
       if (op === "key_erred") erred.push(args as (typeof erred)[number]);
+      if (op === "key_done") done.push((args as { key: string }).key);
     },
   });
   try {
@@ -142,16 +144,26 @@ Deno.test("a raw client's graph holding a date out of a Date's range fails its t
         id: 1_000,
         args: {
           functions: [{ source: "(d) => d" }],
-          tasks: [{ key: "when-1", fn: 0, args: [new Date(1500)], deps: [] }],
-          wanted: ["when-1"],
+          // The same function twice in one batch: the first message, which carried the
+          // function, never reached the worker; the second must carry it too.
+          tasks: [
+            { key: "when-1", fn: 0, args: [new Date(1500)], deps: [] },
+            { key: "when-2", fn: 0, args: [2], deps: [] },
+          ],
+          wanted: ["when-1", "when-2"],
         },
       }),
     );
-    await within(SETTLE_TIMEOUT_MS, eventually(() => erred.length > 0, SETTLE_TIMEOUT_MS), "key_erred");
+    await within(
+      SETTLE_TIMEOUT_MS,
+      eventually(() => erred.length + done.length === 2, SETTLE_TIMEOUT_MS),
+      "key_erred and key_done",
+    );
+    assert.deepEqual(done, ["when-2"], JSON.stringify(erred));
     assert.equal(erred[0].key, "when-1");
     assert.match(erred[0].error.message, /Task when-1 cannot be sent to a worker: .*invalid Date/);
     await using center = rpc<SchedulerOps>(cluster.scheduler.address);
-    assert.deepEqual(await center.progress(), { when: { erred: 1 } });
+    assert.deepEqual(await center.progress(), { when: { erred: 1, memory: 1 } });
     // The worker is still in step with the scheduler's function ids.
     await using client = await Client.connect(cluster.scheduler.address, { reconnectTimeoutMs: 0 });
     assert.equal(await client.submit((d: number) => d, 7).result(), 7);
