@@ -104,12 +104,30 @@ export class RemoteError extends Error {
 }
 
 /**
+ * Most characters of an error's name, message or stack that travel; the rest is cut
+ * with a note of how much. A task's error of megabytes would not fit a peer's frame
+ * limit, and its report would be lost.
+ */
+export const ERROR_TEXT_CHARS_MAX = 16_384;
+
+/**
  * Turns anything thrown into what travels in an error reply: name, message and stack
  * are always strings, whatever was thrown (an Error whose `name` is a number, a plain
- * object, a Proxy, null). It never throws: a report that fails validation on the
- * other end would be dropped, and the task it reports would never settle.
+ * object, a Proxy, null), of at most `ERROR_TEXT_CHARS_MAX` characters each. It never
+ * throws: a report that fails validation on the other end would be dropped, and the
+ * task it reports would never settle.
  */
 export function toRemoteErrorInfo(error: unknown): RemoteErrorInfo {
+  const info = errorInfo(error);
+  return { name: clip(info.name), message: clip(info.message), stack: clip(info.stack ?? "") };
+}
+
+function clip(text: string): string {
+  if (text.length <= ERROR_TEXT_CHARS_MAX) return text;
+  return `${text.slice(0, ERROR_TEXT_CHARS_MAX)}… (${text.length - ERROR_TEXT_CHARS_MAX} more characters)`;
+}
+
+function errorInfo(error: unknown): RemoteErrorInfo {
   if (error instanceof RemoteError) {
     return { name: error.remoteName, message: error.message, stack: error.remoteStack };
   }

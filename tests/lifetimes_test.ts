@@ -218,3 +218,17 @@ Deno.test("a scatter that one worker refuses takes back the values the others to
     assert.deepEqual(await r.keys(), [], `${w.identity.name} kept part of the failed scatter`);
   }
 });
+
+Deno.test("a task whose error is too large to report still fails its future, and the worker goes on", async () => {
+  // The scheduler takes messages of 256 KiB at most; the task's error message is 1 MB.
+  await using cluster = await startCluster(1, { frameBytesMax: 256 * 1024 });
+  await using client = await Client.connect(cluster.scheduler.address, { reconnectTimeoutMs: 0 });
+  const huge = client.submit(() => {
+    throw new RangeError("x".repeat(1_000_000));
+  });
+  const error = await within(SETTLE_TIMEOUT_MS, huge.result().then(() => null, (e) => e), "the future");
+  assert.ok(error instanceof RangeError, `got ${error}`);
+  assert.ok(error.message.length < 100_000, `${error.message.length} characters`);
+  assert.match(error.message, /^x+… \(\d+ more characters\)$/);
+  assert.equal(await client.submit((x: number) => x + 1, 1).result(), 2);
+});

@@ -698,12 +698,25 @@ class Worker implements WorkerNode {
         comm.notify("missing_data", { key, missing: error.holders });
       } else {
         const timing = (error as { timing?: { start: number; stop: number; thread: number } }).timing;
-        comm.notify("task_erred", {
-          key,
-          error: toRemoteErrorInfo(error),
-          killed: error instanceof ExecutorDiedError,
-          ...timing,
-        });
+        const killed = error instanceof ExecutorDiedError;
+        try {
+          comm.notify("task_erred", { key, error: toRemoteErrorInfo(error), killed, ...timing });
+        } catch (sendError) {
+          // Too large for the scheduler's limit: a report that fits, so the task settles.
+          const info = toRemoteErrorInfo(error);
+          try {
+            comm.notify("task_erred", {
+              key,
+              error: {
+                name: info.name.slice(0, 100),
+                message: `The error of ${key} cannot be reported: ${(sendError as Error).message}`,
+              },
+              killed,
+            });
+          } catch (again) {
+            this.#log.warn(`Cannot report that ${key} failed: ${(again as Error).message}`);
+          }
+        }
       }
     } finally {
       if (this.#tasks.get(key) === task) this.#tasks.delete(key);
