@@ -479,16 +479,23 @@ export class SchedulerTasks {
   updateGraph(client: string, specs: readonly TaskSpec[], wanted: readonly string[], now = 0): void {
     const recovering = now < this.recoveringUntil;
     const fresh: TaskState[] = [];
+    /** Tasks whose dependencies this graph names: the fresh ones, and data given lineage. */
+    const linked: TaskState[] = [];
     const byKey = new Map(specs.map((s) => [s.key, s]));
     refuseCycles(byKey, this.tasks);
     for (const spec of specs) {
       let ts = this.tasks.get(spec.key);
       if (ts !== undefined && ts.state !== "erred" && ts.state !== "forgotten") {
-        if (ts.run === null && spec.run) {
+        if (ts.run === null && spec.run && ts.dependencies.size === 0) {
           // Data a worker brought back (after a scheduler restart) that a client's task
-          // defines: it has lineage and an owner again, so reference counts apply.
+          // defines: it has lineage and an owner again, so reference counts apply, and
+          // it can be recomputed if lost.
           ts.run = spec.run;
           ts.external = false;
+          ts.priority = [-(spec.priority ?? 0), ts.priority[1]];
+          ts.retries = spec.retries ?? 0;
+          ts.restrictions = spec.workers?.length ? new Set(spec.workers) : null;
+          linked.push(ts);
         }
         continue;
       }
@@ -502,8 +509,9 @@ export class SchedulerTasks {
       ts.retries = spec.retries ?? 0;
       ts.restrictions = spec.workers?.length ? new Set(spec.workers) : null;
       fresh.push(ts);
+      linked.push(ts);
     }
-    for (const ts of fresh) {
+    for (const ts of linked) {
       for (const dep of byKey.get(ts.key)!.deps) {
         let d = this.tasks.get(dep);
         if (d === undefined && recovering) {
@@ -539,11 +547,19 @@ export class SchedulerTasks {
       else continue;
       told.add(ts);
     }
-    for (const ts of fresh) if (ts.state === "released") this.#want(ts);
+    // A task of this graph that is an input of another runs when something needs it, not
+    // on its own: a restarted client's lineage is not run again when what it leads to
+    // is back in memory. Other tasks run even unwanted (fire and forget).
+    const inputs = new Set<TaskState>();
+    for (const ts of linked) for (const dep of ts.dependencies) inputs.add(dep);
+    for (const ts of fresh) {
+      if (ts.state === "released" && (ts.whoWants.size > 0 || !inputs.has(ts))) this.#want(ts);
+    }
     for (const key of wanted) {
       const ts = this.tasks.get(key);
       if (ts !== undefined && ts.state === "released") this.#want(ts);
     }
+    for (const ts of fresh) if (ts.state === "released") this.#maybeRelease(ts);
   }
 
   /** `client` drops its futures for `keys`; keys nobody needs are released. */

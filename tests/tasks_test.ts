@@ -1492,3 +1492,29 @@ Deno.test("tasks: a task report that fails its checks fails the task (retries or
   assert.deepEqual(toWorker(out, "free_keys", at), ["x"]);
   assert.equal(stateOf(s, "x"), "erred");
 });
+
+Deno.test("tasks: after a restart, lineage sent along with a key already back in memory is not run again", () => {
+  const s = cluster();
+  s.unclaimedGraceMs = 1_000;
+  s.addWorker({ address: A, keys: ["total", "part"] }, 0);
+  // The client sends what it holds (total) with its lineage (mid, part), and a task of its own.
+  s.updateGraph(C1, [t("part"), t("mid", ["part"]), t("total", ["mid"]), t("solo")], ["total"], 10);
+  let out = s.drain();
+  assert.deepEqual(toClient(out, "key_done", C1), ["total"]);
+  assert.deepEqual(computes(out).map((c) => c.key), ["solo"], "only the unwanted task nothing needs runs");
+  finish(s, "solo");
+  s.tick(1_000);
+  out = s.drain();
+  assert.deepEqual(toWorker(out, "free_keys", A), ["part", "solo"]);
+  // total now has lineage: lost, it is recomputed from it.
+  s.removeWorker(A);
+  s.addWorker({ address: B }, 1_100);
+  out = s.drain();
+  assert.deepEqual(computes(out).map((c) => c.key), ["part"]);
+  finish(s, "part");
+  assert.deepEqual(computes(s.drain()).map((c) => c.key), ["mid"]);
+  finish(s, "mid");
+  assert.deepEqual(computes(s.drain()).map((c) => c.key), ["total"]);
+  finish(s, "total");
+  assert.deepEqual(toClient(s.drain(), "key_done", C1), ["total"]);
+});
