@@ -639,17 +639,19 @@ export class Client implements AsyncDisposable {
       };
       Object.assign(nbytes, reply.nbytes);
     }));
-    const failed = outcomes.find((o) => o.status === "rejected");
-    if (failed) {
-      // The workers that took their share hold values the scheduler never heard of and
-      // no future will own: take them back before failing.
-      await Promise.all([...perWorker].map(async ([worker, data], i) => {
+    // Workers that took their share hold values the scheduler never heard of and no
+    // future will own when the scatter fails: they are taken back first.
+    const takeBack = () =>
+      Promise.all([...perWorker].map(async ([worker, data], i) => {
         if (outcomes[i].status === "rejected") return;
         try {
           const comm = await this.#peers.get(worker);
           await comm.call("delete_data", { keys: Object.keys(data), report: false });
         } catch { /* a worker that is gone took them along */ }
       }));
+    const failed = outcomes.find((o) => o.status === "rejected");
+    if (failed) {
+      await takeBack();
       throw failed.reason;
     }
     const futures = entries.map(([key]) => this.#ref(key));
@@ -660,7 +662,13 @@ export class Client implements AsyncDisposable {
       rec.nbytes = nbytes[key] ?? 0;
       rec.told = true; // the scatter op below makes this client want it
     }
-    await this.#comm.call("scatter", { who_has: whoHas, nbytes });
+    try {
+      await this.#comm.call("scatter", { who_has: whoHas, nbytes });
+    } catch (error) {
+      for (const f of futures) f.release();
+      await takeBack();
+      throw error;
+    }
     if (Array.isArray(values)) return futures as never;
     return Object.fromEntries(entries.map(([key], i) => [key, futures[i]])) as never;
   }
@@ -924,7 +932,23 @@ export class Client implements AsyncDisposable {
     // again in this turn has a future again and stays wanted.
     const keys = releases.filter((key) => !this.#keys.has(key));
     for (let i = 0; i < keys.length; i += GRAPH_ITEMS_PER_MESSAGE) {
-      this.#comm.notify("release_keys", { keys: keys.slice(i, i + GRAPH_ITEMS_PER_MESSAGE) });
+      this.#release(keys.slice(i, i + GRAPH_ITEMS_PER_MESSAGE));
+    }
+  }
+
+  /**
+   * Sends release_keys; a list over the scheduler's message limit goes in halves. It
+   * runs in a microtask, where a throw would be uncaught: a closed connection is left to
+   * the reconnect, which asks only for what futures still hold.
+   */
+  #release(keys: string[]): void {
+    try {
+      this.#comm.notify("release_keys", { keys });
+    } catch (error) {
+      if (!(error instanceof RangeError) || keys.length < 2) return;
+      const half = keys.length >> 1;
+      this.#release(keys.slice(0, half));
+      this.#release(keys.slice(half));
     }
   }
 

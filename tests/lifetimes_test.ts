@@ -232,3 +232,24 @@ Deno.test("a task whose error is too large to report still fails its future, and
   assert.match(error.message, /^x+… \(\d+ more characters\)$/);
   assert.equal(await client.submit((x: number) => x + 1, 1).result(), 2);
 });
+
+Deno.test("a scatter the scheduler cannot record takes back the values the workers took", async () => {
+  // The scheduler takes messages of 64 KiB at most: the scatter op naming 2,000 keys is larger.
+  await using scheduler = await startScheduler({
+    port: 0,
+    frameBytesMax: 64 * 1024,
+    log: testLogger("scheduler"),
+  });
+  await using alice = await startWorker({
+    scheduler: scheduler.address,
+    name: "alice",
+    log: testLogger("alice"),
+  });
+  await using client = await Client.connect(scheduler.address, { reconnectTimeoutMs: 0 });
+  const values = Object.fromEntries(
+    Array.from({ length: 2_000 }, (_, i) => [`value-${"k".repeat(40)}-${i}`, i]),
+  );
+  await assert.rejects(client.scatter(values), /over the limit/);
+  await using r = rpc<WorkerOps>(alice.address);
+  assert.deepEqual(await r.keys(), []);
+});
