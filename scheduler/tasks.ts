@@ -265,6 +265,9 @@ export class SchedulerTasks {
   #noWorkersSince: number | null = null;
   /** Since when (ms) each restricted queued task has had no worker it may run on. */
   #unrunnableSince = new Map<TaskState, number>();
+  /** Restricted tasks queued since the last tick, to look at then (all of them after a worker left). */
+  #restrictedToCheck = new Set<TaskState>();
+  #workerLeft = false;
 
   /**
    * The messages produced since the last call, to be sent by the shell. It also ends the
@@ -365,6 +368,7 @@ export class SchedulerTasks {
     const ws = this.workers.get(address);
     if (ws === undefined) return [];
     this.workers.delete(address);
+    this.#workerLeft = true;
     const lost: string[] = [];
     const killed: TaskState[] = [];
     for (const ts of ws.processing) {
@@ -708,12 +712,14 @@ export class SchedulerTasks {
     else if (this.#noWorkersSince === null) this.#noWorkersSince = now;
     else if (now - this.#noWorkersSince >= limit) {
       this.#noWorkersSince = null;
-      stuck.push(...this.#inHeap);
+      for (const ts of this.#inHeap) stuck.push(ts);
     }
-    for (const [ts] of this.#unrunnableSince) {
-      if (!this.#restricted.has(ts)) this.#unrunnableSince.delete(ts);
-    }
-    for (const ts of this.#restricted) {
+    // Whether a restricted task has a worker changes only when it is queued or a worker
+    // leaves (one that comes clears the waits it ends): a million queued tasks are not
+    // looked at every tick.
+    const toCheck = this.#workerLeft ? this.#restricted : this.#restrictedToCheck;
+    for (const ts of toCheck) {
+      if (!this.#restricted.has(ts)) continue;
       let runnable = false;
       for (const ws of this.workers.values()) {
         if (this.#allowed(ts, ws)) {
@@ -721,9 +727,13 @@ export class SchedulerTasks {
           break;
         }
       }
-      const since = this.#unrunnableSince.get(ts);
       if (runnable) this.#unrunnableSince.delete(ts);
-      else if (since === undefined) this.#unrunnableSince.set(ts, now);
+      else if (!this.#unrunnableSince.has(ts)) this.#unrunnableSince.set(ts, now);
+    }
+    this.#restrictedToCheck.clear();
+    this.#workerLeft = false;
+    for (const [ts, since] of this.#unrunnableSince) {
+      if (!this.#restricted.has(ts)) this.#unrunnableSince.delete(ts);
       else if (now - since >= limit) stuck.push(ts);
     }
     for (const ts of stuck) {
@@ -979,8 +989,10 @@ export class SchedulerTasks {
     const ws = this.#pickWorker(ts);
     if (ws === null) {
       ts.state = "queued";
-      if (ts.restrictions) this.#restricted.add(ts);
-      else {
+      if (ts.restrictions) {
+        this.#restricted.add(ts);
+        this.#restrictedToCheck.add(ts);
+      } else {
         this.#queue.push(ts);
         this.#inHeap.add(ts);
       }
@@ -1223,6 +1235,7 @@ export class SchedulerTasks {
     this.#unclaimed.delete(ts);
     this.#awaited.delete(ts);
     this.#unrunnableSince.delete(ts);
+    this.#restrictedToCheck.delete(ts);
     if (this.tasks.get(ts.key) === ts) this.tasks.delete(ts.key);
     const deps: TaskState[] = [];
     for (const dep of ts.dependencies) {
