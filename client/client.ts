@@ -906,6 +906,9 @@ export class Client implements AsyncDisposable {
       for (const key of wanted) this.#keys.get(key)!.told = true;
       const send = (part: GraphTask[], partWanted: string[]) =>
         this.#comm.call("update_graph", { functions, tasks: part, wanted: partWanted }).catch((error) => {
+          // Lost with the connection: the reconnect submits again what futures hold (and
+          // fails them if the scheduler stays away).
+          if (error instanceof ConnectionClosedError && !this.#closed) return;
           for (const t of part) this.#onError(t.key, reviveError(toRemoteErrorInfo(error), t.key));
         });
       // A large graph goes in parts. Every part but the last asks for all its keys, so that

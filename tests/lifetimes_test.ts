@@ -253,3 +253,34 @@ Deno.test("a scatter the scheduler cannot record takes back the values the worke
   await using r = rpc<WorkerOps>(alice.address);
   assert.deepEqual(await r.keys(), []);
 });
+
+Deno.test("a client keeps the lineage of a pending future only until it is done", async () => {
+  // After a restart the client sends its held tasks and the lineage they still need: once
+  // the held future has finished, that lineage is gone from the client.
+  const first = await startScheduler({ port: 0, log: testLogger("scheduler") });
+  const port = Number(first.address.split(":").pop());
+  await using alice = await startWorker({
+    scheduler: first.address,
+    name: "alice",
+    log: testLogger("alice"),
+  });
+  await using client = await Client.connect(first.address);
+  const parts = client.map((x: number) => x + 1, [1, 2, 3]);
+  const sum = (...xs: number[]) => xs.reduce((a, b) => a + b, 0);
+  const mid = client.submit(sum, ...parts);
+  const total = client.submit((m: number) => m * 10, mid);
+  for (const f of [...parts, mid]) f.release();
+  assert.equal(await total.result(), 90);
+  await first.close();
+  await using second = await startScheduler({ port, log: testLogger("scheduler") });
+  await using center = rpc<SchedulerOps>(second.address);
+  const prefix = total.key.slice(0, total.key.lastIndexOf("-"));
+  // The client is back once a new task runs: what it sent on reconnecting came first.
+  const probe = (x: number) => x;
+  assert.equal(await within(SETTLE_TIMEOUT_MS, client.submit(probe, 5).result(), "the probe"), 5);
+  await eventually(async () => (await center.progress())[prefix]?.memory === 1, SETTLE_TIMEOUT_MS);
+  // The parts (same prefix as total) were lineage only: sent again, they would be there.
+  assert.deepEqual((await center.progress())[prefix], { memory: 1 });
+  assert.deepEqual((await center.who_has({ keys: [total.key] }))[total.key], [alice.address]);
+  assert.equal(await total.result(), 90);
+});
