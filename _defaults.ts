@@ -17,3 +17,16 @@ export const ALLOWED_FAILURES = 3;
 export const DEATH_TIMEOUT_MS = 60_000;
 /** Default for how many large values (1 MiB or more) a worker sends at once. */
 export const TRANSFERS_OUT_MAX = 8;
+/**
+ * Default for how long tasks wait with no worker to run them (none connected, or none
+ * their restrictions allow) before they fail: a future never hangs for good.
+ */
+export const NO_WORKERS_TIMEOUT_MS = 60_000;
+/**
+ * Default for how long keys that a registering worker brings back, and that nobody
+ * wants, are kept for a client to claim them. After a scheduler restart, workers and
+ * clients come back in any order: a client reconnects within its backoff (at most 2 s
+ * between attempts) and asks again for what it holds; whatever nobody asked for by then
+ * is freed, so no key outlives what wants it.
+ */
+export const UNCLAIMED_GRACE_MS = 10_000;

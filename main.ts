@@ -12,8 +12,10 @@ import {
   ALLOWED_FAILURES,
   DASHBOARD_PORT,
   DEATH_TIMEOUT_MS,
+  NO_WORKERS_TIMEOUT_MS,
   SCHEDULER_PORT,
   TRANSFERS_OUT_MAX,
+  UNCLAIMED_GRACE_MS,
   WORKER_TTL_MS,
 } from "./_defaults.ts";
 import { FRAME_BYTES_MAX } from "./protocol/framing.ts";
@@ -196,6 +198,20 @@ const commands: Record<string, { usage: string; summary: string; flags: Record<s
         default: String(ALLOWED_FAILURES),
         value: "N",
         help: "workers a task may kill (by dying while running it) before it fails with KilledWorker",
+      },
+      "no-workers-timeout": {
+        type: "string",
+        default: String(NO_WORKERS_TIMEOUT_MS / 1000),
+        value: "SECONDS",
+        help:
+          "fail tasks that have had no worker to run them (none connected, or none allowed) for this long",
+      },
+      "unclaimed-grace": {
+        type: "string",
+        default: String(UNCLAIMED_GRACE_MS / 1000),
+        value: "SECONDS",
+        help:
+          "keep keys that workers bring back (after a restart) this long for a client to claim, then free them",
       },
       ...dashboardFlags,
       ...auth,
@@ -492,6 +508,8 @@ async function run(argv: string[]): Promise<number> {
       connectionsMax: positiveNumber("connections-max", flags["connections-max"], true),
       workerTtlMs: positiveNumber("worker-ttl", flags["worker-ttl"], false) * 1000,
       allowedFailures: wholeNumber("allowed-failures", flags["allowed-failures"]),
+      noWorkersTimeoutMs: positiveNumber("no-workers-timeout", flags["no-workers-timeout"], false) * 1000,
+      unclaimedGraceMs: positiveNumber("unclaimed-grace", flags["unclaimed-grace"], false) * 1000,
       dashboardPort,
       log: createLogger("scheduler", level, format),
     });

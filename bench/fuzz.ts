@@ -611,6 +611,11 @@ const SOURCES = [
   "() => { throw new RangeError('fuzz range') }",
   "() => { throw null }",
   "() => { throw { name: 5, message: [] } }",
+  // Errors whose name is not a string, or cannot be read: a task's future once never settled.
+  "() => { const e = new Error('fuzz'); e.name = 5; throw e }",
+  "() => { const e = new TypeError('fuzz'); Object.defineProperty(e, 'name', { get() { throw 1 } }); throw e }",
+  "() => { throw new Proxy(new Error('p'), { get() { throw 1 } }) }",
+  "() => { throw Object.create(null) }",
   "() => Promise.reject(42)",
   "() => () => 0",
   "() => Symbol('s')",
@@ -729,6 +734,27 @@ function randomDate(rng: Rng): Date {
   return new Date(rng.pick([0, -1, 1, 8.64e15, -8.64e15, 1_700_000_000_123, rng.int(2 ** 42) - 2 ** 41]));
 }
 
+/**
+ * A msgpack timestamp past a JavaScript Date's range (±8.64e15 ms): it decodes to an
+ * invalid Date, which cannot be encoded again, so a node that stores it or passes it on
+ * must refuse it cleanly (a task forwarded with one once stayed processing for good).
+ */
+function dateOutOfRange(rng: Rng): Raw {
+  const seconds = rng.pick([
+    2n ** 63n - 1n,
+    -(2n ** 63n),
+    8_640_000_000_001n,
+    -8_640_000_000_001n,
+    2n ** 40n,
+  ]);
+  const out = new Uint8Array(15);
+  const view = new DataView(out.buffer);
+  out.set([0xc7, 12, 0xff]);
+  view.setUint32(3, rng.int(1_000_000_000));
+  view.setBigInt64(7, seconds);
+  return new Raw(out);
+}
+
 /** A random value of any kind the codec carries (and, when exotic, some it does not). */
 function randomValue(g: Gen, depth = 0): unknown {
   const { rng } = g;
@@ -742,7 +768,7 @@ function randomValue(g: Gen, depth = 0): unknown {
   }
   if (roll < 48) return randomString(g);
   if (roll < 54) return randomBinary(g);
-  if (roll < 56) return randomDate(rng);
+  if (roll < 56) return rng.chance(0.25) ? dateOutOfRange(rng) : randomDate(rng);
   if (roll < 60) return new Ref(rng.pick(g.keys));
   if (depth >= 6) return null;
   if (roll < 72) return Array.from({ length: rng.int(6) }, () => randomValue(g, depth + 1));
@@ -974,7 +1000,7 @@ const SCHEDULER_TEMPLATES: Record<string, Template> = {
   task_erred: (g) => ({
     key: key(g),
     error: {
-      name: g.rng.pick(["Error", "TypeError", "X"]),
+      name: g.rng.pick<unknown>(["Error", "TypeError", "X", 5, null, ["Error"]]),
       message: randomString(g),
       stack: maybe(g, () => ""),
     },
@@ -1970,6 +1996,12 @@ function canaryValues(): Record<string, unknown> {
 
 const CHECK_MUL = (a: number, b: number) => a * b;
 const CHECK_PAIR = (x: number) => [x, "ok"];
+/** A task whose error has a number for a name: its future must still reject. */
+const CHECK_ODD_ERROR = () => {
+  const error = new Error("odd");
+  (error as unknown as { name: number }).name = 5;
+  throw error;
+};
 
 async function withDeadline<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
   const t = timeout(ms);
@@ -2125,6 +2157,13 @@ async function check(state: RunState): Promise<boolean> {
             `submit round trip on ${w.address} gave ${JSON.stringify(got)}, not [${6 * (7 + n)}, "ok"]`,
           );
         }
+        const odd = client.submit(CHECK_ODD_ERROR, taskOptions({ workers: [w.address], pure: false }));
+        const outcome = await withDeadline(
+          odd.result().then(() => null, (error) => error),
+          CHECK_TIMEOUT_MS,
+          `a task throwing an Error named 5 on ${w.address}`,
+        );
+        if (!(outcome instanceof Error)) problem(scheduler, `a task throwing on ${w.address} did not fail`);
       }
     } catch (error) {
       problem(scheduler, `a normal call failed: ${(error as Error).message}`);

@@ -71,6 +71,8 @@ export type FutureStatus = "pending" | "finished" | "error" | "cancelled" | "los
 
 /** What the client remembers of a task it submitted, to submit it again to a restarted scheduler. */
 interface TaskRecord {
+  /** Submission order: a task's dependencies always come before it. */
+  seq: number;
   spec: FunctionSpec;
   args: unknown[];
   deps: string[];
@@ -89,6 +91,8 @@ interface KeyRecord {
   nbytes: number;
   error: Error | null;
   waiters: (() => void)[];
+  /** A pending task: its dependencies' tasks are kept (as lineage) until it is done. */
+  active: boolean;
 }
 
 /** A result that lives (or will live) on a worker of the cluster. */
@@ -277,6 +281,16 @@ export class Client implements AsyncDisposable {
   #dispatch: Dispatch;
   #peers: ConnectionPool;
   #keys = new Map<string, KeyRecord>();
+  /**
+   * Tasks of keys no future holds any more that a pending task still needs (the lineage
+   * of what this client holds): a restarted scheduler gets them again with the held
+   * tasks. Each goes when no pending task needs it, so it holds no more than the graph
+   * still running.
+   */
+  #lineage = new Map<string, TaskRecord>();
+  /** Per key, the pending tasks (held, or lineage) that need it. */
+  #neededBy = new Map<string, number>();
+  #seq = 0;
   #graph:
     | { functions: FunctionSpec[]; fnIndex: Map<string, number>; tasks: GraphTask[]; wanted: string[] }
     | null = null;
@@ -418,16 +432,15 @@ export class Client implements AsyncDisposable {
     const known = this.#keys.has(key);
     const future = this.#ref(key);
     if (!known) {
-      const task: TaskRecord = {
+      this.#hold(key, {
+        seq: this.#seq++,
         spec,
         args: wireArgs,
         deps: [...deps],
         priority: options.priority,
         retries: options.retries,
         workers: options.workers,
-      };
-      this.#keys.get(key)!.task = task;
-      this.#queueTask(key, task);
+      });
     }
     return future;
   }
@@ -495,15 +508,19 @@ export class Client implements AsyncDisposable {
         // Keys stay the user's; dependencies ride as references. Only the wanted keys
         // get futures: the rest are released as soon as their dependents have run.
         this.#checkOpen();
+        const task: TaskRecord = { seq: this.#seq++, spec, args, deps: [...found] };
         if (wanted.has(key)) {
+          const known = this.#keys.has(key);
           const f = this.#ref(key);
           futures.set(key, f);
-          const task: TaskRecord = { spec, args, deps: [...found] };
-          this.#keys.get(key)!.task = task;
-          this.#queueTask(key, task);
+          if (!known) this.#hold(key, task);
         } else {
-          const g = this.#pendingGraph();
-          g.tasks.push({ key, fn: this.#fnIndex(spec), args, deps: [...found] });
+          // Not held: kept as lineage while the wanted keys it leads to are pending.
+          if (!this.#keys.has(key) && !this.#lineage.has(key)) {
+            this.#lineage.set(key, task);
+            this.#need(task);
+          }
+          this.#queueTask(key, task, false);
         }
       }
       const values = await this.gather(
@@ -654,13 +671,28 @@ export class Client implements AsyncDisposable {
       whoHas[key] = targets;
     }
     const nbytes: Record<string, number> = {};
-    await Promise.all([...perWorker].map(async ([worker, data]) => {
+    const outcomes = await Promise.allSettled([...perWorker].map(async ([worker, data]) => {
       const comm = await this.#peers.get(worker);
       const reply = await comm.call("update_data", { data, report: false }) as {
         nbytes: Record<string, number>;
       };
       Object.assign(nbytes, reply.nbytes);
     }));
+    // Workers that took their share hold values the scheduler never heard of and no
+    // future will own when the scatter fails: they are taken back first.
+    const takeBack = () =>
+      Promise.all([...perWorker].map(async ([worker, data], i) => {
+        if (outcomes[i].status === "rejected") return;
+        try {
+          const comm = await this.#peers.get(worker);
+          await comm.call("delete_data", { keys: Object.keys(data), report: false });
+        } catch { /* a worker that is gone took them along */ }
+      }));
+    const failed = outcomes.find((o) => o.status === "rejected");
+    if (failed) {
+      await takeBack();
+      throw failed.reason;
+    }
     const futures = entries.map(([key]) => this.#ref(key));
     for (const [key] of entries) {
       const rec = this.#keys.get(key)!;
@@ -669,7 +701,13 @@ export class Client implements AsyncDisposable {
       rec.nbytes = nbytes[key] ?? 0;
       rec.told = true; // the scatter op below makes this client want it
     }
-    await this.#comm.call("scatter", { who_has: whoHas, nbytes });
+    try {
+      await this.#comm.call("scatter", { who_has: whoHas, nbytes });
+    } catch (error) {
+      for (const f of futures) f.release();
+      await takeBack();
+      throw error;
+    }
     if (Array.isArray(values)) return futures as never;
     return Object.fromEntries(entries.map(([key], i) => [key, futures[i]])) as never;
   }
@@ -719,6 +757,11 @@ export class Client implements AsyncDisposable {
     if (rec === undefined || --rec.refs > 0) return;
     this.#keys.delete(key);
     for (const w of rec.waiters.splice(0)) w();
+    if (rec.task && (this.#neededBy.get(key) ?? 0) > 0 && !this.#closed) {
+      // A pending task needs it: its task stays, as lineage.
+      this.#lineage.set(key, rec.task);
+      if (!rec.active) this.#need(rec.task);
+    } else if (rec.active) this.#unneed(rec.task!);
     // A key the scheduler was never asked for (released in the turn it was submitted) needs no release.
     if (this.#closed || !rec.told) return;
     this.#releases.push(key);
@@ -728,7 +771,16 @@ export class Client implements AsyncDisposable {
   #ref(key: string): Future {
     let rec = this.#keys.get(key);
     if (rec === undefined) {
-      rec = { refs: 0, status: "pending", workers: [], nbytes: 0, error: null, waiters: [], told: false };
+      rec = {
+        refs: 0,
+        status: "pending",
+        workers: [],
+        nbytes: 0,
+        error: null,
+        waiters: [],
+        told: false,
+        active: false,
+      };
       this.#keys.set(key, rec);
     }
     rec.refs++;
@@ -743,7 +795,52 @@ export class Client implements AsyncDisposable {
     }
   }
 
-  #queueTask(key: string, task: TaskRecord): void {
+  /** `key`, just given its first future, runs `task` (or the task its lineage kept). */
+  #hold(key: string, task: TaskRecord): void {
+    const rec = this.#keys.get(key)!;
+    const kept = this.#lineage.get(key);
+    if (kept !== undefined) {
+      // Needed already as lineage: the same task, already counted for its dependencies.
+      this.#lineage.delete(key);
+      task = kept;
+    } else this.#need(task);
+    rec.task = task;
+    rec.active = true;
+    this.#queueTask(key, task);
+  }
+
+  /** One more pending task needs `task`'s dependencies. */
+  #need(task: TaskRecord): void {
+    for (const dep of task.deps) this.#neededBy.set(dep, (this.#neededBy.get(dep) ?? 0) + 1);
+  }
+
+  /** `task` is no longer pending: lineage that nothing pending needs now goes. */
+  #unneed(task: TaskRecord): void {
+    const stack = [task];
+    while (stack.length > 0) {
+      for (const dep of stack.pop()!.deps) {
+        const n = (this.#neededBy.get(dep) ?? 0) - 1;
+        if (n > 0) {
+          this.#neededBy.set(dep, n);
+          continue;
+        }
+        this.#neededBy.delete(dep);
+        const kept = this.#lineage.get(dep);
+        if (kept === undefined) continue;
+        this.#lineage.delete(dep);
+        stack.push(kept);
+      }
+    }
+  }
+
+  /** `key`'s future is done, one way or another: its task no longer needs its inputs. */
+  #settle(rec: KeyRecord): void {
+    if (!rec.active) return;
+    rec.active = false;
+    this.#unneed(rec.task!);
+  }
+
+  #queueTask(key: string, task: TaskRecord, wanted = true): void {
     const graph = this.#pendingGraph();
     graph.tasks.push({
       key,
@@ -754,7 +851,7 @@ export class Client implements AsyncDisposable {
       retries: task.retries,
       workers: task.workers,
     });
-    graph.wanted.push(key);
+    if (wanted) graph.wanted.push(key);
   }
 
   /**
@@ -790,10 +887,16 @@ export class Client implements AsyncDisposable {
       next.closed.then(() => this.#disconnected(next));
       this.#graph = null;
       this.#releases = [];
+      // The held tasks and the lineage they still need, dependencies first (a large
+      // graph goes in parts, and a part may only need keys of earlier ones).
+      const tasks: [string, TaskRecord, boolean][] = [];
       for (const [key, rec] of this.#keys) {
-        if (rec.task) this.#queueTask(key, rec.task);
+        if (rec.task) tasks.push([key, rec.task, true]);
         else this.#pendingGraph().wanted.push(key);
       }
+      for (const [key, task] of this.#lineage) tasks.push([key, task, false]);
+      tasks.sort((a, b) => a[1].seq - b[1].seq);
+      for (const [key, task, wanted] of tasks) this.#queueTask(key, task, wanted);
       this.#flush();
       return;
     }
@@ -842,6 +945,9 @@ export class Client implements AsyncDisposable {
       for (const key of wanted) this.#keys.get(key)!.told = true;
       const send = (part: GraphTask[], partWanted: string[]) =>
         this.#comm.call("update_graph", { functions, tasks: part, wanted: partWanted }).catch((error) => {
+          // Lost with the connection: the reconnect submits again what futures hold (and
+          // fails them if the scheduler stays away).
+          if (error instanceof ConnectionClosedError && !this.#closed) return;
           for (const t of part) this.#onError(t.key, reviveError(toRemoteErrorInfo(error), t.key));
         });
       // A large graph goes in parts. Every part but the last asks for all its keys, so that
@@ -868,7 +974,23 @@ export class Client implements AsyncDisposable {
     // again in this turn has a future again and stays wanted.
     const keys = releases.filter((key) => !this.#keys.has(key));
     for (let i = 0; i < keys.length; i += GRAPH_ITEMS_PER_MESSAGE) {
-      this.#comm.notify("release_keys", { keys: keys.slice(i, i + GRAPH_ITEMS_PER_MESSAGE) });
+      this.#release(keys.slice(i, i + GRAPH_ITEMS_PER_MESSAGE));
+    }
+  }
+
+  /**
+   * Sends release_keys; a list over the scheduler's message limit goes in halves. It
+   * runs in a microtask, where a throw would be uncaught: a closed connection is left to
+   * the reconnect, which asks only for what futures still hold.
+   */
+  #release(keys: string[]): void {
+    try {
+      this.#comm.notify("release_keys", { keys });
+    } catch (error) {
+      if (!(error instanceof RangeError) || keys.length < 2) return;
+      const half = keys.length >> 1;
+      this.#release(keys.slice(0, half));
+      this.#release(keys.slice(half));
     }
   }
 
@@ -879,6 +1001,7 @@ export class Client implements AsyncDisposable {
     rec.workers = workers;
     rec.nbytes = nbytes;
     rec.error = null;
+    this.#settle(rec);
     for (const w of rec.waiters.splice(0)) w();
   }
 
@@ -887,10 +1010,13 @@ export class Client implements AsyncDisposable {
     if (rec === undefined || rec.status === "cancelled") return;
     rec.status = status;
     rec.error = error;
+    this.#settle(rec);
     for (const w of rec.waiters.splice(0)) w();
   }
 
   #lostScheduler(): void {
+    this.#lineage.clear();
+    this.#neededBy.clear();
     for (const [key, rec] of this.#keys) {
       if (rec.status !== "pending") continue;
       const why = this.#closed ? "This client was closed" : `Lost the scheduler ${this.scheduler}`;

@@ -103,15 +103,64 @@ export class RemoteError extends Error {
   }
 }
 
-/** Turns anything thrown into what travels in an error reply. */
+/**
+ * Most characters of an error's name, message or stack that travel; the rest is cut
+ * with a note of how much. A task's error of megabytes would not fit a peer's frame
+ * limit, and its report would be lost.
+ */
+export const ERROR_TEXT_CHARS_MAX = 16_384;
+
+/**
+ * Turns anything thrown into what travels in an error reply: name, message and stack
+ * are always strings, whatever was thrown (an Error whose `name` is a number, a plain
+ * object, a Proxy, null), of at most `ERROR_TEXT_CHARS_MAX` characters each. It never
+ * throws: a report that fails validation on the other end would be dropped, and the
+ * task it reports would never settle.
+ */
 export function toRemoteErrorInfo(error: unknown): RemoteErrorInfo {
+  const info = errorInfo(error);
+  return { name: clip(info.name), message: clip(info.message), stack: clip(info.stack ?? "") };
+}
+
+function clip(text: string): string {
+  if (text.length <= ERROR_TEXT_CHARS_MAX) return text;
+  return `${text.slice(0, ERROR_TEXT_CHARS_MAX)}… (${text.length - ERROR_TEXT_CHARS_MAX} more characters)`;
+}
+
+function errorInfo(error: unknown): RemoteErrorInfo {
   if (error instanceof RemoteError) {
     return { name: error.remoteName, message: error.message, stack: error.remoteStack };
   }
-  if (error instanceof Error) {
-    return { name: error.name, message: error.message, stack: error.stack ?? "" };
+  if (typeof error === "object" && error !== null) {
+    const isError = safely(() => error instanceof Error, false);
+    const name = textOf(safely(() => (error as { name?: unknown }).name, undefined));
+    const message = textOf(safely(() => (error as { message?: unknown }).message, undefined));
+    const stack = textOf(safely(() => (error as { stack?: unknown }).stack, undefined));
+    return {
+      name: name || "Error",
+      message: message ?? (isError ? "" : textOf(error) ?? "a value that cannot be shown"),
+      stack: stack ?? "",
+    };
   }
-  return { name: "Error", message: String(error), stack: "" };
+  return { name: "Error", message: textOf(error) ?? "a value that cannot be shown", stack: "" };
+}
+
+function safely<T>(read: () => T, fallback: T): T {
+  try {
+    return read();
+  } catch {
+    return fallback;
+  }
+}
+
+/** `value` as text, or undefined when absent or when it will not become a string. */
+function textOf(value: unknown): string | undefined {
+  if (value === undefined) return undefined;
+  if (typeof value === "string") return value;
+  return safely(() => {
+    const s = String(value);
+    return typeof s === "string" ? s : undefined;
+  }, undefined) ?? safely(() => Object.prototype.toString.call(value), undefined);
 }
 
 const BUILT_IN_ERRORS: Record<string, ErrorConstructor> = {

@@ -191,6 +191,9 @@ export const schedulerOps = {
       nthreads: v.optional(v.positive),
       keys: v.optional(keys),
       nbytes: v.optional(byKey(v.count)),
+      // Of keys, the worker's own data (update_data, compute): kept until deleted. The
+      // others are kept after a scheduler restart only while a client claims them.
+      external: v.optional(keys),
     }),
   ),
   unregister: op<OkReply>()(v.object({ address })),

@@ -14,12 +14,30 @@ import { RemoteError, toRemoteErrorInfo } from "../protocol/errors.ts";
 import { type FunctionSpec, type GraphTask, schedulerOps } from "../protocol/ops.ts";
 import { dispatchTo, type Handlers, serve } from "../protocol/server.ts";
 import { type SecurityOptions, tokenFromEnv } from "../protocol/handshake.ts";
-import { keyPrefix, SchedulerTasks, type TaskSpec } from "./tasks.ts";
+import {
+  keyPrefix,
+  NO_WORKERS_TIMEOUT_MS,
+  SchedulerTasks,
+  type TaskSpec,
+  UNCLAIMED_GRACE_MS,
+} from "./tasks.ts";
 import { Dashboard } from "./dashboard.ts";
 import { type HttpServer, startHttp } from "../_http.ts";
 import { ALLOWED_FAILURES, DASHBOARD_PORT, SCHEDULER_PORT, WORKER_TTL_MS } from "../_defaults.ts";
 
-export { ALLOWED_FAILURES, DASHBOARD_PORT, SCHEDULER_PORT, WORKER_TTL_MS };
+export {
+  ALLOWED_FAILURES,
+  DASHBOARD_PORT,
+  NO_WORKERS_TIMEOUT_MS,
+  SCHEDULER_PORT,
+  UNCLAIMED_GRACE_MS,
+  WORKER_TTL_MS,
+};
+
+/** Longest wait between two looks at the clock (grace periods, tasks with no worker). */
+const TICK_MS_MAX = 1_000;
+/** Worker reports about a task: one that fails its checks fails the task, never leaves it waiting. */
+const TASK_REPORTS = new Set(["task_finished", "task_erred", "missing_data"]);
 
 /** How long the scheduler waits for one worker's reply to a broadcast or delete. */
 export const WORKER_CALL_TIMEOUT_MS = 30_000;
@@ -43,6 +61,17 @@ export interface SchedulerOptions extends SecurityOptions {
   workerTtlMs?: number;
   /** Deaths (workers or executors lost while running it) a task may cause before it fails; default 3. */
   allowedFailures?: number;
+  /**
+   * How long tasks wait with no worker to run them (none connected, or none their
+   * restrictions allow) before they fail with NoWorkersError; default 60 s.
+   */
+  noWorkersTimeoutMs?: number;
+  /**
+   * How long keys that a registering worker brings back (after a restart of the
+   * scheduler, or of a worker it had given up on) are kept for a client to claim; keys
+   * nobody claims are then freed. Default 10 s.
+   */
+  unclaimedGraceMs?: number;
   /**
    * Port of the dashboard (HTTP: the pages, /metrics, /health); 0 for any free port,
    * undefined for none. A taken port falls back to any free one.
@@ -89,6 +118,10 @@ export async function startScheduler(options: SchedulerOptions = {}): Promise<Sc
   const log = options.log ?? createLogger("scheduler");
   const state = new SchedulerTasks();
   state.allowedFailures = options.allowedFailures ?? ALLOWED_FAILURES;
+  state.noWorkersTimeoutMs = options.noWorkersTimeoutMs ?? NO_WORKERS_TIMEOUT_MS;
+  state.unclaimedGraceMs = options.unclaimedGraceMs ?? UNCLAIMED_GRACE_MS;
+  // Clients of a scheduler that restarted hold keys it never saw: wait for their workers.
+  state.recoveringUntil = Date.now() + state.unclaimedGraceMs;
   const ttlMs = options.workerTtlMs ?? WORKER_TTL_MS;
   // Several heartbeats fit in a TTL whatever the cluster's size.
   const interval = () => Math.min(heartbeatIntervalMs(state.workers.size), ttlMs / 4);
@@ -114,17 +147,32 @@ export async function startScheduler(options: SchedulerOptions = {}): Promise<Sc
     if (state.releasesPending && releasing === null && closing === null) {
       releasing = setTimeout(continueReleases, 0);
     }
-    for (const m of state.drain()) {
-      const comm = m.to === "worker" ? commOf.get(m.address) : clients.get(m.client);
-      if (comm === undefined || comm.isClosed) continue;
-      try {
-        comm.notify(m.op, m.args);
-      } catch (error) {
-        log.warn(
-          `Could not send ${m.op} to ${m.to === "worker" ? m.address : m.client}: ${
-            (error as Error).message
-          }`,
-        );
+    // A compute_task that cannot be sent fails its task, which may make more messages.
+    for (let out = state.drain(); out.length > 0; out = state.drain()) {
+      // Workers a compute_task of this batch did not reach: their function ids are out of
+      // step until the batch ends (the state starts them over), so every later task of
+      // the batch carries its function.
+      const unreached = new Set<string>();
+      for (const m of out) {
+        const comm = m.to === "worker" ? commOf.get(m.address) : clients.get(m.client);
+        if (comm === undefined || comm.isClosed) continue;
+        if (m.to === "worker" && m.op === "compute_task" && unreached.has(m.address)) {
+          m.args.function ??= state.tasks.get(m.args.key)?.run?.function;
+        }
+        try {
+          comm.notify(m.op, m.args);
+        } catch (error) {
+          const to = m.to === "worker" ? m.address : m.client;
+          log.warn(`Could not send ${m.op} to ${to}: ${(error as Error).message}`);
+          if (m.to === "worker" && m.op === "compute_task") {
+            unreached.add(m.address);
+            const info = toRemoteErrorInfo(error);
+            state.computeTaskUnsent(m.address, m.args.key, {
+              name: info.name,
+              message: `Task ${m.args.key} cannot be sent to a worker: ${info.message}`,
+            });
+          }
+        }
       }
     }
   };
@@ -268,7 +316,7 @@ export async function startScheduler(options: SchedulerOptions = {}): Promise<Sc
     update_graph({ functions, tasks, wanted }, comm) {
       const client = clientOf(comm);
       const specs = tasks.map((t) => toSpec(t, functions));
-      state.updateGraph(client, specs, wanted);
+      state.updateGraph(client, specs, wanted, Date.now());
       return { status: "OK" };
     },
     release_keys({ keys }, comm) {
@@ -284,7 +332,7 @@ export async function startScheduler(options: SchedulerOptions = {}): Promise<Sc
       for (const [key, holders] of Object.entries(who_has)) {
         for (const address of holders) state.addKeys(address, [key], nbytes);
       }
-      state.updateGraph(client, [], Object.keys(who_has));
+      state.updateGraph(client, [], Object.keys(who_has), Date.now());
       // Scattered data belongs to the client's futures, not pinned like update_data.
       for (const key of Object.keys(who_has)) {
         const ts = state.tasks.get(key);
@@ -343,9 +391,30 @@ export async function startScheduler(options: SchedulerOptions = {}): Promise<Sc
     (comm.tags.get(WORKER_TAG) as Set<string> | undefined) ?? new Set();
 
   const dispatch = dispatchTo("scheduler", schedulerOps, handlers);
+  /**
+   * A worker's report on a task that fails the op's checks (say, an error whose name is
+   * not a string) would be logged and dropped, and the task would wait for good: it
+   * fails the task instead, saying why.
+   */
+  const refuseReport = (op: string, args: unknown, comm: Comm, error: unknown) => {
+    const key = (args as { key?: unknown } | null)?.key;
+    if (!TASK_REPORTS.has(op) || typeof key !== "string") return;
+    for (const address of workersOf(comm)) {
+      state.reportRefused(address, key, {
+        name: "ProtocolError",
+        message: `Task ${key} ended, but ${address}'s ${op} report cannot be accepted: ${
+          (error as Error).message
+        }`,
+      });
+    }
+  };
+
   const server = await serve({ host, port, tls: Boolean(options.tls?.cert) }, async (op, args, comm) => {
     try {
       return await dispatch(op, args, comm);
+    } catch (error) {
+      refuseReport(op, args, comm, error);
+      throw error;
     } finally {
       flush();
     }
@@ -371,14 +440,20 @@ export async function startScheduler(options: SchedulerOptions = {}): Promise<Sc
   });
 
   // Workers that stop answering (a hung process, a cut network) keep their connection
-  // open: only the silence tells. Check a few times per TTL.
-  const ttlTimer = setInterval(() => {
-    for (const address of state.expiredWorkers(Date.now(), ttlMs)) {
-      const comm = commOf.get(address);
-      forget(address, `no heartbeat for over ${ttlMs} ms`, true);
-      comm?.close();
-    }
-  }, Math.max(50, Math.min(1_000, ttlMs / 4)));
+  // open: only the silence tells. Check a few times per TTL, and per grace period.
+  const ttlTimer = setInterval(
+    () => {
+      const now = Date.now();
+      for (const address of state.expiredWorkers(now, ttlMs)) {
+        const comm = commOf.get(address);
+        forget(address, `no heartbeat for over ${ttlMs} ms`, true);
+        comm?.close();
+      }
+      state.tick(now);
+      flush();
+    },
+    Math.max(50, Math.min(TICK_MS_MAX, ttlMs / 4, state.unclaimedGraceMs / 4, state.noWorkersTimeoutMs / 4)),
+  );
 
   if (options.dashboardPort !== undefined) {
     dashboard = new Dashboard(state, () => ({ address: server.url, id, clients: clients.size, started }));

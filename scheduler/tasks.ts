@@ -14,6 +14,9 @@ import type { RemoteErrorInfo } from "../protocol/errors.ts";
 import { type FunctionSpec, KNOWN_FUNCTIONS_MAX, type WorkerInfo } from "../protocol/ops.ts";
 import { Lru } from "../_lru.ts";
 import { functionKey } from "../protocol/functions.ts";
+import { NO_WORKERS_TIMEOUT_MS, UNCLAIMED_GRACE_MS } from "../_defaults.ts";
+
+export { NO_WORKERS_TIMEOUT_MS, UNCLAIMED_GRACE_MS };
 
 /** Most task kinds (prefixes) whose progress the scheduler counts. */
 export const PREFIXES_MAX = 1_000;
@@ -115,7 +118,7 @@ export interface WorkerState {
    * Function ids this worker has been sent in full, as an LRU the worker mirrors: both
    * touch an id on every compute_task, in the same order, so both forget the same ids.
    */
-  readonly knownFunctions: Lru<number, true>;
+  knownFunctions: Lru<number, true>;
   /** When it was last heard from (registration or heartbeat), in ms. */
   lastSeen: number;
   /** Its latest heartbeat's figures. */
@@ -225,6 +228,16 @@ export class SchedulerTasks {
   readonly durations = new Map<string, number>();
   /** Deaths a task may cause (workers or executors lost while running it) before it fails. */
   allowedFailures = 3;
+  /** How long (ms) tasks may wait with no worker to run them before they fail. */
+  noWorkersTimeoutMs = NO_WORKERS_TIMEOUT_MS;
+  /** How long (ms) keys a registering worker brings back are kept for a client to claim them. */
+  unclaimedGraceMs = UNCLAIMED_GRACE_MS;
+  /**
+   * Until when (ms) a key a client asks for, and nobody has, is waited for rather than
+   * failed: a scheduler that just started may not have heard yet from the worker that
+   * holds it. The shell sets it to its start plus the grace; 0 (no wait) by default.
+   */
+  recoveringUntil = 0;
   /** Tasks that reached memory or erred, in all. */
   completed = 0;
   failed = 0;
@@ -244,6 +257,17 @@ export class SchedulerTasks {
   /** Tasks still to check for release or forgetting, and the checks made this turn. */
   #releases: TaskState[] = [];
   #releaseSteps = 0;
+  /** Keys workers brought back that nobody had claimed, and when they stop being kept for a claim (ms). */
+  #unclaimed = new Map<TaskState, number>();
+  /** Keys asked for while recovering that no worker has brought back yet. */
+  #awaited = new Set<TaskState>();
+  /** Since when (ms) queued tasks have had no worker at all; null while there are workers. */
+  #noWorkersSince: number | null = null;
+  /** Since when (ms) each restricted queued task has had no worker it may run on. */
+  #unrunnableSince = new Map<TaskState, number>();
+  /** Restricted tasks queued since the last tick, to look at then (all of them after a worker left). */
+  #restrictedToCheck = new Set<TaskState>();
+  #workerLeft = false;
 
   /**
    * The messages produced since the last call, to be sent by the shell. It also ends the
@@ -295,6 +319,8 @@ export class SchedulerTasks {
       nthreads?: number;
       keys?: string[];
       nbytes?: Record<string, number>;
+      /** Of `keys`, those that are the worker's own data (update_data, compute): kept until deleted. */
+      external?: string[];
     },
     now = 0,
   ): void {
@@ -311,7 +337,22 @@ export class SchedulerTasks {
       metrics: {},
     };
     this.workers.set(w.address, ws);
-    this.addKeys(w.address, w.keys ?? [], w.nbytes);
+    // Tasks that can run here waited for a worker that came: their wait starts over.
+    this.#noWorkersSince = null;
+    for (const [ts] of this.#unrunnableSince) if (this.#allowed(ts, ws)) this.#unrunnableSince.delete(ts);
+    const keys = w.keys ?? [];
+    // Keys the scheduler does not know came from an earlier life (a restart, a worker
+    // that was given up on): the worker's own data stays; the rest is kept only for a
+    // client to claim within the grace, then freed.
+    const external = new Set(w.external ?? []);
+    const unclaimed = keys.filter((key) => !this.tasks.has(key) && !external.has(key));
+    this.addKeys(w.address, keys, w.nbytes);
+    for (const key of unclaimed) {
+      const ts = this.tasks.get(key);
+      if (ts === undefined || !ts.external) continue;
+      ts.external = false;
+      this.#unclaimed.set(ts, now + this.unclaimedGraceMs);
+    }
     this.#fill(ws);
   }
 
@@ -327,6 +368,7 @@ export class SchedulerTasks {
     const ws = this.workers.get(address);
     if (ws === undefined) return [];
     this.workers.delete(address);
+    this.#workerLeft = true;
     const lost: string[] = [];
     const killed: TaskState[] = [];
     for (const ts of ws.processing) {
@@ -438,18 +480,26 @@ export class SchedulerTasks {
    * Adds tasks from `client` and marks `wanted` as wanted by it. A key that exists
    * already (and has not failed) is shared, not run again: `pure` submits land here.
    */
-  updateGraph(client: string, specs: readonly TaskSpec[], wanted: readonly string[]): void {
+  updateGraph(client: string, specs: readonly TaskSpec[], wanted: readonly string[], now = 0): void {
+    const recovering = now < this.recoveringUntil;
     const fresh: TaskState[] = [];
+    /** Tasks whose dependencies this graph names: the fresh ones, and data given lineage. */
+    const linked: TaskState[] = [];
     const byKey = new Map(specs.map((s) => [s.key, s]));
     refuseCycles(byKey, this.tasks);
     for (const spec of specs) {
       let ts = this.tasks.get(spec.key);
       if (ts !== undefined && ts.state !== "erred" && ts.state !== "forgotten") {
-        if (ts.run === null && spec.run) {
+        if (ts.run === null && spec.run && ts.dependencies.size === 0) {
           // Data a worker brought back (after a scheduler restart) that a client's task
-          // defines: it has lineage and an owner again, so reference counts apply.
+          // defines: it has lineage and an owner again, so reference counts apply, and
+          // it can be recomputed if lost.
           ts.run = spec.run;
           ts.external = false;
+          ts.priority = [-(spec.priority ?? 0), ts.priority[1]];
+          ts.retries = spec.retries ?? 0;
+          ts.restrictions = spec.workers?.length ? new Set(spec.workers) : null;
+          linked.push(ts);
         }
         continue;
       }
@@ -463,11 +513,16 @@ export class SchedulerTasks {
       ts.retries = spec.retries ?? 0;
       ts.restrictions = spec.workers?.length ? new Set(spec.workers) : null;
       fresh.push(ts);
+      linked.push(ts);
     }
-    for (const ts of fresh) {
+    for (const ts of linked) {
       for (const dep of byKey.get(ts.key)!.deps) {
         let d = this.tasks.get(dep);
-        if (d === undefined) {
+        if (d === undefined && recovering) {
+          // Just restarted: a worker may still bring it back.
+          d = this.#newTask(dep);
+          this.#awaited.add(d);
+        } else if (d === undefined) {
           // A dependency nobody can produce: the task fails at once, saying which.
           d = this.#newTask(dep);
           d.state = "erred";
@@ -483,7 +538,12 @@ export class SchedulerTasks {
     }
     const told = new Set<TaskState>();
     for (const key of wanted) {
-      const ts = this.tasks.get(key);
+      let ts = this.tasks.get(key);
+      if (ts === undefined && recovering) {
+        // Data the client holds (scattered) whose worker has not registered again yet.
+        ts = this.#newTask(key);
+        this.#awaited.add(ts);
+      }
       if (ts === undefined) continue;
       ts.whoWants = withItem(ts.whoWants, client);
       if (ts.state === "memory") this.#tellDone(ts, client);
@@ -491,11 +551,19 @@ export class SchedulerTasks {
       else continue;
       told.add(ts);
     }
-    for (const ts of fresh) if (ts.state === "released") this.#want(ts);
+    // A task of this graph that is an input of another runs when something needs it, not
+    // on its own: a restarted client's lineage is not run again when what it leads to
+    // is back in memory. Other tasks run even unwanted (fire and forget).
+    const inputs = new Set<TaskState>();
+    for (const ts of linked) for (const dep of ts.dependencies) inputs.add(dep);
+    for (const ts of fresh) {
+      if (ts.state === "released" && (ts.whoWants.size > 0 || !inputs.has(ts))) this.#want(ts);
+    }
     for (const key of wanted) {
       const ts = this.tasks.get(key);
       if (ts !== undefined && ts.state === "released") this.#want(ts);
     }
+    for (const ts of fresh) if (ts.state === "released") this.#maybeRelease(ts);
   }
 
   /** `client` drops its futures for `keys`; keys nobody needs are released. */
@@ -609,6 +677,112 @@ export class SchedulerTasks {
     ws.lastSeen = now;
     ws.metrics = metrics;
     return true;
+  }
+
+  /**
+   * Time passed (the shell calls this a few times a second): keys brought back and left
+   * unclaimed past the grace are freed; keys waited for since the start that no worker
+   * brought back fail; tasks with no worker to run them for `noWorkersTimeoutMs` fail.
+   */
+  tick(now: number): void {
+    for (const [ts, until] of this.#unclaimed) {
+      if (now < until) continue;
+      this.#unclaimed.delete(ts);
+      this.#maybeRelease(ts);
+    }
+    if (this.#awaited.size > 0 && now >= this.recoveringUntil) {
+      for (const ts of [...this.#awaited]) {
+        this.#awaited.delete(ts);
+        if (ts.state !== "released" || ts.run !== null) continue;
+        this.#err(ts, {
+          name: "MissingDataError",
+          message: `Unknown key ${JSON.stringify(ts.key)}: no task or data has it ` +
+            `(no worker brought it back after the scheduler started)`,
+        }, ts.key);
+      }
+    }
+    this.#failUnrunnable(now);
+  }
+
+  /** Queued tasks that no worker can run fail once they have waited `noWorkersTimeoutMs`. */
+  #failUnrunnable(now: number): void {
+    const limit = this.noWorkersTimeoutMs;
+    const stuck: TaskState[] = [];
+    if (this.workers.size > 0 || this.#inHeap.size === 0) this.#noWorkersSince = null;
+    else if (this.#noWorkersSince === null) this.#noWorkersSince = now;
+    else if (now - this.#noWorkersSince >= limit) {
+      this.#noWorkersSince = null;
+      for (const ts of this.#inHeap) stuck.push(ts);
+    }
+    // Whether a restricted task has a worker changes only when it is queued or a worker
+    // leaves (one that comes clears the waits it ends): a million queued tasks are not
+    // looked at every tick.
+    const toCheck = this.#workerLeft ? this.#restricted : this.#restrictedToCheck;
+    for (const ts of toCheck) {
+      if (!this.#restricted.has(ts)) continue;
+      let runnable = false;
+      for (const ws of this.workers.values()) {
+        if (this.#allowed(ts, ws)) {
+          runnable = true;
+          break;
+        }
+      }
+      if (runnable) this.#unrunnableSince.delete(ts);
+      else if (!this.#unrunnableSince.has(ts)) this.#unrunnableSince.set(ts, now);
+    }
+    this.#restrictedToCheck.clear();
+    this.#workerLeft = false;
+    for (const [ts, since] of this.#unrunnableSince) {
+      if (!this.#restricted.has(ts)) this.#unrunnableSince.delete(ts);
+      else if (now - since >= limit) stuck.push(ts);
+    }
+    for (const ts of stuck) {
+      if (ts.state !== "queued") continue;
+      const where = ts.restrictions
+        ? `no worker it may run on (${[...ts.restrictions].join(", ")})`
+        : "no worker";
+      this.failed++;
+      this.#err(ts, {
+        name: "NoWorkersError",
+        message: `Task ${ts.key} could not run: ${where} was connected for ${limit} ms (no-workers-timeout)`,
+      }, ts.key);
+    }
+  }
+
+  /**
+   * The shell could not send `key`'s compute_task to `address` (its arguments cannot
+   * travel, or the message is over the worker's size limit): the task fails with `error`
+   * rather than stay processing for good. The worker never saw the message, so the
+   * function ids it was told of are no longer in step: they start over.
+   */
+  computeTaskUnsent(address: string, key: string, error: RemoteErrorInfo): void {
+    const ws = this.workers.get(address);
+    if (ws === undefined) return;
+    ws.knownFunctions = new Lru(KNOWN_FUNCTIONS_MAX);
+    this.#refuse(ws, key, error);
+  }
+
+  /**
+   * A worker reported on `key` (task_finished, task_erred, missing_data) in a message
+   * that failed the op's checks: the task fails with `error` instead of the report being
+   * dropped and the task waiting for good. A copy the worker may hold is freed.
+   */
+  reportRefused(address: string, key: string, error: RemoteErrorInfo): void {
+    const ws = this.workers.get(address);
+    const ts = this.tasks.get(key);
+    if (ws === undefined || ts === undefined || ts.processingOn !== ws) return;
+    if (!ws.hasWhat.has(ts)) this.#freeOn(address, key);
+    this.#refuse(ws, key, error);
+  }
+
+  #refuse(ws: WorkerState, key: string, error: RemoteErrorInfo): void {
+    const ts = this.tasks.get(key);
+    if (ts === undefined || ts.processingOn !== ws) return;
+    ws.processing.delete(ts);
+    ts.processingOn = null;
+    this.failed++;
+    this.#err(ts, error, key);
+    this.#fill(ws);
   }
 
   /** Workers not heard from for longer than `ttlMs`. */
@@ -766,6 +940,7 @@ export class SchedulerTasks {
       const ts = stack.pop()!;
       if (ts.state !== "released") continue;
       if (ts !== root && ts.whoWants.size === 0 && ts.waiters.size === 0) continue;
+      if (ts.run === null && this.#awaited.has(ts)) continue; // its worker may still come back
       if (ts.run === null) {
         // Data with no lineage that is gone cannot come back.
         this.#err(ts, {
@@ -814,8 +989,10 @@ export class SchedulerTasks {
     const ws = this.#pickWorker(ts);
     if (ws === null) {
       ts.state = "queued";
-      if (ts.restrictions) this.#restricted.add(ts);
-      else {
+      if (ts.restrictions) {
+        this.#restricted.add(ts);
+        this.#restrictedToCheck.add(ts);
+      } else {
         this.#queue.push(ts);
         this.#inHeap.add(ts);
       }
@@ -1003,7 +1180,7 @@ export class SchedulerTasks {
     while (stack.length > 0 && this.#releaseSteps < RELEASE_STEPS_PER_TURN) {
       this.#releaseSteps++;
       const ts = stack.pop()!;
-      if (ts.whoWants.size > 0 || ts.waiters.size > 0 || ts.external) continue;
+      if (ts.whoWants.size > 0 || ts.waiters.size > 0 || ts.external || this.#unclaimed.has(ts)) continue;
       if (ts.state === "memory") {
         this.#free(ts);
         ts.state = "released";
@@ -1055,6 +1232,10 @@ export class SchedulerTasks {
     this.#unqueue(ts);
     if (ts.whoHas.size > 0) this.#free(ts);
     ts.state = "forgotten";
+    this.#unclaimed.delete(ts);
+    this.#awaited.delete(ts);
+    this.#unrunnableSince.delete(ts);
+    this.#restrictedToCheck.delete(ts);
     if (this.tasks.get(ts.key) === ts) this.tasks.delete(ts.key);
     const deps: TaskState[] = [];
     for (const dep of ts.dependencies) {

@@ -234,6 +234,8 @@ Deno.test("cli: --help of each command lists every flag with its default", async
       port: "8786",
       "worker-ttl": "30",
       "allowed-failures": "3",
+      "no-workers-timeout": "60",
+      "unclaimed-grace": "10",
       "dashboard-port": "8787",
       "no-dashboard": null,
       ...security,

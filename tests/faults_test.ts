@@ -232,3 +232,134 @@ Deno.test("a worker that cannot find its scheduler gives up after the death time
   );
   assert.ok(Date.now() - started < 5_000);
 });
+
+/** The keys a worker holds, asked of the worker itself. */
+async function keysOf(worker: string): Promise<string[]> {
+  await using r = rpc<WorkerOps>(worker);
+  return (await r.keys()).sort();
+}
+
+Deno.test("the scheduler restarts while a graph runs whose intermediates were released: the held future completes, unowned keys are freed", async () => {
+  await using nodes = new Nodes();
+  const grace = ["--unclaimed-grace", "3"];
+  const first = await nodes.spawn("scheduler", "--port", "0", ...grace);
+  const port = first.address.split(":").pop()!;
+  const alice = await nodes.spawn("worker", first.address, "--name", "alice", "--nthreads", "2");
+  await using client = await Client.connect(first.address);
+  const logs = () => nodes.list.map((n) => n.log.slice(-15).join("\n")).join("\n---\n");
+  const parts = client.map(inc, [1, 2, 3, 4]);
+  const slowSum = (ms: number, ...xs: number[]) => {
+    const end = Date.now() + ms;
+    while (Date.now() < end) { /* work */ }
+    return xs.reduce((p, q) => p + q, 0);
+  };
+  const mid = client.submit(slowSum, 1_500, ...parts);
+  const total = client.submit(add, mid, 100);
+  const stray = client.submit(inc, 1_000);
+  assert.equal(await stray.result(), 1_001);
+  // Only the final future is held: the parts and the sum live on as its lineage.
+  const partKeys = parts.map((p) => p.key);
+  for (const f of [...parts, mid]) f.release();
+  await eventually(async () =>
+    Object.values(await whoHas(first.address, partKeys)).every((h) => h.length > 0)
+  );
+  first.child.kill("SIGKILL");
+  await first.status;
+  // Released while the scheduler is away: nobody will claim it when alice brings it back.
+  stray.release();
+  await nodes.spawn("scheduler", "--port", port, ...grace);
+  assert.equal(await within(20_000, total.result(), logs), 2 + 3 + 4 + 5 + 100);
+  // Once the grace is over, alice holds what a future holds, and nothing else.
+  await within(20_000, eventually(async () => (await keysOf(alice.address)).length === 1, 20_000), logs);
+  assert.deepEqual(await keysOf(alice.address), [total.key]);
+});
+
+Deno.test("a worker resumed past its TTL comes back with a key released meanwhile: the key is freed", async () => {
+  await using nodes = new Nodes();
+  const scheduler = await nodes.spawn(
+    "scheduler",
+    "--port",
+    "0",
+    "--worker-ttl",
+    "1",
+    "--unclaimed-grace",
+    "1",
+  );
+  const workers = [
+    await nodes.spawn("worker", scheduler.address, "--name", "alice", "--nthreads", "1"),
+    await nodes.spawn("worker", scheduler.address, "--name", "bob", "--nthreads", "1"),
+  ];
+  await using client = await Client.connect(scheduler.address);
+  await using center = rpc<SchedulerOps>(scheduler.address);
+  const x = client.submit(inc, 1, taskOptions({ key: "x-ttl" }));
+  assert.equal(await x.result(), 2);
+  const [holder] = (await center.who_has({ keys: [x.key] }))[x.key];
+  const hung = workers.find((w) => w.address === holder)!;
+  hung.child.kill("SIGSTOP");
+  await eventually(async () => Object.keys(await center.ncores()).length === 1, 10_000);
+  x.release();
+  await eventually(async () => (await center.who_has({ keys: [x.key] }))[x.key].length === 0, 10_000);
+  hung.child.kill("SIGCONT");
+  await eventually(async () => Object.keys(await center.ncores()).length === 2, 15_000);
+  await eventually(async () => !(await keysOf(hung.address)).includes(x.key), 10_000);
+  for (const w of workers) assert.deepEqual(await keysOf(w.address), []);
+});
+
+Deno.test("scattered data brought back after a scheduler restart is freed when its future is released", async () => {
+  await using nodes = new Nodes();
+  const grace = ["--unclaimed-grace", "5"];
+  const first = await nodes.spawn("scheduler", "--port", "0", ...grace);
+  const port = first.address.split(":").pop()!;
+  const alice = await nodes.spawn("worker", first.address, "--name", "alice");
+  await using client = await Client.connect(first.address);
+  const [data] = await client.scatter([new Float64Array([1, 2, 3])]);
+  // alice's own data (update_data that reports) stays until deleted, restart or not.
+  {
+    await using r = rpc<WorkerOps>(alice.address);
+    await r.update_data({ data: { "own-1": 1 } });
+  }
+  const stray = client.submit(inc, 1_000);
+  assert.equal(await stray.result(), 1_001);
+  first.child.kill("SIGKILL");
+  await first.status;
+  stray.release();
+  await nodes.spawn("scheduler", "--port", port, ...grace);
+  const logs = () => nodes.list.map((n) => n.log.slice(-15).join("\n")).join("\n---\n");
+  assert.deepEqual(await within(20_000, data.result(), logs), new Float64Array([1, 2, 3]));
+  await within(
+    20_000,
+    eventually(async () => (await whoHas(first.address, [data.key]))[data.key].length === 1, 20_000),
+    logs,
+  );
+  data.release();
+  // The stray key goes once the grace is over; the released scattered key at once.
+  await eventually(async () => (await keysOf(alice.address)).length === 1, 15_000);
+  assert.deepEqual(await keysOf(alice.address), ["own-1"]);
+  assert.deepEqual((await whoHas(first.address, ["own-1"]))["own-1"], [alice.address]);
+});
+
+Deno.test("a task whose only worker was killed fails with NoWorkersError after the no-workers timeout", async () => {
+  await using nodes = new Nodes();
+  const scheduler = await nodes.spawn("scheduler", "--port", "0", "--no-workers-timeout", "1");
+  const alice = await nodes.spawn("worker", scheduler.address, "--name", "alice", "--nthreads", "1");
+  await using client = await Client.connect(scheduler.address);
+  await using center = rpc<SchedulerOps>(scheduler.address);
+  assert.equal(await client.submit(inc, 1).result(), 2);
+  const slow = (x: number) => {
+    const end = Date.now() + 5_000;
+    while (Date.now() < end) { /* work */ }
+    return x;
+  };
+  const running = client.submit(slow, 1);
+  const prefix = running.key.slice(0, running.key.lastIndexOf("-"));
+  await eventually(async () => (await center.progress())[prefix]?.processing === 1);
+  alice.child.kill("SIGKILL");
+  await alice.status;
+  const later = client.submit(inc, 2);
+  for (const f of [running, later]) {
+    const error = await within(10_000, f.result().then(() => null, (e) => e), () => scheduler.log.join("\n"));
+    assert.ok(error instanceof Error, `${f.key} resolved`);
+    assert.equal(error.name, "NoWorkersError");
+    assert.match(error.message, /no worker was connected for 1000 ms \(no-workers-timeout\)/);
+  }
+});

@@ -1362,3 +1362,159 @@ Deno.test("BUG: recomputing a long chain from lineage does not overflow the stac
   s.removeWorker(A);
   assert.deepEqual(sentTo(s.drain()), { "k-0": B });
 });
+
+// ---- lifetimes: keys brought back, keys waited for, tasks with no worker ----
+
+Deno.test("tasks: keys a registering worker brings back are kept for the grace, then freed unless claimed", () => {
+  const s = cluster();
+  s.unclaimedGraceMs = 1_000;
+  s.addWorker({ address: A, keys: ["stray", "claimed", "used", "own"], external: ["own"] }, 5_000);
+  assert.deepEqual(s.drain(), []);
+  // Within the grace, a client claims one by wanting it, another by needing it as an input.
+  s.updateGraph(C1, [t("use", ["used"])], ["claimed", "use"], 5_500);
+  const out = s.drain();
+  assert.deepEqual(toClient(out, "key_done", C1), ["claimed"]);
+  assert.deepEqual(computes(out).map((c) => c.key), ["use"]);
+  s.tick(5_999);
+  assert.deepEqual(toWorker(s.drain(), "free_keys"), [], "freed before the grace ended");
+  s.tick(6_000);
+  assert.deepEqual(toWorker(s.drain(), "free_keys", A), ["stray"]);
+  assert.equal(s.tasks.has("stray"), false);
+  finish(s, "use");
+  assert.deepEqual(toWorker(s.drain(), "free_keys", A), ["used"], "an input is freed once its dependent ran");
+  s.releaseKeys(C1, ["claimed"]);
+  assert.deepEqual(toWorker(s.drain(), "free_keys", A), ["claimed"], "a claimed key is refcounted");
+  s.tick(1e9);
+  assert.deepEqual(s.drain(), []);
+  assert.equal(stateOf(s, "own"), "memory", "the worker's own data stays until deleted");
+});
+
+Deno.test("tasks: a worker that comes back with a key released meanwhile gets it freed after the grace", () => {
+  const s = cluster(A);
+  s.unclaimedGraceMs = 500;
+  s.updateGraph(C1, [t("x")], ["x"]);
+  s.drain();
+  finish(s, "x");
+  s.drain();
+  s.removeWorker(A); // a TTL expired
+  s.releaseKeys(C1, ["x"]);
+  assert.equal(s.tasks.has("x"), false);
+  s.addWorker({ address: A, keys: ["x"] }, 100);
+  s.tick(599);
+  assert.deepEqual(s.drain(), []);
+  s.tick(600);
+  assert.deepEqual(toWorker(s.drain(), "free_keys", A), ["x"]);
+});
+
+Deno.test("tasks: while recovering, keys a client holds that nobody has are waited for, then fail", () => {
+  const s = cluster();
+  s.recoveringUntil = 1_000;
+  // A restarted scheduler hears from the client first: scattered data, and a task on it.
+  s.updateGraph(C1, [t("y", ["data"])], ["data", "y"], 10);
+  assert.deepEqual(toClient(s.drain(), "key_erred"), []);
+  assert.equal(stateOf(s, "y"), "waiting");
+  s.addWorker({ address: A, keys: ["data"] }, 20);
+  let out = s.drain();
+  assert.deepEqual(toClient(out, "key_done", C1), ["data"]);
+  assert.deepEqual(computes(out).map((c) => c.key), ["y"]);
+  // Another key no worker ever brings back fails once the recovery is over.
+  s.updateGraph(C1, [t("z", ["gone"])], ["gone", "z"], 30);
+  s.tick(999);
+  assert.deepEqual(toClient(s.drain(), "key_erred"), []);
+  s.tick(1_000);
+  out = s.drain();
+  assert.deepEqual(toClient(out, "key_erred", C1).sort(), ["gone", "z"]);
+  assert.match(clientMessage(out, "key_erred", C1, "z").error.message, /Unknown key "gone"/);
+  // Past the recovery, an unknown key fails at once, as always.
+  s.updateGraph(C1, [t("w", ["nope"])], ["w"], 2_000);
+  assert.deepEqual(toClient(s.drain(), "key_erred", C1), ["w"]);
+});
+
+Deno.test("tasks: tasks with no worker fail after noWorkersTimeoutMs; a worker coming back resets the wait", () => {
+  const s = cluster(A);
+  s.noWorkersTimeoutMs = 1_000;
+  s.updateGraph(C1, [t("x"), t("y", ["x"])], ["y"]);
+  s.drain();
+  s.removeWorker(A);
+  s.drain();
+  assert.equal(stateOf(s, "x"), "queued");
+  s.tick(0);
+  s.tick(900);
+  s.addWorker({ address: B }, 950);
+  s.removeWorker(B);
+  s.drain();
+  s.tick(1_000);
+  s.tick(1_999);
+  assert.deepEqual(toClient(s.drain(), "key_erred"), [], "failed although a worker had come meanwhile");
+  s.tick(2_000);
+  const out = s.drain();
+  assert.deepEqual(toClient(out, "key_erred", C1), ["y"]);
+  assert.equal(stateOf(s, "x"), "erred");
+  const error = clientMessage(out, "key_erred", C1, "y").error;
+  assert.equal(error.name, "NoWorkersError");
+  assert.match(error.message, /no worker was connected for 1000 ms/);
+});
+
+Deno.test("tasks: a restricted task no connected worker may run fails after noWorkersTimeoutMs", () => {
+  const s = cluster(A);
+  s.noWorkersTimeoutMs = 100;
+  s.updateGraph(C1, [t("r", [], { workers: ["nobody"] })], ["r"]);
+  s.tick(0);
+  s.tick(99);
+  assert.deepEqual(toClient(s.drain(), "key_erred"), []);
+  s.tick(100);
+  const error = clientMessage(s.drain(), "key_erred", C1, "r").error;
+  assert.match(error.message, /no worker it may run on \(nobody\)/);
+});
+
+Deno.test("tasks: a compute_task the shell cannot send fails its task, and function ids start over", () => {
+  const s = cluster(A);
+  s.updateGraph(C1, [t("x", [], { retries: 2 })], ["x"]);
+  assert.ok(computes(s.drain())[0].function, "the first task carries its function");
+  s.computeTaskUnsent(A, "x", { name: "TypeError", message: "Task x cannot be sent to a worker: bad date" });
+  const out = s.drain();
+  assert.match(clientMessage(out, "key_erred", C1, "x").error.message, /bad date/);
+  assert.equal(s.workers.get(A)!.processing.size, 0);
+  s.updateGraph(C1, [t("y")], ["y"]);
+  assert.ok(computes(s.drain())[0].function, "the worker never got the function: it is sent again");
+});
+
+Deno.test("tasks: a task report that fails its checks fails the task (retries or not) and frees the copy", () => {
+  const s = cluster(A, B);
+  s.updateGraph(C1, [t("x", [], { retries: 3 })], ["x"]);
+  s.drain();
+  const at = where(s, "x");
+  s.reportRefused(at === A ? B : A, "x", { name: "ProtocolError", message: "not its task" });
+  assert.deepEqual(s.drain(), [], "a worker the task is not on is ignored");
+  s.reportRefused(at, "x", { name: "ProtocolError", message: "args.error.name: expected a string" });
+  const out = s.drain();
+  assert.equal(clientMessage(out, "key_erred", C1, "x").error.name, "ProtocolError");
+  assert.deepEqual(toWorker(out, "free_keys", at), ["x"]);
+  assert.equal(stateOf(s, "x"), "erred");
+});
+
+Deno.test("tasks: after a restart, lineage sent along with a key already back in memory is not run again", () => {
+  const s = cluster();
+  s.unclaimedGraceMs = 1_000;
+  s.addWorker({ address: A, keys: ["total", "part"] }, 0);
+  // The client sends what it holds (total) with its lineage (mid, part), and a task of its own.
+  s.updateGraph(C1, [t("part"), t("mid", ["part"]), t("total", ["mid"]), t("solo")], ["total"], 10);
+  let out = s.drain();
+  assert.deepEqual(toClient(out, "key_done", C1), ["total"]);
+  assert.deepEqual(computes(out).map((c) => c.key), ["solo"], "only the unwanted task nothing needs runs");
+  finish(s, "solo");
+  s.tick(1_000);
+  out = s.drain();
+  assert.deepEqual(toWorker(out, "free_keys", A), ["part", "solo"]);
+  // total now has lineage: lost, it is recomputed from it.
+  s.removeWorker(A);
+  s.addWorker({ address: B }, 1_100);
+  out = s.drain();
+  assert.deepEqual(computes(out).map((c) => c.key), ["part"]);
+  finish(s, "part");
+  assert.deepEqual(computes(s.drain()).map((c) => c.key), ["mid"]);
+  finish(s, "mid");
+  assert.deepEqual(computes(s.drain()).map((c) => c.key), ["total"]);
+  finish(s, "total");
+  assert.deepEqual(toClient(s.drain(), "key_done", C1), ["total"]);
+});

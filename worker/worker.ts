@@ -34,7 +34,7 @@ import { AuthenticationError, openComm, type SecurityOptions, tokenFromEnv } fro
 import { ConnectionPool } from "../protocol/pool.ts";
 import { fetchData, isBusy } from "../protocol/fetch.ts";
 import { ExecutorDiedError, ExecutorPool, type Isolation, shared } from "./executors.ts";
-import { DataStore, refsIn, resolveRefs } from "./store.ts";
+import { DataStore, nbytesOf, refsIn, resolveRefs } from "./store.ts";
 import { DEATH_TIMEOUT_MS, TRANSFERS_OUT_MAX } from "../_defaults.ts";
 
 export { DEATH_TIMEOUT_MS, TRANSFERS_OUT_MAX };
@@ -156,6 +156,12 @@ class Worker implements WorkerNode {
   #schedulerFunctions = new Lru<number, FunctionSpec>(KNOWN_FUNCTIONS_MAX);
   /** Tasks from the scheduler being fetched for or run, and whether they were cancelled. */
   #tasks = new Map<string, { cancelled: boolean }>();
+  /**
+   * Keys that are this worker's own data (update_data that reported them, compute), as
+   * opposed to task results, replicas and scattered values: at a registration they are
+   * named `external`, kept until deleted; the scheduler frees the others nobody claims.
+   */
+  #own = new Set<string>();
   #schedulerComm: Comm | null = null;
   /** The connection a registration is under way on. */
   #registering: Comm | null = null;
@@ -290,6 +296,7 @@ class Worker implements WorkerNode {
           if (this.#options.name === undefined) this.#identity.name = this.#identity.address;
         }
         const keys = this.data.keys();
+        for (const key of this.#own) if (!this.data.has(key)) this.#own.delete(key);
         // The scheduler may send tasks before its reply to register arrives.
         this.#registering = comm;
         const reply = await comm.call("register", {
@@ -298,6 +305,7 @@ class Worker implements WorkerNode {
           nthreads: this.#identity.nthreads,
           keys,
           nbytes: this.data.nbytes(keys),
+          external: [...this.#own],
         }, { timeoutMs: CALL_TIMEOUT_MS }) as { heartbeat_interval_ms: number; worker_ttl_ms: number };
         this.#schedulerComm = comm;
         const registered = comm;
@@ -537,12 +545,21 @@ class Worker implements WorkerNode {
         return out;
       },
       update_data: async ({ data, report }) => {
+        // All or nothing: every value is measured (which fails for one that cannot be
+        // kept) before any is stored, so a failure leaves no value behind that the
+        // scheduler and the caller do not know of.
         const nbytes: Record<string, number> = {};
-        for (const key in data) nbytes[key] = this.data.set(key, data[key]);
+        for (const key in data) nbytes[key] = nbytesOf(data[key], key);
+        for (const key in data) {
+          this.data.set(key, data[key], nbytes[key]);
+          if (report === false) this.#own.delete(key);
+          else this.#own.add(key);
+        }
         if (report !== false) await this.#report("add_keys", Object.keys(data));
         return { status: "OK", nbytes };
       },
       delete_data: async ({ keys, report }) => {
+        for (const key of keys) this.#own.delete(key);
         const deleted = keys.filter((key) => this.data.delete(key));
         if (report !== false) await this.#report("remove_keys", deleted);
         return { status: "OK" };
@@ -573,7 +590,10 @@ class Worker implements WorkerNode {
       },
       free_keys: ({ keys }, comm) => {
         this.#fromScheduler(comm, "free_keys");
-        for (const key of keys) this.data.delete(key);
+        for (const key of keys) {
+          this.data.delete(key);
+          this.#own.delete(key);
+        }
         return { status: "OK" };
       },
       cancel_task: ({ keys }, comm) => {
@@ -690,12 +710,25 @@ class Worker implements WorkerNode {
         comm.notify("missing_data", { key, missing: error.holders });
       } else {
         const timing = (error as { timing?: { start: number; stop: number; thread: number } }).timing;
-        comm.notify("task_erred", {
-          key,
-          error: toRemoteErrorInfo(error),
-          killed: error instanceof ExecutorDiedError,
-          ...timing,
-        });
+        const killed = error instanceof ExecutorDiedError;
+        try {
+          comm.notify("task_erred", { key, error: toRemoteErrorInfo(error), killed, ...timing });
+        } catch (sendError) {
+          // Too large for the scheduler's limit: a report that fits, so the task settles.
+          const info = toRemoteErrorInfo(error);
+          try {
+            comm.notify("task_erred", {
+              key,
+              error: {
+                name: info.name.slice(0, 100),
+                message: `The error of ${key} cannot be reported: ${(sendError as Error).message}`,
+              },
+              killed,
+            });
+          } catch (again) {
+            this.#log.warn(`Cannot report that ${key} failed: ${(again as Error).message}`);
+          }
+        }
       }
     } finally {
       if (this.#tasks.get(key) === task) this.#tasks.delete(key);
@@ -715,6 +748,7 @@ class Worker implements WorkerNode {
       key,
     );
     this.data.set(key, result, nbytes);
+    this.#own.add(key);
     this.#log.debug(`Computed ${key} (${nbytes} bytes)`);
     await this.#report("add_keys", [key]);
     return { status: "OK" as const, key, nbytes };
