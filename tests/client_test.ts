@@ -446,7 +446,8 @@ Deno.test("client: KilledWorker names the allowed failures (--allowed-failures 1
     assert.equal(
       error.message,
       "Task killer-1 was running when 2 workers (or their executors) died; " +
-        "it is not retried past allowed_failures=1",
+        "it is not retried past allowed_failures=1. The last time: Task killer-1 killed its executor: " +
+        "it ended its executor (Deno.exit or close, code 1)",
     );
   } finally {
     for (const w of workers) await w.close();
