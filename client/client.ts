@@ -543,7 +543,12 @@ export class Client implements AsyncDisposable {
           let lookedUp = false;
           try {
             const comm = await this.#peers.get(worker);
-            const got = await fetchData(comm, list, {
+            await fetchData(comm, list, {
+              bytesMax: this.#options.frameBytesMax,
+              // Kept part by part: what arrived stays if a later part fails.
+              onPart: (part) => {
+                for (const key of list) if (Object.hasOwn(part, key)) values.set(key, part[key]);
+              },
               elsewhere: () => {
                 movedOn = list.some((key) => untried(key).length > 0);
                 if (!movedOn && !lookedUp) {
@@ -555,7 +560,6 @@ export class Client implements AsyncDisposable {
                 return movedOn;
               },
             });
-            for (const key of list) if (Object.hasOwn(got, key)) values.set(key, got[key]);
           } catch (error) {
             if (isBusy(error) && movedOn) {
               // Keys no other holder has are asked of this one again, which then waits it out.
@@ -616,11 +620,7 @@ export class Client implements AsyncDisposable {
     }
     const nbytes: Record<string, number> = {};
     await Promise.all([...perWorker].map(async ([worker, data]) => {
-      const comm = await this.#peers.get(worker);
-      const reply = await comm.call("update_data", { data, report: false }) as {
-        nbytes: Record<string, number>;
-      };
-      Object.assign(nbytes, reply.nbytes);
+      Object.assign(nbytes, await updateData(await this.#peers.get(worker), data));
     }));
     const futures = entries.map(([key]) => this.#ref(key));
     for (const [key] of entries) {
@@ -866,6 +866,26 @@ function typeName(value: unknown): string {
     return (Object.getPrototypeOf(value)?.constructor?.name ?? "object").toLowerCase();
   }
   return typeof value;
+}
+
+/**
+ * Puts `data` on `comm`'s worker; resolves the sizes it reports. Values that pass the
+ * message limit together (the send refuses with RangeError) go in halves, down to one
+ * value, whose refusal is then the answer.
+ */
+async function updateData(comm: Comm, data: Record<string, unknown>): Promise<Record<string, number>> {
+  try {
+    const reply = await comm.call("update_data", { data, report: false }) as {
+      nbytes: Record<string, number>;
+    };
+    return reply.nbytes;
+  } catch (error) {
+    const keys = Object.keys(data);
+    if (!(error instanceof RangeError) || keys.length < 2) throw error;
+    const half = (part: string[]) => updateData(comm, Object.fromEntries(part.map((k) => [k, data[k]])));
+    const mid = keys.length >> 1;
+    return { ...await half(keys.slice(0, mid)), ...await half(keys.slice(mid)) };
+  }
 }
 
 function sizeHint(value: unknown): number {
