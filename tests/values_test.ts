@@ -88,3 +88,27 @@ Deno.test("every kind of value, small and large, travels client, worker, worker,
   );
   names.forEach((name, i) => assert.equal(kinds[i], kind(sent[name]), `${name} inside a task`));
 });
+
+Deno.test("a small view of a large buffer counts the whole buffer it keeps alive in nbytes", async () => {
+  await using cluster = await startCluster(1, { httpPort: 0 });
+  const [alice] = cluster.workers;
+  await using client = await Client.connect(cluster.scheduler.address);
+  const MIB = 1024 * KIB;
+  const view = client.submit(() => new Uint8Array(8 * 1024 * 1024).fill(5).subarray(0, 8));
+  const nested = client.submit(() => {
+    const big = new Float64Array(1024 * 1024);
+    return { head: big.subarray(0, 1), tail: big.subarray(-1) };
+  });
+  const [v, n] = await client.gather([view, nested]) as [Uint8Array, { head: Float64Array }];
+  assert.deepEqual(v, new Uint8Array(8).fill(5), "the value is the view");
+  assert.equal(n.head.length, 1);
+  const sizes = alice.data.nbytes([view.key, nested.key]);
+  assert.ok(sizes[view.key] >= 8 * MIB, `the view counts ${sizes[view.key]} bytes`);
+  assert.ok(
+    sizes[nested.key] >= 8 * MIB && sizes[nested.key] < 9 * MIB,
+    `the pair counts ${sizes[nested.key]}`,
+  );
+  const text = await (await fetch(`${alice.httpUrl}/metrics`)).text();
+  const held = Number(/^dist_worker_bytes (\S+)$/m.exec(text)?.[1]);
+  assert.ok(held >= 16 * MIB, `the worker reports ${held} bytes held`);
+});

@@ -10,15 +10,22 @@ import { Encoder, Ref } from "../protocol/codec.ts";
 const measurer = new Encoder({ inlineBytesMax: 0 });
 
 /**
- * The size of `value` in bytes: a typed array's byteLength; for anything else, what
- * it takes on the wire. Throws TypeError naming `root` and the path of any
- * part that cannot travel.
+ * The memory `value` holds, in bytes: a typed array's whole buffer (a small view of a
+ * large buffer keeps all of it alive); for anything else, what it takes on the wire,
+ * with each buffer its binary parts view counted whole, once. Throws TypeError naming
+ * `root` and the path of any part that cannot travel.
  */
 export function nbytesOf(value: unknown, root = "value"): number {
-  if (ArrayBuffer.isView(value) && !(value instanceof DataView)) return value.byteLength;
+  if (ArrayBuffer.isView(value) && !(value instanceof DataView)) return value.buffer.byteLength;
   const { head, buffers } = measurer.encode(value, root);
   let n = head.byteLength;
-  for (const b of buffers) n += b.byteLength;
+  if (buffers.length === 0) return n;
+  const seen = new Set<ArrayBufferLike>();
+  for (const b of buffers) {
+    if (seen.has(b.buffer)) continue;
+    seen.add(b.buffer);
+    n += b.buffer.byteLength;
+  }
   return n;
 }
 
