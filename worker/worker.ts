@@ -470,7 +470,7 @@ class Worker implements WorkerNode {
               let count = 0;
               for (const key of Object.keys(part)) {
                 if (!remaining.has(key)) continue;
-                bytes += this.data.set(key, part[key]);
+                bytes += this.data.setReceived(key, part[key]);
                 count++;
                 remaining.delete(key);
                 fetched.push(key);
@@ -558,7 +558,7 @@ class Worker implements WorkerNode {
       },
       update_data: async ({ data, report }) => {
         const nbytes: Record<string, number> = {};
-        for (const key in data) nbytes[key] = this.data.set(key, data[key]);
+        for (const key in data) nbytes[key] = this.data.setReceived(key, data[key]);
         if (report !== false) await this.#report("add_keys", Object.keys(data));
         return { status: "OK", nbytes };
       },
@@ -763,6 +763,7 @@ class Worker implements WorkerNode {
       }
       await this.#reconnecting?.catch(() => {});
       this.#executors.close();
+      this.data.reclaimer.close();
       await comm?.close();
       await this.#server?.close();
       this.#lag?.stop();
