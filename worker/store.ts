@@ -151,7 +151,8 @@ function collect(): void {
 export class DataStore {
   #values = new Map<string, unknown>();
   #nbytes = new Map<string, number>();
-  readonly reclaimer = new MemoryReclaimer();
+  /** Asks V8 to collect once enough buffer memory has been let go of (see FREED_GC_BYTES). */
+  #reclaimer = new MemoryReclaimer();
 
   /** How many keys it holds. */
   get size(): number {
@@ -182,7 +183,7 @@ export class DataStore {
    */
   setReceived(key: string, value: unknown): number {
     const nbytes = this.set(key, value);
-    if (nbytes > SMALL_FRAME_BYTES) this.reclaimer.freed(droppedFrameBytesOf(value));
+    if (nbytes > SMALL_FRAME_BYTES) this.#reclaimer.freed(droppedFrameBytesOf(value));
     return nbytes;
   }
 
@@ -203,7 +204,12 @@ export class DataStore {
     let bytes = bufferBytesOf(old);
     // A value moved to shared memory for an executor replaces its own copy, which it may share.
     if (bytes > 0 && next !== undefined) bytes = Math.max(0, bytes - bufferBytesOf(next));
-    if (bytes > 0) this.reclaimer.freed(bytes);
+    if (bytes > 0) this.#reclaimer.freed(bytes);
+  }
+
+  /** Stops its pending work (a collection it was about to ask for): the worker is closing. */
+  close(): void {
+    this.#reclaimer.close();
   }
 
   /** Every key held. */

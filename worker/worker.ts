@@ -763,7 +763,7 @@ class Worker implements WorkerNode {
       }
       await this.#reconnecting?.catch(() => {});
       this.#executors.close();
-      this.data.reclaimer.close();
+      this.data.close();
       await comm?.close();
       await this.#server?.close();
       this.#lag?.stop();
