@@ -194,7 +194,7 @@ export class DataStore {
     return this.#values.delete(key);
   }
 
-  /** The value of `key` is let go (for `next`, if given): its shared memory is counted as freed. */
+  /** The value of `key` is let go (for `next`, if given): the memory of its buffers counts as freed. */
   #let(key: string, next?: unknown): void {
     if ((this.#nbytes.get(key) ?? 0) < SMALL_FRAME_BYTES) return;
     const old = this.#values.get(key);

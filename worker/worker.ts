@@ -524,9 +524,11 @@ class Worker implements WorkerNode {
         const sizes = this.data.nbytes(keys);
         // A part never passes what the fetcher reads nor what this end may send; the keys
         // (in the reply's data or rest) and its envelope take their share first.
-        let budget = Math.min(bytes_max ?? Infinity, this.#options.frameBytesMax ?? FRAME_BYTES_MAX) -
-          REPLY_ENVELOPE_BYTES;
-        for (const key of keys) budget -= key.length * 3 + KEY_OVERHEAD_BYTES;
+        let budget = Infinity;
+        if (bytes_max !== undefined) {
+          budget = Math.min(bytes_max, this.#options.frameBytesMax ?? FRAME_BYTES_MAX) - REPLY_ENVELOPE_BYTES;
+          for (const key of keys) budget -= key.length * 3 + KEY_OVERHEAD_BYTES;
+        }
         let bytes = 0;
         let count = 0;
         for (const key of keys) {
@@ -534,7 +536,7 @@ class Worker implements WorkerNode {
           const value = this.data.get(key);
           const size = wireBytesOf(value, sizes[key] ?? 0);
           // The first value goes whatever its size (alone past the limit, its send fails and says so).
-          if (bytes_max !== undefined && count > 0 && bytes + size > budget) {
+          if (count > 0 && bytes + size > budget) {
             rest.push(key);
             continue;
           }
