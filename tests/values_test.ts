@@ -35,6 +35,12 @@ function values(): Record<string, unknown> {
     date: new Date(1_700_000_000_123),
     map: new Map<unknown, unknown>([["a", 1], [2, "b"]]),
     set: new Set([1, "two"]),
+    // Past 64 KiB of msgpack head: the head itself lands in shared memory.
+    "array large": Array.from({ length: 20_000 }, (_, i) => i * 1.5),
+    "object large": Object.fromEntries(Array.from({ length: 5_000 }, (_, i) => [`k${i}`, i])),
+    "map large": new Map(Array.from({ length: 5_000 }, (_, i) => [`k${i}`, [i, 2n ** BigInt(i % 80)]])),
+    "set large": new Set(Array.from({ length: 10_000 }, (_, i) => `s${i}`)),
+    "dates large": Array.from({ length: 8_000 }, (_, i) => new Date(1_700_000_000_000 + i)),
   };
   const ctors = [
     Uint8Array,
