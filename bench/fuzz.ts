@@ -2172,6 +2172,7 @@ async function check(state: RunState): Promise<boolean> {
       await center.close();
     }
   }
+  if (alive) await checkFetchParts(state, n);
   // Delete what the inputs stored (everything but the canaries): memory then shows leaks, not data.
   for (const t of workers) {
     const node = rpc(t.address, security);
@@ -2188,6 +2189,78 @@ async function check(state: RunState): Promise<boolean> {
   }
   await readMemory(state);
   return alive;
+}
+
+/** Frame limits up to which a check moves values that together pass it (larger would take GiBs). */
+const FETCH_PARTS_LIMIT_BYTES_MAX = 64 * 1024 * 1024;
+/** The frame limit of the nodes `deno task fuzz` starts. */
+const FUZZ_FRAME_BYTES_MAX = 8 * 1024 * 1024;
+
+/**
+ * Values that each fit the nodes' frame limit but together pass it: scattered to one
+ * worker, gathered by a client, and fetched by another worker for a task, they must come
+ * in parts. Seeded per check; runs when the limit is small and there are two workers.
+ */
+async function checkFetchParts(state: RunState, n: number): Promise<void> {
+  const scheduler = state.targets.find((t) => t.kind === "scheduler");
+  const [a, b] = state.targets.filter((t) => t.kind === "worker");
+  if (!scheduler || !b) return;
+  const limit = Math.min(...[scheduler, a, b].map((t) => limitOf(state, t)));
+  if (limit > FETCH_PARTS_LIMIT_BYTES_MAX) return;
+  const rng = new Rng(state.options.seed, 0xfe7c4, n);
+  const values: unknown[] = [];
+  for (let total = 0; total <= limit;) {
+    const bytes = Math.floor(limit / 4 + rng.int(limit / 4)) & ~7;
+    const make = rng.pick([
+      () => new Float64Array(bytes / 8).fill(values.length),
+      () => new Uint8Array(bytes).fill(values.length),
+      () => new Uint8Array(bytes).fill(values.length).buffer,
+    ]);
+    values.push(make());
+    total += bytes;
+  }
+  const what = `${values.length} values of ${
+    values.map((v) => (v as ArrayBuffer).byteLength).join(", ")
+  } bytes`;
+  let client: Client | null = null;
+  try {
+    client = await withDeadline(
+      Client.connect(scheduler.address, {
+        authToken: state.authToken,
+        frameBytesMax: limit,
+        reconnectTimeoutMs: 0,
+      }),
+      CHECK_TIMEOUT_MS,
+      "connecting a client",
+    );
+    const futures = await client.scatter(values, { workers: [a.address] });
+    const gathered = await withDeadline(client.gather(futures), CHECK_TIMEOUT_MS, `gathering ${what}`);
+    if (!isDeepStrictEqual(gathered, values)) {
+      fail(state, { input: null, target: describeTarget(a), what: `gathering ${what} changed them` });
+    }
+    const sizes = client.submit(
+      (...vs: ArrayBuffer[]) => vs.map((v) => v.byteLength),
+      ...futures,
+      taskOptions({ workers: [b.address] }),
+    );
+    const got = await withDeadline(sizes.result(), CHECK_TIMEOUT_MS, `fetching ${what} to ${b.address}`);
+    const expected = values.map((v) => (v as ArrayBuffer).byteLength);
+    if (!isDeepStrictEqual(got, expected)) {
+      fail(state, {
+        input: null,
+        target: describeTarget(b),
+        what: `a task on ${what} saw sizes ${JSON.stringify(got)}`,
+      });
+    }
+  } catch (error) {
+    fail(state, {
+      input: null,
+      target: describeTarget(scheduler),
+      what: `moving ${what} under a ${limit}-byte frame limit failed: ${(error as Error).message}`,
+    });
+  } finally {
+    await client?.close().catch(() => {});
+  }
 }
 
 async function storeCanaries(state: RunState): Promise<boolean> {
@@ -2431,6 +2504,8 @@ async function main(): Promise<void> {
       const args = name === "scheduler"
         ? ["scheduler", "--port", "0"]
         : ["worker", nodes[0][1].address, "--name", name, "--nthreads", "2"];
+      // A small frame limit: checks then move values that together pass it (checkFetchParts).
+      args.push("--frame-bytes-max", String(FUZZ_FRAME_BYTES_MAX));
       const node = await spawnNode([...args, "--log-level", "error"], { onLog: onLog(name) });
       nodes.push([name, node]);
       node.status.then((status) => {

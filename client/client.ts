@@ -163,6 +163,14 @@ export interface ClientOptions extends SecurityOptions {
 /** First and largest wait between attempts to reach a lost scheduler. */
 const RECONNECT_FIRST_MS = 100;
 const RECONNECT_MAX_MS = 2_000;
+/**
+ * How long a gather whose holders died waits for the key to be in memory again (the
+ * scheduler recomputes it from its task), unless the scheduler says it is lost first.
+ */
+const LOST_HOLDER_WAIT_MS = 120_000;
+/** First and largest pause between two asks of where such a key is now. */
+const LOST_HOLDER_PAUSE_FIRST_MS = 50;
+const LOST_HOLDER_PAUSE_MAX_MS = 1_000;
 
 /** Any function a task may run. */
 // deno-lint-ignore no-explicit-any
@@ -571,11 +579,30 @@ export class Client implements AsyncDisposable {
     const values = new Map<string, unknown>();
     let remaining = keys;
     let failure: unknown = null;
-    for (let round = 0; round < 2 && remaining.length > 0; round++) {
+    const deadline = Date.now() + LOST_HOLDER_WAIT_MS;
+    let pauseMs = LOST_HOLDER_PAUSE_FIRST_MS;
+    // Set in a round where a holder could not be reached, or a key had none: its holder died.
+    let holderGone = false;
+    for (let round = 0; remaining.length > 0; round++) {
       if (round > 0) {
-        // Some holder failed or had dropped the key: ask where the copies are now.
+        // Holders that answered without the key, twice: a stale copy, and no wait helps.
+        if (round > 1 && !holderGone) break;
+        // A holder died. The scheduler recomputes a key it lost from its task and says
+        // key_done again, or says key_lost or key_erred: until then (or the deadline), ask
+        // where the copies are now.
+        if (round > 1) {
+          if (Date.now() >= deadline) break;
+          await this.#keyNews(remaining, Math.min(pauseMs, deadline - Date.now()));
+          pauseMs = Math.min(LOST_HOLDER_PAUSE_MAX_MS, pauseMs * 2);
+        }
+        for (const key of remaining) {
+          const rec = this.#keys.get(key);
+          if (rec === undefined) throw new CancelledError(key, "released");
+          if (rec.error) throw rec.error;
+        }
         await this.#lookUpHolders(remaining, false);
       }
+      holderGone = remaining.some((key) => (this.#keys.get(key)?.workers ?? []).length === 0);
       // Holders asked this round, per key: a busy one is left for another holder if any.
       const asked = new Map<string, Set<string>>(remaining.map((k) => [k, new Set()]));
       const untried = (key: string) =>
@@ -598,7 +625,12 @@ export class Client implements AsyncDisposable {
           let lookedUp = false;
           try {
             const comm = await this.#peers.get(worker);
-            const got = await fetchData(comm, list, {
+            await fetchData(comm, list, {
+              bytesMax: this.#options.frameBytesMax,
+              // Kept part by part: what arrived stays if a later part fails.
+              onPart: (part) => {
+                for (const key of list) if (Object.hasOwn(part, key)) values.set(key, part[key]);
+              },
               elsewhere: () => {
                 movedOn = list.some((key) => untried(key).length > 0);
                 if (!movedOn && !lookedUp) {
@@ -610,7 +642,6 @@ export class Client implements AsyncDisposable {
                 return movedOn;
               },
             });
-            for (const key of list) if (Object.hasOwn(got, key)) values.set(key, got[key]);
           } catch (error) {
             if (isBusy(error) && movedOn) {
               // Keys no other holder has are asked of this one again, which then waits it out.
@@ -619,7 +650,8 @@ export class Client implements AsyncDisposable {
             }
             // A lost holder is retried against fresh who_has; any other failure (say, a
             // value over a limit) is the answer, and says why.
-            if (!(error instanceof ConnectionClosedError)) failure = error;
+            if (error instanceof ConnectionClosedError) holderGone = true;
+            else failure = error;
           }
         }));
         if (failure) throw failure;
@@ -628,6 +660,18 @@ export class Client implements AsyncDisposable {
     }
     if (remaining.length > 0) throw new MissingDataError(remaining);
     return values;
+  }
+
+  /** Resolves after `ms`, or sooner when the scheduler says something of one of `keys`. */
+  #keyNews(keys: string[], ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        resolve();
+      };
+      const timer = setTimeout(done, ms);
+      for (const key of keys) this.#keys.get(key)?.waiters.push(done);
+    });
   }
 
   /**
@@ -672,17 +716,13 @@ export class Client implements AsyncDisposable {
     }
     const nbytes: Record<string, number> = {};
     const outcomes = await Promise.allSettled([...perWorker].map(async ([worker, data]) => {
-      const comm = await this.#peers.get(worker);
-      const reply = await comm.call("update_data", { data, report: false }) as {
-        nbytes: Record<string, number>;
-      };
-      Object.assign(nbytes, reply.nbytes);
+      Object.assign(nbytes, await updateData(await this.#peers.get(worker), data));
     }));
     // Workers that took their share hold values the scheduler never heard of and no
     // future will own when the scatter fails: they are taken back first.
     const takeBack = () =>
-      Promise.all([...perWorker].map(async ([worker, data], i) => {
-        if (outcomes[i].status === "rejected") return;
+      // A worker whose share failed may still hold part of it: past the frame limit it goes in parts.
+      Promise.all([...perWorker].map(async ([worker, data]) => {
         try {
           const comm = await this.#peers.get(worker);
           await comm.call("delete_data", { keys: Object.keys(data), report: false });
@@ -1031,6 +1071,26 @@ function typeName(value: unknown): string {
     return (Object.getPrototypeOf(value)?.constructor?.name ?? "object").toLowerCase();
   }
   return typeof value;
+}
+
+/**
+ * Puts `data` on `comm`'s worker; resolves the sizes it reports. Values that pass the
+ * message limit together (the send refuses with RangeError) go in halves, down to one
+ * value, whose refusal is then the answer.
+ */
+async function updateData(comm: Comm, data: Record<string, unknown>): Promise<Record<string, number>> {
+  try {
+    const reply = await comm.call("update_data", { data, report: false }) as {
+      nbytes: Record<string, number>;
+    };
+    return reply.nbytes;
+  } catch (error) {
+    const keys = Object.keys(data);
+    if (!(error instanceof RangeError) || keys.length < 2) throw error;
+    const half = (part: string[]) => updateData(comm, Object.fromEntries(part.map((k) => [k, data[k]])));
+    const mid = keys.length >> 1;
+    return { ...await half(keys.slice(0, mid)), ...await half(keys.slice(mid)) };
+  }
 }
 
 function sizeHint(value: unknown): number {

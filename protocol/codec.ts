@@ -824,7 +824,10 @@ export class Decoder {
 /** Builds a typed array of wire kind `kind` over `bytes`, copying only if misaligned. */
 function typedFromBytes(kind: number, bytes: Uint8Array): unknown {
   if (kind === KIND_ARRAY_BUFFER) {
-    return bytes.byteOffset === 0 && bytes.byteLength === bytes.buffer.byteLength
+    // A frame in a worker's shared memory is copied out: an ArrayBuffer must stay one (the
+    // encoder, and the user's code, take a SharedArrayBuffer for something else).
+    return bytes.buffer instanceof ArrayBuffer && bytes.byteOffset === 0 &&
+        bytes.byteLength === bytes.buffer.byteLength
       ? bytes.buffer
       : bytes.slice().buffer;
   }

@@ -232,9 +232,14 @@ export class Comm {
           turn = performance.now();
         }
         // The head is lent from the reader's buffer: decoded before the next read.
-        const frames = reader.tryNext(true) ?? await reader.next(true);
+        let frames: Uint8Array[] | null = reader.tryNext(true) ?? await reader.next(true);
         if (frames === null) break;
-        this.#receive(decoder.decode(frames[0], frames.slice(1)));
+        let message: unknown = decoder.decode(frames[0], frames.slice(1));
+        // Both dropped before the next read waits: the suspended loop would otherwise keep
+        // the last message, and the large values in it, alive while the connection idles.
+        frames = null;
+        this.#receive(message);
+        message = null;
       }
     } catch (error) {
       if (!this.#isClosed) {

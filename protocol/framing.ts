@@ -19,8 +19,11 @@ export const MESSAGE_FRAMES_MAX = BUFFERS_MAX + 1;
 export const FRAME_BYTES_MAX = 1024 * 1024 * 1024;
 /** How much a reader asks the socket for at once. */
 const READ_CHUNK_BYTES = 256 * 1024;
-/** Frames at most this long are copied out of the read buffer; longer ones get their own. */
-const SMALL_FRAME_BYTES = 64 * 1024;
+/**
+ * Frames at most this long are copied out of the read buffer; longer ones get their own
+ * (shared memory, with `sharedFrames`).
+ */
+export const SMALL_FRAME_BYTES = 64 * 1024;
 /** Frames at most this long are copied into the writer's arena when queued. */
 const COPIED_FRAME_BYTES = 16 * 1024;
 /** The writer's arena for headers and small frames. */

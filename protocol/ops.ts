@@ -148,9 +148,21 @@ const graphTask: v.Schema<GraphTask> = v.object({
   workers: v.optional(v.arrayOf(v.name)),
 });
 
+/**
+ * The reply of `get_data` with `bytes_max`: what fits (values held, by key), and the keys
+ * held that did not fit, to be asked for again. Keys the worker lacks are in neither.
+ */
+export interface DataPart {
+  /** Values by key. */
+  data: Record<string, unknown>;
+  /** Keys it holds that were left for a later get_data. */
+  rest: string[];
+}
+
 /** The ops a worker serves. */
 export const workerOps = {
-  get_data: op<Record<string, unknown>>()(v.object({ keys })),
+  // With bytes_max the reply is a DataPart; without it, `{ key: value }`.
+  get_data: op<Record<string, unknown>>()(v.object({ keys, bytes_max: v.optional(v.positive) })),
   update_data: op<OkReply & { nbytes: Record<string, number> }>()(
     v.object({ data: byKey(v.unknown), report: v.optional(v.boolean) }),
   ),

@@ -343,3 +343,12 @@ Deno.test("fuzz: the checks pass on a cluster no input touched", async () => {
   assert.equal(report.checks, 1);
   assert.equal(report.inputs, 0);
 });
+
+Deno.test("fuzz: under a small frame limit, a check's values that together pass it are gathered and fetched in parts", async () => {
+  // Three seeds: each check picks its own sizes and kinds (typed arrays and ArrayBuffers).
+  await using cluster = await startCluster(2, { frameBytesMax: 2 * 1024 * 1024 });
+  for (const seed of [1, 2, 3]) {
+    const report = await fuzz({ seed, inputs: 0, targets: targetsOf(cluster) });
+    assert.deepEqual(report.failures, [], `seed ${seed}`);
+  }
+});

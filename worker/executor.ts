@@ -15,7 +15,7 @@
 import { toRemoteErrorInfo } from "../protocol/errors.ts";
 import type { FunctionSpec } from "../protocol/ops.ts";
 import { callFunction, EXECUTOR_FUNCTIONS_MAX, type Fn, loadFunction } from "./functions.ts";
-import { nbytesOf } from "./store.ts";
+import { MemoryReclaimer, nbytesOf, sharedBytesOf } from "./store.ts";
 import { Lru } from "../_lru.ts";
 
 /** One job: run function `fn` (with its spec the first time) on `args`. */
@@ -166,6 +166,7 @@ for (const [name, value] of [["kill", kill], ["chdir", chdir]] as const) {
 Object.defineProperty(Deno, "args", { value: Object.freeze([]), configurable: false, writable: false });
 delete (Deno as unknown as Record<symbol, unknown>)[(Deno as unknown as { internal: symbol }).internal];
 
+const reclaimer = new MemoryReclaimer();
 let chain = Promise.resolve();
 self.addEventListener("message", (event: MessageEvent<Job[]>) => {
   const jobs = event.data;
@@ -188,5 +189,10 @@ self.addEventListener("message", (event: MessageEvent<Job[]>) => {
       }
     }
     if (results.length > 0) send(results, keys);
+    // The worker's shared memory these jobs read is let go here too: this isolate must
+    // collect its references before the worker's frees can return the memory.
+    let shared = 0;
+    for (const job of jobs) shared += sharedBytesOf(job.args);
+    if (shared > 0) reclaimer.freed(shared);
   });
 });

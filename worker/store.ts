@@ -5,27 +5,154 @@
  */
 
 import { Encoder, Ref } from "../protocol/codec.ts";
+import { SMALL_FRAME_BYTES } from "../protocol/framing.ts";
 
 // Every binary value goes out of band here, so measuring never copies one.
 const measurer = new Encoder({ inlineBytesMax: 0 });
 
 /**
- * The size of `value` in bytes: a typed array's byteLength; for anything else, what
- * it takes on the wire. Throws TypeError naming `root` and the path of any
- * part that cannot travel.
+ * The memory `value` holds, in bytes: a typed array's whole buffer (a small view of a
+ * large buffer keeps all of it alive); for anything else, what it takes on the wire,
+ * with each buffer its binary parts view counted whole, once. Throws TypeError naming
+ * `root` and the path of any part that cannot travel.
  */
 export function nbytesOf(value: unknown, root = "value"): number {
-  if (ArrayBuffer.isView(value) && !(value instanceof DataView)) return value.byteLength;
+  if (ArrayBuffer.isView(value) && !(value instanceof DataView)) return value.buffer.byteLength;
   const { head, buffers } = measurer.encode(value, root);
   let n = head.byteLength;
-  for (const b of buffers) n += b.byteLength;
+  if (buffers.length === 0) return n;
+  const seen = new Set<ArrayBufferLike>();
+  for (const b of buffers) {
+    if (seen.has(b.buffer)) continue;
+    seen.add(b.buffer);
+    n += b.buffer.byteLength;
+  }
   return n;
+}
+
+/**
+ * Buffer memory freed since the last collection past which V8 is asked for one. V8 does
+ * not count a SharedArrayBuffer toward its next collection, and an idle process makes
+ * none: a worker receives large values into shared memory, and freed ones stayed until
+ * something else caused a collection (GiBs held while idle).
+ */
+export const FREED_GC_BYTES = 64 * 1024 * 1024;
+/**
+ * The external memory reported to V8 to have it collect at once: past its hard limit, half
+ * its largest old generation (at most 4 GiB by default). Allocated in parts of
+ * GC_NUDGE_PART_BYTES, never touched, so no RAM is behind them.
+ */
+const GC_NUDGE_BYTES = 3 * 1024 * 1024 * 1024;
+const GC_NUDGE_PART_BYTES = 1024 * 1024 * 1024;
+/** Least time between two collections asked for: a burst of frees costs one. */
+const GC_INTERVAL_MS_MIN = 1_000;
+/** Most objects searched for buffers in one value. */
+const BUFFER_SEARCH_NODES_MAX = 10_000;
+
+/** Calls `visit` once with each buffer `value` refers to (its top levels searched). */
+function eachBuffer(value: unknown, visit: (buffer: ArrayBufferLike) => void): void {
+  const seen = new Set<ArrayBufferLike>();
+  let budget = BUFFER_SEARCH_NODES_MAX;
+  const stack: unknown[] = [value];
+  while (stack.length > 0 && budget-- > 0) {
+    const v = stack.pop();
+    if (typeof v !== "object" || v === null) continue;
+    const buffer = ArrayBuffer.isView(v)
+      ? v.buffer
+      : v instanceof ArrayBuffer || v instanceof SharedArrayBuffer
+      ? v
+      : null;
+    if (buffer !== null) {
+      if (!seen.has(buffer)) visit(buffer);
+      seen.add(buffer);
+    } else if (Array.isArray(v)) stack.push(...v.slice(0, budget));
+    else if (v instanceof Map) { for (const [k, item] of v) stack.push(k, item); }
+    else if (v instanceof Set) { for (const item of v) stack.push(item); }
+    else if (Object.getPrototypeOf(v) === Object.prototype || Object.getPrototypeOf(v) === null) {
+      for (const key in v) stack.push((v as Record<string, unknown>)[key]);
+    }
+  }
+}
+
+/** The bytes of the buffers (ArrayBuffer or shared) `value` refers to. */
+function bufferBytesOf(value: unknown): number {
+  let bytes = 0;
+  eachBuffer(value, (b) => bytes += b.byteLength);
+  return bytes;
+}
+
+/** The bytes of the SharedArrayBuffers `value` refers to. */
+export function sharedBytesOf(value: unknown): number {
+  let bytes = 0;
+  eachBuffer(value, (b) => {
+    if (b instanceof SharedArrayBuffer) bytes += b.byteLength;
+  });
+  return bytes;
+}
+
+/**
+ * The shared memory a value received into shared frames dropped on arrival: an
+ * ArrayBuffer past SMALL_FRAME_BYTES came in a shared frame and was copied out of it.
+ */
+export function droppedFrameBytesOf(value: unknown): number {
+  let bytes = 0;
+  eachBuffer(value, (b) => {
+    if (b instanceof ArrayBuffer && b.byteLength > SMALL_FRAME_BYTES) bytes += b.byteLength;
+  });
+  return bytes;
+}
+
+/**
+ * Counts buffer memory let go of and, past FREED_GC_BYTES, has V8 collect it (at a later
+ * turn, once the caller has dropped its references too).
+ */
+export class MemoryReclaimer {
+  #freed = 0;
+  #timer: ReturnType<typeof setTimeout> | undefined;
+  #lastMs = -Infinity;
+  /** Collections asked for so far. */
+  collections = 0;
+
+  /** `bytes` of buffers are no longer referred to from here. */
+  freed(bytes: number): void {
+    this.#freed += bytes;
+    if (this.#freed < FREED_GC_BYTES || this.#timer !== undefined) return;
+    const waitMs = Math.max(0, this.#lastMs + GC_INTERVAL_MS_MIN - performance.now());
+    this.#timer = setTimeout(() => {
+      this.#timer = undefined;
+      this.#freed = 0;
+      this.collections++;
+      collect();
+      this.#lastMs = performance.now();
+    }, waitMs);
+  }
+
+  /** Cancels a pending collection (the owner is closing). */
+  close(): void {
+    clearTimeout(this.#timer);
+    this.#timer = undefined;
+  }
+}
+
+/**
+ * Has V8 collect garbage without --expose-gc: a large ArrayBuffer counts as external
+ * memory past V8's hard limit, which makes it collect at once. Its pages are never touched,
+ * so the kernel backs none of them.
+ */
+function collect(): void {
+  try {
+    for (let n = 0; n < GC_NUDGE_BYTES; n += GC_NUDGE_PART_BYTES) new ArrayBuffer(GC_NUDGE_PART_BYTES);
+  } catch {
+    // No address space for it: the memory comes back at a later collection instead.
+  }
 }
 
 /** Values by key, with their sizes. */
 export class DataStore {
   #values = new Map<string, unknown>();
   #nbytes = new Map<string, number>();
+  /** Asks V8 to collect once enough buffer memory has been let go of (see FREED_GC_BYTES). */
+  #reclaimer = new MemoryReclaimer();
 
   /** How many keys it holds. */
   get size(): number {
@@ -44,15 +171,45 @@ export class DataStore {
 
   /** Stores `value` under `key` (undefined as null: it must travel); returns its size. */
   set(key: string, value: unknown, nbytes = nbytesOf(value, key)): number {
+    this.#let(key, value);
     this.#values.set(key, value === undefined ? null : value);
     this.#nbytes.set(key, nbytes);
     return nbytes;
   }
 
+  /**
+   * Stores `value`, which arrived in a message read into shared frames: the frames it was
+   * copied out of are freed memory too. Returns its size.
+   */
+  setReceived(key: string, value: unknown, nbytes = nbytesOf(value, key)): number {
+    this.set(key, value, nbytes);
+    if (nbytes > SMALL_FRAME_BYTES) this.#reclaimer.freed(droppedFrameBytesOf(value));
+    return nbytes;
+  }
+
   /** Deletes `key`; true if it was there. */
   delete(key: string): boolean {
+    this.#let(key);
     this.#nbytes.delete(key);
     return this.#values.delete(key);
+  }
+
+  /** The value of `key` is let go (for `next`, if given): the memory of its buffers counts as freed. */
+  #let(key: string, next?: unknown): void {
+    if ((this.#nbytes.get(key) ?? 0) < SMALL_FRAME_BYTES) return;
+    const old = this.#values.get(key);
+    if (old === next) return;
+    // An ArrayBuffer's memory counts toward V8's next collection, but an idle worker makes
+    // none: freed large buffers of either kind ask for one.
+    let bytes = bufferBytesOf(old);
+    // A value moved to shared memory for an executor replaces its own copy, which it may share.
+    if (bytes > 0 && next !== undefined) bytes = Math.max(0, bytes - bufferBytesOf(next));
+    if (bytes > 0) this.#reclaimer.freed(bytes);
+  }
+
+  /** Stops its pending work (a collection it was about to ask for): the worker is closing. */
+  close(): void {
+    this.#reclaimer.close();
   }
 
   /** Every key held. */

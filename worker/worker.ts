@@ -20,6 +20,7 @@ import {
 } from "../protocol/errors.ts";
 import {
   type ArgsOf,
+  type DataPart,
   type FunctionSpec,
   KNOWN_FUNCTIONS_MAX,
   type Transfer,
@@ -33,6 +34,7 @@ import { dispatchTo, type Handlers, serve, type Server } from "../protocol/serve
 import { AuthenticationError, openComm, type SecurityOptions, tokenFromEnv } from "../protocol/handshake.ts";
 import { ConnectionPool } from "../protocol/pool.ts";
 import { fetchData, isBusy } from "../protocol/fetch.ts";
+import { FRAME_BYTES_MAX } from "../protocol/framing.ts";
 import { ExecutorDiedError, ExecutorPool, type Isolation, shared } from "./executors.ts";
 import { DataStore, nbytesOf, refsIn, resolveRefs } from "./store.ts";
 import { DEATH_TIMEOUT_MS, TRANSFERS_OUT_MAX } from "../_defaults.ts";
@@ -54,6 +56,16 @@ export const TRANSFER_LARGE_BYTES = 1024 * 1024;
 type Report = "call" | "notice" | "replica";
 /** How long a call to a peer or the scheduler may take. */
 const CALL_TIMEOUT_MS = 60_000;
+/** What a get_data reply takes besides its keys and values: its id, op and field names. */
+const REPLY_ENVELOPE_BYTES = 1024;
+/** What each key takes in a get_data reply besides its UTF-8 bytes (and its value's header). */
+const KEY_OVERHEAD_BYTES = 16;
+
+/** The bytes `value` takes in a message (`nbytes` for all but binary values, which it may exceed). */
+function wireBytesOf(value: unknown, nbytes: number): number {
+  if (value instanceof ArrayBuffer || ArrayBuffer.isView(value)) return value.byteLength;
+  return nbytes;
+}
 
 /** Options of `startWorker`. */
 export interface WorkerOptions extends SecurityOptions {
@@ -464,27 +476,32 @@ class Worker implements WorkerNode {
         try {
           this.#log.debug(`Fetching ${batch.join(", ")} from ${holder}`);
           const comm = await this.#peers.get(holder);
-          const start = Date.now();
+          let start = Date.now();
           const got = await fetchData(comm, batch, {
             timeoutMs: CALL_TIMEOUT_MS,
+            bytesMax: this.#options.frameBytesMax,
             onBusy: () => this.#busyWaits++,
             // Busy, and another holder not yet asked has one of these keys: ask it now
             // (Dask's way) rather than wait here.
             elsewhere: () => (movedOn = batch.some((key) => untried(key).length > 0)),
+            // Stored part by part: what arrived stays if a later part fails.
+            onPart: (part) => {
+              let bytes = 0;
+              let count = 0;
+              for (const key of Object.keys(part)) {
+                if (!remaining.has(key)) continue;
+                bytes += this.data.setReceived(key, part[key]);
+                count++;
+                remaining.delete(key);
+                fetched.push(key);
+              }
+              this.#bytesIn += bytes;
+              if (this.#transfers.length < TRANSFER_LOG_MAX) {
+                this.#transfers.push({ from: holder, keys: count, nbytes: bytes, start, stop: Date.now() });
+              }
+              start = Date.now();
+            },
           });
-          let bytes = 0;
-          let count = 0;
-          for (const key of batch) {
-            if (!Object.hasOwn(got, key) || !remaining.has(key)) continue;
-            bytes += this.data.set(key, got[key]);
-            count++;
-            remaining.delete(key);
-            fetched.push(key);
-          }
-          this.#bytesIn += bytes;
-          if (this.#transfers.length < TRANSFER_LOG_MAX) {
-            this.#transfers.push({ from: holder, keys: count, nbytes: bytes, start, stop: Date.now() });
-          }
           this.#log.debug(
             `Got ${batch.filter((k) => Object.hasOwn(got, k)).join(", ") || "nothing"} from ${holder}`,
           );
@@ -521,14 +538,31 @@ class Worker implements WorkerNode {
 
   #handlers(): Handlers<WorkerOps> {
     return {
-      get_data: ({ keys }, comm) => {
+      get_data: ({ keys, bytes_max }, comm) => {
         const out: Record<string, unknown> = {};
+        const rest: string[] = [];
         const sizes = this.data.nbytes(keys);
+        // A part never passes what the fetcher reads nor what this end may send; the keys
+        // (in the reply's data or rest) and its envelope take their share first.
+        let budget = Infinity;
+        if (bytes_max !== undefined) {
+          budget = Math.min(bytes_max, this.#options.frameBytesMax ?? FRAME_BYTES_MAX) - REPLY_ENVELOPE_BYTES;
+          for (const key of keys) budget -= key.length * 3 + KEY_OVERHEAD_BYTES;
+        }
         let bytes = 0;
+        let count = 0;
         for (const key of keys) {
           if (!this.data.has(key)) continue;
-          out[key] = this.data.get(key);
-          bytes += sizes[key] ?? 0;
+          const value = this.data.get(key);
+          const size = wireBytesOf(value, sizes[key] ?? 0);
+          // The first value goes whatever its size (alone past the limit, its send fails and says so).
+          if (count > 0 && bytes + size > budget) {
+            rest.push(key);
+            continue;
+          }
+          out[key] = value;
+          bytes += size;
+          count++;
         }
         if (bytes >= TRANSFER_LARGE_BYTES) {
           const max = this.#options.transfersOutMax ?? TRANSFERS_OUT_MAX;
@@ -542,7 +576,7 @@ class Worker implements WorkerNode {
           setTimeout(() => comm.flushed().then(() => this.#transfersOut--), 0);
         }
         this.#bytesOut += bytes;
-        return out;
+        return bytes_max === undefined ? out : { data: out, rest } satisfies DataPart;
       },
       update_data: async ({ data, report }) => {
         // All or nothing: every value is measured (which fails for one that cannot be
@@ -551,7 +585,7 @@ class Worker implements WorkerNode {
         const nbytes: Record<string, number> = {};
         for (const key in data) nbytes[key] = nbytesOf(data[key], key);
         for (const key in data) {
-          this.data.set(key, data[key], nbytes[key]);
+          this.data.setReceived(key, data[key], nbytes[key]);
           if (report === false) this.#own.delete(key);
           else this.#own.add(key);
         }
@@ -777,6 +811,7 @@ class Worker implements WorkerNode {
       }
       await this.#reconnecting?.catch(() => {});
       await this.#executors.close();
+      this.data.close();
       await comm?.close();
       await this.#server?.close();
       this.#lag?.stop();
