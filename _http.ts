@@ -33,11 +33,67 @@ export interface HttpOptions {
   routes: Route[];
   /** Where it logs. */
   log: Logger;
+  /** Largest request body read, in bytes (default HTTP_BODY_BYTES_MAX). */
+  bodyBytesMax?: number;
+  /** Longest a request body may take to arrive, in ms (default HTTP_BODY_TIMEOUT_MS). */
+  bodyTimeoutMs?: number;
 }
 
 const COOKIE = "dist_auth";
 /** How long a closing HTTP server waits for responses in flight to finish before it returns. */
 const HTTP_CLOSE_GRACE_MS = 1_000;
+/**
+ * Largest HTTP request body a node reads: the one body it takes is the login form, a
+ * few hundred bytes. Larger ones get 413 before anyone has proved anything.
+ */
+export const HTTP_BODY_BYTES_MAX = 16 * 1024;
+/** Longest a request body may take to arrive: a peer that trickles its bytes gets 408. */
+export const HTTP_BODY_TIMEOUT_MS = 10_000;
+
+/**
+ * Reads a request's body under a byte limit and a deadline, counting as it goes: the
+ * bytes, or the response that refuses them (413 past the limit, 408 past the deadline).
+ */
+async function readBody(
+  request: Request,
+  bytesMax: number,
+  timeoutMs: number,
+): Promise<Uint8Array<ArrayBuffer> | Response> {
+  const refuse = (status: number, message: string) =>
+    new Response(`${message}\n`, { status, headers: { connection: "close", "cache-control": "no-store" } });
+  const tooLarge = () => refuse(413, `Request body too large: the limit is ${bytesMax} bytes`);
+  const declared = Number(request.headers.get("content-length") ?? "0");
+  if (declared > bytesMax) return tooLarge();
+  if (request.body === null) return new Uint8Array(0);
+  const reader = request.body.getReader();
+  const chunks: Uint8Array[] = [];
+  let total = 0;
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const late = new Promise<"late">((resolve) => timer = setTimeout(() => resolve("late"), timeoutMs));
+  try {
+    while (true) {
+      const got = await Promise.race([reader.read(), late]);
+      if (got === "late") {
+        return refuse(408, `Request body too slow: it did not arrive within ${timeoutMs} ms`);
+      }
+      if (got.done) break;
+      total += got.value.byteLength;
+      if (total > bytesMax) return tooLarge();
+      chunks.push(got.value);
+    }
+  } finally {
+    clearTimeout(timer);
+    // Whatever is still coming is not read: the connection closes after the refusal.
+    reader.cancel().catch(() => {});
+  }
+  const body = new Uint8Array(total);
+  let at = 0;
+  for (const c of chunks) {
+    body.set(c, at);
+    at += c.byteLength;
+  }
+  return body;
+}
 
 function cookieValue(token: string): string {
   return toBase64(hmacSha256(token, "dist-dashboard"), true);
@@ -70,14 +126,21 @@ ${failed ? '<p class="err">Wrong token.</p>' : ""}
 // deno-lint-ignore require-await
 export async function startHttp(options: HttpOptions): Promise<HttpServer> {
   const { authToken, routes, log } = options;
+  const bodyBytesMax = options.bodyBytesMax ?? HTTP_BODY_BYTES_MAX;
+  const bodyTimeoutMs = options.bodyTimeoutMs ?? HTTP_BODY_TIMEOUT_MS;
   const handler = async (request: Request): Promise<Response> => {
     const url = new URL(request.url);
+    // Every body, on every route, is read here under the limits: no route reads one.
+    const body = await readBody(request, bodyBytesMax, bodyTimeoutMs);
+    if (body instanceof Response) return body;
     if (url.pathname === "/health") {
       return Response.json({ status: "ok" }, { headers: { "cache-control": "no-store" } });
     }
     if (authToken) {
       if (url.pathname === "/login" && request.method === "POST") {
-        const form = await request.formData().catch(() => null);
+        // Parsed from the bytes already read: the form may be urlencoded or multipart.
+        const form = await new Request(request.url, { method: "POST", headers: request.headers, body })
+          .formData().catch(() => null);
         const given = String(form?.get("token") ?? "");
         if (!same(given, authToken)) return new Response(loginPage(true), htmlHeaders(401));
         return new Response(null, {
