@@ -72,7 +72,11 @@ async function readBody(
   const late = new Promise<"late">((resolve) => timer = setTimeout(() => resolve("late"), timeoutMs));
   try {
     while (true) {
-      const got = await Promise.race([reader.read(), late]);
+      // A peer that left half-way (the read fails) is answered like one that stopped sending.
+      const got = await Promise.race([reader.read().catch(() => "gone" as const), late]);
+      if (got === "gone") {
+        return refuse(400, "Request body cut short: the connection failed while it was read");
+      }
       if (got === "late") {
         return refuse(408, `Request body too slow: it did not arrive within ${timeoutMs} ms`);
       }

@@ -278,6 +278,25 @@ Deno.test("backpressure: a slow reader that reads in the end gets every reply, i
   }
 });
 
+Deno.test("backpressure: a peer that leaves while its replies wait is closed at once, its queue released", async () => {
+  const server = await valueServer({
+    writeQueueBytesMax: 1 * MiB,
+    writeStallMs: 20_000,
+    log: capturingLogger(),
+  });
+  const { conn } = await pipeline(server.url, 4_000);
+  try {
+    await eventually(() => [...server.comms].some((c) => c.queuedBytes > MiB / 2), 5_000);
+    const [comm] = server.comms;
+    conn.close();
+    // Not after the stall time: the paused read loop still learns that the peer left.
+    await eventually(() => server.comms.size === 0, 5_000);
+    assert.equal(comm.queuedBytes, 0);
+  } finally {
+    await server.close();
+  }
+});
+
 // ---- connections in the handshake ----
 
 Deno.test("handshake: a stranger holds a small read buffer; past handshakesMax the oldest is dropped; a real peer gets in", async () => {
