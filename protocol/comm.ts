@@ -198,14 +198,19 @@ export class Comm {
   }
 
   // Runs while the queue is over its limit: a peer that takes nothing for writeStallMs
-  // is dropped, with its queue.
+  // is dropped, with its queue. It looks every half of that and drops on the second
+  // look in a row without progress, so a node whose event loop was busy (no write could
+  // finish either) does not mistake its own delay for the peer's.
   #watchStall(): void {
     const ms = this.#options.writeStallMs ?? WRITE_STALL_MS;
     let written = this.#writer.writtenBytes;
+    let idle = 0;
     const check = () => {
       this.#stallTimer = undefined;
       if (this.#isClosed || this.#writer.queuedBytes <= this.#queueBytesMax) return;
-      if (this.#writer.writtenBytes === written) {
+      idle = this.#writer.writtenBytes === written ? idle + 1 : 0;
+      written = this.#writer.writtenBytes;
+      if (idle >= 2) {
         const message =
           `${this.conn.remoteAddress} took nothing for ${ms} ms while ${this.#writer.queuedBytes} ` +
           `bytes waited for it (the limit is ${this.#queueBytesMax})`;
@@ -213,10 +218,9 @@ export class Comm {
         this.#shutdown(new TimeoutError(`Peer stopped reading: ${message}`));
         return;
       }
-      written = this.#writer.writtenBytes;
-      this.#stallTimer = setTimeout(check, ms);
+      this.#stallTimer = setTimeout(check, ms / 2);
     };
-    this.#stallTimer = setTimeout(check, ms);
+    this.#stallTimer = setTimeout(check, ms / 2);
   }
 
   /**
