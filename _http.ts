@@ -87,7 +87,7 @@ async function readBody(
     }
   } finally {
     clearTimeout(timer);
-    // Whatever is still coming is not read: the connection closes after the refusal.
+    // Whatever is still coming is not ours to read: Deno discards it after the response.
     reader.cancel().catch(() => {});
   }
   const body = new Uint8Array(total);

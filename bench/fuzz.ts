@@ -1980,11 +1980,8 @@ async function stalledReaderInput(
 /** Whether input `index` of a run with `seed` is an HTTP body, a stalled reader, or (null) a protocol input. */
 export function connectionCategory(seed: number, index: number, http: boolean): "http" | "stall" | null {
   const roll = new Rng(seed, index, 3).float();
-  return roll < HTTP_INPUT_CHANCE && http
-    ? "http"
-    : roll < HTTP_INPUT_CHANCE + STALL_INPUT_CHANCE
-    ? "stall"
-    : null;
+  if (roll < HTTP_INPUT_CHANCE) return http ? "http" : null;
+  return roll < HTTP_INPUT_CHANCE + STALL_INPUT_CHANCE ? "stall" : null;
 }
 
 /** Runs input `index` if it is an HTTP body or a stalled reader; false for the protocol inputs. */

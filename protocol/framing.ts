@@ -278,11 +278,6 @@ export class MessageWriter {
     return this.#writtenBytes;
   }
 
-  /** Bytes this writer holds for its copies: the arena and the coalescing buffer. */
-  get bufferBytes(): number {
-    return this.#arena.length + (this.#out?.length ?? 0);
-  }
-
   /**
    * Resolves once at most `bytes` are queued, or the writer failed or was aborted. One
    * waiter at a time (a connection's read loop).
@@ -297,7 +292,7 @@ export class MessageWriter {
    * what waited for its reader is released now, not when a stuck write returns.
    */
   abort(reason: unknown): void {
-    if (this.#error === null) this.#error = reason;
+    if (this.#error === null) this.#error = reason ?? new Error("The writer was aborted");
     this.#queue = [];
     this.#queuedBytes = 0;
     this.#arena = NO_BYTES;
