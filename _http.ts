@@ -9,6 +9,7 @@
 import { equalBytes, hmacSha256, toBase64 } from "./_sha256.ts";
 import { formatAddress, isLoopback } from "./protocol/address.ts";
 import type { Logger } from "./_log.ts";
+import { type HttpListener, listenHttp } from "./_http_server.ts";
 
 /** A route handler; `null` means "not mine". */
 export type Route = (request: Request, url: URL) => Response | Promise<Response> | null;
@@ -37,6 +38,10 @@ export interface HttpOptions {
   bodyBytesMax?: number;
   /** Longest a request body may take to arrive, in ms (default HTTP_BODY_TIMEOUT_MS). */
   bodyTimeoutMs?: number;
+  /** Longest a request head may take to arrive, in ms (default HTTP_HEAD_TIMEOUT_MS). */
+  headTimeoutMs?: number;
+  /** Most HTTP connections open at once (default HTTP_CONNECTIONS_MAX). */
+  connectionsMax?: number;
 }
 
 const COOKIE = "dist_auth";
@@ -49,55 +54,7 @@ const HTTP_CLOSE_GRACE_MS = 1_000;
 export const HTTP_BODY_BYTES_MAX = 16 * 1024;
 /** Longest a request body may take to arrive: a peer that trickles its bytes gets 408. */
 export const HTTP_BODY_TIMEOUT_MS = 10_000;
-
-/**
- * Reads a request's body under a byte limit and a deadline, counting as it goes: the
- * bytes, or the response that refuses them (413 past the limit, 408 past the deadline).
- */
-async function readBody(
-  request: Request,
-  bytesMax: number,
-  timeoutMs: number,
-): Promise<Uint8Array<ArrayBuffer> | Response> {
-  const refuse = (status: number, message: string) =>
-    new Response(`${message}\n`, { status, headers: { connection: "close", "cache-control": "no-store" } });
-  const tooLarge = () => refuse(413, `Request body too large: the limit is ${bytesMax} bytes`);
-  const declared = Number(request.headers.get("content-length") ?? "0");
-  if (declared > bytesMax) return tooLarge();
-  if (request.body === null) return new Uint8Array(0);
-  const reader = request.body.getReader();
-  const chunks: Uint8Array[] = [];
-  let total = 0;
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const late = new Promise<"late">((resolve) => timer = setTimeout(() => resolve("late"), timeoutMs));
-  try {
-    while (true) {
-      // A peer that left half-way (the read fails) is answered like one that stopped sending.
-      const got = await Promise.race([reader.read().catch(() => "gone" as const), late]);
-      if (got === "gone") {
-        return refuse(400, "Request body cut short: the connection failed while it was read");
-      }
-      if (got === "late") {
-        return refuse(408, `Request body too slow: it did not arrive within ${timeoutMs} ms`);
-      }
-      if (got.done) break;
-      total += got.value.byteLength;
-      if (total > bytesMax) return tooLarge();
-      chunks.push(got.value);
-    }
-  } finally {
-    clearTimeout(timer);
-    // Whatever is still coming is not ours to read: Deno discards it after the response.
-    reader.cancel().catch(() => {});
-  }
-  const body = new Uint8Array(total);
-  let at = 0;
-  for (const c of chunks) {
-    body.set(c, at);
-    at += c.byteLength;
-  }
-  return body;
-}
+export { HTTP_CONNECTIONS_MAX, HTTP_HEAD_BYTES_MAX, HTTP_HEAD_TIMEOUT_MS } from "./_http_server.ts";
 
 function cookieValue(token: string): string {
   return toBase64(hmacSha256(token, "dist-dashboard"), true);
@@ -134,17 +91,13 @@ export async function startHttp(options: HttpOptions): Promise<HttpServer> {
   const bodyTimeoutMs = options.bodyTimeoutMs ?? HTTP_BODY_TIMEOUT_MS;
   const handler = async (request: Request): Promise<Response> => {
     const url = new URL(request.url);
-    // Every body, on every route, is read here under the limits: no route reads one.
-    const body = await readBody(request, bodyBytesMax, bodyTimeoutMs);
-    if (body instanceof Response) return body;
     if (url.pathname === "/health") {
       return Response.json({ status: "ok" }, { headers: { "cache-control": "no-store" } });
     }
     if (authToken) {
       if (url.pathname === "/login" && request.method === "POST") {
-        // Parsed from the bytes already read: the form may be urlencoded or multipart.
-        const form = await new Request(request.url, { method: "POST", headers: request.headers, body })
-          .formData().catch(() => null);
+        // The server read the body whole, under HTTP_BODY_BYTES_MAX: parsing it costs no more.
+        const form = await request.formData().catch(() => null);
         const given = String(form?.get("token") ?? "");
         if (!same(given, authToken)) return new Response(loginPage(true), htmlHeaders(401));
         return new Response(null, {
@@ -173,9 +126,14 @@ export async function startHttp(options: HttpOptions): Promise<HttpServer> {
     }
     return new Response("Not found\n", { status: 404 });
   };
-  // Deno.serve binds at once (a taken port throws here), so no await is needed.
-  const listen = (port: number) => Deno.serve({ hostname: options.host, port, onListen: () => {} }, handler);
-  let server: Deno.HttpServer<Deno.NetAddr>;
+  const limits = {
+    bodyBytesMax,
+    bodyTimeoutMs,
+    headTimeoutMs: options.headTimeoutMs,
+    connectionsMax: options.connectionsMax,
+  };
+  const listen = (port: number) => listenHttp(options.host, port, handler, limits);
+  let server: HttpListener;
   try {
     server = listen(options.port);
   } catch (error) {
@@ -193,15 +151,9 @@ export async function startHttp(options: HttpOptions): Promise<HttpServer> {
   return {
     url: formatAddress({ host: shown, port: server.addr.port }).replace(/^tcp:/, "http:"),
     async close() {
-      // Responses still going (an event stream its owner has just ended) finish cleanly,
-      // where aborting the server would cut them. One that has not finished within
-      // HTTP_CLOSE_GRACE_MS (a viewer that stopped reading) is left to end with its
-      // connection: Deno cannot abort a server that is shutting down.
-      let timer: ReturnType<typeof setTimeout> | undefined;
-      await Promise.race([
-        server.shutdown(),
-        new Promise((resolve) => timer = setTimeout(resolve, HTTP_CLOSE_GRACE_MS)),
-      ]).finally(() => clearTimeout(timer));
+      // Responses still going (an event stream its owner has just ended) finish cleanly;
+      // one that has not within HTTP_CLOSE_GRACE_MS (a viewer that stopped reading) is cut.
+      await server.close(HTTP_CLOSE_GRACE_MS);
     },
   };
 }

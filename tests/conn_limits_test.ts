@@ -71,7 +71,7 @@ async function postHuge(
   url: string,
   path: string,
   options: { chunked: boolean; sendBytesMax: number; timeoutMs: number },
-): Promise<{ status: string; text: string; sent: number }> {
+): Promise<{ status: string; text: string; sent: number; closed: boolean }> {
   const { hostname, port } = new URL(url);
   const conn = await Deno.connect({ hostname, port: Number(port) });
   try {
@@ -99,7 +99,9 @@ async function postHuge(
       await new Promise((resolve) => setTimeout(resolve, 1));
     }
     const got = await answer;
-    return { status: got.text.split("\r\n")[0], text: got.text, sent };
+    // After its answer the node closes the connection: nothing more is read from it.
+    const closed = got.closed || (await readUntilClosed(conn, 3_000)).closed;
+    return { status: got.text.split("\r\n")[0], text: got.text, sent, closed };
   } finally {
     conn.close();
   }
@@ -130,6 +132,7 @@ Deno.test("http: a huge body gets 413 from a real scheduler, which keeps serving
       const got = await postHuge(url, path, { chunked, sendBytesMax: 64 * MiB, timeoutMs: 15_000 });
       assert.match(got.status, /^HTTP\/1\.1 413/, `${path} chunked=${chunked}: ${got.text.slice(0, 200)}`);
       assert.match(got.text, new RegExp(`Request body too large: the limit is ${HTTP_BODY_BYTES_MAX} bytes`));
+      assert.equal(got.closed, true, `${path} chunked=${chunked}: the connection stays open`);
     }
     const health = await fetch(`${url}/health`);
     assert.equal(health.status, 200);
@@ -165,8 +168,11 @@ Deno.test("http: a slowly dripped body is cut with 408 after the body timeout; a
         await new Promise((resolve) => setTimeout(resolve, 20));
       }
     })();
-    const got = await readUntilClosed(conn, 5_000, true).finally(() => stop = true);
+    const got = await readUntilClosed(conn, 5_000, true);
+    // And the connection is closed: the dripping peer costs nothing more.
+    const after = await readUntilClosed(conn, 3_000).finally(() => stop = true);
     await drip;
+    assert.equal(after.closed, true, "the node closed the connection after its 408");
     const ms = performance.now() - started;
     assert.match(got.text, /^HTTP\/1\.1 408/, got.text);
     assert.match(got.text, /Request body too slow: it did not arrive within 300 ms/);
@@ -174,6 +180,50 @@ Deno.test("http: a slowly dripped body is cut with 408 after the body timeout; a
     assert.equal((await login(http.url, TOKEN)).status, 303);
   } finally {
     conn.close();
+    await http.close();
+  }
+});
+
+Deno.test("http: a head that trickles in gets 408 and is closed; past connectionsMax a connection is closed at once", async () => {
+  const connectionsMax = 4;
+  const http = await startHttp({
+    host: "127.0.0.1",
+    port: 0,
+    routes: [],
+    log: createLogger("http", "silent"),
+    headTimeoutMs: 300,
+    connectionsMax,
+  });
+  const { port } = new URL(http.url);
+  const conns: Deno.Conn[] = [];
+  try {
+    const slow = await Deno.connect({ hostname: "127.0.0.1", port: Number(port) });
+    conns.push(slow);
+    await slow.write(text.encode("GET /health HTTP/1.1\r\nhost: x\r\n"));
+    const started = performance.now();
+    const got = await readUntilClosed(slow, 5_000);
+    const ms = performance.now() - started;
+    assert.match(got.text, /^HTTP\/1\.1 408/, got.text);
+    assert.match(got.text, /Request head too slow/);
+    assert.equal(got.closed, true);
+    assert.ok(ms >= 250 && ms < 4_000, `cut after ${Math.round(ms)} ms`);
+
+    // connectionsMax idle connections fill the server; the next one is closed unanswered.
+    for (let i = 0; i < connectionsMax; i++) {
+      conns.push(await Deno.connect({ hostname: "127.0.0.1", port: Number(port) }));
+    }
+    const extra = await Deno.connect({ hostname: "127.0.0.1", port: Number(port) });
+    conns.push(extra);
+    const refused = await readUntilClosed(extra, 2_000);
+    assert.deepEqual(refused, { text: "", closed: true });
+    // Once the idle ones are cut (the head timeout), the server takes requests again.
+    await eventually(async () => {
+      const health = await fetch(`${http.url}/health`).catch(() => null);
+      await health?.body?.cancel();
+      return health?.status === 200;
+    }, 5_000);
+  } finally {
+    for (const conn of conns) conn.close();
     await http.close();
   }
 });
