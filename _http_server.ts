@@ -12,7 +12,11 @@
  * @module
  */
 
-/** Most HTTP connections open at once (viewers, scrapers); more are closed on arrival. */
+/**
+ * Most HTTP connections open at once (viewers, scrapers). Past it the one that has
+ * waited longest for its request is closed; when every one is being answered (event
+ * streams), the newcomer is.
+ */
 export const HTTP_CONNECTIONS_MAX = 256;
 /** Largest request head: the request line and the headers. */
 export const HTTP_HEAD_BYTES_MAX = 16 * 1024;
@@ -287,6 +291,10 @@ export function listenHttp(
   const listener = Deno.listen({ hostname: host, port, transport: "tcp" });
   const addr = listener.addr as Deno.NetAddr;
   const open = new Map<Deno.Conn, Promise<void>>();
+  // Connections still reading their request, oldest first.
+  const waiting = new Set<Deno.Conn>();
+  // Connections dropped to make room: they end on their own; close() waits for them.
+  const ending = new Set<Promise<void>>();
   const max = limits.connectionsMax ?? HTTP_CONNECTIONS_MAX;
   let closing = false;
   const serveConn = async (conn: Deno.Conn) => {
@@ -295,7 +303,9 @@ export function listenHttp(
       let method = "GET";
       let http10 = false;
       try {
-        const read = await readRequest(conn, `${addr.hostname}:${addr.port}`, limits);
+        waiting.add(conn);
+        const read = await readRequest(conn, `${addr.hostname}:${addr.port}`, limits)
+          .finally(() => waiting.delete(conn));
         if (read === null) return;
         ({ http10 } = read);
         method = read.request.method;
@@ -318,6 +328,19 @@ export function listenHttp(
   };
   const accepting = (async () => {
     for await (const conn of listener) {
+      if (!closing && open.size >= max && waiting.size > 0) {
+        // Full: the connection that has waited longest for its request goes, so idle
+        // strangers cannot keep viewers and scrapers out.
+        const [oldest] = waiting;
+        waiting.delete(oldest);
+        try {
+          oldest.close();
+        } catch { /* closed already */ }
+        const done = open.get(oldest)!;
+        open.delete(oldest);
+        ending.add(done);
+        done.finally(() => ending.delete(done));
+      }
       if (closing || open.size >= max) {
         conn.close();
         continue;
@@ -338,6 +361,12 @@ export function listenHttp(
         listener.close();
       } catch { /* closed already */ }
       await accepting;
+      // Those still waiting for their request get none: only answers under way get the grace.
+      for (const conn of waiting) {
+        try {
+          conn.close();
+        } catch { /* closed already */ }
+      }
       let timer: ReturnType<typeof setTimeout> | undefined;
       await Promise.race([
         Promise.all(open.values()),
@@ -350,7 +379,7 @@ export function listenHttp(
           conn.close();
         } catch { /* closed already */ }
       }
-      await Promise.all(open.values());
+      await Promise.all([...open.values(), ...ending]);
     },
   };
 }
