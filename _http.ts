@@ -9,6 +9,7 @@
 import { equalBytes, hmacSha256, toBase64 } from "./_sha256.ts";
 import { formatAddress, isLoopback } from "./protocol/address.ts";
 import type { Logger } from "./_log.ts";
+import { type HttpListener, listenHttp } from "./_http_server.ts";
 
 /** A route handler; `null` means "not mine". */
 export type Route = (request: Request, url: URL) => Response | Promise<Response> | null;
@@ -33,11 +34,27 @@ export interface HttpOptions {
   routes: Route[];
   /** Where it logs. */
   log: Logger;
+  /** Largest request body read, in bytes (default HTTP_BODY_BYTES_MAX). */
+  bodyBytesMax?: number;
+  /** Longest a request body may take to arrive, in ms (default HTTP_BODY_TIMEOUT_MS). */
+  bodyTimeoutMs?: number;
+  /** Longest a request head may take to arrive, in ms (default HTTP_HEAD_TIMEOUT_MS). */
+  headTimeoutMs?: number;
+  /** Most HTTP connections open at once (default HTTP_CONNECTIONS_MAX). */
+  connectionsMax?: number;
 }
 
 const COOKIE = "dist_auth";
 /** How long a closing HTTP server waits for responses in flight to finish before it returns. */
 const HTTP_CLOSE_GRACE_MS = 1_000;
+/**
+ * Largest HTTP request body a node reads: the one body it takes is the login form, a
+ * few hundred bytes. Larger ones get 413 before anyone has proved anything.
+ */
+export const HTTP_BODY_BYTES_MAX = 16 * 1024;
+/** Longest a request body may take to arrive: a peer that trickles its bytes gets 408. */
+export const HTTP_BODY_TIMEOUT_MS = 10_000;
+export { HTTP_CONNECTIONS_MAX, HTTP_HEAD_BYTES_MAX, HTTP_HEAD_TIMEOUT_MS } from "./_http_server.ts";
 
 function cookieValue(token: string): string {
   return toBase64(hmacSha256(token, "dist-dashboard"), true);
@@ -70,6 +87,8 @@ ${failed ? '<p class="err">Wrong token.</p>' : ""}
 // deno-lint-ignore require-await
 export async function startHttp(options: HttpOptions): Promise<HttpServer> {
   const { authToken, routes, log } = options;
+  const bodyBytesMax = options.bodyBytesMax ?? HTTP_BODY_BYTES_MAX;
+  const bodyTimeoutMs = options.bodyTimeoutMs ?? HTTP_BODY_TIMEOUT_MS;
   const handler = async (request: Request): Promise<Response> => {
     const url = new URL(request.url);
     if (url.pathname === "/health") {
@@ -77,6 +96,7 @@ export async function startHttp(options: HttpOptions): Promise<HttpServer> {
     }
     if (authToken) {
       if (url.pathname === "/login" && request.method === "POST") {
+        // The server read the body whole, under HTTP_BODY_BYTES_MAX: parsing it costs no more.
         const form = await request.formData().catch(() => null);
         const given = String(form?.get("token") ?? "");
         if (!same(given, authToken)) return new Response(loginPage(true), htmlHeaders(401));
@@ -106,9 +126,14 @@ export async function startHttp(options: HttpOptions): Promise<HttpServer> {
     }
     return new Response("Not found\n", { status: 404 });
   };
-  // Deno.serve binds at once (a taken port throws here), so no await is needed.
-  const listen = (port: number) => Deno.serve({ hostname: options.host, port, onListen: () => {} }, handler);
-  let server: Deno.HttpServer<Deno.NetAddr>;
+  const limits = {
+    bodyBytesMax,
+    bodyTimeoutMs,
+    headTimeoutMs: options.headTimeoutMs,
+    connectionsMax: options.connectionsMax,
+  };
+  const listen = (port: number) => listenHttp(options.host, port, handler, limits);
+  let server: HttpListener;
   try {
     server = listen(options.port);
   } catch (error) {
@@ -126,15 +151,9 @@ export async function startHttp(options: HttpOptions): Promise<HttpServer> {
   return {
     url: formatAddress({ host: shown, port: server.addr.port }).replace(/^tcp:/, "http:"),
     async close() {
-      // Responses still going (an event stream its owner has just ended) finish cleanly,
-      // where aborting the server would cut them. One that has not finished within
-      // HTTP_CLOSE_GRACE_MS (a viewer that stopped reading) is left to end with its
-      // connection: Deno cannot abort a server that is shutting down.
-      let timer: ReturnType<typeof setTimeout> | undefined;
-      await Promise.race([
-        server.shutdown(),
-        new Promise((resolve) => timer = setTimeout(resolve, HTTP_CLOSE_GRACE_MS)),
-      ]).finally(() => clearTimeout(timer));
+      // Responses still going (an event stream its owner has just ended) finish cleanly;
+      // one that has not within HTTP_CLOSE_GRACE_MS (a viewer that stopped reading) is cut.
+      await server.close(HTTP_CLOSE_GRACE_MS);
     },
   };
 }

@@ -37,6 +37,7 @@ import { type NodeProcess, spawnNode } from "../_spawn.ts";
 import { Client, Ref, rpc, taskOptions } from "../mod.ts";
 import { isLoopback, parseAddress } from "../protocol/address.ts";
 import { BIGINT_BYTES_MAX, Decoder, Encoder } from "../protocol/codec.ts";
+import { HTTP_BODY_BYTES_MAX } from "../_http.ts";
 import { FRAME_BYTES_MAX, frameHeader, MESSAGE_FRAMES_MAX, MessageReader } from "../protocol/framing.ts";
 import { clientHandshake, tokenFromEnv } from "../protocol/handshake.ts";
 import { schedulerOps, workerOps } from "../protocol/ops.ts";
@@ -54,6 +55,8 @@ export interface FuzzTarget {
   pid?: number;
   /** The node's frame limit, when not the default (the fuzzer predicts which frames it refuses). */
   frameBytesMax?: number;
+  /** Its HTTP server (dashboard or metrics), `http://host:port`: it gets huge and slow bodies too. */
+  httpUrl?: string;
 }
 
 /** Where a run stands, for progress reports. */
@@ -100,8 +103,8 @@ export interface FuzzOptions {
   signal?: AbortSignal;
 }
 
-/** The three kinds of input. */
-export type FuzzCategory = "raw" | "envelope" | "mutation";
+/** The kinds of input: the three protocol ones, HTTP bodies, readers that stop reading. */
+export type FuzzCategory = "raw" | "envelope" | "mutation" | "http" | "stall";
 
 /** Something that went wrong: a crash, a hang, a bad reply, lost data, a leak. */
 export interface FuzzFailure {
@@ -1520,7 +1523,7 @@ interface Outcome {
   problems: string[];
 }
 
-async function writeAll(conn: Conn, bytes: Uint8Array): Promise<void> {
+async function writeAll(conn: Pick<Conn, "write">, bytes: Uint8Array): Promise<void> {
   let done = 0;
   while (done < bytes.length) done += await conn.write(bytes.subarray(done));
 }
@@ -1865,6 +1868,7 @@ function safeInput(state: RunState, index: number): { input: Input; expect: Plan
 }
 
 async function runInput(state: RunState, index: number): Promise<void> {
+  if (await connectionInput(state, index)) return;
   let made: { input: Input; expect: Planned } | null;
   try {
     made = safeInput(state, index);
@@ -1933,6 +1937,170 @@ async function runInput(state: RunState, index: number): Promise<void> {
       detail: `${input.how}\n${hex(input.bytes)}`,
     });
   }
+}
+
+// ---- HTTP bodies, and readers that stop reading ----
+
+/** Share of inputs that are HTTP bodies (to nodes with an HTTP server), and readers that stop reading. */
+const HTTP_INPUT_CHANCE = 0.01;
+const STALL_INPUT_CHANCE = 0.005;
+/** Most body bytes an HTTP input sends (past the nodes' limit, far below what crashed them). */
+const HTTP_SEND_BYTES_MAX = 4 * 1024 * 1024;
+/** Most get_data requests a stalled reader pipelines: 3,000 x 32 KiB is 96 MiB of replies, over the queue limit. */
+const STALL_REQUESTS_MAX = 3_000;
+const HTTP_ROUTES = ["/login", "/metrics", "/api/snapshot", "/health", "/events", "/nope"];
+
+/** Reads an HTTP answer's status line (and its body, if it has a length); "" when none comes in time. */
+async function httpAnswer(conn: Deno.Conn, ms: number): Promise<string> {
+  const buf = new Uint8Array(8192);
+  let text = "";
+  const late = timeout(ms);
+  try {
+    while (true) {
+      const n = await Promise.race([conn.read(buf).catch(() => null), late.promise]);
+      if (n === "timeout" || n === null) return text;
+      text += new TextDecoder().decode(buf.subarray(0, n));
+      const end = text.indexOf("\r\n\r\n");
+      const length = /content-length: (\d+)/i.exec(text.slice(0, end));
+      if (end >= 0 && (length === null || text.length >= end + 4 + Number(length[1]))) return text;
+    }
+  } finally {
+    late.cancel();
+  }
+}
+
+/**
+ * A body to a node's HTTP server: small or past the limit, honest, lying (a huge
+ * content-length) or chunked, sent at once or dripped; sometimes abandoned half-way.
+ * Past the limit the answer must be 413; any body gets an answer in time.
+ */
+async function httpBodyInput(state: RunState, target: FuzzTarget, rng: Rng): Promise<string[]> {
+  const url = new URL(target.httpUrl!);
+  const route = rng.pick(HTTP_ROUTES);
+  const over = rng.chance(0.5);
+  const size = over ? HTTP_BODY_BYTES_MAX + 1 + rng.int(HTTP_SEND_BYTES_MAX) : rng.int(HTTP_BODY_BYTES_MAX);
+  const framing = rng.pick(["length", "lie", "chunked"] as const);
+  const drip = rng.chance(0.3);
+  const abandon = rng.chance(0.1);
+  const declared = framing === "lie" ? 700 * 1024 * 1024 : size;
+  const head = `POST ${route} HTTP/1.1\r\nhost: fuzz\r\ncontent-type: application/x-www-form-urlencoded\r\n` +
+    (framing === "chunked" ? "transfer-encoding: chunked" : `content-length: ${declared}`) + "\r\n\r\n";
+  const conn = await Deno.connect({ hostname: url.hostname, port: Number(url.port) });
+  try {
+    let answered = false;
+    const answer = httpAnswer(conn, state.options.replyTimeoutMs).finally(() => answered = true);
+    const piece = (n: number) => {
+      const body = textEncoder.encode("token=" + "x".repeat(Math.max(0, n - 6))).subarray(0, n);
+      return framing === "chunked"
+        ? concat([textEncoder.encode(`${n.toString(16)}\r\n`), body, textEncoder.encode("\r\n")])
+        : body;
+    };
+    await writeAll(conn, textEncoder.encode(head));
+    let sent = 0;
+    const stopAt = abandon ? rng.int(size + 1) : size;
+    while (sent < stopAt && !answered) {
+      const n = Math.min(stopAt - sent, drip ? 1 + rng.int(64) : 256 * 1024);
+      if (!(await writeAll(conn, piece(n)).then(() => true, () => false))) break;
+      sent += n;
+      // Dripping lasts at most ~500 ms: well inside the body deadline, so it is answered normally.
+      if (drip && sent < 16 * 1024) await new Promise((resolve) => setTimeout(resolve, rng.int(8)));
+    }
+    if (abandon) return [];
+    if (framing === "chunked" && !answered) {
+      await writeAll(conn, textEncoder.encode("0\r\n\r\n")).catch(() => {});
+    }
+    const text = await answer;
+    const status = text.split("\r\n")[0];
+    const what = `POST ${route} with ${size} body bytes (${framing}${drip ? ", dripped" : ""})`;
+    if (!/^HTTP\/1\.1 \d{3}/.test(status)) {
+      return [`no HTTP answer to ${what} within ${state.options.replyTimeoutMs} ms`];
+    }
+    if ((over || framing === "lie") && !status.startsWith("HTTP/1.1 413")) {
+      return [`${what} got ${status}, not 413`];
+    }
+    if (!over && framing !== "lie" && /^HTTP\/1\.1 (413|5\d\d)/.test(status)) {
+      return [`${what} got ${status}`];
+    }
+    return [];
+  } finally {
+    conn.close();
+  }
+}
+
+/**
+ * A peer that pipelines get_data (of a canary: 32 KiB a reply) or pings and then reads
+ * nothing: it hangs up later, or reads every reply slowly in the end and must get them
+ * all, in order. The node's memory and answers are checked between batches.
+ */
+async function stalledReaderInput(
+  state: RunState,
+  target: FuzzTarget,
+  rng: Rng,
+  index: number,
+): Promise<string[]> {
+  const n = 100 + rng.int(STALL_REQUESTS_MAX);
+  const op = target.kind === "worker" ? "get_data" : "ping";
+  const g = genFor(rng, index);
+  const parts: Uint8Array[] = [];
+  for (let id = 1; id <= n; id++) {
+    const args = op === "get_data" ? { keys: [CANARY_F64] } : {};
+    parts.push(message(encodeMessage({ op, id, args }, g, false)));
+  }
+  const conn = await connect(parseAddress(target.address));
+  try {
+    const hello = await openRaw(conn, state.authToken);
+    if (typeof hello === "string") return [hello];
+    // The node may stop reading us part-way (backpressure): the writes go on in the background.
+    const writing = writeAll(conn, concat(parts)).catch(() => {});
+    await new Promise((resolve) => setTimeout(resolve, rng.int(300)));
+    if (rng.chance(0.5)) return []; // it never reads: the node must drop or release it
+    const deadline = performance.now() + 2 * state.options.replyTimeoutMs;
+    for (let id = 1; id <= n; id++) {
+      const left = deadline - performance.now();
+      const late = timeout(Math.max(0, left));
+      const frames = await Promise.race([hello.reader.next(), late.promise]).finally(late.cancel);
+      if (frames === "timeout") return [`a slow reader got ${id - 1} of ${n} ${op} replies in time`];
+      if (frames === null) return [`the node closed a slow reader after ${id - 1} of ${n} ${op} replies`];
+      const reply = new Decoder().decode(frames[0], frames.slice(1)) as Record<string, unknown>;
+      if (reply?.reply !== id || "error" in reply) {
+        return [`a slow reader's reply ${id} of ${n} was ${Deno.inspect(reply).slice(0, 200)}`];
+      }
+      if (id % 200 === 0) await new Promise((resolve) => setTimeout(resolve, rng.int(20)));
+    }
+    await writing;
+    return [];
+  } finally {
+    conn.close();
+  }
+}
+
+/** Whether input `index` of a run with `seed` is an HTTP body, a stalled reader, or (null) a protocol input. */
+export function connectionCategory(seed: number, index: number, http: boolean): "http" | "stall" | null {
+  const roll = new Rng(seed, index, 3).float();
+  if (roll < HTTP_INPUT_CHANCE) return http ? "http" : null;
+  return roll < HTTP_INPUT_CHANCE + STALL_INPUT_CHANCE ? "stall" : null;
+}
+
+/** Runs input `index` if it is an HTTP body or a stalled reader; false for the protocol inputs. */
+async function connectionInput(state: RunState, index: number): Promise<boolean> {
+  const web = state.targets.filter((t) => t.httpUrl !== undefined);
+  const category = connectionCategory(state.options.seed, index, web.length > 0);
+  if (category === null) return false;
+  const rng = new Rng(state.options.seed, index, 4);
+  const target = category === "http" ? rng.pick(web) : rng.pick(state.targets);
+  state.report.inputs++;
+  state.report.byCategory[category]++;
+  let problems: string[];
+  try {
+    problems = category === "http"
+      ? await httpBodyInput(state, target, rng)
+      : await stalledReaderInput(state, target, rng, index);
+  } catch (error) {
+    problems = [`cannot connect: ${(error as Error).message}`];
+  }
+  const where = category === "http" ? `${target.kind} ${target.httpUrl}` : describeTarget(target);
+  for (const what of problems) fail(state, { input: index, target: where, category, what });
+  return true;
 }
 
 /** What input `index` of a run with `seed` sends, without sending it. */
@@ -2324,7 +2492,7 @@ function newState(options: FuzzOptions): RunState {
       seed,
       inputs: 0,
       elapsedMs: 0,
-      byCategory: { raw: 0, envelope: 0, mutation: 0 },
+      byCategory: { raw: 0, envelope: 0, mutation: 0, http: 0, stall: 0 },
       byOp: {},
       skipped: 0,
       replies: { result: 0, error: 0, errorNames: {}, none: 0 },
@@ -2502,7 +2670,7 @@ async function main(): Promise<void> {
   try {
     for (const name of ["scheduler", "alice", "bob"]) {
       const args = name === "scheduler"
-        ? ["scheduler", "--port", "0"]
+        ? ["scheduler", "--port", "0", "--dashboard-port", "0"]
         : ["worker", nodes[0][1].address, "--name", name, "--nthreads", "2"];
       // A small frame limit: checks then move values that together pass it (checkFetchParts).
       args.push("--frame-bytes-max", String(FUZZ_FRAME_BYTES_MAX));
@@ -2521,11 +2689,21 @@ async function main(): Promise<void> {
         died.abort();
       });
     }
-    const targets: FuzzTarget[] = nodes.map(([name, node]) => ({
-      address: node.address,
-      kind: name === "scheduler" ? "scheduler" : "worker",
-      pid: node.child.pid,
-    }));
+    const targets: FuzzTarget[] = [];
+    for (const [name, node] of nodes) {
+      // The scheduler names its dashboard, which gets the HTTP inputs.
+      const node0 = rpc(node.address);
+      const httpUrl = name === "scheduler"
+        ? ((await node0.call("identity")) as Record<string, unknown>).dashboard
+        : undefined;
+      await node0.close();
+      targets.push({
+        address: node.address,
+        kind: name === "scheduler" ? "scheduler" : "worker",
+        pid: node.child.pid,
+        httpUrl: typeof httpUrl === "string" ? httpUrl : undefined,
+      });
+    }
     let lastPrint = 0;
     report = await fuzz({
       seed,

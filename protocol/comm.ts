@@ -32,6 +32,18 @@ export const REQUESTS_IN_FLIGHT_MAX = 10_000;
  * heartbeats waiting.
  */
 export const READ_TURN_MS = 50;
+/**
+ * Bytes one connection may have queued for its peer before it stops reading that
+ * peer's requests: a peer that asks and never reads the answers (or reads slowly)
+ * holds at most this much of the node's memory, plus one message.
+ */
+export const WRITE_QUEUE_BYTES_MAX = 32 * 1024 * 1024;
+/**
+ * Longest a connection over WRITE_QUEUE_BYTES_MAX may go without its peer taking a
+ * single byte before it is dropped (nginx's send_timeout): a reader that is slow but
+ * reads keeps its connection, one that stopped loses it and its queue.
+ */
+export const WRITE_STALL_MS = 30_000;
 
 /** Handles a request that arrived: the op name, its raw arguments, the Comm it came on. */
 export type Dispatch = (op: string, args: unknown, comm: Comm) => unknown;
@@ -52,6 +64,10 @@ export interface CommOptions {
   peerFrameBytesMax?: number;
   /** Where protocol errors are reported. */
   log?: Logger;
+  /** Bytes queued for the peer past which its requests wait (default WRITE_QUEUE_BYTES_MAX). */
+  writeQueueBytesMax?: number;
+  /** How long the peer may take nothing while the queue is over the limit (default WRITE_STALL_MS). */
+  writeStallMs?: number;
 }
 
 /** Per-call options. */
@@ -90,6 +106,8 @@ export class Comm {
   #writer: MessageWriter;
   #options: CommOptions;
   #log: Logger;
+  #queueBytesMax: number;
+  #stallTimer: ReturnType<typeof setTimeout> | undefined;
 
   /** Starts reading `conn` at once. */
   constructor(conn: Conn, options: CommOptions = {}) {
@@ -97,6 +115,7 @@ export class Comm {
     this.#options = options;
     this.#log = options.log ?? silentLogger;
     this.#writer = new MessageWriter(conn);
+    this.#queueBytesMax = options.writeQueueBytesMax ?? WRITE_QUEUE_BYTES_MAX;
     this.closed = this.#readLoop();
   }
 
@@ -157,6 +176,11 @@ export class Comm {
     });
   }
 
+  /** Bytes queued for the peer and not yet written. */
+  get queuedBytes(): number {
+    return this.#writer.queuedBytes;
+  }
+
   /** Resolves when everything queued so far has been written (or the write failed). */
   flushed(): Promise<void> {
     return this.#writer.flushed();
@@ -170,6 +194,33 @@ export class Comm {
 
   #send(frames: Uint8Array[]): void {
     this.#writer.write(frames, true).catch((error) => this.close(error));
+    if (this.#writer.queuedBytes > this.#queueBytesMax && this.#stallTimer === undefined) this.#watchStall();
+  }
+
+  // Runs while the queue is over its limit: a peer that takes nothing for writeStallMs
+  // is dropped, with its queue. It looks every half of that and drops on the second
+  // look in a row without progress, so a node whose event loop was busy (no write could
+  // finish either) does not mistake its own delay for the peer's.
+  #watchStall(): void {
+    const ms = this.#options.writeStallMs ?? WRITE_STALL_MS;
+    let written = this.#writer.writtenBytes;
+    let idle = 0;
+    const check = () => {
+      this.#stallTimer = undefined;
+      if (this.#isClosed || this.#writer.queuedBytes <= this.#queueBytesMax) return;
+      idle = this.#writer.writtenBytes === written ? idle + 1 : 0;
+      written = this.#writer.writtenBytes;
+      if (idle >= 2) {
+        const message =
+          `${this.conn.remoteAddress} took nothing for ${ms} ms while ${this.#writer.queuedBytes} ` +
+          `bytes waited for it (the limit is ${this.#queueBytesMax})`;
+        this.#log.warn(`Closing connection: ${message}`);
+        this.#shutdown(new TimeoutError(`Peer stopped reading: ${message}`));
+        return;
+      }
+      this.#stallTimer = setTimeout(check, ms / 2);
+    };
+    this.#stallTimer = setTimeout(check, ms / 2);
   }
 
   /**
@@ -192,6 +243,10 @@ export class Comm {
       { cause: this.closeReason ?? undefined },
     );
     for (const id of [...this.#pending.keys()]) this.#settle(id)?.reject(error);
+    clearTimeout(this.#stallTimer);
+    this.#stallTimer = undefined;
+    // What waited for the peer goes now, not when a stuck write returns.
+    this.#writer.abort(error);
     this.conn.close();
   }
 
@@ -229,6 +284,13 @@ export class Comm {
       while (!this.#isClosed) {
         if (performance.now() - turn > READ_TURN_MS) {
           await new Promise((resolve) => setTimeout(resolve, 0));
+          turn = performance.now();
+        }
+        // Backpressure: a peer whose answers pile up unread is not read until they drain
+        // to half the limit (or the stall watch drops it).
+        if (this.#writer.queuedBytes > this.#queueBytesMax) {
+          await this.#writer.whenBelow(this.#queueBytesMax / 2);
+          if (this.#isClosed) break;
           turn = performance.now();
         }
         // The head is lent from the reader's buffer: decoded before the next read.

@@ -20,6 +20,12 @@ export const FRAME_BYTES_MAX = 1024 * 1024 * 1024;
 /** How much a reader asks the socket for at once. */
 const READ_CHUNK_BYTES = 256 * 1024;
 /**
+ * The read buffer of a connection still in its handshake: the handshake's messages are
+ * tiny, and a stranger who has proved nothing gets no 256 KiB buffer. It grows when the
+ * connection is configured for its real limits (or for one larger message).
+ */
+export const HANDSHAKE_READ_BYTES = 1024;
+/**
  * Frames at most this long are copied out of the read buffer; longer ones get their own
  * (shared memory, with `sharedFrames`).
  */
@@ -28,6 +34,9 @@ export const SMALL_FRAME_BYTES = 64 * 1024;
 const COPIED_FRAME_BYTES = 16 * 1024;
 /** The writer's arena for headers and small frames. */
 const ARENA_BYTES = 64 * 1024;
+/** The writer's buffer that coalesces small pieces into one write. */
+const OUT_BYTES = 256 * 1024;
+const NO_BYTES = new Uint8Array(0);
 
 /** The part of a connection that framing reads from. */
 export interface ByteReader {
@@ -63,28 +72,44 @@ export class MessageReader {
   #source: ByteReader;
   #frameBytesMax: number;
   #sharedFrames: boolean;
-  #buf = new Uint8Array(READ_CHUNK_BYTES);
+  #buf: Uint8Array;
   #start = 0;
   #end = 0;
 
   /**
    * Reads from `source`; frames (and messages) over `frameBytesMax` are refused. With
    * `sharedFrames`, large frames land in SharedArrayBuffers, which executors read
-   * without a copy.
+   * without a copy. `readBytes` is the read buffer's first size (default 256 KiB).
    */
-  constructor(source: ByteReader, options: { frameBytesMax?: number; sharedFrames?: boolean } = {}) {
+  constructor(
+    source: ByteReader,
+    options: { frameBytesMax?: number; sharedFrames?: boolean; readBytes?: number } = {},
+  ) {
     this.#source = source;
     this.#frameBytesMax = options.frameBytesMax ?? FRAME_BYTES_MAX;
     this.#sharedFrames = options.sharedFrames ?? false;
+    this.#buf = new Uint8Array(options.readBytes ?? READ_CHUNK_BYTES);
+  }
+
+  /** The read buffer's size, in bytes: what this reader holds while it waits. */
+  get bufferBytes(): number {
+    return this.#buf.length;
   }
 
   /**
    * Changes the limits for the messages still to come: a connection reads its
-   * handshake under a tight limit, then the node's own.
+   * handshake under a tight limit and a small buffer, then the node's own.
    */
   configure(options: { frameBytesMax?: number; sharedFrames?: boolean }): void {
     this.#frameBytesMax = options.frameBytesMax ?? FRAME_BYTES_MAX;
     this.#sharedFrames = options.sharedFrames ?? false;
+    if (this.#buf.length < READ_CHUNK_BYTES) {
+      const next = new Uint8Array(READ_CHUNK_BYTES);
+      next.set(this.#buf.subarray(this.#start, this.#end));
+      this.#end -= this.#start;
+      this.#start = 0;
+      this.#buf = next;
+    }
   }
 
   /**
@@ -228,14 +253,18 @@ export class MessageWriter {
   #sink: ByteWriter;
   #queue: Uint8Array[] = [];
   #queuedBytes = 0;
+  #writtenBytes = 0;
   #writing: Promise<void> | null = null;
   #error: unknown = null;
-  #out = new Uint8Array(READ_CHUNK_BYTES);
+  // Allocated when first needed: a connection that never coalesces (or never writes)
+  // holds neither.
+  #out: Uint8Array | null = null;
   // Headers and small frames are copied here when queued, and written from here: no
   // allocation per message. Reused from the start once everything queued is written.
-  #arena = new Uint8Array(ARENA_BYTES);
-  #arenaView = new DataView(this.#arena.buffer);
+  #arena = NO_BYTES;
+  #arenaView = new DataView(NO_BYTES.buffer);
   #arenaUsed = 0;
+  #below: { bytes: number; resolve: () => void } | null = null;
 
   /** Writes to `sink`. */
   constructor(sink: ByteWriter) {
@@ -245,6 +274,43 @@ export class MessageWriter {
   /** Bytes queued and not yet written. */
   get queuedBytes(): number {
     return this.#queuedBytes;
+  }
+
+  /** Bytes written so far: whether a slow reader still takes anything. */
+  get writtenBytes(): number {
+    return this.#writtenBytes;
+  }
+
+  /**
+   * Resolves once at most `bytes` are queued, or the writer failed or was aborted. One
+   * waiter at a time (a connection's read loop).
+   */
+  whenBelow(bytes: number): Promise<void> {
+    if (this.#queuedBytes <= bytes || this.#error) return Promise.resolve();
+    return new Promise((resolve) => this.#below = { bytes, resolve });
+  }
+
+  /**
+   * Drops everything queued and refuses further writes: the connection is closing, and
+   * what waited for its reader is released now, not when a stuck write returns.
+   */
+  abort(reason: unknown): void {
+    if (this.#error === null) this.#error = reason ?? new Error("The writer was aborted");
+    this.#queue = [];
+    this.#queuedBytes = 0;
+    this.#arena = NO_BYTES;
+    this.#arenaView = new DataView(NO_BYTES.buffer);
+    this.#arenaUsed = 0;
+    this.#out = null;
+    this.#wake();
+  }
+
+  #wake(): void {
+    const below = this.#below;
+    if (below !== null && (this.#queuedBytes <= below.bytes || this.#error)) {
+      this.#below = null;
+      below.resolve();
+    }
   }
 
   /**
@@ -308,35 +374,43 @@ export class MessageWriter {
         this.#queue = [];
         let i = 0;
         while (i < batch.length) {
+          if (this.#error) throw this.#error; // aborted while a write was under way
           const first = batch[i];
           // A large piece, or the last one alone, is written from where it is.
-          if (first.byteLength > this.#out.length / 2 || i === batch.length - 1) {
+          if (first.byteLength > OUT_BYTES / 2 || i === batch.length - 1) {
             i++;
             await this.#writeAll(first);
-            this.#queuedBytes -= first.byteLength;
+            this.#wrote(first.byteLength);
             continue;
           }
+          const out = this.#out ??= new Uint8Array(OUT_BYTES);
           let n = 0;
-          while (i < batch.length && n + batch[i].byteLength <= this.#out.length) {
+          while (i < batch.length && n + batch[i].byteLength <= out.length) {
             const piece = batch[i++];
-            this.#out.set(piece, n);
+            out.set(piece, n);
             n += piece.byteLength;
           }
-          await this.#writeAll(this.#out.subarray(0, n));
-          this.#queuedBytes -= n;
+          await this.#writeAll(out.subarray(0, n));
+          this.#wrote(n);
         }
       }
+      if (this.#error) throw this.#error;
       // Everything queued has left: the arena starts over (at its usual size).
       if (this.#arena.length > ARENA_BYTES) this.#newArena(ARENA_BYTES);
       this.#arenaUsed = 0;
     } catch (error) {
-      this.#error = error;
-      this.#queue = [];
-      this.#queuedBytes = 0;
+      this.abort(error);
       throw error;
     } finally {
       this.#writing = null;
     }
+  }
+
+  #wrote(n: number): void {
+    if (this.#error !== null) return; // aborted meanwhile: the queue is gone already
+    this.#queuedBytes -= n;
+    this.#writtenBytes += n;
+    if (this.#below !== null) this.#wake();
   }
 
   #newArena(bytes: number): void {

@@ -16,7 +16,7 @@ import { type Address, formatAddress } from "./address.ts";
 import { Decoder, Encoder } from "./codec.ts";
 import { Comm, type CommOptions } from "./comm.ts";
 import { ConnectionClosedError, ProtocolError, TimeoutError } from "./errors.ts";
-import { FRAME_BYTES_MAX, frameHeader, MessageReader } from "./framing.ts";
+import { FRAME_BYTES_MAX, frameHeader, HANDSHAKE_READ_BYTES, MessageReader } from "./framing.ts";
 import { type Conn, connect, type TlsOptions } from "./transport.ts";
 
 /** The protocol version a server announces. */
@@ -115,15 +115,23 @@ function withTimeout<T>(promise: Promise<T>, ms: number, conn: Conn, what: strin
 }
 
 /**
+ * The reader a connection's handshake uses: tight limits and a small buffer, since the
+ * peer has proved nothing yet. The Comm that follows configures it for real traffic.
+ */
+export function handshakeReader(conn: Conn): MessageReader {
+  return new MessageReader(conn, { frameBytesMax: HANDSHAKE_BYTES_MAX, readBytes: HANDSHAKE_READ_BYTES });
+}
+
+/**
  * The server side: says hello and, with a token, checks the client's proof. Resolves
  * the reader to hand to the connection's Comm; throws (after telling the client why,
  * and closing) when the client fails.
  */
 export function serverHandshake(
   conn: Conn,
-  security: SecurityOptions & { frameBytesMax?: number } = {},
+  security: SecurityOptions & { frameBytesMax?: number; reader?: MessageReader } = {},
 ): Promise<MessageReader> {
-  const reader = new MessageReader(conn, { frameBytesMax: HANDSHAKE_BYTES_MAX });
+  const reader = security.reader ?? handshakeReader(conn);
   const token = security.authToken;
   const run = async () => {
     const limit = security.frameBytesMax ?? FRAME_BYTES_MAX;
@@ -181,7 +189,7 @@ export interface ClientHandshake {
  * holding a token refuses a server that does not ask for it.
  */
 export function clientHandshake(conn: Conn, security: SecurityOptions = {}): Promise<ClientHandshake> {
-  const reader = new MessageReader(conn, { frameBytesMax: HANDSHAKE_BYTES_MAX });
+  const reader = handshakeReader(conn);
   const run = async () => {
     const hello = await receive(reader, "the server's hello");
     if (hello.dist !== PROTOCOL_VERSION) {

@@ -9,12 +9,19 @@ import { type Logger, silentLogger } from "../_log.ts";
 import { type Address, formatAddress, isLoopback } from "./address.ts";
 import { Comm, type Dispatch } from "./comm.ts";
 import { ProtocolError } from "./errors.ts";
-import { type SecurityOptions, serverHandshake } from "./handshake.ts";
+import { handshakeReader, type SecurityOptions, serverHandshake } from "./handshake.ts";
+import type { MessageReader } from "./framing.ts";
 import type { ArgsOf, OpTable, ReplyOf } from "./ops.ts";
 import { type Conn, listen } from "./transport.ts";
 
 /** Most connections a node keeps open at once; more are closed on arrival. */
 export const CONNECTIONS_MAX = 10_000;
+/**
+ * Most connections still in the handshake (not yet past the token's proof). Past it the
+ * oldest is dropped to make room: a flood of strangers costs at most this many small
+ * buffers, and cannot lock out a real peer, which proves itself in milliseconds.
+ */
+export const HANDSHAKES_MAX = 1_000;
 
 /** A handler for every op of table `T`; a missing one is a compile error. */
 export type Handlers<T extends OpTable> = {
@@ -52,6 +59,12 @@ export interface ServeOptions extends SecurityOptions {
   connectionsMax?: number;
   /** Receive large frames into shared memory. */
   sharedFrames?: boolean;
+  /** Most connections in the handshake at once (default HANDSHAKES_MAX). */
+  handshakesMax?: number;
+  /** Bytes queued for a peer past which its requests wait (see WRITE_QUEUE_BYTES_MAX). */
+  writeQueueBytesMax?: number;
+  /** How long a peer over that limit may take nothing before it is dropped (see WRITE_STALL_MS). */
+  writeStallMs?: number;
   /** Called for every connection that closes (after its Comm has closed). */
   onClose?: (comm: Comm) => void;
   /** Where it logs. */
@@ -66,6 +79,8 @@ export interface Server {
   readonly url: string;
   /** The open connections. */
   readonly comms: ReadonlySet<Comm>;
+  /** Connections still in the handshake, and the bytes their read buffers hold. */
+  handshaking(): { count: number; bufferBytes: number };
   /** Stops accepting and closes every connection. */
   close(): Promise<void>;
 }
@@ -96,22 +111,46 @@ export async function serve(
     );
   }
   const comms = new Set<Comm>();
-  const handshaking = new Map<Conn, Promise<unknown>>();
+  const handshaking = new Map<Conn, { done: Promise<unknown>; reader: MessageReader }>();
   const max = options.connectionsMax ?? CONNECTIONS_MAX;
+  const handshakesMax = options.handshakesMax ?? HANDSHAKES_MAX;
+  let evicted = 0;
+  const dropped = new WeakSet<Conn>();
+  // Dropped handshakes still end (their reads fail); close() waits for them too.
+  const ending = new Set<Promise<unknown>>();
   const accepting = (async () => {
     for await (const conn of listener) {
+      if (handshaking.size >= handshakesMax) {
+        // The Map keeps insertion order: its first connection has waited longest.
+        const [[oldest, { done }]] = handshaking;
+        handshaking.delete(oldest);
+        dropped.add(oldest);
+        ending.add(done);
+        done.finally(() => ending.delete(done));
+        oldest.close();
+        // One line per thousand: a flood must not flood the log too.
+        if (evicted++ % 1_000 === 0) {
+          log.warn(
+            `Dropped ${oldest.remoteAddress}: ${handshakesMax} connections were in the handshake (the limit), ` +
+              `so the oldest goes (${evicted} dropped so far)`,
+          );
+        }
+      }
       if (comms.size + handshaking.size >= max) {
         log.warn(`Refusing connection from ${conn.remoteAddress}: ${max} connections open (the limit)`);
         conn.close();
         continue;
       }
-      const shaking = serverHandshake(conn, options).then((reader) => {
+      const reader = handshakeReader(conn);
+      const shaking = serverHandshake(conn, { ...options, reader }).then((reader) => {
         const comm = new Comm(conn, {
           dispatch,
           frameBytesMax: options.frameBytesMax,
           sharedFrames: options.sharedFrames,
           reader,
           log,
+          writeQueueBytesMax: options.writeQueueBytesMax,
+          writeStallMs: options.writeStallMs,
         });
         comms.add(comm);
         comm.closed.then(() => {
@@ -120,9 +159,11 @@ export async function serve(
         });
       }, (error) => {
         conn.close();
-        log.warn(`Handshake with ${conn.remoteAddress} failed: ${(error as Error).message}`);
+        if (!dropped.has(conn)) {
+          log.warn(`Handshake with ${conn.remoteAddress} failed: ${(error as Error).message}`);
+        }
       });
-      handshaking.set(conn, shaking);
+      handshaking.set(conn, { done: shaking, reader });
       shaking.finally(() => handshaking.delete(conn));
     }
   })();
@@ -130,11 +171,17 @@ export async function serve(
     address: listener.address,
     url: formatAddress(listener.address),
     comms,
+    handshaking() {
+      let bufferBytes = 0;
+      for (const { reader } of handshaking.values()) bufferBytes += reader.bufferBytes;
+      return { count: handshaking.size, bufferBytes };
+    },
     async close() {
       listener.close();
       await accepting;
-      for (const conn of handshaking.keys()) conn.close();
-      await Promise.all(handshaking.values());
+      const shaking = [...handshaking.entries()];
+      for (const [conn] of shaking) conn.close();
+      await Promise.all([...shaking.map(([, s]) => s.done), ...ending]);
       await Promise.all([...comms].map((comm) => comm.close()));
     },
   };

@@ -13,12 +13,19 @@
 
 import assert from "node:assert/strict";
 import { isDeepStrictEqual } from "node:util";
-import { Client, RemoteError, rpc } from "../mod.ts";
-import { formatFailures, fuzz, fuzzInput, type FuzzReport, type FuzzTarget } from "../bench/fuzz.ts";
+import { Client, RemoteError, rpc, startScheduler, startWorker } from "../mod.ts";
+import {
+  connectionCategory,
+  formatFailures,
+  fuzz,
+  fuzzInput,
+  type FuzzReport,
+  type FuzzTarget,
+} from "../bench/fuzz.ts";
 import { parseAddress } from "../protocol/address.ts";
 import { openComm } from "../protocol/handshake.ts";
 import { schedulerOps, workerOps } from "../protocol/ops.ts";
-import { type Cluster, startCluster } from "./_helpers.ts";
+import { type Cluster, startCluster, testLogger } from "./_helpers.ts";
 
 /** Inputs per seed: four seeds make about 4,000 inputs, some 10 s. */
 const INPUTS = 1_000;
@@ -350,5 +357,38 @@ Deno.test("fuzz: under a small frame limit, a check's values that together pass 
   for (const seed of [1, 2, 3]) {
     const report = await fuzz({ seed, inputs: 0, targets: targetsOf(cluster) });
     assert.deepEqual(report.failures, [], `seed ${seed}`);
+  }
+});
+
+Deno.test("fuzz: huge and slow HTTP bodies and readers that stop reading leave the nodes serving", async () => {
+  // A scheduler with a dashboard (the HTTP target) and two workers (stalled readers of a canary).
+  const scheduler = await startScheduler({ port: 0, dashboardPort: 0, log: testLogger("scheduler") });
+  const workers = await Promise.all(
+    ["alice", "bob"].map((name) =>
+      startWorker({ scheduler: scheduler.address, name, nthreads: 1, log: testLogger(name) })
+    ),
+  );
+  try {
+    const targets: FuzzTarget[] = [
+      { address: scheduler.address, kind: "scheduler", httpUrl: scheduler.dashboard! },
+      ...workers.map((w) => ({ address: w.address, kind: "worker" as const })),
+    ];
+    const seed = 11;
+    const only: number[] = [];
+    const wanted = { http: 8, stall: 4 };
+    for (let i = 0; wanted.http > 0 || wanted.stall > 0; i++) {
+      const kind = connectionCategory(seed, i, true);
+      if (kind !== null && wanted[kind] > 0) {
+        wanted[kind]--;
+        only.push(i);
+      }
+    }
+    const report = await fuzz({ seed, inputs: 0, only, targets, replyTimeoutMs: 5_000, concurrency: 4 });
+    assert.deepEqual(report.failures, [], formatFailures(report));
+    assert.equal(report.byCategory.http, 8);
+    assert.equal(report.byCategory.stall, 4);
+  } finally {
+    await Promise.all(workers.map((w) => w.close()));
+    await scheduler.close();
   }
 });
