@@ -1151,8 +1151,9 @@ function envelopeInput(kind: FuzzTarget["kind"], op: string, g: Gen): { frames: 
       ? rng.pick(FIELD_NAMES)
       : randomString(g);
     // Defined, not assigned: `valid.__proto__ = x` would set the prototype instead of a field.
+    // Never undefined: a field whose value is undefined is not sent, and the input would test nothing.
     Object.defineProperty(valid, name, {
-      value: randomValue(g),
+      value: randomValue(g) ?? null,
       enumerable: true,
       writable: true,
       configurable: true,

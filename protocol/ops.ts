@@ -160,6 +160,18 @@ export interface DataPart {
 }
 
 /** The ops a worker serves. */
+/**
+ * A worker's ops that only its scheduler may send, on the connection the worker
+ * registered on: they change what the scheduler believes of the worker (its tasks, its
+ * function ids, its keys), so `broadcast` may not relay them either.
+ */
+export const SCHEDULER_ONLY_WORKER_OPS: ReadonlySet<string> = new Set([
+  "compute_task",
+  "gather_keys",
+  "free_keys",
+  "cancel_task",
+]);
+
 export const workerOps = {
   // With bytes_max the reply is a DataPart; without it, `{ key: value }`.
   get_data: op<Record<string, unknown>>()(v.object({ keys, bytes_max: v.optional(v.positive) })),

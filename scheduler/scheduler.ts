@@ -11,7 +11,12 @@ import { createLogger, type Logger } from "../_log.ts";
 import { parseAddress } from "../protocol/address.ts";
 import type { Comm } from "../protocol/comm.ts";
 import { RemoteError, toRemoteErrorInfo } from "../protocol/errors.ts";
-import { type FunctionSpec, type GraphTask, schedulerOps } from "../protocol/ops.ts";
+import {
+  type FunctionSpec,
+  type GraphTask,
+  SCHEDULER_ONLY_WORKER_OPS,
+  schedulerOps,
+} from "../protocol/ops.ts";
 import { dispatchTo, type Handlers, serve } from "../protocol/server.ts";
 import { type SecurityOptions, tokenFromEnv } from "../protocol/handshake.ts";
 import {
@@ -283,6 +288,13 @@ export async function startScheduler(options: SchedulerOptions = {}): Promise<Sc
       return { status: "OK" };
     },
     async broadcast({ msg, workers }) {
+      if (SCHEDULER_ONLY_WORKER_OPS.has(msg.op)) {
+        // Relayed on the scheduler's own connection, it would pass for the scheduler's and
+        // put the worker out of step with it (a task id bound to another function, say).
+        throw new RangeError(
+          `Cannot broadcast ${msg.op}: only the scheduler sends it to its workers, as its tasks require`,
+        );
+      }
       const targets = workers ?? [...state.workers.keys()];
       const replies = await Promise.all(targets.map(async (address) => {
         try {

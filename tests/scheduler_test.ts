@@ -176,3 +176,31 @@ Deno.test("a worker whose scheduler goes away re-registers with its keys when on
     await worker.close();
   }
 });
+
+Deno.test("broadcast refuses the worker's scheduler-only ops: a client cannot rebind a function id behind the scheduler", async () => {
+  await using cluster = await startCluster(1);
+  const { Client } = await import("../mod.ts");
+  await using client = await Client.connect(cluster.scheduler.address);
+  const double = (x: number) => 2 * x;
+  assert.equal(await client.submit(double, 1).result(), 2);
+  await using s = rpc<SchedulerOps>(cluster.scheduler.address);
+  // The scheduler's function ids start at 1: relayed on its own connection, this would pass
+  // for the scheduler's and bind them to another function on the worker.
+  for (let fnId = 1; fnId <= 4; fnId++) {
+    await assert.rejects(
+      s.broadcast({
+        msg: {
+          op: "compute_task",
+          args: { key: `evil-${fnId}`, fnId, function: { source: "() => 'evil'" }, args: [], who_has: {} },
+        },
+      }),
+      /Cannot broadcast compute_task: only the scheduler sends it to its workers/,
+    );
+  }
+  for (const op of ["free_keys", "cancel_task", "gather_keys"]) {
+    await assert.rejects(s.broadcast({ msg: { op, args: {} } }), new RegExp(`Cannot broadcast ${op}`));
+  }
+  assert.equal(await client.submit(double, 21).result(), 42);
+  // Other ops still go out.
+  assert.deepEqual(await s.broadcast({ msg: { op: "ping" } }), { [cluster.workers[0].address]: "pong" });
+});
