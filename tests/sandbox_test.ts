@@ -201,3 +201,20 @@ Deno.test("sandbox: process executors keep the sandbox and carry every value kin
   }
   assert.throws(() => new ExecutorPool(1, "none", { heapMib: 64 }), /needs isolation: process/);
 });
+
+Deno.test("sandbox: a task that posts an executor's own messages fails nothing else", async () => {
+  for (const isolation of ["thread", "process"] as const) {
+    const pool = new ExecutorPool(1, "none", { isolation });
+    try {
+      const forged = await pool.run(
+        { source: "() => { postMessage({ kind: 'error', message: 'forged' }); return 'posted'; }" },
+        [],
+        "forger",
+      );
+      assert.equal(forged.result, "posted", isolation);
+      assert.equal((await pool.run({ source: "(x) => x + 1" }, [1], "next")).result, 2, isolation);
+    } finally {
+      await pool.close();
+    }
+  }
+});

@@ -40,7 +40,10 @@ export async function runExecutorHost(permissions: Deno.PermissionOptions): Prom
   };
   worker.onmessage = (event: MessageEvent<ExecutorMessage>) => {
     const m = event.data;
-    if (m?.kind !== "results") return send(m);
+    // A task can post messages of its own: only the executor's kinds go on, and "error"
+    // comes from this process alone.
+    if (m?.kind === "exit") return send(m);
+    if (m?.kind !== "results" || !Array.isArray(m.results)) return;
     // A result that cannot be framed fails alone, as one that cannot leave a thread executor does.
     for (const r of m.results) {
       try {

@@ -295,8 +295,11 @@ export class ExecutorPool {
     }
     worker.onmessage = (event: { data: ExecutorMessage | { kind: "error"; message: string } }) => {
       const m = event.data;
-      // An executor process relays its thread's own failure.
-      if (m?.kind === "error" && typeof m.message === "string") return this.#failed(executor, m.message);
+      // An executor process relays its thread's own failure (a thread's comes as an error
+      // event; a task there can post messages of its own, so it is not believed).
+      if (m?.kind === "error" && typeof m.message === "string" && worker instanceof ProcessExecutor) {
+        return this.#failed(executor, m.message);
+      }
       // A task can post messages of its own: only the executor's two kinds count.
       if (m?.kind === "exit" && typeof m.id === "number") return this.#died(executor, m);
       if (m?.kind !== "results" || !Array.isArray(m.results)) return;
