@@ -93,3 +93,4 @@ export {
   startScheduler,
 } from "./scheduler/scheduler.ts";
 export { startWorker, type WorkerNode, type WorkerOptions } from "./worker/worker.ts";
+export type { Isolation } from "./worker/executors.ts";

@@ -159,7 +159,6 @@ export interface DataPart {
   rest: string[];
 }
 
-/** The ops a worker serves. */
 /**
  * A worker's ops that only its scheduler may send, on the connection the worker
  * registered on: they change what the scheduler believes of the worker (its tasks, its
@@ -172,6 +171,7 @@ export const SCHEDULER_ONLY_WORKER_OPS: ReadonlySet<string> = new Set([
   "cancel_task",
 ]);
 
+/** The ops a worker serves. */
 export const workerOps = {
   // With bytes_max the reply is a DataPart; without it, `{ key: value }`.
   get_data: op<Record<string, unknown>>()(v.object({ keys, bytes_max: v.optional(v.positive) })),
