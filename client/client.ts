@@ -487,11 +487,9 @@ export class Client implements AsyncDisposable {
       }
       return arg;
     };
-    const visit = (key: string): void => {
-      if (state.get(key) === "done") return;
-      if (state.get(key) === "visiting") {
-        throw new RangeError(`get: the graph has a cycle through ${JSON.stringify(key)}`);
-      }
+    // Depth first with a stack of its own: a chain of 20,000 keys is 20,000 levels deep.
+    const stack: { key: string; deps: string[]; next: number }[] = [];
+    const enter = (key: string): void => {
       checkKey(key, "get: graph key");
       state.set(key, "visiting");
       const found = new Set<string>();
@@ -499,11 +497,26 @@ export class Client implements AsyncDisposable {
       if (Array.isArray(value) && typeof value[0] === "function") {
         value.slice(1).forEach((a) => convert(a, found));
       }
-      for (const d of found) visit(d);
-      state.set(key, "done");
-      order.push(key);
+      stack.push({ key, deps: [...found], next: 0 });
     };
-    for (const k of wanted) visit(k);
+    for (const k of wanted) {
+      if (state.has(k)) continue;
+      enter(k);
+      while (stack.length > 0) {
+        const top = stack[stack.length - 1];
+        if (top.next < top.deps.length) {
+          const d = top.deps[top.next++];
+          if (state.get(d) === "visiting") {
+            throw new RangeError(`get: the graph has a cycle through ${JSON.stringify(d)}`);
+          }
+          if (!state.has(d)) enter(d);
+        } else {
+          state.set(top.key, "done");
+          order.push(top.key);
+          stack.pop();
+        }
+      }
+    }
     const futures = new Map<string, Future>();
     try {
       for (const key of order) {

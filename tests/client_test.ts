@@ -183,6 +183,18 @@ Deno.test("client: intermediate results are freed once their dependents have the
   });
 });
 
+Deno.test("client: get computes a 20,000-key chain, and names a cycle however deep it is", async () => {
+  await withClient(1, async (client) => {
+    const n = 20_000;
+    const chain: Record<string, unknown> = { "k-0": 0 };
+    for (let i = 1; i < n; i++) chain[`k-${i}`] = [inc, `k-${i - 1}`];
+    assert.equal(await client.get(chain, `k-${n - 1}`), n - 1);
+    // A cycle at the bottom of a deep chain is found before anything runs.
+    chain["k-0"] = [inc, `k-${n - 1}`];
+    await assert.rejects(client.get(chain, `k-${n - 1}`), /get: the graph has a cycle through "k-/);
+  });
+});
+
 Deno.test("client: scatter with placement and broadcast; the seed exchange through the client", async () => {
   await withClient(2, async (client, cluster) => {
     const [aliceNode, bobNode] = cluster.workers;
