@@ -166,3 +166,29 @@ Deno.test("a client told busy looks up where else the value is, then gathers it 
     stalled.close();
   }
 });
+
+Deno.test("transfers: tasks on one worker that need the same input fetch it once", async () => {
+  await using cluster = await startCluster(2, { httpPort: 0, nthreads: 4 });
+  const [alice, bob] = cluster.workers;
+  await using client = await Client.connect(cluster.scheduler.address);
+  const bytes = 32_000_000;
+  const [big] = await client.scatter([new Float64Array(bytes / 8).fill(2)], { workers: [alice.address] });
+  const before = await metric(bob.httpUrl!, 'dist_worker_transferred_bytes_total{direction="in"}');
+  // Four tasks at once on bob, each needing the value only alice holds.
+  const sums = Array.from(
+    { length: 4 },
+    (_, i) =>
+      client.submit(
+        (a: Float64Array, k: number) => a[0] * a.length + k,
+        big,
+        i,
+        taskOptions({ workers: [bob.address] }),
+      ),
+  );
+  assert.deepEqual(await client.gather(sums), [0, 1, 2, 3].map((k) => 2 * (bytes / 8) + k));
+  const fetched = await metric(bob.httpUrl!, 'dist_worker_transferred_bytes_total{direction="in"}') - before;
+  assert.ok(
+    fetched >= bytes && fetched < 2 * bytes,
+    `bob fetched ${fetched} bytes for one ${bytes}-byte input`,
+  );
+});

@@ -181,6 +181,8 @@ class Worker implements WorkerNode {
   /** Fetches since the last heartbeat, for the scheduler's dashboard. */
   #transfers: Transfer[] = [];
   #bytesIn = 0;
+  /** Fetches under way, by key; each settles (never rejects) when its fetch is over. */
+  #fetching = new Map<string, Promise<void>>();
   #bytesOut = 0;
   /** Large get_data replies being sent now. */
   #transfersOut = 0;
@@ -434,6 +436,38 @@ class Worker implements WorkerNode {
   // ---- peers ----
 
   /**
+   * Fetches `keys` unless a fetch of them is under way already: tasks that need the same
+   * input wait for one fetch of it, not one each. A key that fetch did not bring (its
+   * holder died, say) this caller fetches itself, so the error, if any, is its own.
+   */
+  async #fetchMissing(
+    keys: string[],
+    known: Record<string, string[]> | undefined,
+    mode: Report,
+  ): Promise<void> {
+    const waits: Promise<void>[] = [];
+    const mine: string[] = [];
+    for (const key of keys) {
+      const underWay = this.#fetching.get(key);
+      if (underWay === undefined) mine.push(key);
+      else waits.push(underWay);
+    }
+    const part = (list: string[]) => known && Object.fromEntries(list.map((k) => [k, known[k] ?? []]));
+    let own: Promise<void> | undefined;
+    if (mine.length > 0) {
+      own = this.#gather(mine, part(mine), mode);
+      const settled = own.then(() => {}, () => {});
+      for (const key of mine) this.#fetching.set(key, settled);
+      settled.then(() => {
+        for (const key of mine) if (this.#fetching.get(key) === settled) this.#fetching.delete(key);
+      });
+    }
+    await Promise.all([own, ...waits]);
+    const notBrought = keys.filter((key) => !this.data.has(key) && !mine.includes(key));
+    if (notBrought.length > 0) await this.#gather(notBrought, part(notBrought), mode);
+  }
+
+  /**
    * Fetches `keys` from the peers that hold them: one batch per peer, all peers at
    * once; a key whose holder fails is asked of its next holder. Stores what arrives
    * as replicas and tells the scheduler.
@@ -615,7 +649,7 @@ class Worker implements WorkerNode {
         this.#fromScheduler(comm, "gather_keys");
         const keys = Object.keys(who_has).filter((k) => !this.data.has(k));
         try {
-          await this.#gather(keys, who_has, "notice");
+          await this.#fetchMissing(keys, who_has, "notice");
           return { status: "OK", missing: [] };
         } catch (error) {
           if (error instanceof MissingDataError) return { status: "OK", missing: error.keys };
@@ -719,7 +753,7 @@ class Worker implements WorkerNode {
         throw new RangeError(`Task ${key} names function ${fnId}, which this worker was never sent`);
       }
       const missing = Object.keys(who_has).filter((k) => !this.data.has(k));
-      if (missing.length > 0) await this.#gather(missing, who_has, "replica");
+      if (missing.length > 0) await this.#fetchMissing(missing, who_has, "replica");
       if (task.cancelled) return;
       const run = await this.#executors.run(
         spec,
@@ -774,7 +808,7 @@ class Worker implements WorkerNode {
     const needed = refsIn(extra, new Set(keys));
     const missing = [...needed].filter((k) => !this.data.has(k));
     // The replica report goes as a notice: the result's report below, awaited, follows it on the same connection.
-    if (missing.length > 0) await this.#gather(missing, undefined, "notice");
+    if (missing.length > 0) await this.#fetchMissing(missing, undefined, "notice");
     const lookup = this.#forExecutor;
     const { result, nbytes } = await this.#executors.run(
       args.function,
