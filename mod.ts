@@ -44,7 +44,9 @@ export { type ClusterInfo, clusterInfo } from "./client/info.ts";
 export {
   CancelledError,
   ConnectionClosedError,
+  KilledWorkerError,
   MissingDataError,
+  NoWorkersError,
   ProtocolError,
   RemoteError,
   type RemoteErrorInfo,

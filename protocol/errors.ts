@@ -72,6 +72,27 @@ export class CancelledError extends Error {
   }
 }
 
+/**
+ * A task's future failed because workers (or executors) kept dying while it ran: past
+ * `--allowed-failures` it is not tried again. Its name stays Dask's, `KilledWorker`.
+ */
+export class KilledWorkerError extends Error {
+  /** Builds the error; `message` says how many died and what the last one said. */
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.name = "KilledWorker";
+  }
+}
+
+/** A task's future failed because no connected worker may run it, for `--no-workers-timeout`. */
+export class NoWorkersError extends Error {
+  /** Builds the error; `message` names the task and what it waited for. */
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.name = "NoWorkersError";
+  }
+}
+
 /** What a remote error looks like on the wire. */
 export interface RemoteErrorInfo {
   /** The remote error's class name, e.g. `TypeError`. */
@@ -173,6 +194,12 @@ const BUILT_IN_ERRORS: Record<string, ErrorConstructor> = {
   URIError,
 };
 
+/** The errors the cluster itself gives a task, by their names on the wire: they come back as their classes. */
+const CLUSTER_ERRORS: Record<string, new (message: string) => Error> = {
+  KilledWorker: KilledWorkerError,
+  NoWorkersError,
+};
+
 /** A task's error as its future rejects with it: the original's class (where built in), message and stack. */
 export interface TaskError extends Error {
   /** The key of the task that failed first (a dependency's key when this task inherited its failure). */
@@ -181,10 +208,15 @@ export interface TaskError extends Error {
 
 /**
  * Rebuilds a task's error on the client: a built-in class comes back as itself
- * (`instanceof RangeError` holds), anything else as an Error with the original name.
+ * (`instanceof RangeError` holds), and so do KilledWorkerError and NoWorkersError;
+ * anything else as an Error with the original name.
  */
 export function reviveError(info: RemoteErrorInfo, task: string): TaskError {
-  const ctor = Object.hasOwn(BUILT_IN_ERRORS, info.name) ? BUILT_IN_ERRORS[info.name] : Error;
+  const ctor: new (message: string) => Error = Object.hasOwn(BUILT_IN_ERRORS, info.name)
+    ? BUILT_IN_ERRORS[info.name]
+    : Object.hasOwn(CLUSTER_ERRORS, info.name)
+    ? CLUSTER_ERRORS[info.name]
+    : Error;
   const error = new ctor(info.message) as TaskError;
   if (error.name !== info.name) {
     Object.defineProperty(error, "name", { value: info.name, writable: true, configurable: true });

@@ -5,6 +5,7 @@ import {
   Client,
   ConnectionClosedError,
   Future,
+  KilledWorkerError,
   ref,
   rpc,
   type SchedulerOps,
@@ -455,6 +456,7 @@ Deno.test("client: KilledWorker names the allowed failures (--allowed-failures 1
     const killer = client.submit(() => Deno.exit(1), taskOptions({ key: "killer-1" }));
     const error = await killer.result().catch((e) => e);
     assert.equal(error.name, "KilledWorker");
+    assert.ok(error instanceof KilledWorkerError, "a KilledWorker is caught by its class");
     assert.equal(
       error.message,
       "Task killer-1 was running when 2 workers (or their executors) died; " +

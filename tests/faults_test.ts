@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import {
   Client,
+  NoWorkersError,
   rpc,
   type SchedulerOps,
   startScheduler,
@@ -360,6 +361,7 @@ Deno.test("a task whose only worker was killed fails with NoWorkersError after t
     const error = await within(10_000, f.result().then(() => null, (e) => e), () => scheduler.log.join("\n"));
     assert.ok(error instanceof Error, `${f.key} resolved`);
     assert.equal(error.name, "NoWorkersError");
+    assert.ok(error instanceof NoWorkersError, "a NoWorkersError is caught by its class");
     assert.match(error.message, /no worker was connected for 1000 ms \(no-workers-timeout\)/);
   }
 });

@@ -144,12 +144,13 @@ export interface WorkerNode {
  * ```
  */
 export async function startWorker(options: WorkerOptions): Promise<WorkerNode> {
-  const worker = new Worker(options);
+  const worker = new WorkerServer(options);
   await worker.start();
   return worker;
 }
 
-class Worker implements WorkerNode {
+/** The worker node: the shell that serves its ops and carries out what it decides (not the Web `Worker`). */
+class WorkerServer implements WorkerNode {
   readonly data = new DataStore();
   readonly closed: Promise<void>;
   error: Error | null = null;
