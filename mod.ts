@@ -3,7 +3,7 @@
  * the metadata; workers hold data in memory, compute on it, and move it peer to peer.
  *
  * ```ts
- * import { rpc, startScheduler, startWorker } from "./mod.ts";
+ * import { rpc, startScheduler, startWorker } from "@dist/dist";
  *
  * await using scheduler = await startScheduler({ port: 0 });
  * await using alice = await startWorker({ scheduler: scheduler.address, name: "alice" });

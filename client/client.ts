@@ -55,7 +55,7 @@ export class TaskOptions {
  *
  * @example
  * ```ts
- * import { Client, taskOptions } from "./mod.ts";
+ * import { Client, taskOptions } from "@dist/dist";
  * const client = await Client.connect("tcp://127.0.0.1:8786");
  * const x = client.submit((a: number) => a + 1, 1, taskOptions({ key: "x", priority: 10, retries: 2 }));
  * console.log(await x.result()); // 2
@@ -330,7 +330,7 @@ export class Client implements AsyncDisposable {
    *
    * @example
    * ```ts
-   * import { Client } from "./mod.ts";
+   * import { Client } from "@dist/dist";
    * const client = await Client.connect("tcp://127.0.0.1:8786");
    * const x = client.submit((a: number) => a + 1, 1);
    * console.log(await x.result()); // 2
@@ -373,7 +373,7 @@ export class Client implements AsyncDisposable {
    *
    * @example
    * ```ts
-   * import { Client } from "./mod.ts";
+   * import { Client } from "@dist/dist";
    * await using client = await Client.local({ workers: 2, threads: 1 });
    * console.log(await client.gather(client.map((x: number) => x + 1, [1, 2, 3]))); // [2, 3, 4]
    * ```

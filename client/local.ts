@@ -76,7 +76,7 @@ export class LocalCluster implements AsyncDisposable {
    *
    * @example
    * ```ts
-   * import { Client, LocalCluster } from "./mod.ts";
+   * import { Client, LocalCluster } from "@dist/dist";
    * await using cluster = await LocalCluster.start({ workers: 2, threads: 1 });
    * await using client = await Client.connect(cluster.address);
    * console.log(await client.submit((x: number) => x * 2, 21).result()); // 42

@@ -27,7 +27,7 @@ const BAR_WIDTH = 40;
  *
  * @example
  * ```ts
- * import { Client, progress } from "./mod.ts";
+ * import { Client, progress } from "@dist/dist";
  * await using client = await Client.local({ workers: 2 });
  * const futures = client.map((x: number) => x * 2, [...Array(1000).keys()]);
  * await progress(futures); // [########################################] 100% 1000/1000 in 0.2 s

@@ -35,7 +35,7 @@ const EXT_TIMESTAMP = -1;
  *
  * @example
  * ```ts
- * import { ref, rpc } from "./mod.ts";
+ * import { ref, rpc } from "@dist/dist";
  * const alice = rpc("tcp://127.0.0.1:8788");
  * await alice.compute({ key: "y", function: (x: number, n: number) => x * n, args: [ref("x"), 3] });
  * await alice.close();

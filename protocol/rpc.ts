@@ -119,7 +119,7 @@ export class RpcClient {
  *
  * @example
  * ```ts
- * import { rpc } from "./mod.ts";
+ * import { rpc } from "@dist/dist";
  * const alice = rpc("tcp://127.0.0.1:8788");
  * const bob = rpc({ host: "127.0.0.1", port: 8789 });
  * const d = await alice.get_data({ keys: ["x", "y"] });

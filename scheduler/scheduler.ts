@@ -110,7 +110,7 @@ const CLIENT_TAG = "client";
  *
  * @example
  * ```ts
- * import { startScheduler } from "./mod.ts";
+ * import { startScheduler } from "@dist/dist";
  * const scheduler = await startScheduler({ port: 0 });
  * console.log(scheduler.address); // tcp://127.0.0.1:PORT
  * await scheduler.close();

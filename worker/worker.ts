@@ -136,7 +136,7 @@ export interface WorkerNode {
  *
  * @example
  * ```ts
- * import { startScheduler, startWorker } from "./mod.ts";
+ * import { startScheduler, startWorker } from "@dist/dist";
  * const scheduler = await startScheduler({ port: 0 });
  * const worker = await startWorker({ scheduler: scheduler.address, name: "alice" });
  * await worker.close();
