@@ -197,17 +197,19 @@ export class Comm {
     if (this.#writer.queuedBytes > this.#queueBytesMax && this.#stallTimer === undefined) this.#watchStall();
   }
 
-  // Runs while the queue is over its limit: a peer that takes nothing for writeStallMs
-  // is dropped, with its queue. It looks every half of that and drops on the second
-  // look in a row without progress, so a node whose event loop was busy (no write could
-  // finish either) does not mistake its own delay for the peer's.
+  // Starts when the queue goes over its limit and runs until it drains to half of it (where
+  // the read loop resumes: stopping sooner would leave a paused peer unwatched for good).
+  // A peer that takes nothing for writeStallMs is dropped, with its queue. It looks every
+  // half of that and drops on the second look in a row without progress, so a node whose
+  // event loop was busy (no write could finish either) does not mistake its own delay for
+  // the peer's.
   #watchStall(): void {
     const ms = this.#options.writeStallMs ?? WRITE_STALL_MS;
     let written = this.#writer.writtenBytes;
     let idle = 0;
     const check = () => {
       this.#stallTimer = undefined;
-      if (this.#isClosed || this.#writer.queuedBytes <= this.#queueBytesMax) return;
+      if (this.#isClosed || this.#writer.queuedBytes <= this.#queueBytesMax / 2) return;
       idle = this.#writer.writtenBytes === written ? idle + 1 : 0;
       written = this.#writer.writtenBytes;
       if (idle >= 2) {
