@@ -6,7 +6,7 @@
  */
 
 import config from "./deno.json" with { type: "json" };
-import { createLogger, LOG_LEVELS, type LogFormat, type LogLevel } from "./_log.ts";
+import { createLogger, LOG_LEVELS, type LogFormat, type LogLevel } from "./util/log.ts";
 import { parseAddress, parsePort } from "./protocol/address.ts";
 import {
   ALLOWED_FAILURES,
@@ -17,7 +17,7 @@ import {
   TRANSFERS_OUT_MAX,
   UNCLAIMED_GRACE_MS,
   WORKER_TTL_MS,
-} from "./_defaults.ts";
+} from "./util/defaults.ts";
 import { FRAME_BYTES_MAX } from "./protocol/framing.ts";
 import { HANDSHAKE_TIMEOUT_MS, type SecurityOptions, tokenFromEnv } from "./protocol/handshake.ts";
 import { CONNECTIONS_MAX } from "./protocol/server.ts";

@@ -75,7 +75,7 @@ export {
 export type { Schema } from "./protocol/_validate.ts";
 export { AuthenticationError, type SecurityOptions } from "./protocol/handshake.ts";
 export type { TlsOptions } from "./protocol/transport.ts";
-export { createLogger, type LogFormat, type Logger, type LogLevel } from "./_log.ts";
+export { createLogger, type LogFormat, type Logger, type LogLevel } from "./util/log.ts";
 export { DataStore } from "./worker/store.ts";
 export type { Sendable } from "./protocol/functions.ts";
 export {

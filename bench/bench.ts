@@ -27,7 +27,7 @@
  */
 
 import { parseArgs } from "node:util";
-import { type NodeProcess, spawnNode } from "../_spawn.ts";
+import { type NodeProcess, spawnNode } from "../client/spawn.ts";
 import { RAW_HELPER_SOURCE } from "./_raw.ts";
 import { type Rpc, rpc, type WorkerOps } from "../mod.ts";
 

@@ -34,7 +34,7 @@
 
 import { RAW_HELPER_SOURCE } from "./_raw.ts";
 import { parseArgs } from "node:util";
-import { type NodeProcess, spawnNode } from "../_spawn.ts";
+import { type NodeProcess, spawnNode } from "../client/spawn.ts";
 import {
   Client,
   type Future,

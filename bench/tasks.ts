@@ -16,7 +16,7 @@
  * @module
  */
 
-import { type NodeProcess, spawnNode } from "../_spawn.ts";
+import { type NodeProcess, spawnNode } from "../client/spawn.ts";
 import { Client, type Future } from "../mod.ts";
 
 const quick = Deno.args.includes("--quick");

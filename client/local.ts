@@ -5,8 +5,8 @@
  * @module
  */
 
-import { createLogger, type LogFormat, type LogLevel } from "../_log.ts";
-import { type NodeProcess, spawnNode } from "../_spawn.ts";
+import { createLogger, type LogFormat, type LogLevel } from "../util/log.ts";
+import { type NodeProcess, spawnNode } from "./spawn.ts";
 import { DASHBOARD_PORT, type SchedulerNode, startScheduler } from "../scheduler/scheduler.ts";
 import { startWorker, type WorkerNode } from "../worker/worker.ts";
 import { tokenFromEnv } from "../protocol/handshake.ts";

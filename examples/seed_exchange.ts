@@ -10,7 +10,7 @@
  */
 
 import { rpc } from "../mod.ts";
-import { type NodeProcess, spawnNode } from "../_spawn.ts";
+import { type NodeProcess, spawnNode } from "../client/spawn.ts";
 
 const names = new Map<string, string>();
 const show = (who: string) => (line: string) => {

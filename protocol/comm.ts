@@ -9,7 +9,7 @@
  * @module
  */
 
-import { type Logger, silentLogger } from "../_log.ts";
+import { type Logger, silentLogger } from "../util/log.ts";
 import { Decoder, Encoder } from "./codec.ts";
 import {
   ConnectionClosedError,

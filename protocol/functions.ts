@@ -5,7 +5,7 @@
  * @module
  */
 
-import { sha256, toBase64 } from "../_sha256.ts";
+import { sha256, toBase64 } from "../util/sha256.ts";
 import type { FunctionSpec } from "./ops.ts";
 
 /** A function dist can send: a plain JS function, or `{ module, name }`. */

@@ -5,7 +5,7 @@
  * @module
  */
 
-import type { Logger } from "../_log.ts";
+import type { Logger } from "../util/log.ts";
 import { parseAddress } from "./address.ts";
 import type { Comm, CommOptions } from "./comm.ts";
 import { ConnectionClosedError } from "./errors.ts";

@@ -5,7 +5,7 @@
  * @module
  */
 
-import { type Logger, silentLogger } from "../_log.ts";
+import { type Logger, silentLogger } from "../util/log.ts";
 import { type Address, formatAddress, isLoopback } from "./address.ts";
 import { Comm, type Dispatch } from "./comm.ts";
 import { ProtocolError } from "./errors.ts";

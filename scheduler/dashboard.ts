@@ -6,7 +6,7 @@
  * @module
  */
 
-import { type Family, Histogram, html, LoopLag, prometheus, type Route } from "../_http.ts";
+import { type Family, Histogram, html, LoopLag, prometheus, type Route } from "../util/http.ts";
 import type { Transfer } from "../protocol/ops.ts";
 import { DASHBOARD_PAGE } from "./dashboard_page.ts";
 import type { SchedulerTasks } from "./tasks.ts";

@@ -7,7 +7,7 @@
  * @module
  */
 
-import { createLogger, type Logger } from "../_log.ts";
+import { createLogger, type Logger } from "../util/log.ts";
 import { parseAddress } from "../protocol/address.ts";
 import type { Comm } from "../protocol/comm.ts";
 import { RemoteError, toRemoteErrorInfo } from "../protocol/errors.ts";
@@ -27,8 +27,8 @@ import {
   UNCLAIMED_GRACE_MS,
 } from "./tasks.ts";
 import { Dashboard } from "./dashboard.ts";
-import { type HttpServer, startHttp } from "../_http.ts";
-import { ALLOWED_FAILURES, DASHBOARD_PORT, SCHEDULER_PORT, WORKER_TTL_MS } from "../_defaults.ts";
+import { type HttpServer, startHttp } from "../util/http.ts";
+import { ALLOWED_FAILURES, DASHBOARD_PORT, SCHEDULER_PORT, WORKER_TTL_MS } from "../util/defaults.ts";
 
 export {
   ALLOWED_FAILURES,

@@ -12,9 +12,9 @@
 
 import type { RemoteErrorInfo } from "../protocol/errors.ts";
 import { type FunctionSpec, KNOWN_FUNCTIONS_MAX, type WorkerInfo } from "../protocol/ops.ts";
-import { Lru } from "../_lru.ts";
+import { Lru } from "../util/lru.ts";
 import { functionKey } from "../protocol/functions.ts";
-import { NO_WORKERS_TIMEOUT_MS, UNCLAIMED_GRACE_MS } from "../_defaults.ts";
+import { NO_WORKERS_TIMEOUT_MS, UNCLAIMED_GRACE_MS } from "../util/defaults.ts";
 
 export { NO_WORKERS_TIMEOUT_MS, UNCLAIMED_GRACE_MS };
 

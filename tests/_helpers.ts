@@ -5,7 +5,7 @@
  * @module
  */
 
-import { createLogger, type Logger, type LogLevel } from "../_log.ts";
+import { createLogger, type Logger, type LogLevel } from "../util/log.ts";
 import {
   type SchedulerNode,
   startScheduler,

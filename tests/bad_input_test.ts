@@ -5,7 +5,7 @@ import { frameHeader, MessageReader } from "../protocol/framing.ts";
 import { schedulerOps, workerOps } from "../protocol/ops.ts";
 import { connect } from "../protocol/transport.ts";
 import { parseAddress } from "../protocol/address.ts";
-import { spawnNode } from "../_spawn.ts";
+import { spawnNode } from "../client/spawn.ts";
 import { eventually, startCluster } from "./_helpers.ts";
 
 const encoder = new Encoder();

@@ -7,7 +7,7 @@
 import assert from "node:assert/strict";
 import config from "../deno.json" with { type: "json" };
 import { rpc, type SchedulerOps, type WorkerOps } from "../mod.ts";
-import { NODE_PERMISSIONS, type NodeProcess, spawnNode } from "../_spawn.ts";
+import { NODE_PERMISSIONS, type NodeProcess, spawnNode } from "../client/spawn.ts";
 
 const MAIN = new URL("../main.ts", import.meta.url);
 /** How long a poll waits for the scheduler to notice something, and its step. */

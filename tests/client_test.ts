@@ -16,7 +16,7 @@ import {
   wait,
   type WorkerOps,
 } from "../mod.ts";
-import { spawnNode } from "../_spawn.ts";
+import { spawnNode } from "../client/spawn.ts";
 import { BIGINT_BYTES_MAX } from "../protocol/codec.ts";
 import { eventually, startCluster, testLogger } from "./_helpers.ts";
 

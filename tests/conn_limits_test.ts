@@ -9,9 +9,9 @@
  */
 
 import assert from "node:assert/strict";
-import { createLogger, type Logger } from "../_log.ts";
-import { HTTP_BODY_BYTES_MAX, startHttp } from "../_http.ts";
-import { spawnNode } from "../_spawn.ts";
+import { createLogger, type Logger } from "../util/log.ts";
+import { HTTP_BODY_BYTES_MAX, startHttp } from "../util/http.ts";
+import { spawnNode } from "../client/spawn.ts";
 import { parseAddress } from "../protocol/address.ts";
 import { Encoder } from "../protocol/codec.ts";
 import { frameHeader, HANDSHAKE_READ_BYTES, MessageReader } from "../protocol/framing.ts";

@@ -22,9 +22,9 @@ import {
   type WorkerNode,
   type WorkerOps,
 } from "../mod.ts";
-import { prometheus } from "../_http.ts";
-import { LOG_LEVELS } from "../_log.ts";
-import { NODE_PERMISSIONS, type NodeProcess, spawnNode } from "../_spawn.ts";
+import { prometheus } from "../util/http.ts";
+import { LOG_LEVELS } from "../util/log.ts";
+import { NODE_PERMISSIONS, type NodeProcess, spawnNode } from "../client/spawn.ts";
 import { eventually, startCluster, testLogger } from "./_helpers.ts";
 
 const MAIN = new URL("../main.ts", import.meta.url);

@@ -9,7 +9,7 @@ import {
   taskOptions,
   type WorkerOps,
 } from "../mod.ts";
-import { type NodeProcess, spawnNode } from "../_spawn.ts";
+import { type NodeProcess, spawnNode } from "../client/spawn.ts";
 import { eventually, startCluster, testLogger } from "./_helpers.ts";
 
 const inc = (x: number) => x + 1;

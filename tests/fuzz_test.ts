@@ -1,5 +1,5 @@
 /**
- * The protocol fuzzer (bench/fuzz.ts) in the test suite: a short seeded run against
+ * The protocol fuzzer (testing/fuzz.ts) in the test suite: a short seeded run against
  * in-process nodes for a few fixed seeds and one random seed, and the inputs it found
  * that break a node, each kept as a test of its own until it is fixed.
  *
@@ -21,7 +21,7 @@ import {
   fuzzInput,
   type FuzzReport,
   type FuzzTarget,
-} from "../bench/fuzz.ts";
+} from "../testing/fuzz.ts";
 import { parseAddress } from "../protocol/address.ts";
 import { openComm } from "../protocol/handshake.ts";
 import { schedulerOps, workerOps } from "../protocol/ops.ts";

@@ -1,6 +1,6 @@
 /**
  * The load test, short: 50 clients at once on an in-process cluster for a few seconds,
- * with the same mixed workload as bench/load.ts (rpc put/get/delete of their own keys,
+ * with the same mixed workload as testing/load.ts (rpc put/get/delete of their own keys,
  * submit and map through their own Client), every value checked. Afterwards nothing
  * may be left: no connection to any node beyond the baseline, no key on a worker, no
  * task on the scheduler.
@@ -21,8 +21,8 @@ import {
   type TcpSocket,
   tcpSockets,
   warmUp,
-} from "../bench/load.ts";
-import { spawnNode } from "../_spawn.ts";
+} from "../testing/load.ts";
+import { spawnNode } from "../client/spawn.ts";
 import { eventually, startCluster } from "./_helpers.ts";
 
 const CLIENTS = 50;

@@ -7,7 +7,7 @@
 
 import assert from "node:assert/strict";
 import { Client, rpc, type SchedulerOps, startScheduler } from "../mod.ts";
-import { type NodeProcess, spawnNode } from "../_spawn.ts";
+import { type NodeProcess, spawnNode } from "../client/spawn.ts";
 import { eventually, testLogger } from "./_helpers.ts";
 
 Deno.test("result() of a recomputable key whose holder is killed right before or during it returns the recomputed value", async () => {

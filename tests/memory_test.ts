@@ -8,7 +8,7 @@
 
 import assert from "node:assert/strict";
 import { Client, rpc, type SchedulerOps, startScheduler, type WorkerOps } from "../mod.ts";
-import { spawnNode } from "../_spawn.ts";
+import { spawnNode } from "../client/spawn.ts";
 import { eventually, testLogger } from "./_helpers.ts";
 
 const MIB = 1024 * 1024;

@@ -16,7 +16,7 @@
  */
 
 import assert from "node:assert/strict";
-import { lines as linesOf } from "../_spawn.ts";
+import { lines as linesOf } from "../client/spawn.ts";
 
 const MAIN = new URL("../main.ts", import.meta.url);
 const MOD = new URL("../mod.ts", import.meta.url);

@@ -23,7 +23,7 @@ import { Decoder, Encoder } from "../protocol/codec.ts";
 import { frameHeader, MessageReader } from "../protocol/framing.ts";
 import { AuthenticationError } from "../protocol/handshake.ts";
 import type { TlsOptions } from "../protocol/transport.ts";
-import { NODE_PERMISSIONS, type NodeProcess, spawnNode } from "../_spawn.ts";
+import { NODE_PERMISSIONS, type NodeProcess, spawnNode } from "../client/spawn.ts";
 import { eventually, startCluster, testLogger } from "./_helpers.ts";
 
 const TOKEN = "correct-horse-battery-staple-0123";
@@ -868,7 +868,7 @@ Deno.test("sandbox: tasks get no permissions by default; read and env follow tas
       await assert.rejects(
         client.submit(
           async (url: string) => Object.keys(await import(url)),
-          new URL("../_log.ts", import.meta.url).href,
+          new URL("../util/log.ts", import.meta.url).href,
         )
           .result(),
         /Requires read access/,

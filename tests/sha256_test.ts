@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { createHash, createHmac } from "node:crypto";
-import { equalBytes, hmacSha256, sha256, toBase64 } from "../_sha256.ts";
+import { equalBytes, hmacSha256, sha256, toBase64 } from "../util/sha256.ts";
 
 const hex = (b: Uint8Array) => [...b].map((x) => x.toString(16).padStart(2, "0")).join("");
 

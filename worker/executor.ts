@@ -16,7 +16,7 @@ import { toRemoteErrorInfo } from "../protocol/errors.ts";
 import type { FunctionSpec } from "../protocol/ops.ts";
 import { callFunction, EXECUTOR_FUNCTIONS_MAX, type Fn, loadFunction } from "./functions.ts";
 import { MemoryReclaimer, nbytesOf, sharedBytesOf } from "./store.ts";
-import { Lru } from "../_lru.ts";
+import { Lru } from "../util/lru.ts";
 
 /** One job: run function `fn` (with its spec the first time) on `args`. */
 export interface Job {

@@ -9,7 +9,7 @@
 import { CancelledError, RemoteError } from "../protocol/errors.ts";
 import type { FunctionSpec } from "../protocol/ops.ts";
 import { functionKey } from "../protocol/functions.ts";
-import { Lru } from "../_lru.ts";
+import { Lru } from "../util/lru.ts";
 import type { ExecutorMessage, Job as WireJob } from "./executor.ts";
 import { EXECUTOR_FUNCTIONS_MAX } from "./functions.ts";
 import { checkCanSpawn, ProcessExecutor } from "./executor_process.ts";

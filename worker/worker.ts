@@ -7,7 +7,7 @@
  * @module
  */
 
-import { createLogger, type Logger } from "../_log.ts";
+import { createLogger, type Logger } from "../util/log.ts";
 import { type Address, formatAddress, parseAddress } from "../protocol/address.ts";
 import type { Comm, Dispatch } from "../protocol/comm.ts";
 import {
@@ -28,8 +28,8 @@ import {
   type WorkerOps,
   workerOps,
 } from "../protocol/ops.ts";
-import { Lru } from "../_lru.ts";
-import { type Family, type HttpServer, LoopLag, prometheus, startHttp } from "../_http.ts";
+import { Lru } from "../util/lru.ts";
+import { type Family, type HttpServer, LoopLag, prometheus, startHttp } from "../util/http.ts";
 import { dispatchTo, type Handlers, serve, type Server } from "../protocol/server.ts";
 import { AuthenticationError, openComm, type SecurityOptions, tokenFromEnv } from "../protocol/handshake.ts";
 import { ConnectionPool } from "../protocol/pool.ts";
@@ -37,7 +37,7 @@ import { fetchData, isBusy } from "../protocol/fetch.ts";
 import { FRAME_BYTES_MAX } from "../protocol/framing.ts";
 import { ExecutorDiedError, ExecutorPool, type Isolation, shared } from "./executors.ts";
 import { DataStore, nbytesOf, refsIn, resolveRefs } from "./store.ts";
-import { DEATH_TIMEOUT_MS, TRANSFERS_OUT_MAX } from "../_defaults.ts";
+import { DEATH_TIMEOUT_MS, TRANSFERS_OUT_MAX } from "../util/defaults.ts";
 
 export { DEATH_TIMEOUT_MS, TRANSFERS_OUT_MAX };
 

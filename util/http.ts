@@ -6,10 +6,10 @@
  * @module
  */
 
-import { equalBytes, hmacSha256, toBase64 } from "./_sha256.ts";
-import { formatAddress, isLoopback } from "./protocol/address.ts";
-import type { Logger } from "./_log.ts";
-import { type HttpListener, listenHttp } from "./_http_server.ts";
+import { equalBytes, hmacSha256, toBase64 } from "./sha256.ts";
+import { formatAddress, isLoopback } from "../protocol/address.ts";
+import type { Logger } from "./log.ts";
+import { type HttpListener, listenHttp } from "./http_server.ts";
 
 /** A route handler; `null` means "not mine". */
 export type Route = (request: Request, url: URL) => Response | Promise<Response> | null;
@@ -54,7 +54,7 @@ const HTTP_CLOSE_GRACE_MS = 1_000;
 export const HTTP_BODY_BYTES_MAX = 16 * 1024;
 /** Longest a request body may take to arrive: a peer that trickles its bytes gets 408. */
 export const HTTP_BODY_TIMEOUT_MS = 10_000;
-export { HTTP_CONNECTIONS_MAX, HTTP_HEAD_BYTES_MAX, HTTP_HEAD_TIMEOUT_MS } from "./_http_server.ts";
+export { HTTP_CONNECTIONS_MAX, HTTP_HEAD_BYTES_MAX, HTTP_HEAD_TIMEOUT_MS } from "./http_server.ts";
 
 function cookieValue(token: string): string {
   return toBase64(hmacSha256(token, "dist-dashboard"), true);

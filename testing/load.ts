@@ -33,7 +33,7 @@
 
 import { parseArgs } from "node:util";
 import { isDeepStrictEqual } from "node:util";
-import { type NodeProcess, spawnNode } from "../_spawn.ts";
+import { type NodeProcess, spawnNode } from "../client/spawn.ts";
 import {
   Client,
   type Future,

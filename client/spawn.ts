@@ -5,7 +5,7 @@
  * @module
  */
 
-const MAIN = new URL("./main.ts", import.meta.url);
+const MAIN = new URL("../main.ts", import.meta.url);
 /** The permissions a node process runs with. */
 export const NODE_PERMISSIONS = ["--allow-net", "--allow-read", "--allow-env", "--unstable-worker-options"];
 /** How long a node may take to print its `listening at` line. */

@@ -33,11 +33,11 @@
  */
 
 import { isDeepStrictEqual, parseArgs } from "node:util";
-import { type NodeProcess, spawnNode } from "../_spawn.ts";
+import { type NodeProcess, spawnNode } from "../client/spawn.ts";
 import { Client, Ref, rpc, taskOptions } from "../mod.ts";
 import { isLoopback, parseAddress } from "../protocol/address.ts";
 import { BIGINT_BYTES_MAX, Decoder, Encoder } from "../protocol/codec.ts";
-import { HTTP_BODY_BYTES_MAX } from "../_http.ts";
+import { HTTP_BODY_BYTES_MAX } from "../util/http.ts";
 import { FRAME_BYTES_MAX, frameHeader, MESSAGE_FRAMES_MAX, MessageReader } from "../protocol/framing.ts";
 import { clientHandshake, tokenFromEnv } from "../protocol/handshake.ts";
 import { schedulerOps, workerOps } from "../protocol/ops.ts";
