@@ -34,7 +34,7 @@
 
 import { isDeepStrictEqual, parseArgs } from "node:util";
 import { type NodeProcess, spawnNode } from "../client/spawn.ts";
-import { Client, Ref, rpc, taskOptions } from "../mod.ts";
+import { BusyError, Client, Ref, RemoteError, rpc, taskOptions } from "../mod.ts";
 import { isLoopback, parseAddress } from "../protocol/address.ts";
 import { BIGINT_BYTES_MAX, Decoder, Encoder } from "../protocol/codec.ts";
 import { HTTP_BODY_BYTES_MAX } from "../util/http.ts";
@@ -2307,7 +2307,8 @@ async function check(state: RunState): Promise<boolean> {
       }
     } catch (error) {
       problem(t, `a normal call failed: ${(error as Error).message}`);
-      if (!(error instanceof Error && /RemoteError/.test(error.name))) alive = false;
+      // A node that answered, even with a refusal, is alive.
+      if (!(error instanceof RemoteError || error instanceof BusyError)) alive = false;
     } finally {
       await node.close();
     }
