@@ -4,6 +4,7 @@ import { type Dispatch, REQUESTS_IN_FLIGHT_MAX } from "../protocol/comm.ts";
 import { serve, type Server } from "../protocol/server.ts";
 import { eventually, startCluster } from "./_helpers.ts";
 
+/** A handler's own pause: the behaviour under test (replies that come back out of order), never a wait for something. */
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
 /** A real server on 127.0.0.1:0 with ops made for the test. */
