@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import { Backoff, deadline, delay } from "../util/time.ts";
+import "./_helpers.ts"; // each test is bounded in time (TEST_TIMEOUT_MS)
 
 Deno.test("a deadline counts down on its clock, never below 0, and expires at its moment", () => {
   let now = 1_000;
