@@ -42,6 +42,7 @@ export { LocalCluster, type LocalClusterOptions } from "./client/local.ts";
 export { progress, type ProgressOptions } from "./client/progress.ts";
 export { type ClusterInfo, clusterInfo } from "./client/info.ts";
 export {
+  BusyError,
   CancelledError,
   ConnectionClosedError,
   KilledWorkerError,

@@ -25,6 +25,7 @@ import { dispatchTo } from "../protocol/server.ts";
 import { openComm, type SecurityOptions, tokenFromEnv } from "../protocol/handshake.ts";
 import { randomToken, tokenize } from "./_tokenize.ts";
 import { LocalCluster, type LocalClusterOptions } from "./local.ts";
+import { Backoff, deadline } from "../util/time.ts";
 
 /** Per-task options; pass `taskOptions({...})` as the last argument of `submit` or `map`. */
 export interface SubmitOptions {
@@ -914,11 +915,10 @@ export class Client implements AsyncDisposable {
    */
   async #disconnected(comm: Comm): Promise<void> {
     if (this.#closed || comm !== this.#comm) return this.#lostScheduler();
-    const deadline = Date.now() + (this.#options.reconnectTimeoutMs ?? 60_000);
-    let wait = RECONNECT_FIRST_MS;
-    while (!this.#closed && Date.now() < deadline) {
-      await new Promise((resolve) => setTimeout(resolve, Math.min(wait, Math.max(0, deadline - Date.now()))));
-      wait = Math.min(wait * 2, RECONNECT_MAX_MS);
+    const until = deadline(this.#options.reconnectTimeoutMs ?? 60_000);
+    const backoff = new Backoff({ firstMs: RECONNECT_FIRST_MS, maxMs: RECONNECT_MAX_MS });
+    while (!this.#closed && !until.expired()) {
+      await backoff.pause(until);
       if (this.#closed) break;
       let next: Comm;
       try {

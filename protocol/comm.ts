@@ -12,9 +12,10 @@
 import { type Logger, silentLogger } from "../util/log.ts";
 import { Decoder, Encoder } from "./codec.ts";
 import {
+  BusyError,
+  callError,
   ConnectionClosedError,
   ProtocolError,
-  RemoteError,
   type RemoteErrorInfo,
   TimeoutError,
   toRemoteErrorInfo,
@@ -129,7 +130,10 @@ export class Comm {
     return this.#pending.size;
   }
 
-  /** Sends a request and resolves its reply; rejects with RemoteError if it failed there. */
+  /**
+   * Sends a request and resolves its reply; rejects with RemoteError if it failed there
+   * (BusyError when the peer was too busy to take it).
+   */
   call(op: string, args: unknown = {}, options: CallOptions = {}): Promise<unknown> {
     if (this.#isClosed) {
       return Promise.reject(
@@ -325,7 +329,7 @@ export class Comm {
     if (typeof m.reply === "number") {
       const pending = this.#settle(m.reply);
       if (pending === undefined) return; // Timed out or aborted already.
-      if ("error" in m) pending.reject(new RemoteError(pending.op, toInfo(m.error)));
+      if ("error" in m) pending.reject(callError(pending.op, toInfo(m.error)));
       else pending.resolve(m.result);
       return;
     }
@@ -348,7 +352,7 @@ export class Comm {
     const max = REQUESTS_IN_FLIGHT_MAX;
     if (this.#inFlight >= max) {
       if (id !== undefined) {
-        this.#reply(id, undefined, new RangeError(`Busy: ${max} calls already run on this connection`));
+        this.#reply(id, undefined, new BusyError(`Busy: ${max} calls already run on this connection`));
       }
       return;
     }

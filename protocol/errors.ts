@@ -32,8 +32,11 @@ export class TimeoutError extends Error {
 }
 
 /**
- * A worker already sends as many large values as it allows at once (`transfersOutMax`):
- * ask again a little later. Fetches back off and retry on their own.
+ * A node is too busy to take this request now: a worker already sends as many large
+ * values as it allows at once (`transfersOutMax`), or a connection already runs as many
+ * requests as it allows. Ask again a little later; fetches back off and retry on their
+ * own. A busy reply from a peer rejects the call with this class (the peer's error, with
+ * its op and stack, is the `cause`).
  */
 export class BusyError extends Error {
   /** Builds the error. */
@@ -122,6 +125,24 @@ export class RemoteError extends Error {
     this.remoteName = info.name;
     this.remoteStack = info.stack ?? "";
   }
+}
+
+/**
+ * Errors a node answers a call with that come back to the caller as their own classes,
+ * by name on the wire: the caller tells them apart by class, never by their text.
+ */
+const CALL_ERRORS: Record<string, new (message: string, options?: ErrorOptions) => Error> = {
+  BusyError,
+};
+
+/**
+ * The error a failed call rejects with: a known one (BusyError) as its class, its cause
+ * the RemoteError that carries the op and the remote stack; any other as RemoteError.
+ */
+export function callError(op: string, info: RemoteErrorInfo): Error {
+  const remote = new RemoteError(op, info);
+  if (!Object.hasOwn(CALL_ERRORS, info.name)) return remote;
+  return new CALL_ERRORS[info.name](info.message, { cause: remote });
 }
 
 /**

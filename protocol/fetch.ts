@@ -7,7 +7,7 @@
  */
 
 import type { Comm } from "./comm.ts";
-import { ProtocolError, RemoteError } from "./errors.ts";
+import { BusyError, ProtocolError } from "./errors.ts";
 import { FRAME_BYTES_MAX } from "./framing.ts";
 import type { DataPart } from "./ops.ts";
 
@@ -20,7 +20,7 @@ export const BUSY_WAIT_MAX_MS = 120_000;
 
 /** True for a worker's "busy, ask again later" reply. */
 export function isBusy(error: unknown): boolean {
-  return error instanceof RemoteError && error.remoteName === "BusyError";
+  return error instanceof BusyError;
 }
 
 /** Options of `fetchData`. */

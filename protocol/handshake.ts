@@ -18,6 +18,7 @@ import { Comm, type CommOptions } from "./comm.ts";
 import { ConnectionClosedError, ProtocolError, TimeoutError } from "./errors.ts";
 import { FRAME_BYTES_MAX, frameHeader, HANDSHAKE_READ_BYTES, MessageReader } from "./framing.ts";
 import { type Conn, connect, type TlsOptions } from "./transport.ts";
+import { equalBytes, hmacSha256 } from "../util/sha256.ts";
 
 /** The protocol version a server announces. */
 export const PROTOCOL_VERSION = 1;
@@ -82,25 +83,18 @@ async function receive(reader: MessageReader, what: string): Promise<Record<stri
   return message as Record<string, unknown>;
 }
 
-async function hmac(token: string, label: string, a: Uint8Array, b: Uint8Array): Promise<Uint8Array> {
-  const key = await crypto.subtle.importKey(
-    "raw",
-    text.encode(token),
-    { name: "HMAC", hash: "SHA-256" },
-    false,
-    [
-      "sign",
-    ],
-  );
-  const data = new Uint8Array([...text.encode(label), ...a, ...b]);
-  return new Uint8Array(await crypto.subtle.sign("HMAC", key, data));
+/** The proof of the token for one side: HMAC-SHA256 under the token of `label`, then both nonces. */
+function hmac(token: string, label: string, a: Uint8Array, b: Uint8Array): Uint8Array {
+  const head = text.encode(label);
+  const data = new Uint8Array(head.length + a.length + b.length);
+  data.set(head);
+  data.set(a, head.length);
+  data.set(b, head.length + a.length);
+  return hmacSha256(token, data);
 }
 
 function equal(a: unknown, b: Uint8Array): boolean {
-  if (!(a instanceof Uint8Array) || a.length !== b.length) return false;
-  let diff = 0;
-  for (let i = 0; i < a.length; i++) diff |= a[i] ^ b[i];
-  return diff === 0;
+  return a instanceof Uint8Array && equalBytes(a, b);
 }
 
 function withTimeout<T>(promise: Promise<T>, ms: number, conn: Conn, what: string): Promise<T> {
@@ -148,10 +142,10 @@ export function serverHandshake(
       if (!(clientNonce instanceof Uint8Array) || clientNonce.length !== NONCE_BYTES) {
         reason =
           "the first message must be the auth proof { proof, nonce }; this node requires an auth token";
-      } else if (!equal(reply.proof, await hmac(token, "client", nonce, clientNonce))) {
+      } else if (!equal(reply.proof, hmac(token, "client", nonce, clientNonce))) {
         reason = "wrong auth token";
       } else {
-        await send(conn, { ok: true, proof: await hmac(token, "server", clientNonce, nonce) });
+        await send(conn, { ok: true, proof: hmac(token, "server", clientNonce, nonce) });
         return reader;
       }
     } catch (error) {
@@ -218,7 +212,7 @@ export function clientHandshake(conn: Conn, security: SecurityOptions = {}): Pro
       );
     }
     const nonce = crypto.getRandomValues(new Uint8Array(NONCE_BYTES));
-    await send(conn, { proof: await hmac(token, "client", hello.nonce, nonce), nonce });
+    await send(conn, { proof: hmac(token, "client", hello.nonce, nonce), nonce });
     const answer = await receive(reader, "the server's verdict");
     if (answer.ok !== true) {
       const e = answer.error as { message?: string } | undefined;
@@ -226,7 +220,7 @@ export function clientHandshake(conn: Conn, security: SecurityOptions = {}): Pro
         `${conn.remoteAddress} refused the connection: ${e?.message ?? "no reason given"}`,
       );
     }
-    if (!equal(answer.proof, await hmac(token, "server", nonce, hello.nonce))) {
+    if (!equal(answer.proof, hmac(token, "server", nonce, hello.nonce))) {
       throw new AuthenticationError(
         `${conn.remoteAddress} does not know the auth token: it may be an impostor`,
       );

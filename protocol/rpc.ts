@@ -65,8 +65,8 @@ export class RpcClient {
 
   /**
    * Calls `op` with `args` and resolves its reply. Rejects with RemoteError when the
-   * op failed on the node, ConnectionClosedError when the connection is lost,
-   * TimeoutError after `timeoutMs`.
+   * op failed on the node (BusyError when the node was too busy to take it),
+   * ConnectionClosedError when the connection is lost, TimeoutError after `timeoutMs`.
    */
   call(op: string, args: unknown = {}, options: CallOptions = {}): Promise<unknown> {
     if (op === "compute" && typeof args === "object" && args !== null && "function" in args) {

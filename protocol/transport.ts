@@ -14,6 +14,7 @@ import type { Buffer } from "node:buffer";
 import { type Address, formatAddress } from "./address.ts";
 import { ConnectionClosedError } from "./errors.ts";
 import type { ByteReader, ByteWriter } from "./framing.ts";
+import { delay } from "../util/time.ts";
 
 /** A byte stream to a peer. */
 export interface Conn extends ByteReader, ByteWriter {
@@ -95,6 +96,8 @@ class DenoConn implements Conn {
 
 /** Bytes a node:tls socket may buffer for a slow reader before it stops reading. */
 const SOCKET_BUFFER_BYTES = 4 * 1024 * 1024;
+/** Pause after a failed accept (a peer reset, too many open files), so a lasting failure does not spin. */
+const ACCEPT_RETRY_PAUSE_MS = 10;
 
 /** A node:tls socket behind the Conn interface. */
 class SocketConn implements Conn {
@@ -245,7 +248,7 @@ export async function listen(address: Address, options: ListenOptions = {}): Pro
           if (closed || error instanceof Deno.errors.BadResource) return;
           // A failed accept (a peer reset, too many open files) leaves the listener usable;
           // a short pause keeps a persistent failure from spinning.
-          await new Promise((resolve) => setTimeout(resolve, 10));
+          await delay(ACCEPT_RETRY_PAUSE_MS);
           continue;
         }
         yield new DenoConn(conn, false);

@@ -34,10 +34,11 @@
 
 import { isDeepStrictEqual, parseArgs } from "node:util";
 import { type NodeProcess, spawnNode } from "../client/spawn.ts";
-import { Client, Ref, rpc, taskOptions } from "../mod.ts";
+import { BusyError, Client, Ref, RemoteError, rpc, taskOptions } from "../mod.ts";
 import { isLoopback, parseAddress } from "../protocol/address.ts";
 import { BIGINT_BYTES_MAX, Decoder, Encoder } from "../protocol/codec.ts";
 import { HTTP_BODY_BYTES_MAX } from "../util/http.ts";
+import { deadline } from "../util/time.ts";
 import { FRAME_BYTES_MAX, frameHeader, MESSAGE_FRAMES_MAX, MessageReader } from "../protocol/framing.ts";
 import { clientHandshake, tokenFromEnv } from "../protocol/handshake.ts";
 import { schedulerOps, workerOps } from "../protocol/ops.ts";
@@ -1726,8 +1727,8 @@ async function send(
       await reading;
       return outcome;
     }
-    const deadline = timeout(options.replyTimeoutMs);
-    const result = await Promise.race([reading, deadline.promise]).finally(deadline.cancel);
+    const late = timeout(options.replyTimeoutMs);
+    const result = await Promise.race([reading, late.promise]).finally(late.cancel);
     if (result === "timeout") {
       if (expect.mustClose) {
         outcome.problems.push("the node did not close the connection after malformed input");
@@ -2064,10 +2065,9 @@ async function stalledReaderInput(
     const writing = writeAll(conn, concat(parts)).catch(() => {});
     await new Promise((resolve) => setTimeout(resolve, rng.int(300)));
     if (rng.chance(0.5)) return []; // it never reads: the node must drop or release it
-    const deadline = performance.now() + 2 * state.options.replyTimeoutMs;
+    const until = deadline(2 * state.options.replyTimeoutMs);
     for (let id = 1; id <= n; id++) {
-      const left = deadline - performance.now();
-      const late = timeout(Math.max(0, left));
+      const late = timeout(until.remaining());
       const frames = await Promise.race([hello.reader.next(), late.promise]).finally(late.cancel);
       if (frames === "timeout") return [`a slow reader got ${id - 1} of ${n} ${op} replies in time`];
       if (frames === null) return [`the node closed a slow reader after ${id - 1} of ${n} ${op} replies`];
@@ -2307,7 +2307,8 @@ async function check(state: RunState): Promise<boolean> {
       }
     } catch (error) {
       problem(t, `a normal call failed: ${(error as Error).message}`);
-      if (!(error instanceof Error && /RemoteError/.test(error.name))) alive = false;
+      // A node that answered, even with a refusal, is alive.
+      if (!(error instanceof RemoteError || error instanceof BusyError)) alive = false;
     } finally {
       await node.close();
     }
@@ -2559,8 +2560,8 @@ export async function fuzz(options: FuzzOptions): Promise<FuzzReport> {
     );
   }
   const indices = options.only ?? Array.from({ length: options.inputs }, (_, i) => i);
-  const deadline = options.seconds === undefined ? Infinity : Date.now() + options.seconds * 1000;
-  const stopped = () => state.fatal || Date.now() > deadline || options.signal?.aborted === true;
+  const until = deadline(options.seconds === undefined ? Infinity : options.seconds * 1000);
+  const stopped = () => state.fatal || until.expired() || options.signal?.aborted === true;
   const progress = () =>
     options.onProgress?.({
       done: state.report.inputs + state.report.skipped,

@@ -34,6 +34,7 @@
 import { parseArgs } from "node:util";
 import { isDeepStrictEqual } from "node:util";
 import { type NodeProcess, spawnNode } from "../client/spawn.ts";
+import { type Deadline, deadline } from "../util/time.ts";
 import {
   Client,
   type Future,
@@ -242,7 +243,7 @@ export async function runLoad(options: LoadOptions): Promise<LoadReport> {
     }),
   );
   loopStarted = performance.now();
-  const deadline = loopStarted + options.seconds * 1000;
+  const until = deadline(options.seconds * 1000);
   const ticker = options.onTick
     ? setInterval(() => options.onTick!((performance.now() - started) / 1000, report), 1000)
     : undefined;
@@ -251,7 +252,7 @@ export async function runLoad(options: LoadOptions): Promise<LoadReport> {
       if (client === null) return Promise.resolve();
       return oneClient(i, client, {
         ...options,
-        deadline,
+        until,
         report,
         fail,
         check,
@@ -273,7 +274,7 @@ export async function runLoad(options: LoadOptions): Promise<LoadReport> {
 }
 
 interface ClientContext extends LoadOptions {
-  deadline: number;
+  until: Deadline;
   report: LoadReport;
   fail: (where: string, error: unknown) => void;
   check: (ok: boolean, what: () => string) => void;
@@ -445,7 +446,7 @@ async function oneClient(index: number, client: Client, ctx: ClientContext): Pro
   };
 
   try {
-    while (performance.now() < ctx.deadline) {
+    while (!ctx.until.expired()) {
       const kind = pickKind();
       const t = performance.now();
       try {

@@ -1,11 +1,14 @@
 /**
- * What the tests share: in-process clusters on 127.0.0.1 with port 0, and a bounded
- * poll for things that happen asynchronously.
+ * What the tests share: in-process clusters on 127.0.0.1 with port 0, a bounded poll for
+ * things that happen asynchronously, and a bound on every test's time. A test file that
+ * imports this module (for its side effect, if it needs nothing else) has each of its
+ * tests failed past TEST_TIMEOUT_MS.
  *
  * @module
  */
 
 import { createLogger, type Logger, type LogLevel } from "../util/log.ts";
+import { deadline } from "../util/time.ts";
 import {
   type SchedulerNode,
   startScheduler,
@@ -57,11 +60,41 @@ export async function startCluster(
   return { scheduler, workers, close, [Symbol.asyncDispose]: close };
 }
 
+/** The value of the unlabelled gauge or counter `name` on the Prometheus page at `url` (NaN when absent). */
+export async function metricAt(url: string, name: string): Promise<number> {
+  const response = await fetch(url);
+  const text = await response.text();
+  if (!response.ok) throw new Error(`GET ${url}: ${response.status} ${text}`);
+  const line = text.split("\n").find((l) => l.startsWith(`${name} `));
+  return line === undefined ? NaN : Number(line.slice(name.length + 1));
+}
+
+/** Pause between two looks of `eventually`. */
+const POLL_STEP_MS = 20;
+
 /** Polls `check` until it returns true; throws after `timeoutMs`. */
 export async function eventually(check: () => boolean | Promise<boolean>, timeoutMs = 5_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
+  const until = deadline(timeoutMs);
   while (!(await check())) {
-    if (Date.now() > deadline) throw new Error(`Condition not met within ${timeoutMs} ms: ${check}`);
-    await new Promise((resolve) => setTimeout(resolve, 20));
+    if (until.expired()) throw new Error(`Condition not met within ${timeoutMs} ms: ${check}`);
+    await new Promise((resolve) => setTimeout(resolve, POLL_STEP_MS));
   }
 }
+
+/**
+ * Longest any one test may run: one that waits on something that never comes (a promise
+ * that never settles, a poll with no bound) fails its file with this, instead of hanging
+ * the suite. The slowest tests (real node processes, a browser) take well under a minute.
+ */
+export const TEST_TIMEOUT_MS = 180_000;
+
+let watchdog: ReturnType<typeof setTimeout> | undefined;
+Deno.test.beforeEach(() => {
+  watchdog = setTimeout(() => {
+    // Thrown from a timer, it fails the running test's file: Deno names that test "cancelled".
+    throw new Error(
+      `A test ran past TEST_TIMEOUT_MS (${TEST_TIMEOUT_MS} ms): it waits on something that never comes`,
+    );
+  }, TEST_TIMEOUT_MS);
+});
+Deno.test.afterEach(() => clearTimeout(watchdog));

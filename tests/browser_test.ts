@@ -294,6 +294,7 @@ class Browser implements AsyncDisposable {
 // ---- task functions (sent as source: no closures) ----
 
 async function slow(x: number): Promise<number> {
+  // The pause is the behaviour under test: tasks that take a while, so progress shows.
   await new Promise((resolve) => setTimeout(resolve, 10));
   return x * 2;
 }
@@ -451,7 +452,11 @@ Deno.test({
           deviceScaleFactor: 1,
           mobile: false,
         });
-        await delay(600); // a redraw at the new size
+        // The page has the new size and has drawn a frame at it.
+        await page.waitFor("window.innerWidth === 800");
+        await page.evaluate(
+          "new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done)))",
+        );
         const png = await page.screenshot();
         await Deno.writeFile(new URL("dashboard-800.png", OUT), png);
         const layout = await page.evaluate<Record<string, number>>(`({

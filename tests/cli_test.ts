@@ -8,6 +8,7 @@ import assert from "node:assert/strict";
 import config from "../deno.json" with { type: "json" };
 import { rpc, type SchedulerOps, type WorkerOps } from "../mod.ts";
 import { NODE_PERMISSIONS, type NodeProcess, spawnNode } from "../client/spawn.ts";
+import "./_helpers.ts"; // each test is bounded in time (TEST_TIMEOUT_MS)
 
 const MAIN = new URL("../main.ts", import.meta.url);
 /** How long a poll waits for the scheduler to notice something, and its step. */
@@ -350,8 +351,17 @@ Deno.test("cli: a worker started before its scheduler registers once it appears"
   const port = freePort();
   const address = `tcp://127.0.0.1:${port}`;
   await using nodes = new Nodes();
-  const early = spawnNode(["worker", address, "--death-timeout", "20", "--name", "early", "--nthreads", "3"]);
-  await delay(1_000);
+  const waiting = Promise.withResolvers<void>();
+  const early = spawnNode(
+    ["worker", address, "--death-timeout", "20", "--name", "early", "--nthreads", "3"],
+    {
+      onLog: (line) => {
+        if (line.includes(`Waiting for scheduler ${address}`)) waiting.resolve();
+      },
+    },
+  );
+  // The worker has tried and failed to register before the scheduler starts.
+  await Promise.race([waiting.promise, early.then(() => {}, () => {})]);
   const late = spawnNode(["scheduler", "--port", String(port)]);
   const [w, s] = await Promise.allSettled([early, late]);
   // Register whatever started before judging, so that the finally stops it.

@@ -18,7 +18,7 @@ import {
 } from "../mod.ts";
 import { spawnNode } from "../client/spawn.ts";
 import { BIGINT_BYTES_MAX } from "../protocol/codec.ts";
-import { eventually, startCluster, testLogger } from "./_helpers.ts";
+import { eventually, metricAt, startCluster, testLogger } from "./_helpers.ts";
 
 const inc = (x: number) => x + 1;
 const add = (a: number, b: number) => a + b;
@@ -245,12 +245,14 @@ Deno.test("client: 10,000-task map", async () => {
 
 Deno.test("client: wait and asCompleted", async () => {
   await withClient(2, async (client) => {
+    // The pause is the behaviour under test: a task still running when wait() gives up.
     const slow = client.submit(async (ms: number) => {
       await new Promise((r) => setTimeout(r, ms));
       return ms;
-    }, 300);
+    }, 1_500);
     const fast = client.submit(inc, 1);
-    const partial = await wait([slow, fast], { timeoutMs: 150 });
+    await fast.result();
+    const partial = await wait([slow, fast], { timeoutMs: 50 });
     assert.deepEqual(partial.done, [fast]);
     assert.deepEqual(partial.notDone, [slow]);
     const order: Future[] = [];
@@ -262,22 +264,24 @@ Deno.test("client: wait and asCompleted", async () => {
 });
 
 Deno.test("client: a task that never returns leaves the worker serving; cancel stops it", async () => {
-  await withClient(1, async (client, cluster) => {
-    const forever = client.submit(() => {
-      while (true) { /* spin */ }
-    }, taskOptions({ pure: false }));
-    await new Promise((r) => setTimeout(r, 100));
-    await using alice = rpc<WorkerOps>(cluster.workers[0].address);
-    assert.equal(await alice.ping(), "pong");
-    await alice.update_data({ data: { still: 1 } });
-    assert.deepEqual(await alice.get_data({ keys: ["still"] }), { still: 1 });
-    await forever.cancel();
-    const error = await forever.result().catch((e) => e);
-    assert.ok(error instanceof CancelledError);
-    assert.equal(forever.status, "cancelled");
-    // The executor was replaced: the worker runs tasks again.
-    assert.equal(await client.submit(inc, 99).result(), 100);
-  });
+  await using cluster = await startCluster(1, { httpPort: 0 });
+  await using client = await Client.connect(cluster.scheduler.address);
+  const forever = client.submit(() => {
+    while (true) { /* spin */ }
+  }, taskOptions({ pure: false }));
+  // The task spins on alice's executor.
+  const metrics = `${cluster.workers[0].httpUrl}/metrics`;
+  await eventually(async () => (await metricAt(metrics, "dist_worker_tasks_running")) === 1);
+  await using alice = rpc<WorkerOps>(cluster.workers[0].address);
+  assert.equal(await alice.ping(), "pong");
+  await alice.update_data({ data: { still: 1 } });
+  assert.deepEqual(await alice.get_data({ keys: ["still"] }), { still: 1 });
+  await forever.cancel();
+  const error = await forever.result().catch((e) => e);
+  assert.ok(error instanceof CancelledError);
+  assert.equal(forever.status, "cancelled");
+  // The executor was replaced: the worker runs tasks again.
+  assert.equal(await client.submit(inc, 99).result(), 100);
 });
 
 Deno.test("client: CPU-bound tasks run in parallel on a worker's threads", async () => {

@@ -91,10 +91,13 @@ function xorshift32(seed: number): () => number {
   };
 }
 
+/** The fuzz tests' seed (DIST_FUZZ_SEED, or a fixed one), printed so that a run can be replayed. */
 function fuzzSeed(): number {
   const state = Deno.permissions.querySync({ name: "env", variable: "DIST_FUZZ_SEED" }).state;
   const fromEnv = state === "granted" ? Deno.env.get("DIST_FUZZ_SEED") : undefined;
-  return fromEnv ? Number(fromEnv) >>> 0 : 0x2545f491;
+  const seed = fromEnv ? Number(fromEnv) >>> 0 : 0x2545f491;
+  console.log(`seed ${seed} (replay: DIST_FUZZ_SEED=${seed})`);
+  return seed;
 }
 
 interface TypedLike extends ArrayBufferView {
@@ -1321,9 +1324,9 @@ Deno.test("codec fuzz: mutated valid encodings either decode or throw ProtocolEr
 });
 
 // ---------------------------------------------------------------------------------------
-// Known bug (see the report): the decoder counts a Set or Map as two levels of nesting
-// (the ext, then its payload array) where the encoder counts one, so a value the encoder
-// accepts can be refused by the decoder on the other side.
+// Regression: the decoder once counted a Set or Map as two levels of nesting (the ext,
+// then its payload array) where the encoder counts one, so a value the encoder accepted
+// could be refused by the decoder on the other side.
 
 function nest(levels: number, wrap: (v: unknown) => unknown, inner: unknown = 1): unknown {
   let v = inner;

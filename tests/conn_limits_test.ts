@@ -96,6 +96,7 @@ async function postHuge(
         break; // the server closed: its answer, if any, is already in
       }
       sent += piece.length;
+      // The pause is the behaviour under test: a sender that keeps sending, a piece at a time.
       await new Promise((resolve) => setTimeout(resolve, 1));
     }
     const got = await answer;
@@ -165,6 +166,7 @@ Deno.test("http: a slowly dripped body is cut with 408 after the body timeout; a
     const drip = (async () => {
       while (!stop) {
         await conn.write(text.encode("t")).catch(() => stop = true);
+        // The pause is the behaviour under test: a peer that drips its body a byte at a time.
         await new Promise((resolve) => setTimeout(resolve, 20));
       }
     })();
@@ -351,7 +353,8 @@ Deno.test("backpressure: a slow reader that reads in the end gets every reply, i
       const bytes = frames[0];
       // { reply: id, result: { k: <16,000 bytes> } }: the id is what matters here.
       assert.ok(bytes.length > 16_000, `reply ${id} carries the value`);
-      if (id % 100 === 0) await new Promise((resolve) => setTimeout(resolve, 5)); // slow, but reading
+      // The pause is the behaviour under test: a reader that is slow, but reads.
+      if (id % 100 === 0) await new Promise((resolve) => setTimeout(resolve, 5));
     }
     assert.equal(server.comms.size, 1, "the slow reader kept its connection");
   } finally {

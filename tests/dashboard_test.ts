@@ -40,6 +40,7 @@ function inc(x: number): number {
 }
 
 async function slow(x: number): Promise<number> {
+  // The pause is the behaviour under test: tasks that take a while, so the dashboard shows them running.
   await new Promise((resolve) => setTimeout(resolve, 10));
   return x;
 }
@@ -962,7 +963,9 @@ Deno.test("cli: --log-format json stays JSON after a dashboard viewer leaves", a
     } finally {
       await events.cancel();
     }
-    // Wait past the stream's next tick: the scheduler has noticed the viewer left.
+    // Wait past the stream's next tick (500 ms), whose failed write is how the scheduler
+    // notices the viewer left. Nothing outside the scheduler shows that moment, so this is
+    // a pause: one cut short would only let this guard miss the bug, never fail wrongly.
     await new Promise((resolve) => setTimeout(resolve, 700));
   } finally {
     await scheduler.stop();

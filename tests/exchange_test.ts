@@ -48,6 +48,7 @@ Deno.test("compute with args mixing literals and refs, async functions, method s
   await alice.compute({
     key: "s",
     function: async function sum(xs: number[]) {
+      // The pause is the behaviour under test: an async task function, awaited.
       await new Promise((resolve) => setTimeout(resolve, 1));
       return xs.reduce((a, b) => a + b, 0);
     },

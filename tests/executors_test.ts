@@ -1,8 +1,10 @@
 import assert from "node:assert/strict";
 import { ExecutorPool } from "../worker/executors.ts";
 import { CancelledError } from "../protocol/errors.ts";
+import { eventually } from "./_helpers.ts";
 
 const add = { source: "(a, b) => a + b" };
+// The pause is the behaviour under test: two tasks that overlap in time.
 const slow = { source: "(ms) => new Promise((resolve) => setTimeout(() => resolve(ms), ms))" };
 
 Deno.test("executors start when a task first needs them, one per task running at once", async () => {
@@ -26,7 +28,7 @@ Deno.test("a cancelled task's executor stops, and the next task starts a fresh o
   try {
     const running = pool.run({ source: "() => { for (;;); }" }, [], "spin");
     // Wait until it runs: the executor has started.
-    while (pool.running === 0) await new Promise((resolve) => setTimeout(resolve, 5));
+    await eventually(() => pool.running > 0);
     assert.equal(pool.cancel("spin"), true);
     await assert.rejects(running, CancelledError);
     assert.equal(pool.started, 0, "the stopped executor is not replaced before it is needed");

@@ -10,7 +10,7 @@ import {
   type WorkerOps,
 } from "../mod.ts";
 import { type NodeProcess, spawnNode } from "../client/spawn.ts";
-import { eventually, startCluster, testLogger } from "./_helpers.ts";
+import { eventually, metricAt, startCluster, testLogger } from "./_helpers.ts";
 
 const inc = (x: number) => x + 1;
 const add = (a: number, b: number) => a + b;
@@ -59,23 +59,41 @@ async function whoHas(scheduler: string, keys?: string[]) {
 Deno.test("a worker killed mid-computation: its tasks run elsewhere, lost keys are recomputed from lineage", async () => {
   await using nodes = new Nodes();
   const scheduler = await nodes.spawn("scheduler", "--port", "0");
-  const alice = await nodes.spawn("worker", scheduler.address, "--name", "alice", "--nthreads", "1");
+  const alice = await nodes.spawn(
+    "worker",
+    scheduler.address,
+    ...["--name", "alice", "--nthreads", "1", "--http-port", "0"],
+  );
   await nodes.spawn("worker", scheduler.address, "--name", "bob", "--nthreads", "1");
+  const aliceMetrics = /Metrics at (\S+)/.exec(await alice.waitForLog(/Metrics at \S+/))![1];
+  await using center = rpc<SchedulerOps>(scheduler.address);
   await using client = await Client.connect(scheduler.address);
   // Stage 1 lands on both workers; stage 2 is slow, so alice dies while it runs.
   const stage1 = client.map((i: number) => i * 10, Array.from({ length: 20 }, (_, i) => i));
   await client.gather(stage1);
   const slow = (x: number) => {
-    const end = Date.now() + 40;
+    const end = Date.now() + 100;
     while (Date.now() < end) { /* work */ }
     return x + 1;
   };
   const stage2 = stage1.map((f) => client.submit(slow, f));
   const total = client.submit((...xs: number[]) => xs.reduce((p, q) => p + q, 0), ...stage2);
-  await new Promise((r) => setTimeout(r, 150));
+  // The kill lands while alice runs stage 2: her executor is in a task, and more of hers
+  // wait behind it (tasks take 100 ms, the kill follows the look by far less).
+  let running = 0;
+  let processing = 0;
+  await eventually(async () => {
+    const workers = await center.workers();
+    running = await metricAt(aliceMetrics, "dist_worker_tasks_running");
+    processing = workers.find((w) => w.address === alice.address)?.processing ?? 0;
+    return running >= 1 && processing >= 2;
+  }, 10_000);
   alice.child.kill("SIGKILL");
+  assert.ok(running >= 1 && processing >= 2, `alice ran ${running} task(s) of ${processing} at the kill`);
   assert.equal(await total.result(), 10 * 190 + 20);
-  const held = await whoHas(scheduler.address, [total.key]);
+  // What alice had not finished ran on bob.
+  const held = await whoHas(scheduler.address, [total.key, ...stage2.map((f) => f.key)]);
+  for (const key of Object.keys(held)) assert.deepEqual(held[key].includes(alice.address), false, key);
   assert.notDeepEqual(held[total.key], [alice.address]);
 });
 

@@ -16,6 +16,7 @@ import {
   MessageReader,
   MessageWriter,
 } from "../protocol/framing.ts";
+import "./_helpers.ts"; // each test is bounded in time (TEST_TIMEOUT_MS)
 
 // ---------------------------------------------------------------------------------------
 // In-memory streams
@@ -663,8 +664,8 @@ Deno.test("framing: a sink that fails partway fails the pending writes", async (
   assert.equal(calls, 3);
 });
 
-// Known bug (see the report): after the sink fails, the queue is dropped but queuedBytes
-// keeps counting the dropped bytes, forever.
+// Regression: after the sink failed, the queue was dropped but queuedBytes kept counting
+// the dropped bytes, forever.
 Deno.test("framing: after a failure nothing is queued, and queuedBytes says so", async () => {
   const writer = new MessageWriter({ write: () => Promise.reject(new Error("connection reset")) });
   const pending = writer.write([new Uint8Array(10)]);

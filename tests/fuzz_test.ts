@@ -265,6 +265,7 @@ Deno.test("fuzz finding (seed 22, input #25983): a result that cannot be cloned 
   // the executor dies, and every job it held fails with "The executor failed".
   await using cluster = await startCluster(1);
   await using worker = rpc(cluster.workers[0].address, { timeoutMs: 10_000 });
+  // The pause is the behaviour under test: jobs that share the executor with the bad one.
   const slow = "async (i) => { await new Promise((r) => setTimeout(r, 20)); return i; }";
   const results = await Promise.all(
     [0, 1, 2, 3, 4].map((i) =>

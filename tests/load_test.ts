@@ -51,7 +51,9 @@ Deno.test("load: 50 clients of mixed rpc and client work for 4 s; no errors, not
   await eventually(async () => (await connections(ports)).byPort.join() === "2,1,1");
   const before = await connections(ports);
 
-  const report = await runLoad({ scheduler, workers, clients: CLIENTS, seconds: SECONDS, seed: 42 });
+  const seed = 42;
+  console.log(`seed ${seed}`);
+  const report = await runLoad({ scheduler, workers, clients: CLIENTS, seconds: SECONDS, seed });
   const summary = `${opsTable(report)}\nerrors: ${report.errors}\n${report.errorSamples.join("\n")}`;
   assert.equal(report.errors, 0, summary);
   for (const kind of KINDS) assert.ok(report.ops[kind] > 0, `no ${kind} completed:\n${summary}`);

@@ -20,7 +20,8 @@ Deno.test("result() of a recomputable key whose holder is killed right before or
     await using client = await Client.connect(scheduler.address);
     await using s = rpc<SchedulerOps>(scheduler.address);
     await eventually(async () => (await s.workers({})).length === 2, 30_000);
-    // Slow enough that the recompute is still running when result() first asks.
+    // Slow enough that the recompute is still running when result() first asks: the
+    // pause is the behaviour under test.
     const slow = async (x: number) => {
       await new Promise((resolve) => setTimeout(resolve, 500));
       return new Float64Array(4 * 1024 * 1024).fill(x);

@@ -5,6 +5,7 @@
  */
 
 import assert from "node:assert/strict";
+import "./_helpers.ts"; // each test is bounded in time (TEST_TIMEOUT_MS)
 
 const ROOT = new URL("../", import.meta.url);
 const MOD = new URL("mod.ts", ROOT);

@@ -1,9 +1,10 @@
 import assert from "node:assert/strict";
-import { ConnectionClosedError, RemoteError, rpc, TimeoutError, type WorkerOps } from "../mod.ts";
-import type { Dispatch } from "../protocol/comm.ts";
+import { BusyError, ConnectionClosedError, RemoteError, rpc, TimeoutError, type WorkerOps } from "../mod.ts";
+import { type Dispatch, REQUESTS_IN_FLIGHT_MAX } from "../protocol/comm.ts";
 import { serve, type Server } from "../protocol/server.ts";
-import { startCluster } from "./_helpers.ts";
+import { eventually, startCluster } from "./_helpers.ts";
 
+/** A handler's own pause: the behaviour under test (replies that come back out of order), never a wait for something. */
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
 /** A real server on 127.0.0.1:0 with ops made for the test. */
@@ -88,16 +89,68 @@ Deno.test("handlers answering at once, with a promise or a thenable, or failing 
   }
 });
 
+Deno.test("a busy reply rejects the call with BusyError, told by its name on the wire and not its text", async () => {
+  const server = await testServer((op) => {
+    if (op === "busy") throw new BusyError("Come back later: 3 sends already run");
+    throw new RangeError("Busy: but a RangeError");
+  });
+  try {
+    await using client = rpc(server.url);
+    const busy = await client.call("busy").catch((e) => e);
+    assert.ok(busy instanceof BusyError, `got ${busy}`);
+    assert.equal(busy.message, "Come back later: 3 sends already run");
+    const remote = busy.cause;
+    assert.ok(remote instanceof RemoteError);
+    assert.equal(remote.op, "busy");
+    assert.match(remote.remoteStack, /BusyError: Come back later/);
+    const other = await client.call("other").catch((e) => e);
+    assert.ok(other instanceof RemoteError && !(other instanceof BusyError));
+    assert.equal(other.remoteName, "RangeError");
+  } finally {
+    await server.close();
+  }
+});
+
+Deno.test("a connection already running REQUESTS_IN_FLIGHT_MAX requests answers the next with BusyError", async () => {
+  const release = Promise.withResolvers<void>();
+  let arrived = 0;
+  const server = await testServer(async (op) => {
+    if (op === "hang") {
+      arrived++;
+      await release.promise;
+    }
+    return op;
+  });
+  try {
+    await using client = rpc(server.url);
+    const hanging = Array.from({ length: REQUESTS_IN_FLIGHT_MAX }, () => client.call("hang"));
+    await eventually(() => arrived === REQUESTS_IN_FLIGHT_MAX);
+    const error = await client.call("ping").catch((e) => e);
+    assert.ok(error instanceof BusyError, `got ${error}`);
+    assert.match(error.message, /^Busy: 10000 calls already run on this connection$/);
+    release.resolve();
+    await Promise.all(hanging);
+    assert.equal(await client.call("ping"), "ping");
+  } finally {
+    release.resolve();
+    await server.close();
+  }
+});
+
 Deno.test("a lost connection rejects every pending call at once; the next call reconnects", async () => {
   const never = Promise.withResolvers<void>();
+  let arrived = 0;
   const server = await testServer(async (op) => {
-    if (op === "hang") await never.promise;
+    if (op === "hang") {
+      arrived++;
+      await never.promise;
+    }
     return "pong";
   });
   try {
     await using client = rpc(server.url);
     const pending = [client.call("hang"), client.call("hang"), client.call("hang")];
-    await sleep(20);
+    await eventually(() => arrived === 3);
     for (const comm of server.comms) comm.close();
     const results = await Promise.allSettled(pending);
     for (const r of results) {

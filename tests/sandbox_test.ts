@@ -10,6 +10,7 @@ import assert from "node:assert/strict";
 import { Client, rpc, type WorkerOps } from "../mod.ts";
 import { ExecutorPool } from "../worker/executors.ts";
 import { type NodeProcess, spawnNode } from "../client/spawn.ts";
+import "./_helpers.ts"; // each test is bounded in time (TEST_TIMEOUT_MS)
 
 const TOKEN = "sandbox-test-token-0123456789abcdef";
 /** Longest a task here may take: one that took its worker down would otherwise hang the test. */

@@ -6,6 +6,7 @@
  */
 
 import assert from "node:assert/strict";
+import { createHmac } from "node:crypto";
 import {
   Client,
   ConnectionClosedError,
@@ -274,6 +275,29 @@ Deno.test("auth: a raw connection that sends garbage or an op instead of the pro
   // The terminate sent in place of a proof did nothing.
   await using right = rpc(scheduler.address, { authToken: TOKEN });
   assert.equal(await right.ping(), "pong");
+});
+
+Deno.test("auth: the proofs are HMAC-SHA256 as PROTOCOL.md gives them (a peer written from the text gets in)", async () => {
+  await using scheduler = await startScheduler({ port: 0, authToken: TOKEN, log: testLogger("scheduler") });
+  const proofOf = (label: string, a: Uint8Array, b: Uint8Array) =>
+    new Uint8Array(createHmac("sha256", TOKEN).update(label).update(a).update(b).digest());
+  const peer = await RawPeer.connect(scheduler.address);
+  try {
+    const hello = await peer.next();
+    assert.ok(hello !== "closed" && hello.nonce instanceof Uint8Array, "no hello");
+    const nonce = crypto.getRandomValues(new Uint8Array(32));
+    await peer.write(framed({ proof: proofOf("client", hello.nonce, nonce), nonce }));
+    const verdict = await peer.next();
+    assert.ok(verdict !== "closed", "closed without a verdict");
+    assert.equal(verdict.ok, true, JSON.stringify(verdict.error));
+    assert.deepEqual(verdict.proof, proofOf("server", nonce, hello.nonce));
+    await peer.write(framed({ op: "ping", id: 1 }));
+    const reply = await peer.next();
+    assert.ok(reply !== "closed", "no reply to ping");
+    assert.equal(reply.result, "pong");
+  } finally {
+    peer.close();
+  }
 });
 
 Deno.test("auth: the token never crosses the wire (every byte of an exchange, both ways)", async () => {

@@ -3,7 +3,8 @@
  * the method calls the shell makes, and what comes out is checked in the task states
  * and in the messages `drain()` returns.
  *
- * Tests named "BUG:" show a defect in scheduler/tasks.ts and fail until it is fixed.
+ * Tests named "regression:" guard a defect scheduler/tasks.ts once had (found by review or
+ * the fuzzer, fixed since): each name says the behaviour that must hold.
  *
  * @module
  */
@@ -659,7 +660,7 @@ Deno.test("tasks: a task submitted on top of an erred key errs at once with the 
   assert.deepEqual(clientMessage(s.drain(), "key_erred", C3, "x").task, "x");
 });
 
-Deno.test("BUG: a task that errs inside updateGraph is reported to its client once, not twice", () => {
+Deno.test("regression: a task that errs inside updateGraph is reported to its client once, not twice", () => {
   const s = cluster(A);
   s.updateGraph(C1, [t("y", ["nope"])], ["y"]);
   assert.deepEqual(toClient(s.drain(), "key_erred", C1), ["y"]);
@@ -770,7 +771,7 @@ Deno.test("tasks: releasing a queued key drops it; the queue moves on to the nex
   assert.deepEqual(sentTo(s.drain()), {});
 });
 
-Deno.test("BUG: queued counts only tasks still queued (not ones released, cancelled or erred)", () => {
+Deno.test("regression: queued counts only tasks still queued (not ones released, cancelled or erred)", () => {
   const s = cluster(A);
   fillUp(s, A);
   s.updateGraph(C1, [t("q1"), t("q2"), t("q3"), t("q4", ["q3"])], ["q1", "q2", "q4"]);
@@ -1108,7 +1109,7 @@ Deno.test("tasks: progress counts tasks per prefix and state", () => {
 
 // ---- bugs ----
 
-Deno.test("BUG: resubmitting a key kept only as lineage (released) runs it again", () => {
+Deno.test("regression: resubmitting a key kept only as lineage (released) runs it again", () => {
   const s = cluster(A);
   // A client submits a and b = f(a), drops its future on a, keeps b.
   s.updateGraph(C1, [t("a"), t("b", ["a"])], ["a", "b"]);
@@ -1123,7 +1124,7 @@ Deno.test("BUG: resubmitting a key kept only as lineage (released) runs it again
   assert.deepEqual(sentTo(s.drain()), { a: A }, `a is ${stateOf(s, "a")}, and nothing was sent`);
 });
 
-Deno.test("BUG: a task processing on a leaving worker whose input is lost for good errs, and is not run", () => {
+Deno.test("regression: a task processing on a leaving worker whose input is lost for good errs, and is not run", () => {
   const s = cluster(A, B);
   scatter(s, C1, "x", [A], 1e9);
   s.drain();
@@ -1136,7 +1137,7 @@ Deno.test("BUG: a task processing on a leaving worker whose input is lost for go
   assert.equal(stateOf(s, "y"), "erred");
 });
 
-Deno.test("BUG: a queued dependent of a lost key waits for the key to be recomputed", () => {
+Deno.test("regression: a queued dependent of a lost key waits for the key to be recomputed", () => {
   const s = cluster(A);
   s.updateGraph(C1, [t("x")], ["x"]);
   s.drain();
@@ -1163,7 +1164,7 @@ Deno.test("BUG: a queued dependent of a lost key waits for the key to be recompu
   }
 });
 
-Deno.test("BUG: a task processing elsewhere whose input lost its last copy is rescheduled, not left to fail", () => {
+Deno.test("regression: a task processing elsewhere whose input lost its last copy is rescheduled, not left to fail", () => {
   const s = cluster(A);
   s.updateGraph(C1, [t("x")], ["x"]);
   s.drain();
@@ -1184,7 +1185,7 @@ Deno.test("BUG: a task processing elsewhere whose input lost its last copy is re
   assert.deepEqual(toWorker(out, "cancel_task", B), ["d"]);
 });
 
-Deno.test("BUG: a restricted queued task that a worker reports holding is not sent again", () => {
+Deno.test("regression: a restricted queued task that a worker reports holding is not sent again", () => {
   const s = cluster(A, B);
   const blocks = fillUp(s, A);
   s.updateGraph(C1, [t("r", [], { workers: [A] })], ["r"]);
@@ -1197,7 +1198,7 @@ Deno.test("BUG: a restricted queued task that a worker reports holding is not se
   assert.equal(stateOf(s, "r"), "memory");
 });
 
-Deno.test("BUG: restricted queued tasks come out by priority too", () => {
+Deno.test("regression: restricted queued tasks come out by priority too", () => {
   const s = cluster(A);
   const blocks = fillUp(s, A);
   s.updateGraph(C1, [t("r-lo", [], { workers: [A] })], ["r-lo"]);
@@ -1206,7 +1207,7 @@ Deno.test("BUG: restricted queued tasks come out by priority too", () => {
   assert.deepEqual(sentTo(s.drain()), { "r-hi": A });
 });
 
-Deno.test("BUG: a finished task whose cancelled input is later lost does not wait forever", () => {
+Deno.test("regression: a finished task whose cancelled input is later lost does not wait forever", () => {
   const s = cluster(A);
   s.updateGraph(C1, [t("a"), t("b", ["a"])], ["a", "b"]);
   s.drain();
@@ -1233,7 +1234,7 @@ Deno.test("BUG: a finished task whose cancelled input is later lost does not wai
   );
 });
 
-Deno.test("BUG: a finished task whose deleted external input is later lost does not wait forever", () => {
+Deno.test("regression: a finished task whose deleted external input is later lost does not wait forever", () => {
   const s = cluster(A);
   s.addKeys(A, ["ext"]);
   s.updateGraph(C1, [t("m", ["ext"])], ["m"]);
@@ -1254,7 +1255,7 @@ Deno.test("BUG: a finished task whose deleted external input is later lost does 
   );
 });
 
-Deno.test("BUG: a task that depends on itself is refused or errs, rather than waiting forever", () => {
+Deno.test("regression: a task that depends on itself is refused or errs, rather than waiting forever", () => {
   for (const specs of [[t("loop", ["loop"])], [t("p", ["q"]), t("q", ["p"])]]) {
     const s = cluster(A);
     let threw = false;
@@ -1268,7 +1269,7 @@ Deno.test("BUG: a task that depends on itself is refused or errs, rather than wa
   }
 });
 
-Deno.test("BUG: a task that errs while wanting its inputs does not compute and hold its other inputs", () => {
+Deno.test("regression: a task that errs while wanting its inputs does not compute and hold its other inputs", () => {
   const s = cluster(A);
   // e, a = f(e), d2, b = g(a, d2): all done, only b wanted, so e, a and d2 are kept as lineage.
   s.updateGraph(C1, [t("e"), t("a", ["e"]), t("d2"), t("b", ["a", "d2"])], ["b"]);
@@ -1299,7 +1300,7 @@ Deno.test("BUG: a task that errs while wanting its inputs does not compute and h
   );
 });
 
-Deno.test("BUG: worker byte counts stay right when holders report different sizes", () => {
+Deno.test("regression: worker byte counts stay right when holders report different sizes", () => {
   const s = cluster(A, B);
   s.updateGraph(C1, [t("x", [], { workers: [A] })], ["x"]);
   s.drain();
@@ -1324,7 +1325,7 @@ function longChain(n: number): SchedulerTasks {
 
 const CHAIN_LENGTH = 50_000;
 
-Deno.test("BUG: releasing the end of a long chain does not overflow the stack", () => {
+Deno.test("regression: releasing the end of a long chain does not overflow the stack", () => {
   const s = longChain(CHAIN_LENGTH);
   s.releaseKeys(C1, [`k-${CHAIN_LENGTH - 1}`]);
   while (s.continueReleases()) s.drain();
@@ -1356,7 +1357,7 @@ Deno.test("a release too large for one turn goes on in later turns; a key wanted
   assert.equal(stateOf(s, "z"), "waiting");
 });
 
-Deno.test("BUG: recomputing a long chain from lineage does not overflow the stack", () => {
+Deno.test("regression: recomputing a long chain from lineage does not overflow the stack", () => {
   const s = longChain(CHAIN_LENGTH);
   s.addWorker({ address: B });
   s.removeWorker(A);

@@ -12,6 +12,8 @@
  * @module
  */
 
+import { type Deadline, deadline } from "./time.ts";
+
 /**
  * Most HTTP connections open at once (viewers, scrapers). Past it the one that has
  * waited longest for its request is closed; when every one is being answered (event
@@ -70,17 +72,15 @@ class Refusal {
   constructor(readonly status: number, readonly message: string) {}
 }
 
-/** Reads from `conn` until `deadline` (performance.now() ms); null at end of stream. */
+/** Reads from `conn` until `until`; null at end of stream. */
 async function readBy(
   conn: Deno.Conn,
   buf: Uint8Array,
-  deadline: number,
+  until: Deadline,
   what: Refusal,
 ): Promise<number | null> {
   let timer: ReturnType<typeof setTimeout> | undefined;
-  const late = new Promise<"late">((resolve) =>
-    timer = setTimeout(() => resolve("late"), Math.max(0, deadline - performance.now()))
-  );
+  const late = new Promise<"late">((resolve) => timer = setTimeout(() => resolve("late"), until.remaining()));
   try {
     const reading = conn.read(buf);
     // Past the deadline the read is left pending: it fails when the connection closes.
@@ -99,7 +99,7 @@ async function readRequest(
   host: string,
   limits: HttpLimits,
 ): Promise<{ request: Request; http10: boolean } | null> {
-  const headDeadline = performance.now() + (limits.headTimeoutMs ?? HTTP_HEAD_TIMEOUT_MS);
+  const headDeadline = deadline(limits.headTimeoutMs ?? HTTP_HEAD_TIMEOUT_MS);
   const slowHead = new Refusal(408, "Request head too slow: it did not arrive in time");
   let buf = new Uint8Array(1024);
   let filled = 0;
@@ -163,7 +163,7 @@ async function readBody(
   const max = limits.bodyBytesMax;
   const tooLarge = new Refusal(413, `Request body too large: the limit is ${max} bytes`);
   const slow = new Refusal(408, `Request body too slow: it did not arrive within ${limits.bodyTimeoutMs} ms`);
-  const deadline = performance.now() + limits.bodyTimeoutMs;
+  const bodyDeadline = deadline(limits.bodyTimeoutMs);
   const chunked = /chunked/i.test(headers.get("transfer-encoding") ?? "");
   const length = headers.get("content-length");
   if (!chunked && length === null) return new Uint8Array(0);
@@ -180,7 +180,7 @@ async function readBody(
       next.set(raw);
       raw = next;
     }
-    const n = await readBy(conn, raw.subarray(filled), deadline, slow);
+    const n = await readBy(conn, raw.subarray(filled), bodyDeadline, slow);
     if (n === null) return false;
     filled += n;
     return true;

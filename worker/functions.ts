@@ -54,8 +54,9 @@ export async function callFunction(fn: Fn, args: unknown[]): Promise<unknown> {
   try {
     return await fn(...args);
   } catch (error) {
-    if (error instanceof ReferenceError && /is not defined/.test(error.message)) {
-      error.message += ` (the function refers to a variable outside its own body; only its source travels, ` +
+    if (error instanceof ReferenceError) {
+      error.message +=
+        ` (if the function refers to a variable outside its own body: only its source travels, ` +
         `so pass the value as an argument, or import the function by { module, name })`;
     }
     throw error;
