@@ -115,7 +115,7 @@ export class Holders {
   readonly #keys = new Map<string, { holders: string[]; failed: Set<string>; lookups: number }>();
   /** Peers that answered busy: when they may be asked again, the next pause, and since when. */
   readonly #busy = new Map<string, { until: number; pauseMs: number; since: number }>();
-  readonly #self: string | null;
+  #self: string | null;
   readonly #lookupsMax: number;
   readonly #random: () => number;
 
@@ -125,10 +125,17 @@ export class Holders {
     this.#random = options.random ?? Math.random;
   }
 
+  /** This end's own address, never asked. */
+  set self(address: string) {
+    this.#self = address;
+  }
+
   /** Takes `holders` as where `key` is now (a who_has answer); holders that failed it stay left out. */
   learn(key: string, holders: readonly string[]): void {
     let entry = this.#keys.get(key);
     if (entry === undefined) this.#keys.set(key, entry = { holders: [], failed: new Set(), lookups: 0 });
+    // This end named as a holder lacks the key (else it would not ask): a failed holder.
+    if (this.#self !== null && holders.includes(this.#self)) entry.failed.add(this.#self);
     entry.holders = holders.filter((h) => h !== this.#self && !entry!.failed.has(h));
   }
 

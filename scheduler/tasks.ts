@@ -147,6 +147,8 @@ export interface ComputeTaskArgs {
   args: unknown[];
   /** Where each dependency can be fetched. */
   who_has: Record<string, string[]>;
+  /** The size of each dependency (for the worker's fetch limits); absent without any. */
+  nbytes?: Record<string, number>;
 }
 
 /** Tasks a worker may hold beyond its threads, so it never waits on a round trip. */
@@ -1007,9 +1009,14 @@ export class SchedulerTasks {
     ws.processing.add(ts);
     const run = ts.run!;
     const whoHas: Record<string, string[]> = {};
-    for (const dep of ts.dependencies) whoHas[dep.key] = [...dep.whoHas].map((w) => w.address);
+    const nbytes: Record<string, number> = {};
+    for (const dep of ts.dependencies) {
+      whoHas[dep.key] = [...dep.whoHas].map((w) => w.address);
+      nbytes[dep.key] = dep.nbytes;
+    }
     const fnId = this.functionId(run.function);
     const args: ComputeTaskArgs = { key: ts.key, fnId, args: run.args, who_has: whoHas };
+    if (ts.dependencies.size > 0) args.nbytes = nbytes;
     if (ws.knownFunctions.get(fnId) === undefined) {
       ws.knownFunctions.set(fnId, true);
       args.function = run.function;

@@ -1176,7 +1176,8 @@ function envelopeInput(kind: FuzzTarget["kind"], op: string, g: Gen): { frames: 
     if (fields.length > 0) {
       const inner = valid[rng.pick(fields)] as Record<string, unknown> | unknown[];
       if (Array.isArray(inner)) inner[rng.int(inner.length + 1)] = randomValue(g);
-      else if (!(inner instanceof Ref)) {
+      // A typed array's elements take only numbers (or bigints): not a field to break.
+      else if (!(inner instanceof Ref) && !ArrayBuffer.isView(inner)) {
         const innerFields = Object.keys(inner);
         inner[innerFields.length > 0 && rng.chance(0.7) ? rng.pick(innerFields) : randomString(g)] =
           randomValue(g);

@@ -510,7 +510,7 @@ Deno.test("tasks: compute_task carries who_has of every dependency and sends a f
   s.updateGraph(C1, [t("y", ["x"], { workers: [A] })], ["y"]);
   out = s.drain();
   let args = computes(out, A)[0];
-  assert.deepEqual(args, { key: "y", fnId: 1, args: [], who_has: { x: [A, B] } });
+  assert.deepEqual(args, { key: "y", fnId: 1, args: [], who_has: { x: [A, B] }, nbytes: { x: 8 } });
   assert.ok(!("function" in args), "A knows function 1");
 
   s.updateGraph(C1, [t("y2", ["x"], { workers: [B] })], ["y2"]);

@@ -439,3 +439,17 @@ Deno.test("worker state: random events keep every invariant and move only along 
     }
   }
 });
+
+Deno.test("worker state: asked to compute a key it is fetching, it computes it; the copy that lands later is let go", () => {
+  const h = new Harness();
+  h.compute("t", { x: [A] });
+  assert.equal(h.s.stateOf("x"), "flight");
+  // The holder went silent; the scheduler, having lost it, asks this worker to compute x.
+  const out = h.compute("x");
+  assert.deepEqual(of(out, "execute").map((i) => i.key), ["x"]);
+  assert.deepEqual(h.s.inFlight(), { fetches: 1, bytes: 0 }, "the request to A is still under way");
+  h.on({ type: "executed", key: "x", nbytes: 1, report: {} });
+  assert.deepEqual(h.on({ type: "fetched", peer: A, nbytes: { x: 1 } }), [{ type: "discard", keys: ["x"] }]);
+  assert.deepEqual(h.on({ type: "fetch-done", peer: A }), []);
+  assert.deepEqual(h.s.inFlight(), { fetches: 0, bytes: 0 });
+});

@@ -58,7 +58,8 @@ export const TRANSITIONS: Readonly<Record<KeyState, readonly KeyState[]>> = {
   // Asked for again while still running: it runs on, as the new task.
   cancelled: ["executing", "memory", "released"],
   fetch: ["flight", "missing", "memory", "waiting", "released"],
-  flight: ["memory", "fetch", "missing", "released"],
+  // To waiting: asked to compute it after all (a fetch under way may never end).
+  flight: ["memory", "fetch", "missing", "waiting", "released"],
   missing: ["fetch", "memory", "waiting", "released"],
   memory: ["released"],
 };
@@ -217,7 +218,7 @@ interface Request {
 
 /** The state of one worker: keys, tasks, fetches. See the module doc. */
 export class WorkerState {
-  readonly address: string;
+  #address: string;
   readonly nthreads: number;
   readonly #records = new Map<string, KeyRecord>();
   readonly #holders: Holders;
@@ -246,7 +247,7 @@ export class WorkerState {
     if (!Number.isInteger(options.nthreads) || options.nthreads < 1) {
       throw new RangeError(`Invalid nthreads ${options.nthreads}: expected a whole number from 1 up`);
     }
-    this.address = options.address;
+    this.#address = options.address;
     this.nthreads = options.nthreads;
     this.#holders = new Holders({ self: options.address, random: options.random });
     this.#limits = {
@@ -254,6 +255,16 @@ export class WorkerState {
       bytes: options.fetchBytesInFlightMax ?? FETCH_BYTES_IN_FLIGHT_MAX,
       batch: options.fetchBatchBytesMax ?? FETCH_BATCH_BYTES_MAX,
     };
+  }
+
+  /** This worker's address (it may change once, when the worker learns which interface reaches the scheduler). */
+  get address(): string {
+    return this.#address;
+  }
+
+  set address(address: string) {
+    this.#address = address;
+    this.#holders.self = address;
   }
 
   // ---- reading ----
@@ -457,9 +468,10 @@ export class WorkerState {
       case "fetch":
       case "flight":
       case "missing":
-        // Fetched as another task's input: it lands as this task's result; if every
-        // holder fails, it is computed here.
+        // Fetched as another task's input, and now the scheduler asks for it to be
+        // computed (it knows no copy): compute it; a copy that still lands is let go.
         r.task = task;
+        this.#giveUp(r, "compute: asked to compute what it was fetching");
         return;
       case "released":
         r.task = task;
