@@ -453,3 +453,18 @@ Deno.test("worker state: asked to compute a key it is fetching, it computes it; 
   assert.deepEqual(h.on({ type: "fetch-done", peer: A }), []);
   assert.deepEqual(h.s.inFlight(), { fetches: 0, bytes: 0 });
 });
+
+Deno.test("regression: a task cancelled (executor stopped) and asked for again runs again, and its stopped run's error is not reported", () => {
+  // Found by the simulation (seed 27): resuming a task whose executor was stopped left it
+  // "executing" with nothing running, and the stopped run's CancelledError was reported
+  // as the task's error.
+  const h = new Harness();
+  h.compute("t");
+  assert.deepEqual(h.on({ type: "cancel", keys: ["t"] }), [{ type: "abort", key: "t" }]);
+  assert.deepEqual(h.compute("t"), [], "not resumed: its run is being stopped");
+  const out = h.on({ type: "execute-failed", key: "t", error: "cancelled", killed: false, report: {} });
+  assert.deepEqual(sends(out), []);
+  assert.deepEqual(of(out, "execute").map((i) => i.key), ["t"]);
+  const done = h.on({ type: "executed", key: "t", nbytes: 1, report: {} });
+  assert.deepEqual(sends(done), [{ op: "task_finished", args: { key: "t", nbytes: 1 } }]);
+});

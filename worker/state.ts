@@ -55,8 +55,9 @@ export const TRANSITIONS: Readonly<Record<KeyState, readonly KeyState[]>> = {
   // Back to waiting when an input was deleted before a thread was free.
   ready: ["executing", "waiting", "memory", "released"],
   executing: ["memory", "cancelled", "released"],
-  // Asked for again while still running: it runs on, as the new task.
-  cancelled: ["executing", "memory", "released"],
+  // Asked for again while still running: it runs on, as the new task; or, if its
+  // executor was stopped, it runs again once the stopped run has ended.
+  cancelled: ["executing", "memory", "waiting", "released"],
   fetch: ["flight", "missing", "memory", "waiting", "released"],
   // To waiting: asked to compute it after all (a fetch under way may never end).
   flight: ["memory", "fetch", "missing", "waiting", "released"],
@@ -205,6 +206,10 @@ interface KeyRecord {
   replica: boolean;
   /** The scheduler freed this copy while a task here still needs it: dropped once none does. */
   freed: boolean;
+  /** A cancelled task whose executor was told to stop: it cannot be resumed, only run again. */
+  aborted: boolean;
+  /** A cancelled, aborted task asked for again: it runs again once the stopped run has ended. */
+  rerun: boolean;
 }
 
 interface Request {
@@ -425,6 +430,8 @@ export class WorkerState {
         own: false,
         replica: true,
         freed: false,
+        aborted: false,
+        rerun: false,
       };
       this.#records.set(key, r);
     }
@@ -463,7 +470,8 @@ export class WorkerState {
         return; // Asked twice: the first is under way.
       case "cancelled":
         r.task = task;
-        this.#transition(r, "executing", "compute: asked again while it ran");
+        if (r.aborted) r.rerun = true;
+        else this.#transition(r, "executing", "compute: asked again while it ran");
         return;
       case "fetch":
       case "flight":
@@ -521,7 +529,9 @@ export class WorkerState {
       this.#discard.push(key);
       return;
     }
-    const wanted = r.state === "executing";
+    // A stopped run that finished all the same is as good as the run asked for again.
+    const wanted = r.state === "executing" || r.rerun;
+    r.aborted = r.rerun = false;
     if (!wanted && r.dependents.size === 0 && r.requests.size === 0) {
       this.#discard.push(key);
       r.task = null;
@@ -542,6 +552,12 @@ export class WorkerState {
   #executeFailed(key: string, error: unknown, killed: boolean, report: Record<string, number>): void {
     const r = this.#records.get(key);
     if (r === undefined || (r.state !== "executing" && r.state !== "cancelled")) return;
+    if (r.state === "cancelled" && r.rerun) {
+      // The stopped run ended as it was told to: the task asked for again runs now.
+      r.aborted = r.rerun = false;
+      this.#giveUp(r, "run again after a stopped run");
+      return;
+    }
     const wanted = r.state === "executing";
     const dependents = [...r.dependents];
     const requests = [...r.requests];
@@ -555,6 +571,11 @@ export class WorkerState {
    * Task `r` (waiting or ready) will not run here: it goes, and what here still needs its
    * value fetches it from where the scheduler said it is.
    */
+  #abort(r: KeyRecord): void {
+    r.aborted = true;
+    this.#out.push({ type: "abort", key: r.key });
+  }
+
   #dropTask(r: KeyRecord, reason: string): void {
     const dependents = [...r.dependents];
     const requests = [...r.requests];
@@ -616,10 +637,11 @@ export class WorkerState {
         return;
       case "executing":
         this.#transition(r, "cancelled", reason);
-        if (cancel) this.#out.push({ type: "abort", key });
+        if (cancel) this.#abort(r);
         return;
       case "cancelled":
-        if (cancel) this.#out.push({ type: "abort", key });
+        r.rerun = false;
+        if (cancel && !r.aborted) this.#abort(r);
         return;
       default:
         // A key being fetched: only its task part goes (inputs of tasks here stay wanted).
@@ -639,7 +661,8 @@ export class WorkerState {
     }
     // A task of this key, waiting or running, is done: the value is here. A running one's
     // result will be let go (its executor finishes it, the state moved on).
-    const task = r.state === "cancelled" ? null : r.task;
+    const task = r.state === "cancelled" && !r.rerun ? null : r.task;
+    r.aborted = r.rerun = false;
     if (r.state === "waiting" || r.state === "ready") this.#unlinkInputs(r);
     this.#transition(r, "memory", "put");
     r.nbytes = nbytes;
@@ -860,7 +883,8 @@ export class WorkerState {
     // their results are named when the worker registers again.
     for (const r of [...this.#records.values()]) {
       if (r.task === null || this.#records.get(r.key) !== r) continue;
-      if (r.state === "waiting" || r.state === "ready") {
+      if (r.state === "cancelled") r.rerun = false;
+      else if (r.state === "waiting" || r.state === "ready") {
         this.#dropTask(r, "scheduler lost");
       } else if (r.state === "fetch" || r.state === "flight" || r.state === "missing") {
         r.task = null;

@@ -319,18 +319,26 @@ class WorkerServer implements WorkerNode {
           this.#state.address = this.#identity.address;
         }
         const keys = this.data.keys();
-        // The scheduler may send tasks before its reply to register arrives.
+        // The scheduler may send tasks before its reply to register arrives, and what this
+        // worker says of them then follows the register call on the same connection.
         this.#registering = comm;
-        const reply = await comm.call("register", {
-          address: this.address,
-          name: this.#identity.name,
-          nthreads: this.#identity.nthreads,
-          keys,
-          nbytes: this.data.nbytes(keys),
-          external: this.#state.ownKeys(),
-        }, { timeoutMs: CALL_TIMEOUT_MS }) as { heartbeat_interval_ms: number; worker_ttl_ms: number };
-        this.#schedulerComm = comm;
         this.#apply({ type: "scheduler-found" });
+        let reply: { heartbeat_interval_ms: number; worker_ttl_ms: number };
+        try {
+          reply = await comm.call("register", {
+            address: this.address,
+            name: this.#identity.name,
+            nthreads: this.#identity.nthreads,
+            keys,
+            nbytes: this.data.nbytes(keys),
+            external: this.#state.ownKeys(),
+          }, { timeoutMs: CALL_TIMEOUT_MS }) as { heartbeat_interval_ms: number; worker_ttl_ms: number };
+        } catch (error) {
+          this.#registering = null;
+          this.#apply({ type: "scheduler-lost" });
+          throw error;
+        }
+        this.#schedulerComm = comm;
         const registered = comm;
         comm.closed.then(() => this.#onSchedulerLost(registered));
         this.#heartbeat(comm, reply.heartbeat_interval_ms, reply.worker_ttl_ms);
@@ -419,7 +427,7 @@ class WorkerServer implements WorkerNode {
   }
 
   async #schedulerCall(op: string, args: unknown): Promise<unknown> {
-    const comm = this.#schedulerComm;
+    const comm = this.#schedulerComm ?? this.#registering;
     if (comm === null) throw new ConnectionClosedError(`Not connected to scheduler ${this.#schedulerUrl}`);
     return await comm.call(op, args, { timeoutMs: CALL_TIMEOUT_MS });
   }
@@ -566,7 +574,7 @@ class WorkerServer implements WorkerNode {
   }
 
   #sendToScheduler(message: ToSchedulerMessage): void {
-    const comm = this.#schedulerComm;
+    const comm = this.#schedulerComm ?? this.#registering;
     if (comm === null || comm.isClosed) return;
     try {
       switch (message.op) {
