@@ -11,6 +11,7 @@ import { formatPath, Ref, VALUE_DEPTH_MAX } from "../protocol/codec.ts";
 import { checkKey } from "../protocol/_validate.ts";
 import type { Comm, Dispatch } from "../protocol/comm.ts";
 import {
+  BusyError,
   CancelledError,
   ConnectionClosedError,
   MissingDataError,
@@ -20,12 +21,12 @@ import {
 import { type Sendable, toFunctionSpec } from "../protocol/functions.ts";
 import { clientOps, type FunctionSpec, type GraphTask, type WorkerInfo } from "../protocol/ops.ts";
 import { ConnectionPool } from "../protocol/pool.ts";
-import { fetchData, isBusy } from "../protocol/fetch.ts";
+import { fetchData, Holders } from "../protocol/fetch.ts";
 import { dispatchTo } from "../protocol/server.ts";
 import { openComm, type SecurityOptions, tokenFromEnv } from "../protocol/handshake.ts";
 import { randomToken, tokenize } from "./_tokenize.ts";
 import { LocalCluster, type LocalClusterOptions } from "./local.ts";
-import { Backoff, deadline } from "../util/time.ts";
+import { Backoff, deadline, delay } from "../util/time.ts";
 
 /** Per-task options; pass `taskOptions({...})` as the last argument of `submit` or `map`. */
 export interface SubmitOptions {
@@ -589,91 +590,92 @@ export class Client implements AsyncDisposable {
     }
   }
 
+  /**
+   * Fetches `keys` from their holders, choosing and moving on as `Holders` (the policy the
+   * workers use too) says. A key whose holder closed is being recomputed by the
+   * scheduler: it is waited for (news of the key, then a lookup) until
+   * LOST_HOLDER_WAIT_MS. A key that holders answered without (stale copies) fails once
+   * the lookups find no other.
+   */
   async #fetch(keys: string[]): Promise<Map<string, unknown>> {
     const values = new Map<string, unknown>();
-    let remaining = keys;
-    let failure: unknown = null;
-    const deadline = Date.now() + LOST_HOLDER_WAIT_MS;
-    let pauseMs = LOST_HOLDER_PAUSE_FIRST_MS;
-    // Set in a round where a holder could not be reached, or a key had none: its holder died.
-    let holderGone = false;
-    for (let round = 0; remaining.length > 0; round++) {
-      if (round > 0) {
-        // Holders that answered without the key, twice: a stale copy, and no wait helps.
-        if (round > 1 && !holderGone) break;
-        // A holder died. The scheduler recomputes a key it lost from its task and says
-        // key_done again, or says key_lost or key_erred: until then (or the deadline), ask
-        // where the copies are now.
-        if (round > 1) {
-          if (Date.now() >= deadline) break;
-          await this.#keyNews(remaining, Math.min(pauseMs, deadline - Date.now()));
-          pauseMs = Math.min(LOST_HOLDER_PAUSE_MAX_MS, pauseMs * 2);
-        }
-        for (const key of remaining) {
-          const rec = this.#keys.get(key);
-          if (rec === undefined) throw new CancelledError(key, "released");
-          if (rec.error) throw rec.error;
-        }
-        await this.#lookUpHolders(remaining, false);
+    const holders = new Holders();
+    const gone = new Set<string>();
+    for (const key of keys) holders.learn(key, this.#keys.get(key)?.workers ?? []);
+    const until = deadline(LOST_HOLDER_WAIT_MS);
+    const pause = new Backoff({ firstMs: LOST_HOLDER_PAUSE_FIRST_MS, maxMs: LOST_HOLDER_PAUSE_MAX_MS });
+    const missing = (list: string[]) => {
+      const error = new MissingDataError(list);
+      for (const key of list) error.holders[key] = holders.named(key);
+      return error;
+    };
+    for (;;) {
+      const remaining = keys.filter((key) => !values.has(key));
+      if (remaining.length === 0) return values;
+      for (const key of remaining) {
+        const rec = this.#keys.get(key);
+        if (rec === undefined) throw new CancelledError(key, "released");
+        if (rec.error) throw rec.error;
       }
-      holderGone = remaining.some((key) => (this.#keys.get(key)?.workers ?? []).length === 0);
-      // Holders asked this round, per key: a busy one is left for another holder if any.
-      const asked = new Map<string, Set<string>>(remaining.map((k) => [k, new Set()]));
-      const untried = (key: string) =>
-        (this.#keys.get(key)?.workers ?? []).filter((w) => !asked.get(key)!.has(w));
-      for (;;) {
-        const byWorker = new Map<string, string[]>();
-        for (const key of remaining) {
-          if (values.has(key)) continue;
-          const holders = untried(key);
-          const worker = holders[Math.floor(Math.random() * holders.length)];
-          if (worker === undefined) continue;
-          asked.get(key)!.add(worker);
-          let list = byWorker.get(worker);
-          if (list === undefined) byWorker.set(worker, list = []);
-          list.push(key);
-        }
-        if (byWorker.size === 0) break;
-        await Promise.all([...byWorker].map(async ([worker, list]) => {
-          let movedOn = false;
-          let lookedUp = false;
-          try {
-            const comm = await this.#peers.get(worker);
-            await fetchData(comm, list, {
-              bytesMax: this.#options.frameBytesMax,
-              // Kept part by part: what arrived stays if a later part fails.
-              onPart: (part) => {
-                for (const key of list) if (Object.hasOwn(part, key)) values.set(key, part[key]);
-              },
-              elsewhere: () => {
-                movedOn = list.some((key) => untried(key).length > 0);
-                if (!movedOn && !lookedUp) {
-                  // The client hears of a key's first holder only: while it waits out the
-                  // busy one, ask where the copies are now (the next busy reply uses it).
-                  lookedUp = true;
-                  this.#lookUpHolders(list, true).catch(() => {});
-                }
-                return movedOn;
-              },
-            });
-          } catch (error) {
-            if (isBusy(error) && movedOn) {
-              // Keys no other holder has are asked of this one again, which then waits it out.
-              for (const key of list) if (untried(key).length === 0) asked.get(key)!.delete(worker);
-              return;
+      const now = performance.now();
+      const toLookUp: string[] = [];
+      const recomputed: string[] = [];
+      for (const key of remaining) {
+        const status = holders.status(key, now);
+        if (status !== "lookup" && status !== "lost") continue;
+        if (gone.has(key)) {
+          if (until.expired()) throw missing([key]);
+          recomputed.push(key);
+        } else if (status === "lost") throw missing([key]);
+        else toLookUp.push(key);
+      }
+      if (recomputed.length > 0) {
+        // The scheduler says key_done again when it has recomputed the key, or key_lost
+        // or key_erred: until then (or the deadline), look where the copies are now.
+        await this.#keyNews(recomputed, Math.min(pause.next(), until.remaining()));
+        toLookUp.push(...recomputed);
+      }
+      if (toLookUp.length > 0) {
+        for (const key of toLookUp) holders.lookedUp(key);
+        await this.#lookUpHolders(toLookUp, false);
+        for (const key of toLookUp) holders.learn(key, this.#keys.get(key)?.workers ?? []);
+        continue;
+      }
+      const plan = holders.choose(remaining, now);
+      if (plan.size === 0) {
+        // Only busy holders: wait for the first to come out of its pause.
+        const at = holders.wakeAt(now);
+        await delay(at === null ? LOST_HOLDER_PAUSE_FIRST_MS : at - now);
+        continue;
+      }
+      let failure: unknown = null;
+      await Promise.all([...plan].map(async ([worker, list]) => {
+        try {
+          const comm = await this.#peers.get(worker);
+          await fetchData(comm, list, {
+            bytesMax: this.#options.frameBytesMax,
+            // Kept part by part: what arrived stays if a later part fails.
+            onPart: (part) => {
+              for (const key of list) if (Object.hasOwn(part, key)) values.set(key, part[key]);
+            },
+          });
+          holders.answered(worker);
+          // Answered without it: a stale copy.
+          for (const key of list) if (!values.has(key)) holders.failed(worker, key);
+        } catch (error) {
+          const left = list.filter((key) => !values.has(key));
+          if (error instanceof BusyError) holders.busy(worker, left, performance.now());
+          else if (error instanceof ConnectionClosedError) {
+            for (const key of left) {
+              holders.failed(worker, key);
+              gone.add(key);
             }
-            // A lost holder is retried against fresh who_has; any other failure (say, a
-            // value over a limit) is the answer, and says why.
-            if (error instanceof ConnectionClosedError) holderGone = true;
-            else failure = error;
-          }
-        }));
-        if (failure) throw failure;
-      }
-      remaining = remaining.filter((k) => !values.has(k));
+          } // Any other failure (say, a value over a limit) is the answer, and says why.
+          else failure = error;
+        }
+      }));
+      if (failure) throw failure;
     }
-    if (remaining.length > 0) throw new MissingDataError(remaining);
-    return values;
   }
 
   /** Resolves after `ms`, or sooner when the scheduler says something of one of `keys`. */

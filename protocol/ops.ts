@@ -199,11 +199,23 @@ export const workerOps = {
       function: v.optional(functionSpec),
       args: v.arrayOf(v.unknown),
       who_has: byKey(v.arrayOf(address)),
+      // Sizes of the inputs, where the scheduler knows them: the worker's fetch limits count them.
+      nbytes: v.optional(byKey(v.count)),
     }),
   ),
   free_keys: op<OkReply>()(v.object({ keys })),
   gather_keys: op<OkReply & { missing: string[] }>()(v.object({ who_has: byKey(v.arrayOf(address)) })),
   cancel_task: op<OkReply>()(v.object({ keys })),
+  // What this worker knows of a key: its state here and its recent moves.
+  story: op<
+    {
+      key: string;
+      state: string;
+      story: { time: number; key: string; from: string; to: string; reason: string }[];
+    }
+  >()(
+    v.object({ key: v.key }),
+  ),
 };
 
 /** The ops a scheduler serves. */

@@ -147,6 +147,8 @@ export interface ComputeTaskArgs {
   args: unknown[];
   /** Where each dependency can be fetched. */
   who_has: Record<string, string[]>;
+  /** The size of each dependency (for the worker's fetch limits); absent without any. */
+  nbytes?: Record<string, number>;
 }
 
 /** Tasks a worker may hold beyond its threads, so it never waits on a round trip. */
@@ -559,6 +561,9 @@ export class SchedulerTasks {
     for (const ts of fresh) {
       if (ts.state === "released" && (ts.whoWants.size > 0 || !inputs.has(ts))) this.#want(ts);
     }
+    // A key waited for as an unknown input (just after a start) that this graph defines:
+    // what waits for it needs it computed now.
+    for (const ts of linked) if (ts.state === "released" && ts.waiters.size > 0) this.#want(ts);
     for (const key of wanted) {
       const ts = this.tasks.get(key);
       if (ts !== undefined && ts.state === "released") this.#want(ts);
@@ -596,7 +601,14 @@ export class SchedulerTasks {
   taskFinished(address: string, key: string, nbytes: number, durationS: number): void {
     const ws = this.workers.get(address);
     const ts = this.tasks.get(key);
-    if (ws === undefined || ts === undefined || ts.processingOn !== ws) return;
+    if (ws === undefined) return;
+    if (ts === undefined || ts.processingOn !== ws) {
+      // A result no one waits for from this worker (the task was released or moved
+      // meanwhile, or a restarted scheduler never knew it): the worker lets it go, or it
+      // would hold it for good.
+      if (ts === undefined || !ws.hasWhat.has(ts)) this.#freeOn(address, key);
+      return;
+    }
     ws.processing.delete(ts);
     ts.processingOn = null;
     const avg = this.durations.get(ts.prefix);
@@ -656,7 +668,14 @@ export class SchedulerTasks {
     ts.processingOn = null;
     ts.state = "released";
     for (const [dep, holders] of Object.entries(missing)) {
-      for (const holder of holders) if (this.workers.has(holder)) this.removeKeys(holder, [dep]);
+      for (const holder of holders) {
+        if (!this.workers.has(holder)) continue;
+        // The holder may still have it (only the way to it failed): no longer counted,
+        // the copy must go, or it would stay there for good. Told before anything the
+        // removal leads to (a recompute of it on that very holder, say).
+        if (this.tasks.get(dep)?.whoHas.has(this.workers.get(holder)!)) this.#freeOn(holder, dep);
+        this.removeKeys(holder, [dep]);
+      }
     }
     if (++ts.suspicious > this.allowedFailures) {
       this.failed++;
@@ -1007,9 +1026,14 @@ export class SchedulerTasks {
     ws.processing.add(ts);
     const run = ts.run!;
     const whoHas: Record<string, string[]> = {};
-    for (const dep of ts.dependencies) whoHas[dep.key] = [...dep.whoHas].map((w) => w.address);
+    const nbytes: Record<string, number> = {};
+    for (const dep of ts.dependencies) {
+      whoHas[dep.key] = [...dep.whoHas].map((w) => w.address);
+      nbytes[dep.key] = dep.nbytes;
+    }
     const fnId = this.functionId(run.function);
     const args: ComputeTaskArgs = { key: ts.key, fnId, args: run.args, who_has: whoHas };
+    if (ts.dependencies.size > 0) args.nbytes = nbytes;
     if (ws.knownFunctions.get(fnId) === undefined) {
       ws.knownFunctions.set(fnId, true);
       args.function = run.function;

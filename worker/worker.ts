@@ -33,7 +33,8 @@ import { type Family, type HttpServer, LoopLag, prometheus, startHttp } from "..
 import { dispatchTo, type Handlers, serve, type Server } from "../protocol/server.ts";
 import { AuthenticationError, openComm, type SecurityOptions, tokenFromEnv } from "../protocol/handshake.ts";
 import { ConnectionPool } from "../protocol/pool.ts";
-import { fetchData, isBusy } from "../protocol/fetch.ts";
+import { fetchData } from "../protocol/fetch.ts";
+import { type Instruction, type WorkerEvent, WorkerState } from "./state.ts";
 import { FRAME_BYTES_MAX } from "../protocol/framing.ts";
 import { ExecutorDiedError, ExecutorPool, type Isolation, shared } from "./executors.ts";
 import { DataStore, nbytesOf, refsIn, resolveRefs } from "./store.ts";
@@ -44,22 +45,28 @@ export { DEATH_TIMEOUT_MS, TRANSFERS_OUT_MAX };
 /** The first and the largest wait between attempts to reach the scheduler. */
 const BACKOFF_FIRST_MS = 50;
 const BACKOFF_MAX_MS = 2_000;
-/** Wait before asking the scheduler again where a missing input is. */
-const FETCH_BACKOFF_MS = 100;
 /** Longest a leaving worker waits for its unique keys to be copied elsewhere. */
 const RETIRE_TIMEOUT_MS = 60_000;
 /** Most transfers a worker remembers between two heartbeats. */
 const TRANSFER_LOG_MAX = 1_000;
 /** Replies this large count against `transfersOutMax`; smaller ones are always served. */
 export const TRANSFER_LARGE_BYTES = 1024 * 1024;
-/** How a worker tells the scheduler about keys: a call it waits on, a notice, or a notice of fetched replicas. */
-type Report = "call" | "notice" | "replica";
 /** How long a call to a peer or the scheduler may take. */
 const CALL_TIMEOUT_MS = 60_000;
 /** What a get_data reply takes besides its keys and values: its id, op and field names. */
 const REPLY_ENVELOPE_BYTES = 1024;
 /** What each key takes in a get_data reply besides its UTF-8 bytes (and its value's header). */
 const KEY_OVERHEAD_BYTES = 16;
+
+/** A scheduler's task as the shell keeps it in the state: what to run, and when it came. */
+interface TaskRun {
+  spec: FunctionSpec;
+  args: unknown[];
+  /** performance.now() when compute_task arrived (its duration counts from there, fetches included). */
+  received: number;
+}
+
+type ToSchedulerMessage = Extract<Instruction, { type: "send" }>["message"];
 
 /** The bytes `value` takes in a message (`nbytes` for all but binary values, which it may exceed). */
 function wireBytesOf(value: unknown, nbytes: number): number {
@@ -167,14 +174,15 @@ class WorkerServer implements WorkerNode {
   #executors: ExecutorPool;
   /** Functions the scheduler sent, by its ids: an LRU mirroring the scheduler's (KNOWN_FUNCTIONS_MAX). */
   #schedulerFunctions = new Lru<number, FunctionSpec>(KNOWN_FUNCTIONS_MAX);
-  /** Tasks from the scheduler being fetched for or run, and whether they were cancelled. */
-  #tasks = new Map<string, { cancelled: boolean }>();
   /**
-   * Keys that are this worker's own data (update_data that reported them, compute), as
-   * opposed to task results, replicas and scattered values: at a registration they are
-   * named `external`, kept until deleted; the scheduler frees the others nobody claims.
+   * The worker's decisions (worker/state.ts): this shell feeds it events and carries out
+   * its instructions. Made once the address is known.
    */
-  #own = new Set<string>();
+  #state!: WorkerState;
+  /** Requests (gather_keys, a client's compute) waiting for their keys, by id. */
+  #requests = new Map<number, (answer: { missing: Record<string, string[]>; error?: unknown }) => void>();
+  #requestIds = 0;
+  #wakeTimer: ReturnType<typeof setTimeout> | undefined;
   #schedulerComm: Comm | null = null;
   /** The connection a registration is under way on. */
   #registering: Comm | null = null;
@@ -182,8 +190,6 @@ class WorkerServer implements WorkerNode {
   /** Fetches since the last heartbeat, for the scheduler's dashboard. */
   #transfers: Transfer[] = [];
   #bytesIn = 0;
-  /** Fetches under way, by key; each settles (never rejects) when its fetch is over. */
-  #fetching = new Map<string, Promise<void>>();
   #bytesOut = 0;
   /** Large get_data replies being sent now. */
   #transfersOut = 0;
@@ -259,6 +265,7 @@ class WorkerServer implements WorkerNode {
         nthreads: this.#nthreads,
         scheduler: this.#schedulerUrl,
       };
+      this.#state = new WorkerState({ address: this.#server.url, nthreads: this.#nthreads });
       if (options.httpPort !== undefined) {
         this.#lag = new LoopLag();
         this.#http = await startHttp({
@@ -309,19 +316,28 @@ class WorkerServer implements WorkerNode {
           // Listening on every interface: advertise the one that reaches the scheduler.
           this.#identity.address = formatAddress({ ...listening, host: comm.conn.local.host });
           if (this.#options.name === undefined) this.#identity.name = this.#identity.address;
+          this.#state.address = this.#identity.address;
         }
         const keys = this.data.keys();
-        for (const key of this.#own) if (!this.data.has(key)) this.#own.delete(key);
-        // The scheduler may send tasks before its reply to register arrives.
+        // The scheduler may send tasks before its reply to register arrives, and what this
+        // worker says of them then follows the register call on the same connection.
         this.#registering = comm;
-        const reply = await comm.call("register", {
-          address: this.address,
-          name: this.#identity.name,
-          nthreads: this.#identity.nthreads,
-          keys,
-          nbytes: this.data.nbytes(keys),
-          external: [...this.#own],
-        }, { timeoutMs: CALL_TIMEOUT_MS }) as { heartbeat_interval_ms: number; worker_ttl_ms: number };
+        this.#apply({ type: "scheduler-found" });
+        let reply: { heartbeat_interval_ms: number; worker_ttl_ms: number };
+        try {
+          reply = await comm.call("register", {
+            address: this.address,
+            name: this.#identity.name,
+            nthreads: this.#identity.nthreads,
+            keys,
+            nbytes: this.data.nbytes(keys),
+            external: this.#state.ownKeys(),
+          }, { timeoutMs: CALL_TIMEOUT_MS }) as { heartbeat_interval_ms: number; worker_ttl_ms: number };
+        } catch (error) {
+          this.#registering = null;
+          this.#apply({ type: "scheduler-lost" });
+          throw error;
+        }
         this.#schedulerComm = comm;
         const registered = comm;
         comm.closed.then(() => this.#onSchedulerLost(registered));
@@ -399,6 +415,7 @@ class WorkerServer implements WorkerNode {
   #onSchedulerLost(comm: Comm): void {
     if (this.#closing || this.#schedulerComm !== comm) return;
     this.#schedulerComm = null;
+    this.#apply({ type: "scheduler-lost" });
     this.#log.warn(`Lost the scheduler ${this.#schedulerUrl}; reconnecting`);
     const deadline = Date.now() + (this.#options.deathTimeoutMs ?? DEATH_TIMEOUT_MS);
     this.#reconnecting = this.#register(deadline).catch((error) => {
@@ -410,163 +427,203 @@ class WorkerServer implements WorkerNode {
   }
 
   async #schedulerCall(op: string, args: unknown): Promise<unknown> {
-    const comm = this.#schedulerComm;
+    const comm = this.#schedulerComm ?? this.#registering;
     if (comm === null) throw new ConnectionClosedError(`Not connected to scheduler ${this.#schedulerUrl}`);
     return await comm.call(op, args, { timeoutMs: CALL_TIMEOUT_MS });
   }
 
-  /**
-   * Tells the scheduler what changed, as a call (waiting for its ack) or a notice; a
-   * scheduler that is away learns it at re-registration.
-   */
-  async #report(op: "add_keys" | "remove_keys", keys: string[], mode: Report = "call"): Promise<void> {
-    const comm = this.#schedulerComm;
-    if (keys.length === 0 || comm === null) return;
-    // Copies fetched for a scheduler's task are replicas: the scheduler may have forgotten them meanwhile.
+  /** Tells the scheduler what changed and waits for its ack; a scheduler that is away learns it at re-registration. */
+  async #report(op: "add_keys" | "remove_keys", keys: string[]): Promise<void> {
+    if (keys.length === 0 || this.#schedulerComm === null) return;
     const args = op === "add_keys"
-      ? { address: this.address, keys, nbytes: this.data.nbytes(keys), replicas: mode === "replica" }
+      ? { address: this.address, keys, nbytes: this.data.nbytes(keys) }
       : { address: this.address, keys };
     try {
-      if (mode !== "call") comm.notify(op, args);
-      else await this.#schedulerCall(op, args);
+      await this.#schedulerCall(op, args);
     } catch (error) {
       this.#log.warn(`Could not tell the scheduler ${op} ${keys.join(", ")}: ${(error as Error).message}`);
     }
   }
 
-  // ---- peers ----
+  // ---- the state machine's shell ----
 
   /**
-   * Fetches `keys` unless a fetch of them is under way already: tasks that need the same
-   * input wait for one fetch of it, not one each. A key that fetch did not bring (its
-   * holder died, say) this caller fetches itself, so the error, if any, is its own.
+   * Feeds `event` to the state and carries out what it says, in order. `values` are
+   * the values in hand (fetched or computed) that `store` instructions keep.
    */
-  async #fetchMissing(
-    keys: string[],
-    known: Record<string, string[]> | undefined,
-    mode: Report,
-  ): Promise<void> {
-    const waits: Promise<void>[] = [];
-    const mine: string[] = [];
-    for (const key of keys) {
-      const underWay = this.#fetching.get(key);
-      if (underWay === undefined) mine.push(key);
-      else waits.push(underWay);
-    }
-    const part = (list: string[]) => known && Object.fromEntries(list.map((k) => [k, known[k] ?? []]));
-    let own: Promise<void> | undefined;
-    if (mine.length > 0) {
-      own = this.#gather(mine, part(mine), mode);
-      const settled = own.then(() => {}, () => {});
-      for (const key of mine) this.#fetching.set(key, settled);
-      settled.then(() => {
-        for (const key of mine) if (this.#fetching.get(key) === settled) this.#fetching.delete(key);
-      });
-    }
-    await Promise.all([own, ...waits]);
-    const notBrought = keys.filter((key) => !this.data.has(key) && !mine.includes(key));
-    if (notBrought.length > 0) await this.#gather(notBrought, part(notBrought), mode);
+  #apply(event: WorkerEvent, values?: Record<string, unknown>): void {
+    if (this.#closing && event.type !== "scheduler-lost") return;
+    const now = performance.timeOrigin + performance.now();
+    for (const i of this.#state.handle(event, now)) this.#carryOut(i, values, now);
   }
 
-  /**
-   * Fetches `keys` from the peers that hold them: one batch per peer, all peers at
-   * once; a key whose holder fails is asked of its next holder. Stores what arrives
-   * as replicas and tells the scheduler.
-   */
-  async #gather(keys: string[], known?: Record<string, string[]>, mode: Report = "call"): Promise<void> {
-    if (known === undefined) this.#log.debug(`Asking the scheduler who has ${keys.join(", ")}`);
-    let whoHas = known ?? await this.#schedulerCall("who_has", { keys }) as Record<string, string[]>;
-    const remaining = new Set(keys);
-    const tried = new Map<string, Set<string>>(keys.map((k) => [k, new Set([this.address])]));
-    const fetched: string[] = [];
-    let failure: unknown = null;
-    let refreshed = known === undefined;
-    const untried = (key: string) => (whoHas[key] ?? []).filter((a) => !tried.get(key)!.has(a));
-    for (;;) {
-      const batches = new Map<string, string[]>();
-      for (const key of remaining) {
-        const holders = untried(key);
-        if (holders.length === 0) continue;
-        const holder = holders.find((a) => batches.has(a)) ?? holders[0];
-        tried.get(key)!.add(holder);
-        let batch = batches.get(holder);
-        if (batch === undefined) batches.set(holder, batch = []);
-        batch.push(key);
+  #carryOut(i: Instruction, values: Record<string, unknown> | undefined, now: number): void {
+    switch (i.type) {
+      case "store":
+        for (const key of i.keys) this.data.setReceived(key, values![key]);
+        return;
+      case "discard":
+        return;
+      case "drop":
+        for (const key of i.keys) this.data.delete(key);
+        return;
+      case "fetch":
+        this.#fetch(i.peer, i.keys);
+        return;
+      case "execute":
+        this.#execute(i.key, i.run as TaskRun);
+        return;
+      case "abort":
+        this.#executors.cancel(i.key);
+        return;
+      case "lookup":
+        this.#lookup(i.keys);
+        return;
+      case "send":
+        this.#sendToScheduler(i.message);
+        return;
+      case "acquired": {
+        const resolve = this.#requests.get(i.id);
+        this.#requests.delete(i.id);
+        resolve?.({ missing: i.missing, error: i.error });
+        return;
       }
-      if (batches.size === 0) {
-        if (refreshed || remaining.size === 0 || this.#schedulerComm === null) break;
-        // Every holder we were told of failed: ask again where the copies are now, once.
-        refreshed = true;
-        await new Promise((resolve) => setTimeout(resolve, FETCH_BACKOFF_MS));
-        try {
-          whoHas = await this.#schedulerCall("who_has", { keys: [...remaining] }) as Record<string, string[]>;
-        } catch {
-          break;
-        }
-        continue;
-      }
-      await Promise.all([...batches].map(async ([holder, batch]) => {
-        // Set when a busy holder is left for another (not when it stayed busy past the wait).
-        let movedOn = false;
-        try {
-          this.#log.debug(`Fetching ${batch.join(", ")} from ${holder}`);
-          const comm = await this.#peers.get(holder);
-          let start = Date.now();
-          const got = await fetchData(comm, batch, {
-            timeoutMs: CALL_TIMEOUT_MS,
-            bytesMax: this.#options.frameBytesMax,
-            onBusy: () => this.#busyWaits++,
-            // Busy, and another holder not yet asked has one of these keys: ask it now
-            // (Dask's way) rather than wait here.
-            elsewhere: () => (movedOn = batch.some((key) => untried(key).length > 0)),
-            // Stored part by part: what arrived stays if a later part fails.
-            onPart: (part) => {
-              let bytes = 0;
-              let count = 0;
-              for (const key of Object.keys(part)) {
-                if (!remaining.has(key)) continue;
-                bytes += this.data.setReceived(key, part[key]);
-                count++;
-                remaining.delete(key);
-                fetched.push(key);
-              }
-              this.#bytesIn += bytes;
-              if (this.#transfers.length < TRANSFER_LOG_MAX) {
-                this.#transfers.push({ from: holder, keys: count, nbytes: bytes, start, stop: Date.now() });
-              }
-              start = Date.now();
-            },
-          });
-          this.#log.debug(
-            `Got ${batch.filter((k) => Object.hasOwn(got, k)).join(", ") || "nothing"} from ${holder}`,
-          );
-        } catch (error) {
-          this.#log.warn(`Fetching ${batch.join(", ")} from ${holder} failed: ${(error as Error).message}`);
-          // A holder that is gone is a missing copy; any other refusal (a value over a
-          // limit, say) is the task's error, and the copy is still there.
-          if (!(error instanceof ConnectionClosedError || error instanceof TimeoutError || isBusy(error))) {
-            failure = error;
-          }
-          // A busy holder left for another keeps the keys no one else has: asked again
-          // next round, where it is the only one left, so that ask waits it out.
-          if (isBusy(error) && movedOn) {
-            for (const key of batch) {
-              if (remaining.has(key) && untried(key).length === 0) tried.get(key)!.delete(holder);
-            }
-          }
-        }
-      }));
+      case "wake":
+        clearTimeout(this.#wakeTimer);
+        this.#wakeTimer = setTimeout(() => this.#apply({ type: "tick" }), Math.max(0, i.at - now));
+        return;
     }
-    await this.#report("add_keys", fetched, mode);
-    if (remaining.size > 0 && failure) throw failure;
-    if (remaining.size > 0) {
-      const error = new MissingDataError([...remaining]);
-      for (const key of remaining) {
-        // Every holder named for the key failed (this worker too, if named: it lacks the key).
-        error.holders[key] = [...new Set([...(whoHas[key] ?? []), ...tried.get(key)!])];
-      }
-      throw error;
+  }
+
+  /** Asks `peer` for `keys`; reports each part, then how it ended. */
+  async #fetch(peer: string, keys: string[]): Promise<void> {
+    this.#log.debug(`Fetching ${keys.join(", ")} from ${peer}`);
+    let start = Date.now();
+    try {
+      const comm = await this.#peers.get(peer);
+      await fetchData(comm, keys, {
+        timeoutMs: CALL_TIMEOUT_MS,
+        bytesMax: this.#options.frameBytesMax,
+        onPart: (part) => {
+          const nbytes: Record<string, number> = {};
+          let bytes = 0;
+          for (const key of Object.keys(part)) bytes += nbytes[key] = nbytesOf(part[key], key);
+          this.#bytesIn += bytes;
+          if (this.#transfers.length < TRANSFER_LOG_MAX) {
+            this.#transfers.push({ from: peer, keys: keys.length, nbytes: bytes, start, stop: Date.now() });
+          }
+          start = Date.now();
+          this.#apply({ type: "fetched", peer, nbytes }, part);
+        },
+      });
+      this.#apply({ type: "fetch-done", peer });
+    } catch (error) {
+      if (error instanceof BusyError) this.#busyWaits++;
+      else this.#log.warn(`Fetching ${keys.join(", ")} from ${peer} failed: ${(error as Error).message}`);
+      // A holder that is gone is a missing copy; any other refusal (a value over a
+      // limit, say) is the task's error, and the copy is still there.
+      const reason = error instanceof BusyError
+        ? "busy"
+        : error instanceof ConnectionClosedError || error instanceof TimeoutError
+        ? "gone"
+        : "refused";
+      this.#apply({ type: "fetch-failed", peer, reason, error });
     }
+  }
+
+  async #lookup(keys: string[]): Promise<void> {
+    this.#log.debug(`Asking the scheduler who has ${keys.join(", ")}`);
+    try {
+      const whoHas = await this.#schedulerCall("who_has", { keys }) as Record<string, string[]>;
+      const answer: Record<string, string[]> = {};
+      for (const key of keys) answer[key] = whoHas[key] ?? [];
+      this.#apply({ type: "who-has", who_has: answer });
+    } catch {
+      this.#apply({ type: "lookup-failed", keys });
+    }
+  }
+
+  /** Runs a scheduler's task: its inputs are read now, as the state said they are here. */
+  async #execute(key: string, task: TaskRun): Promise<void> {
+    let args: unknown[];
+    try {
+      args = resolveRefs(task.args, this.#forExecutor) as unknown[];
+    } catch (error) {
+      queueMicrotask(() => this.#apply({ type: "execute-failed", key, error, killed: false, report: {} }));
+      return;
+    }
+    try {
+      const run = await this.#executors.run(task.spec, args, key);
+      const report = {
+        duration: (performance.now() - task.received) / 1000,
+        start: run.start,
+        stop: run.stop,
+        thread: run.thread,
+      };
+      this.#apply({ type: "executed", key, nbytes: run.nbytes, report }, { [key]: run.result });
+    } catch (error) {
+      const timing = (error as { timing?: { start: number; stop: number; thread: number } }).timing;
+      this.#apply({
+        type: "execute-failed",
+        key,
+        error,
+        killed: error instanceof ExecutorDiedError,
+        report: { ...timing },
+      });
+    }
+  }
+
+  #sendToScheduler(message: ToSchedulerMessage): void {
+    const comm = this.#schedulerComm ?? this.#registering;
+    if (comm === null || comm.isClosed) return;
+    try {
+      switch (message.op) {
+        case "task_finished":
+          comm.notify("task_finished", { duration: 0, ...message.args });
+          return;
+        case "missing_data":
+          comm.notify("missing_data", message.args);
+          return;
+        case "add_keys":
+          comm.notify("add_keys", { address: this.address, ...message.args });
+          return;
+        case "task_erred":
+          this.#sendErred(comm, message.key, message.error, message.killed, message.report);
+          return;
+      }
+    } catch (error) {
+      this.#log.warn(`Could not tell the scheduler ${message.op}: ${(error as Error).message}`);
+    }
+  }
+
+  #sendErred(comm: Comm, key: string, error: unknown, killed: boolean, report: Record<string, number>): void {
+    try {
+      comm.notify("task_erred", { key, error: toRemoteErrorInfo(error), killed, ...report });
+    } catch (sendError) {
+      // Too large for the scheduler's limit: a report that fits, so the task settles.
+      const info = toRemoteErrorInfo(error);
+      comm.notify("task_erred", {
+        key,
+        error: {
+          name: info.name.slice(0, 100),
+          message: `The error of ${key} cannot be reported: ${(sendError as Error).message}`,
+        },
+        killed,
+      });
+    }
+  }
+
+  /** Fetches `keys` that are not here, as the state decides; resolves what could not be had. */
+  #acquire(
+    keys: string[],
+    whoHas?: Record<string, string[]>,
+  ): Promise<{ missing: Record<string, string[]>; error?: unknown }> {
+    const id = ++this.#requestIds;
+    const answer = new Promise<{ missing: Record<string, string[]>; error?: unknown }>((resolve) =>
+      this.#requests.set(id, resolve)
+    );
+    this.#apply({ type: "acquire", id, keys, who_has: whoHas, replica: false });
+    return answer;
   }
 
   // ---- ops ----
@@ -621,15 +678,16 @@ class WorkerServer implements WorkerNode {
         for (const key in data) nbytes[key] = nbytesOf(data[key], key);
         for (const key in data) {
           this.data.setReceived(key, data[key], nbytes[key]);
-          if (report === false) this.#own.delete(key);
-          else this.#own.add(key);
+          this.#apply({ type: "put", key, nbytes: nbytes[key], own: report !== false });
         }
         if (report !== false) await this.#report("add_keys", Object.keys(data));
         return { status: "OK", nbytes };
       },
       delete_data: async ({ keys, report }) => {
-        for (const key of keys) this.#own.delete(key);
-        const deleted = keys.filter((key) => this.data.delete(key));
+        const deleted = keys.filter((key) => this.data.has(key));
+        this.#apply({ type: "delete", keys: deleted });
+        // Held by no record of the state (cannot happen, but deleting is what was asked).
+        for (const key of deleted) this.data.delete(key);
         if (report !== false) await this.#report("remove_keys", deleted);
         return { status: "OK" };
       },
@@ -648,32 +706,21 @@ class WorkerServer implements WorkerNode {
       },
       gather_keys: async ({ who_has }, comm) => {
         this.#fromScheduler(comm, "gather_keys");
-        const keys = Object.keys(who_has).filter((k) => !this.data.has(k));
-        try {
-          await this.#fetchMissing(keys, who_has, "notice");
-          return { status: "OK", missing: [] };
-        } catch (error) {
-          if (error instanceof MissingDataError) return { status: "OK", missing: error.keys };
-          throw error;
-        }
+        const { missing, error } = await this.#acquire(Object.keys(who_has), who_has);
+        if (error !== undefined) throw error;
+        return { status: "OK", missing: Object.keys(missing) };
       },
       free_keys: ({ keys }, comm) => {
         this.#fromScheduler(comm, "free_keys");
-        for (const key of keys) {
-          this.data.delete(key);
-          this.#own.delete(key);
-        }
+        this.#apply({ type: "free", keys });
         return { status: "OK" };
       },
       cancel_task: ({ keys }, comm) => {
         this.#fromScheduler(comm, "cancel_task");
-        for (const key of keys) {
-          const task = this.#tasks.get(key);
-          if (task) task.cancelled = true;
-          this.#executors.cancel(key);
-        }
+        this.#apply({ type: "cancel", keys });
         return { status: "OK" };
       },
+      story: ({ key }) => ({ key, state: this.#state.stateOf(key), story: this.#state.story(key) }),
     };
   }
 
@@ -691,6 +738,14 @@ class WorkerServer implements WorkerNode {
       gauge("dist_worker_tasks_running", "Tasks on its executors.", this.#executors.running),
       gauge("dist_worker_tasks_queued", "Tasks waiting for an executor.", this.#executors.queued),
       gauge("dist_worker_threads", "Executors.", this.#nthreads),
+      {
+        name: "dist_worker_keys_by_state",
+        help:
+          "Keys this worker knows, by their state (waiting, ready, executing, fetch, flight, memory, ...).",
+        type: "gauge",
+        samples: Object.entries(this.#state.counts()).map(([state, value]) => ({ labels: { state }, value })),
+      },
+      gauge("dist_worker_fetches_in_flight", "Fetches from peers under way.", this.#state.inFlight().fetches),
       gauge(
         "dist_worker_transfers_out",
         "Large values being sent now (see transfersOutMax).",
@@ -741,75 +796,36 @@ class WorkerServer implements WorkerNode {
     return s;
   };
 
-  async #computeTask(args: ArgsOf<WorkerOps, "compute_task">, comm: Comm): Promise<void> {
+  #computeTask(args: ArgsOf<WorkerOps, "compute_task">, comm: Comm): void {
     const { key, fnId, who_has } = args;
     // Touched on every task, in the scheduler's order: the LRUs stay in step.
     const spec = args.function ?? this.#schedulerFunctions.get(fnId);
     if (args.function) this.#schedulerFunctions.set(fnId, args.function);
-    const task = { cancelled: false };
-    this.#tasks.set(key, task);
-    const started = performance.now();
-    try {
-      if (spec === undefined) {
-        throw new RangeError(`Task ${key} names function ${fnId}, which this worker was never sent`);
-      }
-      const missing = Object.keys(who_has).filter((k) => !this.data.has(k));
-      if (missing.length > 0) await this.#fetchMissing(missing, who_has, "replica");
-      if (task.cancelled) return;
-      const run = await this.#executors.run(
-        spec,
-        resolveRefs(args.args, this.#forExecutor) as unknown[],
-        key,
-      );
-      const { result, nbytes } = run;
-      if (task.cancelled) return;
-      this.data.set(key, result, nbytes);
-      comm.notify("task_finished", {
-        key,
-        nbytes,
-        duration: (performance.now() - started) / 1000,
-        start: run.start,
-        stop: run.stop,
-        thread: run.thread,
-      });
-    } catch (error) {
-      if (task.cancelled || comm.isClosed) return;
-      if (error instanceof MissingDataError) {
-        // The copies we were sent to are gone: the scheduler recomputes or re-routes them.
-        comm.notify("missing_data", { key, missing: error.holders });
-      } else {
-        const timing = (error as { timing?: { start: number; stop: number; thread: number } }).timing;
-        const killed = error instanceof ExecutorDiedError;
-        try {
-          comm.notify("task_erred", { key, error: toRemoteErrorInfo(error), killed, ...timing });
-        } catch (sendError) {
-          // Too large for the scheduler's limit: a report that fits, so the task settles.
-          const info = toRemoteErrorInfo(error);
-          try {
-            comm.notify("task_erred", {
-              key,
-              error: {
-                name: info.name.slice(0, 100),
-                message: `The error of ${key} cannot be reported: ${(sendError as Error).message}`,
-              },
-              killed,
-            });
-          } catch (again) {
-            this.#log.warn(`Cannot report that ${key} failed: ${(again as Error).message}`);
-          }
-        }
-      }
-    } finally {
-      if (this.#tasks.get(key) === task) this.#tasks.delete(key);
+    if (spec === undefined) {
+      const error = new RangeError(`Task ${key} names function ${fnId}, which this worker was never sent`);
+      this.#sendErred(comm, key, error, false, {});
+      return;
     }
+    const run: TaskRun = { spec, args: args.args, received: performance.now() };
+    this.#apply({ type: "compute", key, task: { who_has, nbytes: args.nbytes, run } });
   }
 
   async #compute(args: ArgsOf<WorkerOps, "compute">) {
     const { key, keys = [], args: extra = [] } = args;
     const needed = refsIn(extra, new Set(keys));
     const missing = [...needed].filter((k) => !this.data.has(k));
-    // The replica report goes as a notice: the result's report below, awaited, follows it on the same connection.
-    if (missing.length > 0) await this.#fetchMissing(missing, undefined, "notice");
+    if (missing.length > 0) {
+      // Copies arrive as this worker's data, reported as a notice that the result's
+      // report below, awaited, follows on the same connection.
+      const answer = await this.#acquire(missing);
+      if (answer.error !== undefined) throw answer.error;
+      const lost = Object.keys(answer.missing);
+      if (lost.length > 0) {
+        const error = new MissingDataError(lost);
+        for (const k of lost) error.holders[k] = answer.missing[k];
+        throw error;
+      }
+    }
     const lookup = this.#forExecutor;
     const { result, nbytes } = await this.#executors.run(
       args.function,
@@ -817,7 +833,7 @@ class WorkerServer implements WorkerNode {
       key,
     );
     this.data.set(key, result, nbytes);
-    this.#own.add(key);
+    this.#apply({ type: "put", key, nbytes, own: true });
     this.#log.debug(`Computed ${key} (${nbytes} bytes)`);
     await this.#report("add_keys", [key]);
     return { status: "OK" as const, key, nbytes };
@@ -828,6 +844,7 @@ class WorkerServer implements WorkerNode {
   #shutdown(unregister: boolean): Promise<void> {
     this.#closing ??= (async () => {
       clearTimeout(this.#heartbeatTimer);
+      clearTimeout(this.#wakeTimer);
       const comm = this.#schedulerComm;
       if (unregister && comm && !comm.isClosed) {
         try {
