@@ -304,9 +304,12 @@ export class SimWorker {
         else reply?.({ status: "OK", missing: Object.keys(i.missing) });
         return;
       }
-      case "wake":
-        world.at(i.at, () => this.#apply({ type: "tick" }));
+      case "wake": {
+        // Real timers fire to the millisecond: sometimes a little before the moment asked for.
+        const early = this.sim.rng.float() < 0.3 ? this.sim.rng.float() : 0;
+        world.at(i.at - early, () => this.#apply({ type: "tick" }));
         return;
+      }
     }
   }
 

@@ -18,6 +18,8 @@ const REGRESSIONS: Record<number, string> = {
   10: "a result the scheduler no longer expected from that worker stayed there for good",
   69: "a copy named in missing_data stayed on its holder, uncounted, for good",
   556: "a task cancelled (executor stopped) and asked for again reported the stopped run's CancelledError",
+  14:
+    "a wake timer that fired a moment early was never set again, and the fetch from a busy holder waited forever",
   895: "an input waited for as unknown after a start, defined by a later graph, never ran",
 };
 

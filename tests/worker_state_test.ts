@@ -161,6 +161,20 @@ Deno.test("worker state: the only holder busy: look up once, then wait it out wi
   assert.equal(h.s.stateOf("x"), "memory");
 });
 
+Deno.test("regression: a wake that fires early is asked for again, or the fetch waits forever", () => {
+  const h = new Harness();
+  h.compute("t", { x: [A] });
+  h.on({ type: "fetch-failed", peer: A, reason: "busy" });
+  const [wake] = of(h.on({ type: "who-has", who_has: { x: [A] } }), "wake");
+  // The timer fires a moment before its time (timers round to whole milliseconds).
+  h.now = wake.at - 0.5;
+  const early = h.on({ type: "tick" });
+  assert.deepEqual(fetches(early), [], "still in its pause");
+  assert.deepEqual(of(early, "wake"), [{ type: "wake", at: wake.at }], "the same moment, asked for again");
+  h.now = wake.at;
+  assert.deepEqual(fetches(h.on({ type: "tick" })), [[A, ["x"]]]);
+});
+
 Deno.test("worker state: a holder that is gone or lacks the key is not asked again; the next one is", () => {
   const h = new Harness();
   h.compute("t", { x: [A, B, C] });

@@ -367,6 +367,9 @@ export class WorkerState {
         this.#connected = true;
         break;
       case "tick":
+        // The shell's timer fired: no wake is pending now, so the next one is asked for
+        // even when it is the same moment (a timer may fire a little early).
+        this.#wakeAt = null;
         break;
     }
     this.#schedule();

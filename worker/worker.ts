@@ -490,7 +490,8 @@ class WorkerServer implements WorkerNode {
       }
       case "wake":
         clearTimeout(this.#wakeTimer);
-        this.#wakeTimer = setTimeout(() => this.#apply({ type: "tick" }), Math.max(0, i.at - now));
+        // Rounded up: a timer set for a fraction of a millisecond less fires before `at`.
+        this.#wakeTimer = setTimeout(() => this.#apply({ type: "tick" }), Math.max(0, Math.ceil(i.at - now)));
         return;
     }
   }
