@@ -39,6 +39,34 @@ Deno.test("a cancelled task's executor stops, and the next task starts a fresh o
   }
 });
 
+Deno.test("a cancelled task next in an executor's line is let go without stopping the executor", async () => {
+  const pool = new ExecutorPool(1, { read: true, write: true });
+  const runs = await Deno.makeTempFile();
+  try {
+    // "first" notes each run of it in a file, then takes 300 ms.
+    const noted = {
+      source: `async (path) => {
+        await Deno.writeTextFile(path, "run;", { append: true });
+        await new Promise((resolve) => setTimeout(resolve, 300));
+        return 300;
+      }`,
+    };
+    // Asked in one turn, both go to the one executor: "next" waits behind "first".
+    const first = pool.run(noted, [runs], "first");
+    const next = pool.run(add, [1, 2], "next");
+    await eventually(async () => (await Deno.readTextFile(runs)) !== "");
+    assert.equal(pool.cancel("next"), true);
+    await assert.rejects(next, CancelledError);
+    assert.equal((await first).result, 300);
+    assert.equal(await Deno.readTextFile(runs), "run;", "the task it waited behind ran on, once");
+    assert.equal((await pool.run(add, [2, 2], "after")).result, 4);
+    assert.equal(pool.started, 1);
+  } finally {
+    pool.close();
+    await Deno.remove(runs);
+  }
+});
+
 Deno.test("task permissions beyond the process's fail when the pool is made, not at the first task", () => {
   // The tests run without --allow-ffi.
   assert.equal(Deno.permissions.querySync({ name: "ffi" }).state === "granted", false);

@@ -50,6 +50,8 @@ interface Job {
   args: unknown[];
   resolve: (done: RunResult) => void;
   reject: (error: Error) => void;
+  /** Cancelled while next in an executor's line: it runs there, and its end is ignored. */
+  dropped?: boolean;
 }
 
 /**
@@ -221,8 +223,9 @@ export class ExecutorPool {
   }
 
   /**
-   * Cancels `key`: a waiting run is dropped; a running one stops with its executor,
-   * which is replaced by a fresh one. True if there was something to cancel.
+   * Cancels `key`: a waiting run is dropped; one next in an executor's line runs there
+   * and its end is ignored; a running one stops with its executor, which is replaced by
+   * a fresh one. True if there was something to cancel.
    */
   cancel(key: string): boolean {
     const waiting = this.#queue.findIndex((j) => j.key === key);
@@ -233,12 +236,24 @@ export class ExecutorPool {
     const i = this.#executors.findIndex((e) => e !== null && [...e.jobs.values()].some((j) => j.key === key));
     if (i < 0) return false;
     const executor = this.#executors[i]!;
+    // An executor runs its jobs in order: one behind the first has not started, and is
+    // short (the worker hands tasks ahead only when they are), so it is let run and its
+    // end ignored rather than the executor stopped.
+    const [running, ...next] = executor.jobs.values();
+    const queued = next.find((j) => j.key === key && !j.dropped);
+    if (running.key !== key && queued !== undefined) {
+      queued.dropped = true;
+      const reject = queued.reject;
+      queued.resolve = queued.reject = () => {};
+      reject(new CancelledError(key));
+      return true;
+    }
     this.#stop(executor);
     // The executor's other jobs never ran to the end: they go back to the front of the queue.
     const others: Job[] = [];
     for (const job of executor.jobs.values()) {
       if (job.key === key) job.reject(new CancelledError(key));
-      else others.push(job);
+      else if (!job.dropped) others.push(job);
     }
     this.#queue.unshift(...others);
     this.#executors[i] = null;
@@ -375,7 +390,7 @@ export class ExecutorPool {
             reason ?? `it ended its executor (Deno.exit or close, code ${exit.exited})`,
           ),
         );
-      } else others.push(job);
+      } else if (!job.dropped) others.push(job);
     }
     executor.jobs.clear();
     this.#queue.unshift(...others);

@@ -15,7 +15,8 @@ import { Holders } from "../protocol/fetch.ts";
  * What a key is on this worker (Dask's worker states):
  * - `waiting`: a task whose inputs are not all here yet;
  * - `ready`: a task whose inputs are here, waiting for an executor;
- * - `executing`: a task on an executor;
+ * - `executing`: a task handed to an executor: running, or next in its line (short tasks
+ *   are handed ahead, see `EXECUTE_AHEAD_MS`);
  * - `cancelled`: a task on an executor that nobody wants any more (freed, cancelled, or
  *   the scheduler was lost): its result is dropped unless the task is asked for again;
  * - `fetch`: a value to fetch from a peer, waiting for a holder to ask and room to ask;
@@ -74,6 +75,18 @@ export const FETCH_BYTES_IN_FLIGHT_MAX = 512 * 1024 * 1024;
  * fetch at a time (as Dask does): keys for it wait and go together in the next.
  */
 export const FETCH_BATCH_BYTES_MAX = 64 * 1024 * 1024;
+/**
+ * Tasks handed to each thread beyond the one it runs, at most: an executor that gets
+ * its next tasks before it finishes one never waits for the worker between short tasks
+ * (the pool's executors take up to 16 jobs at once).
+ */
+export const EXECUTE_AHEAD_MAX = 15;
+/**
+ * How much compute time a thread's line of tasks may hold, as measured: tasks are handed
+ * ahead only while that line stays under it, so a long task never holds short ones back
+ * and a free thread never waits behind a busy one for more than about this long.
+ */
+export const EXECUTE_AHEAD_MS = 2;
 /** Transitions the story keeps, for all keys together (a ring: the oldest go first). */
 export const STORY_EVENTS_MAX = 10_000;
 
@@ -237,6 +250,8 @@ export class WorkerState {
   #flightBytes = 0;
   /** Tasks on an executor (executing or cancelled). */
   #running = 0;
+  /** A task's compute time lately (ms, a moving mean of the reports), null before the first. */
+  #taskMs: number | null = null;
   #connected = true;
   #now = 0;
   #out: Instruction[] = [];
@@ -299,6 +314,11 @@ export class WorkerState {
   /** Fetches in flight and their expected bytes. */
   inFlight(): { fetches: number; bytes: number } {
     return { fetches: this.#flights.size, bytes: this.#flightBytes };
+  }
+
+  /** Tasks on executors: running, next in an executor's line, or cancelled and not ended yet. */
+  get executing(): number {
+    return this.#running;
   }
 
   /** The moves of `key` still in the story ring, oldest first. */
@@ -527,6 +547,7 @@ export class WorkerState {
   }
 
   #executed(key: string, nbytes: number, report: Record<string, number>): void {
+    this.#measured(report);
     const r = this.#records.get(key);
     if (r === undefined || (r.state !== "executing" && r.state !== "cancelled")) {
       this.#discard.push(key);
@@ -553,6 +574,7 @@ export class WorkerState {
   }
 
   #executeFailed(key: string, error: unknown, killed: boolean, report: Record<string, number>): void {
+    this.#measured(report);
     const r = this.#records.get(key);
     if (r === undefined || (r.state !== "executing" && r.state !== "cancelled")) return;
     if (r.state === "cancelled" && r.rerun) {
@@ -934,13 +956,27 @@ export class WorkerState {
     const askable = [...this.#toFetch].filter((key) => this.#holders.status(key, now) === "ask");
     if (lookups.length > 0) this.#out.push({ type: "lookup", keys: lookups });
     if (askable.length > 0) this.#startFetches(askable, now);
-    while (this.#running < this.nthreads && this.#ready.size > 0) {
+    const onExecutors = this.nthreads * (1 + this.#ahead());
+    while (this.#running < onExecutors && this.#ready.size > 0) {
       const key = this.#ready.values().next().value!;
       this.#start(this.#records.get(key)!);
     }
     const wake = this.#toFetch.size > 0 ? this.#holders.wakeAt(now) : null;
     if (wake !== null && wake !== this.#wakeAt) this.#out.push({ type: "wake", at: wake });
     this.#wakeAt = wake;
+  }
+
+  /** Tasks handed to each thread beyond the one it runs: short tasks go ahead, long ones not. */
+  #ahead(): number {
+    if (this.#taskMs === null) return 0;
+    return Math.min(EXECUTE_AHEAD_MAX, Math.floor(EXECUTE_AHEAD_MS / Math.max(this.#taskMs, 0.001)));
+  }
+
+  /** Takes the compute time of a run that ended (report `start` and `stop`, ms) into the mean. */
+  #measured(report: Record<string, number>): void {
+    const ms = report.stop - report.start;
+    if (!Number.isFinite(ms) || ms < 0) return;
+    this.#taskMs = this.#taskMs === null ? ms : 0.8 * this.#taskMs + 0.2 * ms;
   }
 
   #startFetches(keys: string[], now: number): void {
@@ -1053,7 +1089,8 @@ export class WorkerState {
       }
     }
     if (running !== this.#running) fail(`${this.#running} tasks counted on executors, ${running} found`);
-    if (running > this.nthreads) fail(`${running} tasks on ${this.nthreads} threads`);
+    const most = this.nthreads * (1 + EXECUTE_AHEAD_MAX);
+    if (running > most) fail(`${running} tasks on executors, more than ${most} for ${this.nthreads} threads`);
     if (flightBytes !== this.#flightBytes) {
       fail(`${this.#flightBytes} bytes counted in flight, ${flightBytes} found`);
     }
