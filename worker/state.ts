@@ -327,7 +327,7 @@ export class WorkerState {
     const out: StoryEvent[] = [];
     for (let i = 0; i < n; i++) {
       const e = this.#story[(this.#storyNext + i) % n];
-      if (e.key === key) out.push(e);
+      if (e.key === key) out.push({ ...e });
     }
     return out;
   }
@@ -430,10 +430,16 @@ export class WorkerState {
       this.#records.delete(r.key);
       this.#holders.forget(r.key);
     }
-    const event = { time: this.#now, key: r.key, from, to, reason };
-    if (this.#story.length < STORY_EVENTS_MAX) this.#story.push(event);
-    else {
-      this.#story[this.#storyNext] = event;
+    if (this.#story.length < STORY_EVENTS_MAX) {
+      this.#story.push({ time: this.#now, key: r.key, from, to, reason });
+    } else {
+      // The oldest entry is written over in place: a full ring allocates nothing.
+      const e = this.#story[this.#storyNext];
+      e.time = this.#now;
+      e.key = r.key;
+      e.from = from;
+      e.to = to;
+      e.reason = reason;
       this.#storyNext = (this.#storyNext + 1) % STORY_EVENTS_MAX;
     }
   }
