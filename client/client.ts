@@ -19,7 +19,14 @@ import {
   toRemoteErrorInfo,
 } from "../protocol/errors.ts";
 import { type Sendable, toFunctionSpec } from "../protocol/functions.ts";
-import { clientOps, type FunctionSpec, type GraphTask, type WorkerInfo } from "../protocol/ops.ts";
+import {
+  clientOps,
+  type FunctionSpec,
+  type GraphTask,
+  notice,
+  schedulerOps,
+  type WorkerInfo,
+} from "../protocol/ops.ts";
 import { ConnectionPool } from "../protocol/pool.ts";
 import { fetchData, Holders } from "../protocol/fetch.ts";
 import { dispatchTo } from "../protocol/server.ts";
@@ -72,16 +79,12 @@ export function taskOptions(options: SubmitOptions): TaskOptions {
 export type FutureStatus = "pending" | "finished" | "error" | "cancelled" | "lost";
 
 /** What the client remembers of a task it submitted, to submit it again to a restarted scheduler. */
-interface TaskRecord {
+type TaskRecord = Omit<GraphTask, "key" | "fn"> & {
   /** Submission order: a task's dependencies always come before it. */
   seq: number;
+  /** The function (the wire's `fn` indexes a message's table of them). */
   spec: FunctionSpec;
-  args: unknown[];
-  deps: string[];
-  priority?: number;
-  retries?: number;
-  workers?: string[];
-}
+};
 
 interface KeyRecord {
   task?: TaskRecord;
@@ -1040,7 +1043,7 @@ export class Client implements AsyncDisposable {
    */
   #release(keys: string[]): void {
     try {
-      this.#comm.notify("release_keys", { keys });
+      notice(this.#comm, schedulerOps, "release_keys", { keys });
     } catch (error) {
       if (!(error instanceof RangeError) || keys.length < 2) return;
       const half = keys.length >> 1;

@@ -97,8 +97,6 @@ export class Comm {
   readonly closed: Promise<void>;
   /** Why it closed: null while open or after a clean close. */
   closeReason: Error | null = null;
-  /** Free for the owner (a server keeps what registered on this connection here). */
-  readonly tags = new Map<string, unknown>();
 
   #pending = new Map<number, Pending>();
   #nextId = 1;

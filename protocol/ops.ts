@@ -314,3 +314,16 @@ export type ClientOps = typeof clientOps;
 export type ArgsOf<T extends OpTable, K extends keyof T> = T[K] extends OpSpec<infer A, unknown> ? A : never;
 /** The reply of op `K`. */
 export type ReplyOf<T extends OpTable, K extends keyof T> = T[K] extends OpSpec<unknown, infer R> ? R : never;
+
+/**
+ * Sends notice `op` of `table` on `comm`: the op's name and its arguments' shape are
+ * checked when the sender is compiled (the receiver checks them again at run time).
+ */
+export function notice<T extends OpTable, K extends keyof T & string>(
+  comm: { notify(op: string, args: unknown): void },
+  _table: T,
+  op: K,
+  args: ArgsOf<T, K>,
+): void {
+  comm.notify(op, args);
+}

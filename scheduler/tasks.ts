@@ -11,7 +11,15 @@
  */
 
 import type { RemoteErrorInfo } from "../protocol/errors.ts";
-import { type FunctionSpec, KNOWN_FUNCTIONS_MAX, type WorkerInfo } from "../protocol/ops.ts";
+import {
+  type ArgsOf,
+  type ClientOps,
+  type FunctionSpec,
+  type GraphTask,
+  KNOWN_FUNCTIONS_MAX,
+  type WorkerInfo,
+  type WorkerOps,
+} from "../protocol/ops.ts";
 import { Lru } from "../util/lru.ts";
 import { functionKey } from "../protocol/functions.ts";
 import { NO_WORKERS_TIMEOUT_MS, UNCLAIMED_GRACE_MS } from "../util/defaults.ts";
@@ -59,21 +67,11 @@ export interface TaskRun {
   args: unknown[];
 }
 
-/** A task as a client submits it. */
-export interface TaskSpec {
-  /** The key its result is stored under. */
-  key: string;
-  /** The function and arguments; absent for a key that is data only. */
-  run?: TaskRun;
-  /** Keys whose values the task needs. */
-  deps: string[];
-  /** Higher runs first. */
-  priority?: number;
-  /** Times to run again after an error. */
-  retries?: number;
-  /** Worker addresses (or names) it may run on. */
-  workers?: string[];
-}
+/**
+ * A task as a client submits it: `GraphTask` (the wire's, whose fields it shares) with
+ * its function resolved; no `run` for a key that is data only.
+ */
+export type TaskSpec = Omit<GraphTask, "fn" | "args"> & { run?: TaskRun };
 
 /** One key and everything the scheduler knows of it. */
 export interface TaskState {
@@ -125,31 +123,20 @@ export interface WorkerState {
   metrics: Record<string, number>;
 }
 
-/** A message the shell must send. */
+/** A message the shell must send: a notice of `workerOps` to a worker or of `clientOps` to a client. */
 export type Outgoing =
-  | { to: "worker"; address: string; op: "compute_task"; args: ComputeTaskArgs }
-  | { to: "worker"; address: string; op: "free_keys" | "cancel_task"; args: { keys: string[] } }
-  | { to: "client"; client: string; op: "key_done"; args: { key: string; nbytes: number; workers: string[] } }
   | {
-    to: "client";
-    client: string;
-    op: "key_erred";
-    args: { key: string; error: RemoteErrorInfo; task: string };
-  }
-  | { to: "client"; client: string; op: "key_cancelled" | "key_lost"; args: { key: string; reason: string } };
+    [K in WorkerNotice]: { to: "worker"; address: string; op: K; args: ArgsOf<WorkerOps, K> };
+  }[WorkerNotice]
+  | {
+    [K in keyof ClientOps]: { to: "client"; client: string; op: K; args: ArgsOf<ClientOps, K> };
+  }[keyof ClientOps];
 
-/** What a worker gets to run one task. */
-export interface ComputeTaskArgs {
-  key: string;
-  fnId: number;
-  /** Sent only the first time this worker sees `fnId`. */
-  function?: FunctionSpec;
-  args: unknown[];
-  /** Where each dependency can be fetched. */
-  who_has: Record<string, string[]>;
-  /** The size of each dependency (for the worker's fetch limits); absent without any. */
-  nbytes?: Record<string, number>;
-}
+/** The notices the scheduler sends workers about their tasks. */
+type WorkerNotice = "compute_task" | "free_keys" | "cancel_task";
+
+/** What a worker gets to run one task: the `compute_task` notice, as `workerOps` declares it. */
+export type ComputeTaskArgs = ArgsOf<WorkerOps, "compute_task">;
 
 /** Tasks a worker may hold beyond its threads, so it never waits on a round trip. */
 export const WORKER_EXTRA_TASKS = 32;

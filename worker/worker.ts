@@ -23,6 +23,8 @@ import {
   type DataPart,
   type FunctionSpec,
   KNOWN_FUNCTIONS_MAX,
+  notice,
+  schedulerOps,
   type Transfer,
   type WorkerIdentity,
   type WorkerOps,
@@ -580,13 +582,13 @@ class WorkerServer implements WorkerNode {
     try {
       switch (message.op) {
         case "task_finished":
-          comm.notify("task_finished", { duration: 0, ...message.args });
+          notice(comm, schedulerOps, "task_finished", { duration: 0, ...message.args });
           return;
         case "missing_data":
-          comm.notify("missing_data", message.args);
+          notice(comm, schedulerOps, "missing_data", message.args);
           return;
         case "add_keys":
-          comm.notify("add_keys", { address: this.address, ...message.args });
+          notice(comm, schedulerOps, "add_keys", { address: this.address, ...message.args });
           return;
         case "task_erred":
           this.#sendErred(comm, message.key, message.error, message.killed, message.report);
@@ -599,11 +601,11 @@ class WorkerServer implements WorkerNode {
 
   #sendErred(comm: Comm, key: string, error: unknown, killed: boolean, report: Record<string, number>): void {
     try {
-      comm.notify("task_erred", { key, error: toRemoteErrorInfo(error), killed, ...report });
+      notice(comm, schedulerOps, "task_erred", { key, error: toRemoteErrorInfo(error), killed, ...report });
     } catch (sendError) {
       // Too large for the scheduler's limit: a report that fits, so the task settles.
       const info = toRemoteErrorInfo(error);
-      comm.notify("task_erred", {
+      notice(comm, schedulerOps, "task_erred", {
         key,
         error: {
           name: info.name.slice(0, 100),
