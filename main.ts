@@ -12,6 +12,7 @@ import {
   ALLOWED_FAILURES,
   DASHBOARD_PORT,
   DEATH_TIMEOUT_MS,
+  MEMORY_TARGET_FRACTION,
   NO_WORKERS_TIMEOUT_MS,
   SCHEDULER_PORT,
   TRANSFERS_OUT_MAX,
@@ -21,6 +22,7 @@ import {
 import { FRAME_BYTES_MAX } from "./protocol/framing.ts";
 import { HANDSHAKE_TIMEOUT_MS, type SecurityOptions, tokenFromEnv } from "./protocol/handshake.ts";
 import { CONNECTIONS_MAX } from "./protocol/server.ts";
+import { memoryLimit } from "./util/memory.ts";
 
 const PERMISSION_NAMES = ["env", "ffi", "import", "net", "read", "run", "sys", "write"] as const;
 
@@ -268,6 +270,25 @@ const commands: Record<string, { usage: string; summary: string; flags: Record<s
         value: "N",
         help: "large values (1 MiB or more) sent to peers and clients at once; more wait (busy, retried)",
       },
+      "memory-limit": {
+        type: "string",
+        default: "auto",
+        value: "BYTES",
+        help: "memory this worker may use, e.g. 4GiB or 512MiB; auto: this machine's (or container's) " +
+          "memory times nthreads / cores; 0: no limit",
+      },
+      "memory-target": {
+        type: "string",
+        default: String(MEMORY_TARGET_FRACTION),
+        value: "FRACTION",
+        help:
+          "share of --memory-limit that values held may take before the least recently used spill to disk",
+      },
+      "local-directory": {
+        type: "string",
+        value: "DIR",
+        help: "where the worker's spill folder is made (removed when it exits); default the temp folder",
+      },
       ...auth,
       ...tls,
       ...limits,
@@ -288,6 +309,13 @@ commands.local = {
     },
     nthreads: { type: "string", default: "1", value: "N", help: "threads (executors) per worker" },
     host: { type: "string", default: "127.0.0.1", value: "HOST", help: "interface every node listens on" },
+    "memory-limit": {
+      type: "string",
+      default: "auto",
+      value: "BYTES",
+      help:
+        "each worker's memory limit, e.g. 4GiB; auto: this machine's memory divided among the workers; 0: none",
+    },
     port: {
       type: "string",
       default: String(SCHEDULER_PORT),
@@ -432,6 +460,16 @@ function wholeNumber(flag: string, text: string): number {
   return n;
 }
 
+function fraction(flag: string, text: string): number {
+  const n = Number(text);
+  if (text.trim() === "" || !(n > 0 && n <= 1)) {
+    throw new UsageError(
+      `Invalid --${flag} ${JSON.stringify(text)}: expected a share above 0, at most 1 (e.g. 0.6)`,
+    );
+  }
+  return n;
+}
+
 function checked<T>(fn: () => T): T {
   try {
     return fn();
@@ -528,6 +566,7 @@ async function run(argv: string[]): Promise<number> {
     const cluster = await LocalCluster.start({
       workers,
       threads,
+      memoryLimit: checked(() => memoryLimit(flags["memory-limit"], 1 / workers)),
       host: flags.host,
       port,
       logLevel: level,
@@ -573,6 +612,11 @@ async function run(argv: string[]): Promise<number> {
     httpPort: flags["http-port"] === undefined
       ? undefined
       : checked(() => parsePort(flags["http-port"], "--http-port")),
+    memoryLimit: checked(() =>
+      memoryLimit(flags["memory-limit"], nthreads / Math.max(1, navigator.hardwareConcurrency))
+    ),
+    memoryTargetFraction: fraction("memory-target", flags["memory-target"]),
+    localDirectory: flags["local-directory"],
     log: createLogger(flags.name ? `worker ${flags.name}` : "worker", level, format),
   });
   exitOnSignal(node);

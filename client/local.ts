@@ -10,6 +10,7 @@ import { type NodeProcess, spawnNode } from "./spawn.ts";
 import { DASHBOARD_PORT, type SchedulerNode, startScheduler } from "../scheduler/scheduler.ts";
 import { startWorker, type WorkerNode } from "../worker/worker.ts";
 import { tokenFromEnv } from "../protocol/handshake.ts";
+import { memoryLimit as memoryLimitOf } from "../util/memory.ts";
 
 /** Task permissions as the --task-permissions flag writes them. */
 function permissionsFlag(p: Deno.PermissionOptions): string {
@@ -46,6 +47,11 @@ export interface LocalClusterOptions {
   dashboardPort?: number | null;
   /** What tasks may touch (see WorkerOptions.taskPermissions; default "none"). */
   taskPermissions?: Deno.PermissionOptions;
+  /**
+   * Each worker's memory limit in bytes (see WorkerOptions.memoryLimit), 0 for none, or
+   * "auto" (the default): this machine's memory divided among the workers.
+   */
+  memoryLimit?: number | "auto";
 }
 
 /** A scheduler and workers on this machine. */
@@ -98,6 +104,14 @@ export class LocalCluster implements AsyncDisposable {
     }
     const host = options.host ?? "127.0.0.1";
     const level = options.logLevel ?? "warn";
+    const memoryLimit = options.memoryLimit === undefined || options.memoryLimit === "auto"
+      ? memoryLimitOf("auto", 1 / Math.max(1, n))
+      : options.memoryLimit;
+    if (!Number.isSafeInteger(memoryLimit) || memoryLimit < 0) {
+      throw new RangeError(
+        `Invalid memoryLimit ${memoryLimit}: expected bytes, a whole number (0 for none), or "auto"`,
+      );
+    }
     const authToken = options.authToken ?? tokenFromEnv();
     const scheduler = await startScheduler({
       host,
@@ -130,6 +144,8 @@ export class LocalCluster implements AsyncDisposable {
                   options.logFormat ?? "text",
                   "--task-permissions",
                   permissionsFlag(options.taskPermissions ?? "none"),
+                  "--memory-limit",
+                  String(memoryLimit),
                 ],
                 { onLog: forward, env: authToken ? { DIST_AUTH_TOKEN: authToken } : undefined },
               )),
@@ -145,6 +161,7 @@ export class LocalCluster implements AsyncDisposable {
               nthreads: threads,
               authToken,
               taskPermissions: options.taskPermissions,
+              memoryLimit,
               log: createLogger(`worker-${i}`, level, options.logFormat),
             }),
           );

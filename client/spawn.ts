@@ -7,7 +7,13 @@
 
 const MAIN = new URL("../main.ts", import.meta.url);
 /** The permissions a node process runs with. */
-export const NODE_PERMISSIONS = ["--allow-net", "--allow-read", "--allow-env", "--unstable-worker-options"];
+export const NODE_PERMISSIONS = [
+  "--allow-net",
+  "--allow-read",
+  "--allow-write",
+  "--allow-env",
+  "--unstable-worker-options",
+];
 /** How long a node may take to print its `listening at` line. */
 const START_TIMEOUT_MS = 30_000;
 

@@ -30,3 +30,6 @@ export const NO_WORKERS_TIMEOUT_MS = 60_000;
  * is freed, so no key outlives what wants it.
  */
 export const UNCLAIMED_GRACE_MS = 10_000;
+
+/** Share of a worker's memory limit that values in memory may take before they spill (Dask's `target`). */
+export const MEMORY_TARGET_FRACTION = 0.6;

@@ -4,8 +4,8 @@
  * @module
  */
 
-import { Encoder, Ref } from "../protocol/codec.ts";
-import { SMALL_FRAME_BYTES } from "../protocol/framing.ts";
+import { Decoder, Encoder, Ref } from "../protocol/codec.ts";
+import { frameHeader, SMALL_FRAME_BYTES } from "../protocol/framing.ts";
 
 // Every binary value goes out of band here, so measuring never copies one.
 const measurer = new Encoder({ inlineBytesMax: 0 });
@@ -147,33 +147,126 @@ function collect(): void {
   }
 }
 
-/** Values by key, with their sizes. */
+/** Options of a `DataStore`. */
+export interface DataStoreOptions {
+  /**
+   * Bytes of values kept in memory: past it, the least recently used go to disk, and a
+   * value larger than it goes there at once. Infinity (the default) never spills.
+   */
+  targetBytes?: number;
+  /** Where the spill folder is made (a fresh one, removed by `close()`); default the system's temp folder. */
+  directory?: string;
+  /** Told when a value cannot be spilled (it stays in memory). */
+  onSpillError?: (message: string) => void;
+}
+
+/** After a failed spill, how long before the store tries the disk again. */
+export const SPILL_RETRY_MS = 5_000;
+
+/**
+ * Values by key, with their sizes. With a `targetBytes`, values past it are spilled to
+ * disk, least recently used first, each in a file of its own in the wire's encoding
+ * (frame header, msgpack head, out-of-band buffers), and read back when asked for. A value
+ * that cannot be spilled (a full disk, no write permission) stays in memory: nothing is lost.
+ */
 export class DataStore {
+  /** Values in memory, least recently used first. */
   #values = new Map<string, unknown>();
   #nbytes = new Map<string, number>();
+  /** Spilled values: key to file. */
+  #spilled = new Map<string, string>();
+  #memoryBytes = 0;
+  #spilledBytes = 0;
+  readonly #target: number;
+  readonly #parent: string | undefined;
+  readonly #onSpillError: (message: string) => void;
+  #dir: string | null = null;
+  #files = 0;
+  #spillBlockedUntil = -Infinity;
+  /** The last spill failure, for the dashboard and /metrics; null once a spill succeeds again. */
+  spillError: string | null = null;
+  /** Bytes written to and read back from disk so far. */
+  spillWrittenBytes = 0;
+  spillReadBytes = 0;
   /** Asks V8 to collect once enough buffer memory has been let go of (see FREED_GC_BYTES). */
   #reclaimer = new MemoryReclaimer();
 
-  /** How many keys it holds. */
+  constructor(options: DataStoreOptions = {}) {
+    this.#target = options.targetBytes ?? Infinity;
+    this.#parent = options.directory;
+    this.#onSpillError = options.onSpillError ?? (() => {});
+  }
+
+  /** How many keys it holds, in memory and on disk. */
   get size(): number {
-    return this.#values.size;
+    return this.#values.size + this.#spilled.size;
+  }
+
+  /** Bytes of the values held in memory (managed memory). */
+  get memoryBytes(): number {
+    return this.#memoryBytes;
+  }
+
+  /** Bytes of the values spilled to disk (as counted in memory). */
+  get spilledBytes(): number {
+    return this.#spilledBytes;
+  }
+
+  /** Keys on disk. */
+  get spilledKeys(): number {
+    return this.#spilled.size;
+  }
+
+  /** The spill folder, once one was made. */
+  get directory(): string | null {
+    return this.#dir;
   }
 
   /** Whether it holds `key`. */
   has(key: string): boolean {
-    return this.#values.has(key);
+    return this.#values.has(key) || this.#spilled.has(key);
   }
 
-  /** The value of `key` (undefined when absent). */
+  /**
+   * The value of `key` (undefined when absent). A spilled value is read back, and kept in
+   * memory again if it fits (others may be spilled for it); one that does not fit is only
+   * returned. Throws if its file cannot be read.
+   */
   get(key: string): unknown {
-    return this.#values.get(key);
+    if (this.#values.has(key)) {
+      const value = this.#values.get(key);
+      if (this.#target !== Infinity) {
+        // Most recently used goes last.
+        this.#values.delete(key);
+        this.#values.set(key, value);
+      }
+      return value;
+    }
+    const file = this.#spilled.get(key);
+    if (file === undefined) return undefined;
+    const value = this.#readSpilled(key, file);
+    const nbytes = this.#nbytes.get(key)!;
+    if (nbytes <= this.#target) {
+      this.#spilled.delete(key);
+      this.#spilledBytes -= nbytes;
+      this.#removeFile(file);
+      this.#values.set(key, value);
+      this.#memoryBytes += nbytes;
+      this.#evict(key);
+    }
+    return value;
   }
 
   /** Stores `value` under `key` (undefined as null: it must travel); returns its size. */
   set(key: string, value: unknown, nbytes = nbytesOf(value, key)): number {
     this.#let(key, value);
-    this.#values.set(key, value === undefined ? null : value);
+    this.#forget(key);
+    const v = value === undefined ? null : value;
     this.#nbytes.set(key, nbytes);
+    if (nbytes > this.#target && this.#spill(key, v, nbytes)) return nbytes;
+    this.#values.set(key, v);
+    this.#memoryBytes += nbytes;
+    this.#evict(key);
     return nbytes;
   }
 
@@ -189,16 +282,108 @@ export class DataStore {
 
   /** Deletes `key`; true if it was there. */
   delete(key: string): boolean {
+    const had = this.has(key);
     this.#let(key);
+    this.#forget(key);
     this.#nbytes.delete(key);
-    return this.#values.delete(key);
+    return had;
+  }
+
+  /** Drops `key` from memory or disk, leaving its size entry to the caller. */
+  #forget(key: string): void {
+    const nbytes = this.#nbytes.get(key) ?? 0;
+    if (this.#values.delete(key)) this.#memoryBytes -= nbytes;
+    const file = this.#spilled.get(key);
+    if (file !== undefined) {
+      this.#spilled.delete(key);
+      this.#spilledBytes -= nbytes;
+      this.#removeFile(file);
+    }
+  }
+
+  /** Spills the least recently used values (never `keep`) until memory is back under the target. */
+  #evict(keep: string): void {
+    if (this.#memoryBytes <= this.#target) return;
+    for (const [key, value] of this.#values) {
+      if (this.#memoryBytes <= this.#target) return;
+      if (key === keep) continue;
+      const nbytes = this.#nbytes.get(key)!;
+      if (!this.#spill(key, value, nbytes)) return;
+      this.#let(key);
+      this.#values.delete(key);
+      this.#memoryBytes -= nbytes;
+    }
+  }
+
+  /** Writes `value` to a file of its own; false (the error told) when it cannot. */
+  #spill(key: string, value: unknown, nbytes: number): boolean {
+    if (performance.now() < this.#spillBlockedUntil) return false;
+    let file: string | null = null;
+    try {
+      this.#dir ??= Deno.makeTempDirSync({ dir: this.#parent, prefix: "dist-worker-" });
+      file = `${this.#dir}/${++this.#files}`;
+      const { head, buffers } = spillEncoder.encode(value, key);
+      const frames = [head, ...buffers];
+      using f = Deno.openSync(file, { write: true, createNew: true });
+      writeAllSync(f, frameHeader(frames));
+      for (const frame of frames) writeAllSync(f, frame);
+    } catch (error) {
+      if (file !== null) this.#removeFile(file);
+      const message =
+        `Cannot spill ${key} (${nbytes} bytes) to ${this.#dir ?? this.#parent ?? "the temp folder"}: ${
+          (error as Error).message
+        }; it stays in memory` + (error instanceof Deno.errors.NotCapable
+          ? " (spilling needs --allow-write for the worker's --local-directory)"
+          : "");
+      this.spillError = message;
+      this.#spillBlockedUntil = performance.now() + SPILL_RETRY_MS;
+      this.#onSpillError(message);
+      return false;
+    }
+    this.spillError = null;
+    this.#spilled.set(key, file);
+    this.#spilledBytes += nbytes;
+    this.spillWrittenBytes += nbytes;
+    return true;
+  }
+
+  /** Reads a spilled value back: each frame into a buffer of its own (aligned, no copy). */
+  #readSpilled(key: string, file: string): unknown {
+    try {
+      using f = Deno.openSync(file, { read: true });
+      const count = new Uint8Array(4);
+      readExactSync(f, count);
+      const n = new DataView(count.buffer).getUint32(0, true);
+      const sizes = new Uint8Array(8 * n);
+      readExactSync(f, sizes);
+      const view = new DataView(sizes.buffer);
+      const frames: Uint8Array[] = [];
+      for (let i = 0; i < n; i++) {
+        const length = view.getUint32(8 * i, true) + view.getUint32(8 * i + 4, true) * 0x100000000;
+        const frame = new Uint8Array(length);
+        readExactSync(f, frame);
+        frames.push(frame);
+        this.spillReadBytes += length;
+      }
+      return spillDecoder.decode(frames[0], frames.slice(1));
+    } catch (error) {
+      throw new Error(`Cannot read spilled ${key} back from ${file}: ${(error as Error).message}`);
+    }
+  }
+
+  #removeFile(file: string): void {
+    try {
+      Deno.removeSync(file);
+    } catch {
+      // Gone already, or never made: nothing to free.
+    }
   }
 
   /** The value of `key` is let go (for `next`, if given): the memory of its buffers counts as freed. */
   #let(key: string, next?: unknown): void {
     if ((this.#nbytes.get(key) ?? 0) < SMALL_FRAME_BYTES) return;
     const old = this.#values.get(key);
-    if (old === next) return;
+    if (old === undefined || old === next) return;
     // An ArrayBuffer's memory counts toward V8's next collection, but an idle worker makes
     // none: freed large buffers of either kind ask for one.
     let bytes = bufferBytesOf(old);
@@ -207,14 +392,24 @@ export class DataStore {
     if (bytes > 0) this.#reclaimer.freed(bytes);
   }
 
-  /** Stops its pending work (a collection it was about to ask for): the worker is closing. */
+  /** Stops its pending work and removes its spill folder: the worker is closing. */
   close(): void {
     this.#reclaimer.close();
+    if (this.#dir !== null) {
+      try {
+        Deno.removeSync(this.#dir, { recursive: true });
+      } catch {
+        // Removed already, or not ours to remove any more.
+      }
+      this.#dir = null;
+      this.#spilled.clear();
+      this.#spilledBytes = 0;
+    }
   }
 
   /** Every key held. */
   keys(): string[] {
-    return [...this.#values.keys()];
+    return [...this.#values.keys(), ...this.#spilled.keys()];
   }
 
   /** `{ key: nbytes }` for `keys` (all when omitted). */
@@ -227,11 +422,24 @@ export class DataStore {
     return out;
   }
 
-  /** Total bytes held. */
+  /** Total bytes held, in memory and on disk. */
   totalBytes(): number {
-    let n = 0;
-    for (const v of this.#nbytes.values()) n += v;
-    return n;
+    return this.#memoryBytes + this.#spilledBytes;
+  }
+}
+
+const spillEncoder = new Encoder();
+const spillDecoder = new Decoder();
+
+function writeAllSync(f: Deno.FsFile, bytes: Uint8Array): void {
+  for (let at = 0; at < bytes.byteLength;) at += f.writeSync(bytes.subarray(at));
+}
+
+function readExactSync(f: Deno.FsFile, into: Uint8Array): void {
+  for (let at = 0; at < into.byteLength;) {
+    const n = f.readSync(into.subarray(at));
+    if (n === null) throw new Error(`the file ends ${into.byteLength - at} bytes early`);
+    at += n;
   }
 }
 

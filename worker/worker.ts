@@ -40,7 +40,7 @@ import { type Instruction, type WorkerEvent, WorkerState } from "./state.ts";
 import { FRAME_BYTES_MAX } from "../protocol/framing.ts";
 import { ExecutorDiedError, ExecutorPool, type Isolation, shared } from "./executors.ts";
 import { DataStore, nbytesOf, refsIn, resolveRefs } from "./store.ts";
-import { DEATH_TIMEOUT_MS, TRANSFERS_OUT_MAX } from "../util/defaults.ts";
+import { DEATH_TIMEOUT_MS, MEMORY_TARGET_FRACTION, TRANSFERS_OUT_MAX } from "../util/defaults.ts";
 
 export { DEATH_TIMEOUT_MS, TRANSFERS_OUT_MAX };
 
@@ -115,6 +115,16 @@ export interface WorkerOptions extends SecurityOptions {
   taskHeapMib?: number;
   /** Serve /metrics and /health over HTTP on this port (0: any); undefined for none. */
   httpPort?: number;
+  /**
+   * Bytes of memory this worker may use; 0 or undefined for no limit. Past
+   * `memoryTargetFraction` of it in values held, the least recently used values are
+   * spilled to disk (the worker needs --allow-write for `localDirectory`).
+   */
+  memoryLimit?: number;
+  /** Share of `memoryLimit` that values held in memory may take before they spill; default 0.6, as Dask's. */
+  memoryTargetFraction?: number;
+  /** Where the worker's spill folder is made (a fresh one per worker, removed when it closes); default the temp folder. */
+  localDirectory?: string;
   /** Where it logs; default stderr at info. */
   log?: Logger;
 }
@@ -160,7 +170,7 @@ export async function startWorker(options: WorkerOptions): Promise<WorkerNode> {
 
 /** The worker node: the shell that serves its ops and carries out what it decides (not the Web `Worker`). */
 class WorkerServer implements WorkerNode {
-  readonly data = new DataStore();
+  readonly data: DataStore;
   readonly closed: Promise<void>;
   error: Error | null = null;
   #options: WorkerOptions;
@@ -215,6 +225,19 @@ class WorkerServer implements WorkerNode {
     }
     this.#log = options.log ?? createLogger(options.name ? `worker ${options.name}` : "worker");
     this.#nthreads = nthreads;
+    const limit = options.memoryLimit ?? 0;
+    const fraction = options.memoryTargetFraction ?? MEMORY_TARGET_FRACTION;
+    if (!(Number.isSafeInteger(limit) && limit >= 0)) {
+      throw new RangeError(`Invalid memoryLimit ${limit}: expected bytes, a whole number (0 for none)`);
+    }
+    if (!(fraction > 0 && fraction <= 1)) {
+      throw new RangeError(`Invalid memoryTargetFraction ${fraction}: expected a share above 0, at most 1`);
+    }
+    this.data = new DataStore({
+      targetBytes: limit > 0 ? Math.floor(limit * fraction) : Infinity,
+      directory: options.localDirectory,
+      onSpillError: (message) => this.#log.error(message),
+    });
     this.#security = {
       authToken: options.authToken ?? tokenFromEnv(),
       tls: options.tls,
@@ -382,6 +405,9 @@ class WorkerServer implements WorkerNode {
       const metrics = {
         nkeys: this.data.size,
         nbytes: this.data.totalBytes(),
+        managed: this.data.memoryBytes,
+        spilled: this.data.spilledBytes,
+        memory_limit: this.#options.memoryLimit ?? 0,
         executing: this.#executors.running,
         queued: this.#executors.queued,
         rss: Deno.memoryUsage().rss,
@@ -737,7 +763,29 @@ class WorkerServer implements WorkerNode {
     });
     return [
       gauge("dist_worker_keys", "Keys this worker holds.", this.data.size),
-      gauge("dist_worker_bytes", "Bytes this worker holds.", this.data.totalBytes()),
+      gauge("dist_worker_bytes", "Bytes this worker holds, in memory and spilled.", this.data.totalBytes()),
+      gauge("dist_worker_managed_bytes", "Bytes of values held in memory.", this.data.memoryBytes),
+      gauge("dist_worker_spilled_bytes", "Bytes of values spilled to disk.", this.data.spilledBytes),
+      gauge("dist_worker_spilled_keys", "Values spilled to disk.", this.data.spilledKeys),
+      gauge(
+        "dist_worker_memory_limit_bytes",
+        "The memory limit; 0 for none.",
+        this.#options.memoryLimit ?? 0,
+      ),
+      gauge(
+        "dist_worker_spill_failing",
+        "1 while the last try to spill failed (see the log).",
+        this.data.spillError ? 1 : 0,
+      ),
+      {
+        name: "dist_worker_spill_bytes_total",
+        help: "Bytes written to disk (out) and read back (in) by spilling.",
+        type: "counter",
+        samples: [
+          { labels: { direction: "out" }, value: this.data.spillWrittenBytes },
+          { labels: { direction: "in" }, value: this.data.spillReadBytes },
+        ],
+      },
       gauge("dist_worker_tasks_running", "Tasks on its executors.", this.#executors.running),
       gauge("dist_worker_tasks_queued", "Tasks waiting for an executor.", this.#executors.queued),
       gauge("dist_worker_threads", "Executors.", this.#nthreads),

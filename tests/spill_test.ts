@@ -1,0 +1,254 @@
+/**
+ * Spilling: a worker with a memory limit keeps at most its target of values in memory and
+ * moves the least recently used to disk, reads them back when asked, and loses nothing
+ * when the disk refuses.
+ *
+ * @module
+ */
+
+import assert from "node:assert/strict";
+import { DataStore } from "../worker/store.ts";
+import { Client } from "../mod.ts";
+import { spawnNode } from "../client/spawn.ts";
+import { memoryLimit, parseBytes } from "../util/memory.ts";
+import { metricAt } from "./_helpers.ts";
+
+const KIB = 1024;
+const MIB = 1024 * 1024;
+/** What an idle worker process takes before it holds anything (~46 MiB), with room for one value in flight. */
+const BASELINE = 128 * MIB;
+
+/** Random bytes (incompressible, as spilled data usually is). */
+function randomBytes(n: number): Uint8Array {
+  const out = new Uint8Array(n);
+  for (let at = 0; at < n; at += 65536) crypto.getRandomValues(out.subarray(at, Math.min(n, at + 65536)));
+  return out;
+}
+
+Deno.test("a store past its target spills the least recently used values and reads them back intact", () => {
+  const parent = Deno.makeTempDirSync();
+  const store = new DataStore({ targetBytes: 300 * KIB, directory: parent });
+  try {
+    const values = new Map<string, unknown>();
+    for (let i = 0; i < 10; i++) {
+      const bytes = randomBytes(100 * KIB);
+      // Kinds that take different paths: a typed array (out of band), an object holding one.
+      const value = i % 2 === 0
+        ? new Float64Array(bytes.buffer)
+        : { i, name: `v${i}`, data: bytes, set: new Set([i]) };
+      values.set(`k${i}`, value);
+      store.set(`k${i}`, value);
+      assert.ok(store.memoryBytes <= 300 * KIB, `in memory ${store.memoryBytes} after k${i}`);
+    }
+    assert.equal(store.size, 10);
+    assert.ok(store.spilledKeys >= 7, `${store.spilledKeys} spilled`);
+    assert.equal(store.totalBytes(), store.memoryBytes + store.spilledBytes);
+    // The oldest went first: k0 is on disk, k9 in memory.
+    const dir = store.directory!;
+    assert.ok(dir.startsWith(parent));
+    assert.equal([...Deno.readDirSync(dir)].length, store.spilledKeys, "one file per spilled value");
+    for (const [key, value] of values) assert.deepEqual(store.get(key), value, key);
+    assert.ok(store.spillReadBytes > 0);
+    assert.ok(store.memoryBytes <= 300 * KIB);
+    // A deleted spilled value takes its file with it (one past the target goes straight to disk).
+    store.set("huge", randomBytes(400 * KIB));
+    const before = store.spilledKeys;
+    assert.equal([...Deno.readDirSync(dir)].length, before);
+    assert.equal(store.delete("huge"), true);
+    assert.equal(store.spilledKeys, before - 1);
+    assert.equal([...Deno.readDirSync(dir)].length, before - 1);
+    store.close();
+    assert.throws(() => Deno.statSync(dir), Deno.errors.NotFound, "close() removes the spill folder");
+  } finally {
+    store.close();
+    Deno.removeSync(parent, { recursive: true });
+  }
+});
+
+Deno.test("a value larger than the target goes to disk at once and is served from there", () => {
+  const parent = Deno.makeTempDirSync();
+  const store = new DataStore({ targetBytes: 64 * KIB, directory: parent });
+  try {
+    const big = randomBytes(512 * KIB);
+    store.set("big", big);
+    assert.equal(store.memoryBytes, 0);
+    assert.equal(store.spilledBytes, 512 * KIB);
+    assert.deepEqual(store.get("big"), big);
+    assert.equal(store.spilledKeys, 1, "read back, but too large to keep in memory");
+    store.set("small", 1);
+    assert.equal(store.get("small"), 1);
+  } finally {
+    store.close();
+    Deno.removeSync(parent, { recursive: true });
+  }
+});
+
+Deno.test("a disk that refuses the spill keeps the value in memory and says why", () => {
+  const parent = Deno.makeTempDirSync();
+  // A file where the spill folder's parent should be: no folder can be made there.
+  const notADir = `${parent}/file`;
+  Deno.writeTextFileSync(notADir, "");
+  const errors: string[] = [];
+  const store = new DataStore({
+    targetBytes: 64 * KIB,
+    directory: notADir,
+    onSpillError: (m) => errors.push(m),
+  });
+  try {
+    const values = [randomBytes(50 * KIB), randomBytes(50 * KIB), randomBytes(50 * KIB)];
+    values.forEach((v, i) => store.set(`k${i}`, v));
+    assert.equal(store.spilledKeys, 0);
+    assert.equal(store.memoryBytes, 150 * KIB, "over the target: nothing is dropped");
+    values.forEach((v, i) => assert.deepEqual(store.get(`k${i}`), v));
+    assert.equal(errors.length, 1, "told once, then the disk is left alone for a while");
+    assert.match(errors[0], /Cannot spill k\d \(51200 bytes\) to .*file.*; it stays in memory/);
+    assert.equal(store.spillError, errors[0]);
+  } finally {
+    store.close();
+    Deno.removeSync(parent, { recursive: true });
+  }
+});
+
+Deno.test("memory sizes: units, auto and clear errors", () => {
+  assert.equal(parseBytes("512MiB"), 512 * MIB);
+  assert.equal(parseBytes("4GiB"), 4 * 1024 * MIB);
+  assert.equal(parseBytes("2GB"), 2e9);
+  assert.equal(parseBytes("1000"), 1000);
+  assert.equal(parseBytes("1.5kb"), 1500);
+  assert.equal(memoryLimit("0", 1), 0);
+  const auto = memoryLimit("auto", 0.5);
+  assert.ok(auto > 0, "this machine's memory is readable here");
+  assert.equal(memoryLimit("auto", 1), Math.floor(auto * 2) - (Math.floor(auto * 2) % 1));
+  assert.throws(
+    () => memoryLimit("4 gigs", 1),
+    /Invalid --memory-limit "4 gigs": expected bytes, or a number with a unit such as 512MiB/,
+  );
+  assert.throws(() => parseBytes("-1"), RangeError);
+});
+
+Deno.test({
+  name:
+    "a worker process with --memory-limit 512MiB holds 768 MiB of random data, spilling, and gives it all back intact",
+  sanitizeResources: true,
+  fn: async () => {
+    const directory = await Deno.makeTempDir();
+    const scheduler = await spawnNode(["scheduler", "--port", "0", "--no-dashboard", "--log-level", "warn"]);
+    try {
+      const worker = await spawnNode([
+        "worker",
+        scheduler.address,
+        "--nthreads",
+        "1",
+        "--memory-limit",
+        "512MiB",
+        "--local-directory",
+        directory,
+        "--http-port",
+        "0",
+        "--log-level",
+        "info",
+      ]);
+      try {
+        await using client = await Client.connect(scheduler.address);
+        const metrics = (await worker.waitForLog(/Metrics at (http:\S+)/)).match(/(http:\S+)/)![1];
+        // Sent one at a time, keeping only a digest here: 12 x 64 MiB would not fit in this test's budget twice.
+        const digests: string[] = [];
+        const futures = [];
+        for (let i = 0; i < 12; i++) {
+          const value = randomBytes(64 * MIB);
+          digests.push(await digest(value));
+          const [f] = await client.scatter([value]);
+          futures.push(f);
+        }
+        const spilled = await metricAt(metrics, "dist_worker_spilled_bytes");
+        const managed = await metricAt(metrics, "dist_worker_managed_bytes");
+        assert.ok(spilled >= 6 * 64 * MIB, `spilled ${spilled} bytes`);
+        assert.ok(managed <= 0.6 * 512 * MIB, `${managed} bytes in memory, over the target`);
+        assert.equal(await metricAt(metrics, "dist_worker_memory_limit_bytes"), 512 * MIB);
+        // The spill folder is the worker's own, under --local-directory.
+        const [folder] = [...Deno.readDirSync(directory)];
+        assert.match(folder.name, /^dist-worker-/);
+        for (let i = 0; i < 12; i++) {
+          const back = await client.gather(futures[i]) as Uint8Array;
+          assert.equal(await digest(back), digests[i], `value ${i} came back changed`);
+        }
+        // The most the worker process ever held (its executors are threads of it).
+        // (Deno lets only --allow-all read /proc/PID: cat reads it.)
+        const cat = await new Deno.Command("cat", { args: [`/proc/${worker.child.pid}/status`] }).output();
+        const status = new TextDecoder().decode(cat.stdout);
+        const peak = Number(/VmHWM:\s+(\d+) kB/.exec(status)![1]) * 1024;
+        console.log(`worker peak RSS ${(peak / MIB).toFixed(0)} MiB for 768 MiB held, limit 512 MiB`);
+        assert.ok(peak < 512 * MIB + BASELINE, `worker peak RSS ${peak} bytes`);
+      } finally {
+        await worker.stop();
+      }
+      assert.deepEqual([...Deno.readDirSync(directory)], [], "the worker removed its spill folder on exit");
+    } finally {
+      await scheduler.stop();
+      await Deno.remove(directory, { recursive: true });
+    }
+  },
+});
+
+async function digest(bytes: Uint8Array): Promise<string> {
+  const hash = new Uint8Array(await crypto.subtle.digest("SHA-256", bytes as Uint8Array<ArrayBuffer>));
+  return [...hash].map((b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/** Whether this process may mount a tmpfs (root, as CI runs): the full-disk test needs one. */
+function canMount(): boolean {
+  try {
+    return Deno.uid() === 0 && new Deno.Command("mount", { args: ["--version"] }).outputSync().success;
+  } catch {
+    return false;
+  }
+}
+
+Deno.test({
+  name:
+    "a worker spilling into a full disk (a 1 MiB tmpfs) logs why, keeps every value in memory and stays up",
+  ignore: !canMount(),
+  fn: async () => {
+    const directory = await Deno.makeTempDir();
+    const mount = await new Deno.Command("mount", {
+      args: ["-t", "tmpfs", "-o", "size=1m", "tmpfs", directory],
+    })
+      .output();
+    assert.ok(mount.success, new TextDecoder().decode(mount.stderr));
+    const scheduler = await spawnNode(["scheduler", "--port", "0", "--no-dashboard", "--log-level", "warn"]);
+    try {
+      const worker = await spawnNode([
+        "worker",
+        scheduler.address,
+        "--memory-limit",
+        "16MiB",
+        "--local-directory",
+        directory,
+        "--http-port",
+        "0",
+      ]);
+      try {
+        const metrics = (await worker.waitForLog(/Metrics at (http:\S+)/)).match(/(http:\S+)/)![1];
+        await using client = await Client.connect(scheduler.address);
+        const values = [0, 1, 2, 3].map(() => randomBytes(4 * MIB));
+        const futures = await client.scatter(values);
+        const logged = await worker.waitForLog(/Cannot spill/);
+        assert.match(
+          logged,
+          /Cannot spill \S+ \(4194304 bytes\) to .*: .*(No space left|space).*; it stays in memory/i,
+        );
+        assert.equal(await metricAt(metrics, "dist_worker_spill_failing"), 1);
+        const back = await client.gather(futures) as Uint8Array[];
+        back.forEach((b, i) => assert.deepEqual(b, values[i], `value ${i}`));
+        // Still up and working.
+        assert.equal(await client.submit((x: number) => x + 1, 1).result(), 2);
+      } finally {
+        await worker.stop();
+      }
+    } finally {
+      await scheduler.stop();
+      await new Deno.Command("umount", { args: [directory] }).output();
+      await Deno.remove(directory, { recursive: true });
+    }
+  },
+});
