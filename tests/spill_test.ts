@@ -8,10 +8,10 @@
 
 import assert from "node:assert/strict";
 import { DataStore } from "../worker/store.ts";
-import { Client } from "../mod.ts";
+import { Client, rpc, type WorkerOps } from "../mod.ts";
 import { spawnNode } from "../client/spawn.ts";
 import { memoryLimit, parseBytes } from "../util/memory.ts";
-import { metricAt } from "./_helpers.ts";
+import { eventually, metricAt } from "./_helpers.ts";
 
 const KIB = 1024;
 const MIB = 1024 * 1024;
@@ -251,4 +251,50 @@ Deno.test({
       await Deno.remove(directory, { recursive: true });
     }
   },
+});
+
+Deno.test("a worker past its pause share starts no task until its memory is back under, then goes on", async () => {
+  const scheduler = await spawnNode(["scheduler", "--port", "0", "--no-dashboard", "--log-level", "warn"]);
+  try {
+    const worker = await spawnNode([
+      "worker",
+      scheduler.address,
+      "--nthreads",
+      "2",
+      "--memory-limit",
+      "512MiB",
+      "--http-port",
+      "0",
+    ]);
+    try {
+      const metrics = (await worker.waitForLog(/Metrics at (http:\S+)/)).match(/(http:\S+)/)![1];
+      await using client = await Client.connect(scheduler.address);
+      // 450 MiB held by a running task (past 80% of 512 MiB), then returned as its result:
+      // the result is larger than the target, so it goes to disk and the memory returns.
+      const hog = client.submit(async (mib: number) => {
+        const bytes = new Uint8Array(mib * 1024 * 1024).fill(1);
+        await new Promise((resolve) => setTimeout(resolve, 2_000));
+        return bytes;
+      }, 450);
+      await eventually(async () => (await metricAt(metrics, "dist_worker_paused")) === 1, 10_000);
+      assert.match(worker.log.join("\n"), /Paused: the process holds .* no task or fetch starts/);
+      // A second thread is free, but a paused worker starts nothing.
+      const small = client.submit((x: number) => x + 1, 1);
+      await using w = rpc<WorkerOps>(worker.address);
+      await eventually(async () => (await w.story({ key: small.key })).state === "ready");
+      assert.equal(await metricAt(metrics, "dist_worker_paused"), 1, "still paused when the task came");
+      assert.equal(await small.result(), 2, "it ran once the worker resumed");
+      await eventually(async () => (await metricAt(metrics, "dist_worker_paused")) === 0, 10_000);
+      assert.match(worker.log.join("\n"), /Resumed: the process holds/);
+      assert.ok(
+        await metricAt(metrics, "dist_worker_spilled_bytes") >= 450 * MIB,
+        "the large result went to disk",
+      );
+      await hog.release();
+    } finally {
+      await worker.stop();
+    }
+  } finally {
+    await scheduler.stop();
+  }
 });
