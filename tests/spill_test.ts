@@ -205,8 +205,7 @@ function canMount(): boolean {
 }
 
 Deno.test({
-  name:
-    "a worker spilling into a full disk (a 1 MiB tmpfs) logs why, keeps every value in memory and stays up",
+  name: "a worker spilling into a full disk (a 1 MiB tmpfs) logs why, loses nothing, stays up and goes on",
   ignore: !canMount(),
   fn: async () => {
     const directory = await Deno.makeTempDir();
@@ -221,7 +220,7 @@ Deno.test({
         "worker",
         scheduler.address,
         "--memory-limit",
-        "16MiB",
+        "256MiB",
         "--local-directory",
         directory,
         "--http-port",
@@ -230,17 +229,20 @@ Deno.test({
       try {
         const metrics = (await worker.waitForLog(/Metrics at (http:\S+)/)).match(/(http:\S+)/)![1];
         await using client = await Client.connect(scheduler.address);
-        const values = [0, 1, 2, 3].map(() => randomBytes(4 * MIB));
-        const futures = await client.scatter(values);
+        // 160 MiB of values, past the target (60% of 256 MiB): the worker tries to spill.
+        const values = [0, 1, 2, 3].map(() => randomBytes(40 * MIB));
+        const futures = [];
+        for (const value of values) futures.push(...await client.scatter([value]));
         const logged = await worker.waitForLog(/Cannot spill/);
-        assert.match(
-          logged,
-          /Cannot spill \S+ \(4194304 bytes\) to .*: .*(No space left|space).*; it stays in memory/i,
-        );
+        assert.match(logged, /Cannot spill \S+ \(41943040 bytes\) to .*: .*space.*; it stays in memory/i);
         assert.equal(await metricAt(metrics, "dist_worker_spill_failing"), 1);
+        // Served whether or not its memory made it pause.
         const back = await client.gather(futures) as Uint8Array[];
-        back.forEach((b, i) => assert.deepEqual(b, values[i], `value ${i}`));
-        // Still up and working.
+        back.forEach((b, i) =>
+          assert.ok(b.length === values[i].length && b.every((x, j) => x === values[i][j]))
+        );
+        // Once the values go, it works again (resumed, if it had paused).
+        await Promise.all(futures.map((f) => f.release()));
         assert.equal(await client.submit((x: number) => x + 1, 1).result(), 2);
       } finally {
         await worker.stop();
