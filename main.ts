@@ -12,6 +12,8 @@ import {
   ALLOWED_FAILURES,
   DASHBOARD_PORT,
   DEATH_TIMEOUT_MS,
+  MEMORY_PAUSE_FRACTION,
+  MEMORY_SPILL_FRACTION,
   MEMORY_TARGET_FRACTION,
   NO_WORKERS_TIMEOUT_MS,
   SCHEDULER_PORT,
@@ -283,6 +285,18 @@ const commands: Record<string, { usage: string; summary: string; flags: Record<s
         value: "FRACTION",
         help:
           "share of --memory-limit that values held may take before the least recently used spill to disk",
+      },
+      "memory-spill": {
+        type: "string",
+        default: String(MEMORY_SPILL_FRACTION),
+        value: "FRACTION",
+        help: "share of --memory-limit the process may take before values spill to bring it back under",
+      },
+      "memory-pause": {
+        type: "string",
+        default: String(MEMORY_PAUSE_FRACTION),
+        value: "FRACTION",
+        help: "share of --memory-limit past which the worker starts no task and no fetch until back under",
       },
       "local-directory": {
         type: "string",
@@ -616,6 +630,8 @@ async function run(argv: string[]): Promise<number> {
       memoryLimit(flags["memory-limit"], nthreads / Math.max(1, navigator.hardwareConcurrency))
     ),
     memoryTargetFraction: fraction("memory-target", flags["memory-target"]),
+    memorySpillFraction: fraction("memory-spill", flags["memory-spill"]),
+    memoryPauseFraction: fraction("memory-pause", flags["memory-pause"]),
     localDirectory: flags["local-directory"],
     log: createLogger(flags.name ? `worker ${flags.name}` : "worker", level, format),
   });

@@ -257,6 +257,8 @@ Deno.test("cli: --help of each command lists every flag with its default", async
       "transfers-out-max": "8",
       "memory-limit": "auto",
       "memory-target": "0.6",
+      "memory-spill": "0.7",
+      "memory-pause": "0.8",
       "local-directory": null,
       ...security,
       "log-level": "info",

@@ -8,10 +8,10 @@
 
 import assert from "node:assert/strict";
 import { DataStore } from "../worker/store.ts";
-import { Client } from "../mod.ts";
+import { Client, rpc, type WorkerOps } from "../mod.ts";
 import { spawnNode } from "../client/spawn.ts";
 import { memoryLimit, parseBytes } from "../util/memory.ts";
-import { metricAt } from "./_helpers.ts";
+import { eventually, metricAt } from "./_helpers.ts";
 
 const KIB = 1024;
 const MIB = 1024 * 1024;
@@ -205,8 +205,7 @@ function canMount(): boolean {
 }
 
 Deno.test({
-  name:
-    "a worker spilling into a full disk (a 1 MiB tmpfs) logs why, keeps every value in memory and stays up",
+  name: "a worker spilling into a full disk (a 1 MiB tmpfs) logs why, loses nothing, stays up and goes on",
   ignore: !canMount(),
   fn: async () => {
     const directory = await Deno.makeTempDir();
@@ -221,7 +220,7 @@ Deno.test({
         "worker",
         scheduler.address,
         "--memory-limit",
-        "16MiB",
+        "256MiB",
         "--local-directory",
         directory,
         "--http-port",
@@ -230,17 +229,20 @@ Deno.test({
       try {
         const metrics = (await worker.waitForLog(/Metrics at (http:\S+)/)).match(/(http:\S+)/)![1];
         await using client = await Client.connect(scheduler.address);
-        const values = [0, 1, 2, 3].map(() => randomBytes(4 * MIB));
-        const futures = await client.scatter(values);
+        // 160 MiB of values, past the target (60% of 256 MiB): the worker tries to spill.
+        const values = [0, 1, 2, 3].map(() => randomBytes(40 * MIB));
+        const futures = [];
+        for (const value of values) futures.push(...await client.scatter([value]));
         const logged = await worker.waitForLog(/Cannot spill/);
-        assert.match(
-          logged,
-          /Cannot spill \S+ \(4194304 bytes\) to .*: .*(No space left|space).*; it stays in memory/i,
-        );
+        assert.match(logged, /Cannot spill \S+ \(41943040 bytes\) to .*: .*space.*; it stays in memory/i);
         assert.equal(await metricAt(metrics, "dist_worker_spill_failing"), 1);
+        // Served whether or not its memory made it pause.
         const back = await client.gather(futures) as Uint8Array[];
-        back.forEach((b, i) => assert.deepEqual(b, values[i], `value ${i}`));
-        // Still up and working.
+        back.forEach((b, i) =>
+          assert.ok(b.length === values[i].length && b.every((x, j) => x === values[i][j]))
+        );
+        // Once the values go, it works again (resumed, if it had paused).
+        await Promise.all(futures.map((f) => f.release()));
         assert.equal(await client.submit((x: number) => x + 1, 1).result(), 2);
       } finally {
         await worker.stop();
@@ -251,4 +253,50 @@ Deno.test({
       await Deno.remove(directory, { recursive: true });
     }
   },
+});
+
+Deno.test("a worker past its pause share starts no task until its memory is back under, then goes on", async () => {
+  const scheduler = await spawnNode(["scheduler", "--port", "0", "--no-dashboard", "--log-level", "warn"]);
+  try {
+    const worker = await spawnNode([
+      "worker",
+      scheduler.address,
+      "--nthreads",
+      "2",
+      "--memory-limit",
+      "512MiB",
+      "--http-port",
+      "0",
+    ]);
+    try {
+      const metrics = (await worker.waitForLog(/Metrics at (http:\S+)/)).match(/(http:\S+)/)![1];
+      await using client = await Client.connect(scheduler.address);
+      // 450 MiB held by a running task (past 80% of 512 MiB), then returned as its result:
+      // the result is larger than the target, so it goes to disk and the memory returns.
+      const hog = client.submit(async (mib: number) => {
+        const bytes = new Uint8Array(mib * 1024 * 1024).fill(1);
+        await new Promise((resolve) => setTimeout(resolve, 2_000));
+        return bytes;
+      }, 450);
+      await eventually(async () => (await metricAt(metrics, "dist_worker_paused")) === 1, 10_000);
+      assert.match(worker.log.join("\n"), /Paused: the process holds .* no task or fetch starts/);
+      // A second thread is free, but a paused worker starts nothing.
+      const small = client.submit((x: number) => x + 1, 1);
+      await using w = rpc<WorkerOps>(worker.address);
+      await eventually(async () => (await w.story({ key: small.key })).state === "ready");
+      assert.equal(await metricAt(metrics, "dist_worker_paused"), 1, "still paused when the task came");
+      assert.equal(await small.result(), 2, "it ran once the worker resumed");
+      await eventually(async () => (await metricAt(metrics, "dist_worker_paused")) === 0, 10_000);
+      assert.match(worker.log.join("\n"), /Resumed: the process holds/);
+      assert.ok(
+        await metricAt(metrics, "dist_worker_spilled_bytes") >= 450 * MIB,
+        "the large result went to disk",
+      );
+      await hog.release();
+    } finally {
+      await worker.stop();
+    }
+  } finally {
+    await scheduler.stop();
+  }
 });

@@ -256,6 +256,19 @@ Deno.test("worker state: short tasks are handed to the executors ahead, long one
   assert.ok(EXECUTE_AHEAD_MS < 10);
 });
 
+Deno.test("worker state: paused by memory, it starts no task and no fetch; resumed, it goes on", () => {
+  const h = new Harness({ nthreads: 2 });
+  h.on({ type: "memory", paused: true });
+  assert.equal(h.s.paused, true);
+  assert.deepEqual(of(h.compute("a"), "execute"), [], "no task starts while paused");
+  assert.deepEqual(fetches(h.compute("t", { x: [A] })), [], "no fetch starts while paused");
+  assert.equal(h.s.stateOf("a"), "ready");
+  assert.equal(h.s.stateOf("x"), "fetch");
+  const resumed = h.on({ type: "memory", paused: false });
+  assert.deepEqual(of(resumed, "execute").map((i) => i.key), ["a"]);
+  assert.deepEqual(fetches(resumed), [[A, ["x"]]]);
+});
+
 Deno.test("worker state: a failed task reports task_erred with killed, and frees its thread", () => {
   const h = new Harness();
   h.compute("a");

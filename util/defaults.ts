@@ -33,3 +33,7 @@ export const UNCLAIMED_GRACE_MS = 10_000;
 
 /** Share of a worker's memory limit that values in memory may take before they spill (Dask's `target`). */
 export const MEMORY_TARGET_FRACTION = 0.6;
+/** Share of a worker's memory limit its process may take before values spill to make room (Dask's `spill`). */
+export const MEMORY_SPILL_FRACTION = 0.7;
+/** Share of a worker's memory limit past which it starts no task and no fetch (Dask's `pause`). */
+export const MEMORY_PAUSE_FRACTION = 0.8;

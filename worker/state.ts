@@ -140,6 +140,12 @@ export type WorkerEvent =
   | { type: "scheduler-lost" }
   /** Registered with a scheduler again. */
   | { type: "scheduler-found" }
+  /**
+   * The worker's memory crossed its pause threshold (`paused`) or came back under it: a
+   * paused worker starts no task and no fetch; it keeps serving its data, so peers can
+   * take it away.
+   */
+  | { type: "memory"; paused: boolean }
   /** Time passed (a `wake` came due). */
   | { type: "tick" };
 
@@ -250,6 +256,8 @@ export class WorkerState {
   #flightBytes = 0;
   /** Tasks on an executor (executing or cancelled). */
   #running = 0;
+  /** Past the memory pause threshold: no task or fetch starts. */
+  #paused = false;
   /** A task's compute time lately (ms, a moving mean of the reports), null before the first. */
   #taskMs: number | null = null;
   #connected = true;
@@ -314,6 +322,11 @@ export class WorkerState {
   /** Fetches in flight and their expected bytes. */
   inFlight(): { fetches: number; bytes: number } {
     return { fetches: this.#flights.size, bytes: this.#flightBytes };
+  }
+
+  /** Whether the memory monitor paused this worker (no task or fetch starts). */
+  get paused(): boolean {
+    return this.#paused;
   }
 
   /** Tasks on executors: running, next in an executor's line, or cancelled and not ended yet. */
@@ -385,6 +398,9 @@ export class WorkerState {
         break;
       case "scheduler-found":
         this.#connected = true;
+        break;
+      case "memory":
+        this.#paused = event.paused;
         break;
       case "tick":
         // The shell's timer fired: no wake is pending now, so the next one is asked for
@@ -959,8 +975,9 @@ export class WorkerState {
           break;
       }
     }
-    const askable = [...this.#toFetch].filter((key) => this.#holders.status(key, now) === "ask");
     if (lookups.length > 0) this.#out.push({ type: "lookup", keys: lookups });
+    if (this.#paused) return;
+    const askable = [...this.#toFetch].filter((key) => this.#holders.status(key, now) === "ask");
     if (askable.length > 0) this.#startFetches(askable, now);
     const onExecutors = this.nthreads * (1 + this.#ahead());
     while (this.#running < onExecutors && this.#ready.size > 0) {

@@ -263,7 +263,11 @@ export class DataStore {
     this.#forget(key);
     const v = value === undefined ? null : value;
     this.#nbytes.set(key, nbytes);
-    if (nbytes > this.#target && this.#spill(key, v, nbytes)) return nbytes;
+    if (nbytes > this.#target && this.#spill(key, v, nbytes)) {
+      // Its buffers are no longer held here: their memory returns at the next collection.
+      if (nbytes >= SMALL_FRAME_BYTES) this.#reclaimer.freed(bufferBytesOf(v));
+      return nbytes;
+    }
     this.#values.set(key, v);
     this.#memoryBytes += nbytes;
     this.#evict(key);
@@ -301,11 +305,22 @@ export class DataStore {
     }
   }
 
-  /** Spills the least recently used values (never `keep`) until memory is back under the target. */
-  #evict(keep: string): void {
-    if (this.#memoryBytes <= this.#target) return;
+  /**
+   * Spills the least recently used values until at most `bytes` stay in memory (the
+   * worker's memory monitor, when the process holds more than its values). Returns the
+   * bytes spilled; fewer when the disk refuses.
+   */
+  spillTo(bytes: number): number {
+    const before = this.#memoryBytes;
+    this.#evict(null, bytes);
+    return before - this.#memoryBytes;
+  }
+
+  /** Spills the least recently used values (never `keep`) until memory is back under `target`. */
+  #evict(keep: string | null, target = this.#target): void {
+    if (this.#memoryBytes <= target) return;
     for (const [key, value] of this.#values) {
-      if (this.#memoryBytes <= this.#target) return;
+      if (this.#memoryBytes <= target) return;
       if (key === keep) continue;
       const nbytes = this.#nbytes.get(key)!;
       if (!this.#spill(key, value, nbytes)) return;

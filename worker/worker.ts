@@ -31,6 +31,7 @@ import {
   workerOps,
 } from "../protocol/ops.ts";
 import { Lru } from "../util/lru.ts";
+import { formatBytes } from "../util/memory.ts";
 import { type Family, type HttpServer, LoopLag, prometheus, startHttp } from "../util/http.ts";
 import { dispatchTo, type Handlers, serve, type Server } from "../protocol/server.ts";
 import { AuthenticationError, openComm, type SecurityOptions, tokenFromEnv } from "../protocol/handshake.ts";
@@ -40,7 +41,18 @@ import { type Instruction, type WorkerEvent, WorkerState } from "./state.ts";
 import { FRAME_BYTES_MAX } from "../protocol/framing.ts";
 import { ExecutorDiedError, ExecutorPool, type Isolation, shared } from "./executors.ts";
 import { DataStore, nbytesOf, refsIn, resolveRefs } from "./store.ts";
-import { DEATH_TIMEOUT_MS, MEMORY_TARGET_FRACTION, TRANSFERS_OUT_MAX } from "../util/defaults.ts";
+import {
+  DEATH_TIMEOUT_MS,
+  MEMORY_PAUSE_FRACTION,
+  MEMORY_SPILL_FRACTION,
+  MEMORY_TARGET_FRACTION,
+  TRANSFERS_OUT_MAX,
+} from "../util/defaults.ts";
+
+/** How often a worker with a memory limit looks at its process's memory. */
+const MEMORY_MONITOR_MS = 100;
+/** Least time between two spills the monitor makes: the memory they free returns at the next collection. */
+const MONITOR_SPILL_INTERVAL_MS = 1_000;
 
 export { DEATH_TIMEOUT_MS, TRANSFERS_OUT_MAX };
 
@@ -123,6 +135,13 @@ export interface WorkerOptions extends SecurityOptions {
   memoryLimit?: number;
   /** Share of `memoryLimit` that values held in memory may take before they spill; default 0.6, as Dask's. */
   memoryTargetFraction?: number;
+  /**
+   * Share of `memoryLimit` the process may take (its RSS: values, executors, everything)
+   * before values spill to bring it back under; default 0.7, as Dask's.
+   */
+  memorySpillFraction?: number;
+  /** Share of `memoryLimit` past which the worker pauses: it starts no task and no fetch; default 0.8. */
+  memoryPauseFraction?: number;
   /** Where the worker's spill folder is made (a fresh one per worker, removed when it closes); default the temp folder. */
   localDirectory?: string;
   /** Where it logs; default stderr at info. */
@@ -195,6 +214,8 @@ class WorkerServer implements WorkerNode {
   #requests = new Map<number, (answer: { missing: Record<string, string[]>; error?: unknown }) => void>();
   #requestIds = 0;
   #wakeTimer: ReturnType<typeof setTimeout> | undefined;
+  #memoryTimer: ReturnType<typeof setInterval> | undefined;
+  #lastMonitorSpill = -Infinity;
   #schedulerComm: Comm | null = null;
   /** The connection a registration is under way on. */
   #registering: Comm | null = null;
@@ -230,8 +251,16 @@ class WorkerServer implements WorkerNode {
     if (!(Number.isSafeInteger(limit) && limit >= 0)) {
       throw new RangeError(`Invalid memoryLimit ${limit}: expected bytes, a whole number (0 for none)`);
     }
-    if (!(fraction > 0 && fraction <= 1)) {
-      throw new RangeError(`Invalid memoryTargetFraction ${fraction}: expected a share above 0, at most 1`);
+    for (
+      const [name, value] of [
+        ["memoryTargetFraction", fraction],
+        ["memorySpillFraction", options.memorySpillFraction],
+        ["memoryPauseFraction", options.memoryPauseFraction],
+      ] as const
+    ) {
+      if (value !== undefined && !(value > 0 && value <= 1)) {
+        throw new RangeError(`Invalid ${name} ${value}: expected a share above 0, at most 1`);
+      }
     }
     this.data = new DataStore({
       targetBytes: limit > 0 ? Math.floor(limit * fraction) : Infinity,
@@ -301,6 +330,9 @@ class WorkerServer implements WorkerNode {
           log: this.#log,
         });
         this.#log.info(`Metrics at ${this.#http.url}/metrics`);
+      }
+      if ((options.memoryLimit ?? 0) > 0) {
+        this.#memoryTimer = setInterval(() => this.#watchMemory(), MEMORY_MONITOR_MS);
       }
       await this.#register(Date.now() + (this.#options.deathTimeoutMs ?? DEATH_TIMEOUT_MS));
     } catch (error) {
@@ -408,6 +440,7 @@ class WorkerServer implements WorkerNode {
         managed: this.data.memoryBytes,
         spilled: this.data.spilledBytes,
         memory_limit: this.#options.memoryLimit ?? 0,
+        paused: this.#state.paused ? 1 : 0,
         executing: this.#executors.running,
         queued: this.#executors.queued,
         rss: Deno.memoryUsage().rss,
@@ -773,6 +806,11 @@ class WorkerServer implements WorkerNode {
         this.#options.memoryLimit ?? 0,
       ),
       gauge(
+        "dist_worker_paused",
+        "1 while paused by memory (no task or fetch starts).",
+        this.#state.paused ? 1 : 0,
+      ),
+      gauge(
         "dist_worker_spill_failing",
         "1 while the last try to spill failed (see the log).",
         this.data.spillError ? 1 : 0,
@@ -890,12 +928,48 @@ class WorkerServer implements WorkerNode {
     return { status: "OK" as const, key, nbytes };
   }
 
+  // ---- memory ----
+
+  /**
+   * The memory monitor: past the spill share of the limit, values go to disk until the
+   * process would be back under it (what is not values, executors and buffers, stays);
+   * past the pause share, the worker starts no task and no fetch until it is back under.
+   */
+  #watchMemory(): void {
+    const limit = this.#options.memoryLimit ?? 0;
+    if (limit <= 0 || this.#closing) return;
+    const rss = Deno.memoryUsage().rss;
+    const spillAt = limit * (this.#options.memorySpillFraction ?? MEMORY_SPILL_FRACTION);
+    const now = performance.now();
+    if (rss > spillAt && now - this.#lastMonitorSpill >= MONITOR_SPILL_INTERVAL_MS) {
+      const unmanaged = Math.max(0, rss - this.data.memoryBytes);
+      const spilled = this.data.spillTo(Math.max(0, spillAt - unmanaged));
+      if (spilled > 0) {
+        this.#lastMonitorSpill = now;
+        this.#log.debug(`Memory ${rss} of ${limit} bytes: spilled ${spilled} bytes`);
+      }
+    }
+    const pauseAt = limit * (this.#options.memoryPauseFraction ?? MEMORY_PAUSE_FRACTION);
+    const paused = rss > pauseAt;
+    if (paused !== this.#state.paused) {
+      this.#log.info(
+        paused
+          ? `Paused: the process holds ${formatBytes(rss)}, over ${
+            formatBytes(pauseAt)
+          } (memory pause share of ${formatBytes(limit)}); no task or fetch starts until it is back under`
+          : `Resumed: the process holds ${formatBytes(rss)}, under ${formatBytes(pauseAt)}`,
+      );
+      this.#apply({ type: "memory", paused });
+    }
+  }
+
   // ---- shutdown ----
 
   #shutdown(unregister: boolean): Promise<void> {
     this.#closing ??= (async () => {
       clearTimeout(this.#heartbeatTimer);
       clearTimeout(this.#wakeTimer);
+      clearInterval(this.#memoryTimer);
       const comm = this.#schedulerComm;
       if (unregister && comm && !comm.isClosed) {
         try {
