@@ -343,10 +343,16 @@ commands.local = {
 };
 
 commands.info = {
-  usage: "dist info SCHEDULER_ADDRESS [flags]",
-  summary: "Show a cluster: its workers, the keys they hold, and its tasks by state.",
+  usage: "dist info ADDRESS [flags]",
+  summary: "Show a cluster (ADDRESS a scheduler): its workers, the keys they hold, and its tasks by state; " +
+    "or, with --story, why a key is where it is on a scheduler or a worker.",
   flags: {
     json: { type: "boolean", help: "print JSON instead of tables" },
+    story: {
+      type: "string",
+      value: "KEY",
+      help: "the key's state on that node and its recent moves (ADDRESS a scheduler or a worker)",
+    },
     ...auth,
     help: { type: "boolean", help: "show this help" },
   },
@@ -359,6 +365,7 @@ Usage:
   dist worker SCHEDULER_ADDRESS [flags]    start a worker
   dist local [flags]                       start a scheduler and worker processes on this machine
   dist info SCHEDULER_ADDRESS [--json]     show a cluster's workers, keys and tasks
+  dist info ADDRESS --story KEY            why a key is where it is on a scheduler or worker
   dist COMMAND --help                      flags of a command
   dist --version                           print the version
 `;
@@ -435,12 +442,19 @@ async function showInfo(positionals: string[], flags: Record<string, string>): P
   if (positionals.length !== 1) {
     throw new UsageError(
       positionals.length === 0
-        ? "missing SCHEDULER_ADDRESS, e.g. dist info tcp://127.0.0.1:8786"
+        ? "missing ADDRESS, e.g. dist info tcp://127.0.0.1:8786"
         : `unexpected argument ${JSON.stringify(positionals[1])}`,
     );
   }
   const address = checked(() => parseAddress(positionals[0]));
   const { authToken } = await security(flags);
+  if (flags.story !== undefined) {
+    if (flags.story === "") throw new UsageError("--story needs a key, e.g. --story inc-4f2a");
+    const { keyStory, formatStory } = await import("./client/info.ts");
+    const story = await keyStory(address, flags.story, { authToken });
+    console.log(flags.json ? JSON.stringify(story, null, 2) : formatStory(story));
+    return 0;
+  }
   const { clusterInfo, formatInfo } = await import("./client/info.ts");
   const report = await clusterInfo(address, { authToken });
   console.log(flags.json ? JSON.stringify(report, null, 2) : formatInfo(report));

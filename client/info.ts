@@ -5,7 +5,7 @@
  */
 
 import type { Address } from "../protocol/address.ts";
-import type { SchedulerIdentity, SchedulerOps, WorkerInfo } from "../protocol/ops.ts";
+import type { KeyStory, SchedulerIdentity, SchedulerOps, WorkerInfo, WorkerOps } from "../protocol/ops.ts";
 import { rpc } from "../protocol/rpc.ts";
 
 /** A cluster at a glance. */
@@ -82,5 +82,36 @@ export function formatInfo(info: ClusterInfo): string {
   lines.push(info.workers.length ? table(workers) : "No workers.", "");
   const states = ["released", "waiting", "queued", "processing", "memory", "erred"];
   lines.push(table([["tasks", ...states], ["", ...states.map((st) => String(info.tasks[st] ?? 0))]]));
+  return lines.join("\n");
+}
+
+/** A key's state and recent moves on one node (scheduler or worker), as its `story` op tells. */
+export async function keyStory(
+  address: string | Address,
+  key: string,
+  options: { authToken?: string } = {},
+): Promise<KeyStory & { node: "scheduler" | "worker"; address: string }> {
+  await using node = rpc<SchedulerOps & WorkerOps>(address, {
+    authToken: options.authToken,
+    timeoutMs: 30_000,
+  });
+  const identity = await node.identity() as { type: string; address: string };
+  const story = await node.story({ key });
+  return {
+    ...story,
+    node: identity.type === "scheduler" ? "scheduler" : "worker",
+    address: identity.address,
+  };
+}
+
+/** A story as lines: the state now, then one line per move (time, from -> to, why). */
+export function formatStory(s: KeyStory & { node: string; address: string }): string {
+  const lines = [`${s.key} on ${s.node} ${s.address}: ${s.state}`];
+  if (s.story.length === 0) {
+    lines.push(`  no moves remembered (a key it never knew, or moves older than its story keeps)`);
+  }
+  for (const e of s.story) {
+    lines.push(`  ${new Date(e.time).toISOString()}  ${e.from} -> ${e.to}  (${e.reason})`);
+  }
   return lines.join("\n");
 }

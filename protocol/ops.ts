@@ -207,19 +207,21 @@ export const workerOps = {
   gather_keys: op<OkReply & { missing: string[] }>()(v.object({ who_has: byKey(v.arrayOf(address)) })),
   cancel_task: op<OkReply>()(v.object({ keys })),
   // What this worker knows of a key: its state here and its recent moves.
-  story: op<
-    {
-      key: string;
-      state: string;
-      story: { time: number; key: string; from: string; to: string; reason: string }[];
-    }
-  >()(
-    v.object({ key: v.key }),
-  ),
+  story: op<KeyStory>()(v.object({ key: v.key })),
 };
+
+/** The reply of `story`: a key's state on that node ("released" when it knows none) and its recent moves. */
+export interface KeyStory {
+  key: string;
+  state: string;
+  /** Oldest first; `time` in ms since the epoch. */
+  story: { time: number; key: string; from: string; to: string; reason: string }[];
+}
 
 /** The ops a scheduler serves. */
 export const schedulerOps = {
+  // What the scheduler knows of a key: its task's state and its recent moves.
+  story: op<KeyStory>()(v.object({ key: v.key })),
   register: op<OkReply & { heartbeat_interval_ms: number; worker_ttl_ms: number }>()(
     v.object({
       address,

@@ -116,10 +116,9 @@ export class Dashboard {
     const now = Date.now();
     const info = this.#info();
     const progress = state.progressTotals();
+    // Kept by the state as tasks move: this costs the number of states, not of tasks.
     const byState: Record<string, number> = {};
-    for (const p of Object.values(state.progress())) {
-      for (const [s, n] of Object.entries(p)) byState[s] = (byState[s] ?? 0) + (n ?? 0);
-    }
+    for (const [s, n] of Object.entries(state.counts())) if (n > 0 && s !== "forgotten") byState[s] = n;
     return {
       scheduler: { ...info, uptime: (now - info.started) / 1000, lag: this.lag.seconds },
       totals: { completed: state.completed, failed: state.failed, queued: state.queued, byState },

@@ -197,6 +197,7 @@ class SchedulerServer implements SchedulerNode {
         args,
         comm,
       ) => {
+        this.#state.at(Date.now());
         try {
           return await dispatch(op, args, comm);
         } catch (error) {
@@ -317,6 +318,7 @@ class SchedulerServer implements SchedulerNode {
 
   #tick(): void {
     const now = Date.now();
+    this.#state.at(now);
     for (const address of this.#state.expiredWorkers(now, this.#ttlMs)) {
       const comm = this.#workerComms.get(address);
       this.#forget(address, `no heartbeat for over ${this.#ttlMs} ms`, true);
@@ -583,6 +585,11 @@ class SchedulerServer implements SchedulerNode {
         }
       },
       ping: () => "pong",
+      story: ({ key }) => ({
+        key,
+        state: state.tasks.get(key)?.state ?? "released",
+        story: state.story(key),
+      }),
       terminate: (_args, comm) => {
         // Reply first, then close: the caller learns the order was taken.
         setTimeout(() => comm.flushed().then(() => this.close()), 0);

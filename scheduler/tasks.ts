@@ -59,6 +59,39 @@ export type TaskStateName =
   | "erred"
   | "forgotten";
 
+/**
+ * The moves a task may make, from each state. A move to the state a task is in already
+ * is no move (nothing happens). Anything else goes through `#to`, which throws on a move
+ * not listed here: a bug in the scheduler, caught where it happens.
+ */
+export const TASK_TRANSITIONS: Readonly<Record<TaskStateName, readonly TaskStateName[]>> = {
+  released: ["waiting", "queued", "processing", "memory", "erred", "forgotten"],
+  waiting: ["queued", "processing", "memory", "released", "erred", "forgotten"],
+  queued: ["processing", "waiting", "memory", "released", "erred", "forgotten"],
+  processing: ["memory", "waiting", "released", "erred", "forgotten"],
+  memory: ["released", "forgotten"],
+  // A task that errs again is a new task (the old one is forgotten); a worker may still
+  // report the key in memory.
+  erred: ["memory", "forgotten"],
+  forgotten: [],
+};
+
+const KEYS_OF_STATES = Object.keys(TASK_TRANSITIONS) as TaskStateName[];
+
+/** Moves the scheduler's story keeps, for all keys together (a ring: the oldest go first). */
+export const SCHEDULER_STORY_MAX = 50_000;
+
+/** One move in a task's story. */
+export interface TaskStoryEvent {
+  /** ms: the latest time the scheduler was given (`at`), so within its tick of the move. */
+  time: number;
+  key: string;
+  from: TaskStateName;
+  to: TaskStateName;
+  /** Why. */
+  reason: string;
+}
+
 /** What a worker is asked to run. */
 export interface TaskRun {
   /** The function to call. */
@@ -257,6 +290,21 @@ export class SchedulerTasks {
   /** Restricted tasks queued since the last tick, to look at then (all of them after a worker left). */
   #restrictedToCheck = new Set<TaskState>();
   #workerLeft = false;
+  /** Tasks per state, kept by the gate. */
+  readonly #byState: Record<TaskStateName, number> = {
+    released: 0,
+    waiting: 0,
+    queued: 0,
+    processing: 0,
+    memory: 0,
+    erred: 0,
+    forgotten: 0,
+  };
+  /** Tasks per prefix and state, kept by the gate (a prefix with none goes). */
+  readonly #byPrefix = new Map<string, Partial<Record<TaskStateName, number>>>();
+  readonly #story: TaskStoryEvent[] = [];
+  #storyNext = 0;
+  #now = 0;
 
   /**
    * The messages produced since the last call, to be sent by the shell. It also ends the
@@ -362,7 +410,7 @@ export class SchedulerTasks {
     const killed: TaskState[] = [];
     for (const ts of ws.processing) {
       ts.processingOn = null;
-      ts.state = "released";
+      this.#to(ts, "released", "its worker left");
       if (died && ++ts.suspicious > this.allowedFailures) killed.push(ts);
     }
     for (const ts of killed) {
@@ -514,7 +562,7 @@ export class SchedulerTasks {
         } else if (d === undefined) {
           // A dependency nobody can produce: the task fails at once, saying which.
           d = this.#newTask(dep);
-          d.state = "erred";
+          this.#to(d, "erred", "an input nobody can produce");
           d.error = {
             name: "MissingDataError",
             message: `Unknown key ${JSON.stringify(dep)}: no task or data has it`,
@@ -627,12 +675,12 @@ export class SchedulerTasks {
         this.failed++;
         this.#err(ts, killedWorker(ts, this.allowedFailures, error.message), ts.key);
       } else {
-        ts.state = "released";
+        this.#to(ts, "released", "its worker died running it; run again");
         this.#ready(ts);
       }
     } else if (ts.retries > 0) {
       ts.retries--;
-      ts.state = "released";
+      this.#to(ts, "released", "its worker died running it; run again");
       this.#ready(ts);
     } else {
       this.failed++;
@@ -653,7 +701,7 @@ export class SchedulerTasks {
     if (ws === undefined || ts === undefined || ts.processingOn !== ws) return;
     ws.processing.delete(ts);
     ts.processingOn = null;
-    ts.state = "released";
+    this.#to(ts, "released", "an input was missing; run again");
     for (const [dep, holders] of Object.entries(missing)) {
       for (const holder of holders) {
         if (!this.workers.has(holder)) continue;
@@ -877,9 +925,9 @@ export class SchedulerTasks {
     const out: Record<string, { done: number; erred: number; processing: number; waiting: number }> = {};
     const entry = (prefix: string) => out[prefix] ??= { done: 0, erred: 0, processing: 0, waiting: 0 };
     for (const [prefix, c] of this.#finished.entries()) Object.assign(entry(prefix), c);
-    for (const ts of this.tasks.values()) {
-      if (ts.state === "processing") entry(ts.prefix).processing++;
-      else if (ts.state === "waiting" || ts.state === "queued") entry(ts.prefix).waiting++;
+    for (const [prefix, p] of this.#byPrefix) {
+      if (p.processing) entry(prefix).processing += p.processing;
+      if (p.waiting || p.queued) entry(prefix).waiting += (p.waiting ?? 0) + (p.queued ?? 0);
     }
     return out;
   }
@@ -887,11 +935,112 @@ export class SchedulerTasks {
   /** Task counts per prefix and state. */
   progress(): Progress {
     const out: Progress = {};
-    for (const ts of this.tasks.values()) {
-      const p = out[ts.prefix] ??= {};
-      p[ts.state] = (p[ts.state] ?? 0) + 1;
+    for (const [prefix, p] of this.#byPrefix) out[prefix] = { ...p };
+    return out;
+  }
+
+  /** Tasks per state (forgotten ones are gone), kept as they move: no scan. */
+  counts(): Record<TaskStateName, number> {
+    return { ...this.#byState };
+  }
+
+  /** The moves of `key` still in the story ring, oldest first. */
+  story(key: string): TaskStoryEvent[] {
+    const n = this.#story.length;
+    const out: TaskStoryEvent[] = [];
+    for (let i = 0; i < n; i++) {
+      const e = this.#story[(this.#storyNext + i) % n];
+      if (e.key === key) out.push({ ...e });
     }
     return out;
+  }
+
+  /**
+   * Checks that the state agrees with itself; throws naming the first broken invariant.
+   * O(tasks + edges + workers): the tests and the simulation call it after every event.
+   */
+  validate(): void {
+    const fail = (what: string): never => {
+      throw new Error(`internal: invalid scheduler state: ${what}`);
+    };
+    const byState: Record<string, number> = {};
+    const byPrefix = new Map<string, Record<string, number>>();
+    for (const [key, ts] of this.tasks) {
+      const k = JSON.stringify(key);
+      if (ts.key !== key) fail(`task ${k} is stored under another key`);
+      if (ts.state === "forgotten") fail(`task ${k} is forgotten but still known`);
+      byState[ts.state] = (byState[ts.state] ?? 0) + 1;
+      let p = byPrefix.get(ts.prefix);
+      if (p === undefined) byPrefix.set(ts.prefix, p = {});
+      p[ts.state] = (p[ts.state] ?? 0) + 1;
+      if (ts.state === "memory" && ts.whoHas.size === 0) fail(`task ${k} is in memory with no holder`);
+      for (const ws of ts.whoHas) {
+        if (this.workers.get(ws.address) !== ws) fail(`task ${k} is held by ${ws.address}, which is gone`);
+        if (!ws.hasWhat.has(ts)) fail(`task ${k} is held by ${ws.address}, which does not list it`);
+      }
+      if ((ts.state === "processing") !== (ts.processingOn !== null)) {
+        fail(`task ${k} is ${ts.state} with processingOn ${ts.processingOn?.address ?? null}`);
+      }
+      if (ts.processingOn !== null) {
+        if (this.workers.get(ts.processingOn.address) !== ts.processingOn) {
+          fail(`task ${k} is processing on ${ts.processingOn.address}, which is gone`);
+        }
+        if (!ts.processingOn.processing.has(ts)) {
+          fail(`task ${k} is processing on ${ts.processingOn.address}, which does not list it`);
+        }
+      }
+      const queued = this.#inHeap.has(ts) || this.#restricted.has(ts);
+      if ((ts.state === "queued") !== queued) {
+        fail(`task ${k} is ${ts.state}, and ${queued ? "" : "not "}queued`);
+      }
+      for (const d of ts.dependencies) {
+        if (!d.dependents.has(ts)) {
+          fail(`task ${k} depends on ${d.key}, which does not list it as a dependent`);
+        }
+      }
+      for (const d of ts.dependents) {
+        if (!d.dependencies.has(ts)) fail(`task ${k} lists dependent ${d.key}, which does not depend on it`);
+      }
+      for (const d of ts.waiters) {
+        if (!ts.dependents.has(d)) fail(`task ${k} is waited on by ${d.key}, which is not a dependent`);
+      }
+      for (const d of ts.waitingOn) {
+        if (!ts.dependencies.has(d)) fail(`task ${k} waits on ${d.key}, which is not a dependency`);
+      }
+    }
+    for (const [address, ws] of this.workers) {
+      if (ws.address !== address) fail(`worker ${address} is stored under another address`);
+      for (const ts of ws.processing) {
+        if (ts.processingOn !== ws) {
+          fail(`worker ${address} lists ${ts.key} as processing, which is not on it`);
+        }
+        if (this.tasks.get(ts.key) !== ts) fail(`worker ${address} processes ${ts.key}, which is not known`);
+      }
+      for (const ts of ws.hasWhat) {
+        if (!ts.whoHas.has(ws)) fail(`worker ${address} lists ${ts.key}, which does not name it as a holder`);
+      }
+    }
+    for (const state of KEYS_OF_STATES) {
+      if ((byState[state] ?? 0) !== this.#byState[state]) {
+        fail(`${this.#byState[state]} tasks counted ${state}, ${byState[state] ?? 0} found`);
+      }
+    }
+    if (byPrefix.size !== this.#byPrefix.size) {
+      fail(`${this.#byPrefix.size} prefixes counted, ${byPrefix.size} found`);
+    }
+    for (const [prefix, p] of byPrefix) {
+      const kept = this.#byPrefix.get(prefix) ?? {};
+      for (const state of KEYS_OF_STATES) {
+        if ((p[state] ?? 0) !== (kept[state] ?? 0)) {
+          fail(`${kept[state] ?? 0} tasks of ${prefix} counted ${state}, ${p[state] ?? 0} found`);
+        }
+      }
+    }
+  }
+
+  /** Gives the scheduler the time (ms) for the story of the moves that follow. */
+  at(now: number): void {
+    this.#now = now;
   }
 
   /** Tasks waiting on the scheduler for a free worker. */
@@ -900,6 +1049,49 @@ export class SchedulerTasks {
   }
 
   // ---- transitions ----
+
+  /** The one place a task's state changes: the move must be in `TASK_TRANSITIONS`. */
+  #to(ts: TaskState, to: TaskStateName, reason: string): void {
+    const from = ts.state;
+    if (from === to) return;
+    if (!TASK_TRANSITIONS[from].includes(to)) {
+      throw new Error(
+        `internal: task ${JSON.stringify(ts.key)} cannot move from ${from} to ${to} (${reason})`,
+      );
+    }
+    ts.state = to;
+    this.#tally(ts.prefix, from, -1);
+    if (to !== "forgotten") this.#tally(ts.prefix, to, 1);
+    if (this.#story.length < SCHEDULER_STORY_MAX) {
+      this.#story.push({ time: this.#now, key: ts.key, from, to, reason });
+    } else {
+      // The oldest entry is written over in place: a full ring allocates nothing.
+      const e = this.#story[this.#storyNext];
+      e.time = this.#now;
+      e.key = ts.key;
+      e.from = from;
+      e.to = to;
+      e.reason = reason;
+      this.#storyNext = (this.#storyNext + 1) % SCHEDULER_STORY_MAX;
+    }
+  }
+
+  #tally(prefix: string, state: TaskStateName, n: 1 | -1): void {
+    this.#byState[state] += n;
+    let p = this.#byPrefix.get(prefix);
+    if (p === undefined) this.#byPrefix.set(prefix, p = {});
+    const left = (p[state] ?? 0) + n;
+    if (left === 0) {
+      delete p[state];
+      // A prefix with no task left goes (keys are all kinds; the map must not keep them all).
+      let empty = true;
+      for (const _ in p) {
+        empty = false;
+        break;
+      }
+      if (empty) this.#byPrefix.delete(prefix);
+    } else p[state] = left;
+  }
 
   #count(prefix: string, what: "done" | "erred"): void {
     let c = this.#finished.get(prefix);
@@ -930,6 +1122,7 @@ export class SchedulerTasks {
       suspicious: 0,
     };
     this.tasks.set(key, ts);
+    this.#tally(ts.prefix, "released", 1);
     return ts;
   }
 
@@ -955,7 +1148,7 @@ export class SchedulerTasks {
         }, ts.key);
         continue;
       }
-      ts.state = "waiting";
+      this.#to(ts, "waiting", "wanted");
       ts.waitingOn.clear();
       const wanted: TaskState[] = [];
       let failed = false;
@@ -994,7 +1187,7 @@ export class SchedulerTasks {
     }
     const ws = this.#pickWorker(ts);
     if (ws === null) {
-      ts.state = "queued";
+      this.#to(ts, "queued", "no worker free");
       if (ts.restrictions) {
         this.#restricted.add(ts);
         this.#restrictedToCheck.add(ts);
@@ -1008,7 +1201,7 @@ export class SchedulerTasks {
   }
 
   #send(ts: TaskState, ws: WorkerState): void {
-    ts.state = "processing";
+    this.#to(ts, "processing", `sent to ${ws.address}`);
     ts.processingOn = ws;
     ws.processing.add(ts);
     const run = ts.run!;
@@ -1086,7 +1279,7 @@ export class SchedulerTasks {
   }
 
   #toMemory(ts: TaskState): void {
-    ts.state = "memory";
+    this.#to(ts, "memory", "in memory");
     ts.error = null;
     for (const client of ts.whoWants) this.#tellDone(ts, client);
     for (const dependent of ts.dependents) {
@@ -1125,7 +1318,7 @@ export class SchedulerTasks {
       const t = stack.pop()!;
       if (t.state === "erred" && t !== ts) continue;
       this.#unqueue(t);
-      t.state = "erred";
+      this.#to(t, "erred", `erred on ${origin}`);
       t.error = error;
       t.erredOn = origin;
       this.#count(t.prefix, "erred");
@@ -1146,7 +1339,7 @@ export class SchedulerTasks {
       this.#forget(ts);
       return;
     }
-    ts.state = "released";
+    this.#to(ts, "released", "lost its last copy");
     if (ts.run === null) {
       for (const client of ts.whoWants) {
         this.#out.push({ to: "client", client, op: "key_lost", args: { key: ts.key, reason } });
@@ -1160,7 +1353,7 @@ export class SchedulerTasks {
     for (const dependent of ts.dependents) {
       if (dependent.state === "queued" || dependent.state === "processing") {
         this.#unqueue(dependent);
-        dependent.state = "waiting";
+        this.#to(dependent, "waiting", "an input was lost");
       }
       if (dependent.state === "waiting") dependent.waitingOn = withItem(dependent.waitingOn, ts);
     }
@@ -1194,10 +1387,10 @@ export class SchedulerTasks {
       if (ts.whoWants.size > 0 || ts.waiters.size > 0 || ts.external || this.#unclaimed.has(ts)) continue;
       if (ts.state === "memory") {
         this.#free(ts);
-        ts.state = "released";
+        this.#to(ts, "released", "nobody wants it");
       } else if (ts.state === "waiting" || ts.state === "queued" || ts.state === "processing") {
         this.#unqueue(ts);
-        ts.state = "released";
+        this.#to(ts, "released", "nobody wants it");
         for (const dep of ts.dependencies) if (dep.waiters.delete(ts)) stack.push(dep);
       }
       if (this.#canForget(ts)) { for (const dep of this.#forgetOne(ts, false)) stack.push(dep); }
@@ -1242,7 +1435,7 @@ export class SchedulerTasks {
   #forgetOne(ts: TaskState, replaced: boolean): TaskState[] {
     this.#unqueue(ts);
     if (ts.whoHas.size > 0) this.#free(ts);
-    ts.state = "forgotten";
+    this.#to(ts, "forgotten", "forgotten");
     this.#unclaimed.delete(ts);
     this.#awaited.delete(ts);
     this.#unrunnableSince.delete(ts);

@@ -279,7 +279,7 @@ Deno.test("cli: --help of each command lists every flag with its default", async
       "log-format": "text",
       help: null,
     },
-    info: { json: null, "auth-token": null, "auth-token-file": null, help: null },
+    info: { json: null, story: null, "auth-token": null, "auth-token-file": null, help: null },
   };
   for (const [command, flags] of Object.entries(expected)) {
     const { code, stdout, stderr } = await dist(command, "--help");

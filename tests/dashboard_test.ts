@@ -894,6 +894,43 @@ Deno.test("cli: dist info lists the workers and tasks by state; --json parses", 
   assert.equal(info.progress.inc.memory, 6);
 });
 
+Deno.test("cli: dist info ADDRESS --story KEY tells a key's moves on the scheduler and on a worker", async () => {
+  await using nodes = new Processes();
+  const scheduler = await nodes.spawn("scheduler", "--port", "0", "--no-dashboard");
+  const worker = await nodes.spawn("worker", scheduler.address, "--name", "w1", "--nthreads", "1");
+  await using client = await Client.connect(scheduler.address);
+  const future = client.submit(inc, 41);
+  assert.equal(await future.result(), 42);
+
+  const onScheduler = await dist("info", scheduler.address, "--story", future.key);
+  assert.equal(onScheduler.code, 0, onScheduler.stderr);
+  const lines = onScheduler.stdout.trimEnd().split("\n");
+  assert.equal(lines[0], `${future.key} on scheduler ${scheduler.address}: memory`);
+  const moves = lines.slice(1).map((l) =>
+    l.match(/^ {2}\S+Z {2}(\w+) -> (\w+) {2}\((.*)\)$/)?.slice(1, 3).join(">")
+  );
+  assert.deepEqual(
+    moves,
+    ["released>waiting", "waiting>processing", "processing>memory"],
+    onScheduler.stdout,
+  );
+  assert.match(lines[2], new RegExp(`sent to ${worker.address.replace(/[.:/]/g, "\\$&")}`));
+
+  const onWorker = await dist("info", worker.address, "--story", future.key, "--json");
+  assert.equal(onWorker.code, 0, onWorker.stderr);
+  const story = JSON.parse(onWorker.stdout);
+  assert.equal(story.node, "worker");
+  assert.equal(story.state, "memory");
+  assert.deepEqual(story.story.map((e: { to: string }) => e.to), ["ready", "executing", "memory"]);
+
+  const unknown = await dist("info", scheduler.address, "--story", "nobody-knows");
+  assert.equal(unknown.code, 0, unknown.stderr);
+  assert.match(unknown.stdout, /^nobody-knows on scheduler .*: released\n {2}no moves remembered/);
+  const empty = await dist("info", scheduler.address, "--story=");
+  assert.equal(empty.code, 2);
+  assert.match(empty.stderr, /--story needs a key/);
+});
+
 /** Every line of `lines` is one JSON log object from `node`. */
 function assertJsonLogs(lines: string[], node: RegExp): Snapshot[] {
   assert.ok(lines.length > 0, "no log lines");

@@ -38,11 +38,34 @@ function t(key: string, deps: string[] = [], extra: Partial<TaskSpec> = {}): Tas
   return { key, run: { function: IDENTITY, args: [] }, deps, ...extra };
 }
 
+/** Past this many tasks, `checked` validates every VALIDATE_EVERY calls only (validate is O(tasks)). */
+const VALIDATE_TASKS_MAX = 2_000;
+const VALIDATE_EVERY = 1_000;
+
+/**
+ * `s` with `validate()` run after every call of a method (every VALIDATE_EVERY-th once it
+ * holds many tasks), so a test's every event is checked against the invariants.
+ */
+function checked(s: SchedulerTasks): SchedulerTasks {
+  let calls = 0;
+  return new Proxy(s, {
+    get(target, name) {
+      const v = Reflect.get(target, name, target);
+      if (typeof v !== "function" || name === "validate" || name === "constructor") return v;
+      return (...args: unknown[]) => {
+        const out = v.apply(target, args);
+        if (target.tasks.size <= VALIDATE_TASKS_MAX || ++calls % VALIDATE_EVERY === 0) target.validate();
+        return out;
+      };
+    },
+  });
+}
+
 /** A state with workers of one thread each (or as given), and nothing to send yet. */
 function cluster(
   ...workers: (string | { address: string; name?: string; nthreads?: number })[]
 ): SchedulerTasks {
-  const s = new SchedulerTasks();
+  const s = checked(new SchedulerTasks());
   for (const w of workers) s.addWorker(typeof w === "string" ? { address: w } : w);
   assert.deepEqual(s.drain(), []);
   return s;
