@@ -13,7 +13,8 @@
 
 import assert from "node:assert/strict";
 import { isDeepStrictEqual } from "node:util";
-import { Client, RemoteError, rpc, startScheduler, startWorker } from "../mod.ts";
+import { Client, RemoteError, rpc } from "../mod.ts";
+import { startScheduler, startWorker } from "../node.ts";
 import {
   connectionCategory,
   formatFailures,

@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
-import { rpc, type SchedulerOps, startScheduler, startWorker, type WorkerOps } from "../mod.ts";
+import { rpc, type SchedulerOps, type WorkerOps } from "../mod.ts";
+import { startScheduler, startWorker } from "../node.ts";
 import { SchedulerTasks } from "../scheduler/tasks.ts";
 import { eventually, startCluster, testLogger } from "./_helpers.ts";
 

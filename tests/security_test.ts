@@ -13,12 +13,11 @@ import {
   type Future,
   type Logger,
   rpc,
-  startScheduler,
-  startWorker,
   type TaskError,
   taskOptions,
   type WorkerOps,
 } from "../mod.ts";
+import { startScheduler, startWorker } from "../node.ts";
 import { parseAddress } from "../protocol/address.ts";
 import { Decoder, Encoder } from "../protocol/codec.ts";
 import { frameHeader, MessageReader } from "../protocol/framing.ts";

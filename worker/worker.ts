@@ -174,7 +174,7 @@ export interface WorkerNode {
  *
  * @example
  * ```ts
- * import { startScheduler, startWorker } from "@dist/dist";
+ * import { startScheduler, startWorker } from "@dist/dist/node";
  * const scheduler = await startScheduler({ port: 0 });
  * const worker = await startWorker({ scheduler: scheduler.address, name: "alice" });
  * await worker.close();
