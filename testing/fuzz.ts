@@ -522,7 +522,7 @@ const BIGINTS = [
 ];
 const ALL_OPS = [...new Set([...Object.keys(workerOps), ...Object.keys(schedulerOps)])];
 const FIELD_NAMES = (
-  "keys data report key function args source module name fnId who_has address nthreads nbytes replicas " +
+  "keys data report key function args source module name fn_id who_has address nthreads nbytes replicas " +
   "workers msg op id reply result error functions tasks wanted fn deps priority retries duration killed " +
   "missing metrics close message stack"
 ).split(" ");
@@ -863,7 +863,7 @@ const WORKER_TEMPLATES: Record<string, Template> = {
   }),
   compute_task: (g) => ({
     key: key(g),
-    fnId: g.rng.int(6),
+    fn_id: g.rng.int(6),
     function: maybe(g, () => functionSpec(g)),
     args: Array.from(
       { length: g.rng.int(3) },
@@ -1537,7 +1537,7 @@ async function openRaw(conn: Conn, authToken: string | undefined): Promise<Hello
   if (hello.auth !== null && hello.auth !== undefined) {
     return `the node asks for an auth token (${String(hello.auth)}): set DIST_AUTH_TOKEN or pass authToken`;
   }
-  const limit = hello.frameBytesMax;
+  const limit = hello.frame_bytes_max;
   return { reader, frameBytesMax: typeof limit === "number" ? limit : undefined };
 }
 
@@ -2477,7 +2477,7 @@ export async function fuzz(options: FuzzOptions): Promise<FuzzReport> {
     try {
       const hello = await withDeadline(openRaw(conn, state.authToken), CHECK_TIMEOUT_MS, "the hello");
       if (typeof hello === "string") throw new Error(`Cannot fuzz ${describeTarget(target)}: ${hello}`);
-      if (hello.frameBytesMax !== undefined) state.limits.set(target, hello.frameBytesMax);
+      if (hello.frame_bytes_max !== undefined) state.limits.set(target, hello.frame_bytes_max);
     } finally {
       conn.close();
     }

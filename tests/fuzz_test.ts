@@ -203,7 +203,7 @@ Deno.test("fuzz finding (seed 1, input #566): a compute_task from another connec
     await assert.rejects(
       stranger.call("compute_task", {
         key: "fz-zngxpm",
-        fnId: 1,
+        fn_id: 1,
         function: { source: "async (x) => x" },
         args: [],
         who_has: {},
