@@ -40,7 +40,7 @@ import { BIGINT_BYTES_MAX, Decoder, Encoder } from "../protocol/codec.ts";
 import { HTTP_BODY_BYTES_MAX } from "../util/http.ts";
 import { deadline } from "../util/time.ts";
 import { FRAME_BYTES_MAX, frameHeader, MESSAGE_FRAMES_MAX, MessageReader } from "../protocol/framing.ts";
-import { clientHandshake, tokenFromEnv } from "../protocol/handshake.ts";
+import { clientHandshake, PROTOCOL_VERSION, tokenFromEnv } from "../protocol/handshake.ts";
 import { schedulerOps, workerOps } from "../protocol/ops.ts";
 import { type Conn, connect } from "../protocol/transport.ts";
 import { Rng } from "./rng.ts";
@@ -1531,8 +1531,8 @@ async function openRaw(conn: Conn, authToken: string | undefined): Promise<Hello
   const frames = await reader.next();
   if (frames === null) return "the node closed the connection before its hello";
   const hello = new Decoder().decode(frames[0], frames.slice(1)) as Record<string, unknown> | null;
-  if (typeof hello !== "object" || hello === null || hello.dist !== 1) {
-    return `the node's hello is not {dist: 1, ...}: ${Deno.inspect(hello).slice(0, 200)}`;
+  if (typeof hello !== "object" || hello === null || hello.dist !== PROTOCOL_VERSION) {
+    return `the node's hello is not {dist: ${PROTOCOL_VERSION}, ...}: ${Deno.inspect(hello).slice(0, 200)}`;
   }
   if (hello.auth !== null && hello.auth !== undefined) {
     return `the node asks for an auth token (${String(hello.auth)}): set DIST_AUTH_TOKEN or pass authToken`;
@@ -2477,7 +2477,7 @@ export async function fuzz(options: FuzzOptions): Promise<FuzzReport> {
     try {
       const hello = await withDeadline(openRaw(conn, state.authToken), CHECK_TIMEOUT_MS, "the hello");
       if (typeof hello === "string") throw new Error(`Cannot fuzz ${describeTarget(target)}: ${hello}`);
-      if (hello.frame_bytes_max !== undefined) state.limits.set(target, hello.frame_bytes_max);
+      if (hello.frameBytesMax !== undefined) state.limits.set(target, hello.frameBytesMax);
     } finally {
       conn.close();
     }
