@@ -4,8 +4,8 @@
  * know it with HMAC-SHA256 over fresh random nonces, so the secret never crosses the
  * wire and neither side can be impersonated by replaying an old exchange.
  *
- *     server -> { dist: 1, auth: null }                                  no secret set
- *     server -> { dist: 1, auth: "hmac-sha256", nonce: S }
+ *     server -> { dist: 2, auth: null, frame_bytes_max }                    no secret set
+ *     server -> { dist: 2, auth: "hmac-sha256", nonce: S, frame_bytes_max }
  *     client -> { proof: HMAC(k, "client" S C), nonce: C }
  *     server -> { ok: true, proof: HMAC(k, "server" C S) }   or  { ok: false, error }
  *
