@@ -255,7 +255,7 @@ Deno.test("auth: a raw connection that sends garbage or an op instead of the pro
     try {
       const hello = await peer.next();
       assert.ok(hello !== "closed", `${what}: no hello`);
-      assert.equal(hello.dist, 1);
+      assert.equal(hello.dist, PROTOCOL_VERSION);
       assert.equal(hello.auth, "hmac-sha256");
       assert.ok(hello.nonce instanceof Uint8Array && hello.nonce.length === 32, `${what}: bad nonce`);
       await peer.write(bytes);
