@@ -1,21 +1,17 @@
 /**
  * dist: a distributed computing runtime for TypeScript on Deno. One scheduler keeps
  * the metadata; workers hold data in memory, compute on it, and move it peer to peer.
+ * This is the client: `Client` with futures and graphs, and `rpc(address)` for the
+ * nodes' own operations. It loads no scheduler or worker code; `@dist/dist/node` starts
+ * nodes in this process, and `Client.local` starts a cluster on this machine.
  *
  * ```ts
- * import { rpc, startScheduler, startWorker } from "@dist/dist";
+ * import { Client } from "@dist/dist";
  *
- * await using scheduler = await startScheduler({ port: 0 });
- * await using alice = await startWorker({ scheduler: scheduler.address, name: "alice" });
- * await using bob = await startWorker({ scheduler: scheduler.address, name: "bob" });
- *
- * await using a = rpc(alice.address);
- * await using b = rpc(bob.address);
- * await a.update_data({ data: { x: 1 } });
- * await b.update_data({ data: { a: 2 } });
- * // Alice asks the scheduler who has `a`, fetches it from Bob, computes z, keeps it.
- * await a.compute({ key: "z", function: (x: number, y: number) => x + y, keys: ["x", "a"] });
- * console.log(await a.get_data({ keys: ["z"] })); // { z: 3 }
+ * await using client = await Client.local({ workers: 2, processes: false });
+ * const squares = client.map((x: number) => x * x, [1, 2, 3]);
+ * const total = client.submit((xs: number[]) => xs.reduce((a, b) => a + b, 0), squares);
+ * console.log(await total.result()); // 14
  * ```
  *
  * @module
@@ -77,7 +73,6 @@ export type { Schema } from "./protocol/_validate.ts";
 export { AuthenticationError, type SecurityOptions } from "./protocol/handshake.ts";
 export type { TlsOptions } from "./protocol/transport.ts";
 export { createLogger, type LogFormat, type Logger, type LogLevel } from "./util/log.ts";
-export { DataStore } from "./worker/store.ts";
 export type { Sendable } from "./protocol/functions.ts";
 export {
   type CallArgs,
@@ -89,11 +84,7 @@ export {
   type RpcMethod,
   type RpcOptions,
 } from "./protocol/rpc.ts";
-export {
-  SCHEDULER_PORT,
-  type SchedulerNode,
-  type SchedulerOptions,
-  startScheduler,
-} from "./scheduler/scheduler.ts";
-export { startWorker, type WorkerNode, type WorkerOptions } from "./worker/worker.ts";
+export { SCHEDULER_PORT } from "./util/defaults.ts";
+export type { SchedulerNode, SchedulerOptions } from "./scheduler/scheduler.ts";
+export type { WorkerNode, WorkerOptions } from "./worker/worker.ts";
 export type { Isolation } from "./worker/executors.ts";

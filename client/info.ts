@@ -76,7 +76,7 @@ export function formatInfo(info: ClusterInfo): string {
       bytes(w.nbytes),
       String(w.processing),
       `${Math.round((w.metrics.cpu ?? 0) * 100)} %`,
-      `${w.lastSeen.toFixed(1)} s ago`,
+      `${w.last_seen.toFixed(1)} s ago`,
     ]);
   }
   lines.push(info.workers.length ? table(workers) : "No workers.", "");

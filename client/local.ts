@@ -7,8 +7,9 @@
 
 import { createLogger, type LogFormat, type LogLevel } from "../util/log.ts";
 import { type NodeProcess, spawnNode } from "./spawn.ts";
-import { DASHBOARD_PORT, type SchedulerNode, startScheduler } from "../scheduler/scheduler.ts";
-import { startWorker, type WorkerNode } from "../worker/worker.ts";
+import type { SchedulerNode } from "../scheduler/scheduler.ts";
+import type { WorkerNode } from "../worker/worker.ts";
+import { DASHBOARD_PORT } from "../util/defaults.ts";
 import { tokenFromEnv } from "../protocol/handshake.ts";
 import { memoryLimit as memoryLimitOf } from "../util/memory.ts";
 
@@ -113,6 +114,9 @@ export class LocalCluster implements AsyncDisposable {
       );
     }
     const authToken = options.authToken ?? tokenFromEnv();
+    // Loaded here, not at the top: a program that imports the client loads no node code.
+    const { startScheduler } = await import("../scheduler/scheduler.ts");
+    const { startWorker } = await import("../worker/worker.ts");
     const scheduler = await startScheduler({
       host,
       authToken,

@@ -4,8 +4,8 @@
  * know it with HMAC-SHA256 over fresh random nonces, so the secret never crosses the
  * wire and neither side can be impersonated by replaying an old exchange.
  *
- *     server -> { dist: 1, auth: null }                                  no secret set
- *     server -> { dist: 1, auth: "hmac-sha256", nonce: S }
+ *     server -> { dist: 2, auth: null, frame_bytes_max }                    no secret set
+ *     server -> { dist: 2, auth: "hmac-sha256", nonce: S, frame_bytes_max }
  *     client -> { proof: HMAC(k, "client" S C), nonce: C }
  *     server -> { ok: true, proof: HMAC(k, "server" C S) }   or  { ok: false, error }
  *
@@ -21,7 +21,7 @@ import { type Conn, connect, type TlsOptions } from "./transport.ts";
 import { equalBytes, hmacSha256 } from "../util/sha256.ts";
 
 /** The protocol version a server announces. */
-export const PROTOCOL_VERSION = 1;
+export const PROTOCOL_VERSION = 2;
 /** Largest handshake message: a stranger gets this much of the node's attention, no more. */
 export const HANDSHAKE_BYTES_MAX = 4096;
 /** Default time a peer has to complete the handshake. */
@@ -130,11 +130,11 @@ export function serverHandshake(
   const run = async () => {
     const limit = security.frameBytesMax ?? FRAME_BYTES_MAX;
     if (!token) {
-      await send(conn, { dist: PROTOCOL_VERSION, auth: null, frameBytesMax: limit });
+      await send(conn, { dist: PROTOCOL_VERSION, auth: null, frame_bytes_max: limit });
       return reader;
     }
     const nonce = crypto.getRandomValues(new Uint8Array(NONCE_BYTES));
-    await send(conn, { dist: PROTOCOL_VERSION, auth: "hmac-sha256", nonce, frameBytesMax: limit });
+    await send(conn, { dist: PROTOCOL_VERSION, auth: "hmac-sha256", nonce, frame_bytes_max: limit });
     let reason: string;
     try {
       const reply = await receive(reader, "the client's proof");
@@ -188,10 +188,14 @@ export function clientHandshake(conn: Conn, security: SecurityOptions = {}): Pro
     const hello = await receive(reader, "the server's hello");
     if (hello.dist !== PROTOCOL_VERSION) {
       throw new ProtocolError(
-        `${conn.remoteAddress} speaks protocol ${String(hello.dist)}, not ${PROTOCOL_VERSION}`,
+        `${conn.remoteAddress} speaks protocol ${
+          String(hello.dist)
+        }, not ${PROTOCOL_VERSION}: every node and ` +
+          `client of a cluster must run the same dist protocol (see PROTOCOL.md, "Evolving the protocol"); ` +
+          `upgrade the older side`,
       );
     }
-    const peerLimit = typeof hello.frameBytesMax === "number" ? hello.frameBytesMax : undefined;
+    const peerLimit = typeof hello.frame_bytes_max === "number" ? hello.frame_bytes_max : undefined;
     if (hello.auth === null || hello.auth === undefined) {
       // Holding a token and meeting a node that asks for none: a stripped challenge, or a
       // node outside the cluster. Either way, nothing goes to it.

@@ -87,7 +87,7 @@ export interface WorkerInfo {
   /** Tasks sent to it and not finished. */
   processing: number;
   /** Seconds since it was last heard from. */
-  lastSeen: number;
+  last_seen: number;
   /** Its latest heartbeat's figures (executing, queued, cpu, rss, bytes_in, bytes_out, ...). */
   metrics: Record<string, number>;
 }
@@ -195,7 +195,7 @@ export const workerOps = {
   compute_task: op<void>()(
     v.object({
       key: v.key,
-      fnId: v.count,
+      fn_id: v.count,
       function: v.optional(functionSpec),
       args: v.arrayOf(v.unknown),
       who_has: byKey(v.arrayOf(address)),

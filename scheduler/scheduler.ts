@@ -119,7 +119,7 @@ interface Registration {
  *
  * @example
  * ```ts
- * import { startScheduler } from "@dist/dist";
+ * import { startScheduler } from "@dist/dist/node";
  * const scheduler = await startScheduler({ port: 0 });
  * console.log(scheduler.address); // tcp://127.0.0.1:PORT
  * await scheduler.close();

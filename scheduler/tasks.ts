@@ -911,7 +911,7 @@ export class SchedulerTasks {
       nkeys: w.hasWhat.size,
       nbytes: w.nbytes,
       processing: w.processing.size,
-      lastSeen: Math.max(0, now - w.lastSeen) / 1000,
+      last_seen: Math.max(0, now - w.lastSeen) / 1000,
       metrics: w.metrics,
     }));
   }
@@ -1212,7 +1212,7 @@ export class SchedulerTasks {
       nbytes[dep.key] = dep.nbytes;
     }
     const fnId = this.functionId(run.function);
-    const args: ComputeTaskArgs = { key: ts.key, fnId, args: run.args, who_has: whoHas };
+    const args: ComputeTaskArgs = { key: ts.key, fn_id: fnId, args: run.args, who_has: whoHas };
     if (ts.dependencies.size > 0) args.nbytes = nbytes;
     if (ws.knownFunctions.get(fnId) === undefined) {
       ws.knownFunctions.set(fnId, true);

@@ -40,7 +40,7 @@ import { BIGINT_BYTES_MAX, Decoder, Encoder } from "../protocol/codec.ts";
 import { HTTP_BODY_BYTES_MAX } from "../util/http.ts";
 import { deadline } from "../util/time.ts";
 import { FRAME_BYTES_MAX, frameHeader, MESSAGE_FRAMES_MAX, MessageReader } from "../protocol/framing.ts";
-import { clientHandshake, tokenFromEnv } from "../protocol/handshake.ts";
+import { clientHandshake, PROTOCOL_VERSION, tokenFromEnv } from "../protocol/handshake.ts";
 import { schedulerOps, workerOps } from "../protocol/ops.ts";
 import { type Conn, connect } from "../protocol/transport.ts";
 import { Rng } from "./rng.ts";
@@ -522,7 +522,7 @@ const BIGINTS = [
 ];
 const ALL_OPS = [...new Set([...Object.keys(workerOps), ...Object.keys(schedulerOps)])];
 const FIELD_NAMES = (
-  "keys data report key function args source module name fnId who_has address nthreads nbytes replicas " +
+  "keys data report key function args source module name fn_id who_has address nthreads nbytes replicas " +
   "workers msg op id reply result error functions tasks wanted fn deps priority retries duration killed " +
   "missing metrics close message stack"
 ).split(" ");
@@ -863,7 +863,7 @@ const WORKER_TEMPLATES: Record<string, Template> = {
   }),
   compute_task: (g) => ({
     key: key(g),
-    fnId: g.rng.int(6),
+    fn_id: g.rng.int(6),
     function: maybe(g, () => functionSpec(g)),
     args: Array.from(
       { length: g.rng.int(3) },
@@ -1531,13 +1531,13 @@ async function openRaw(conn: Conn, authToken: string | undefined): Promise<Hello
   const frames = await reader.next();
   if (frames === null) return "the node closed the connection before its hello";
   const hello = new Decoder().decode(frames[0], frames.slice(1)) as Record<string, unknown> | null;
-  if (typeof hello !== "object" || hello === null || hello.dist !== 1) {
-    return `the node's hello is not {dist: 1, ...}: ${Deno.inspect(hello).slice(0, 200)}`;
+  if (typeof hello !== "object" || hello === null || hello.dist !== PROTOCOL_VERSION) {
+    return `the node's hello is not {dist: ${PROTOCOL_VERSION}, ...}: ${Deno.inspect(hello).slice(0, 200)}`;
   }
   if (hello.auth !== null && hello.auth !== undefined) {
     return `the node asks for an auth token (${String(hello.auth)}): set DIST_AUTH_TOKEN or pass authToken`;
   }
-  const limit = hello.frameBytesMax;
+  const limit = hello.frame_bytes_max;
   return { reader, frameBytesMax: typeof limit === "number" ? limit : undefined };
 }
 

@@ -9,13 +9,8 @@
 
 import { createLogger, type Logger, type LogLevel } from "../util/log.ts";
 import { deadline } from "../util/time.ts";
-import {
-  type SchedulerNode,
-  startScheduler,
-  startWorker,
-  type WorkerNode,
-  type WorkerOptions,
-} from "../mod.ts";
+import { type SchedulerNode, type WorkerNode, type WorkerOptions } from "../mod.ts";
+import { startScheduler, startWorker } from "../node.ts";
 
 /** Test logs are silent unless DIST_TEST_LOG names a level. */
 export function testLogger(name: string): Logger {

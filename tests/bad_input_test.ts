@@ -4,6 +4,7 @@ import { BIGINT_BYTES_MAX, Decoder, Encoder, EXT_BIGINT } from "../protocol/code
 import { frameHeader, MessageReader } from "../protocol/framing.ts";
 import { schedulerOps, workerOps } from "../protocol/ops.ts";
 import { connect } from "../protocol/transport.ts";
+import { PROTOCOL_VERSION } from "../protocol/handshake.ts";
 import { parseAddress } from "../protocol/address.ts";
 import { spawnNode } from "../client/spawn.ts";
 import { eventually, startCluster } from "./_helpers.ts";
@@ -18,7 +19,11 @@ async function raw(address: string) {
   // The node speaks first: its hello (no auth token is set in these tests).
   const hello = await reader.next();
   const greeting = decoder.decode(hello![0]) as Record<string, unknown>;
-  assert.deepEqual([greeting.dist, greeting.auth, typeof greeting.frameBytesMax], [1, null, "number"]);
+  assert.deepEqual([greeting.dist, greeting.auth, typeof greeting.frame_bytes_max], [
+    PROTOCOL_VERSION,
+    null,
+    "number",
+  ]);
   return {
     async send(bytes: Uint8Array) {
       let done = 0;
@@ -110,8 +115,37 @@ Deno.test("bad envelopes get an error reply when they carry an id, and the conne
       (r3?.error as { message: string }).message,
       /Unknown op "no_such_op": a worker serves cancel_task, compute, compute_task/,
     );
+    // An op from a newer peer is refused by name, and the connection goes on.
+    await c.sendMessage({ op: "ping", id: 4 });
+    assert.deepEqual(await c.reply(), { reply: 4, result: "pong" });
   } finally {
     c.close();
+  }
+});
+
+Deno.test("a node of another protocol version is refused at the handshake, saying both versions and what to do", async () => {
+  // A hand-made node that greets as protocol 1 would, before fields were renamed.
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const served = (async () => {
+    const conn = await listener.accept();
+    const { head } = encoder.encode({ dist: 1, auth: null, frameBytesMax: 1024 });
+    await conn.write(new Uint8Array([...frameHeader([head]), ...head]));
+    // The client hangs up on it: read until it does.
+    const buf = new Uint8Array(64);
+    while ((await conn.read(buf).catch(() => null)) !== null) { /* until closed */ }
+    conn.close();
+  })();
+  try {
+    await using old = rpc<WorkerOps>(`tcp://127.0.0.1:${(listener.addr as Deno.NetAddr).port}`);
+    await assert.rejects(
+      old.ping({}),
+      new RegExp(
+        `speaks protocol 1, not ${PROTOCOL_VERSION}: every node and client of a cluster must run the same dist protocol`,
+      ),
+    );
+  } finally {
+    await served;
+    listener.close();
   }
 });
 
@@ -273,7 +307,7 @@ Deno.test("a huge bigint on the wire is refused at once; the nodes keep answerin
     // The worker is still registered and heard from: its heartbeats kept arriving.
     const [info] = await center.workers();
     assert.equal(info?.name, "alice", log());
-    assert.ok(info.lastSeen < 3, `last heard ${info.lastSeen} s ago`);
+    assert.ok(info.last_seen < 3, `last heard ${info.last_seen} s ago`);
   } finally {
     await worker.stop();
     await scheduler.stop();

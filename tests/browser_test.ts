@@ -12,15 +12,8 @@
  */
 
 import assert from "node:assert/strict";
-import {
-  Client,
-  type Future,
-  startScheduler,
-  startWorker,
-  taskOptions,
-  wait,
-  type WorkerNode,
-} from "../mod.ts";
+import { Client, type Future, taskOptions, wait, type WorkerNode } from "../mod.ts";
+import { startScheduler, startWorker } from "../node.ts";
 import { testLogger } from "./_helpers.ts";
 
 const CHROMIUM = "/usr/bin/chromium";

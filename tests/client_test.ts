@@ -9,13 +9,12 @@ import {
   ref,
   rpc,
   type SchedulerOps,
-  startScheduler,
-  startWorker,
   type TaskError,
   taskOptions,
   wait,
   type WorkerOps,
 } from "../mod.ts";
+import { startScheduler, startWorker } from "../node.ts";
 import { spawnNode } from "../client/spawn.ts";
 import { BIGINT_BYTES_MAX } from "../protocol/codec.ts";
 import { eventually, metricAt, startCluster, testLogger } from "./_helpers.ts";

@@ -15,13 +15,12 @@ import {
   progress,
   rpc,
   type SchedulerNode,
-  startScheduler,
-  startWorker,
   taskOptions,
   wait,
   type WorkerNode,
   type WorkerOps,
 } from "../mod.ts";
+import { startScheduler, startWorker } from "../node.ts";
 import { prometheus } from "../util/http.ts";
 import { LOG_LEVELS } from "../util/log.ts";
 import { NODE_PERMISSIONS, type NodeProcess, spawnNode } from "../client/spawn.ts";

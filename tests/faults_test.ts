@@ -1,14 +1,6 @@
 import assert from "node:assert/strict";
-import {
-  Client,
-  NoWorkersError,
-  rpc,
-  type SchedulerOps,
-  startScheduler,
-  startWorker,
-  taskOptions,
-  type WorkerOps,
-} from "../mod.ts";
+import { Client, NoWorkersError, rpc, type SchedulerOps, taskOptions, type WorkerOps } from "../mod.ts";
+import { startScheduler, startWorker } from "../node.ts";
 import { type NodeProcess, spawnNode } from "../client/spawn.ts";
 import { eventually, metricAt, startCluster, testLogger } from "./_helpers.ts";
 

@@ -13,7 +13,8 @@
 
 import assert from "node:assert/strict";
 import { isDeepStrictEqual } from "node:util";
-import { Client, RemoteError, rpc, startScheduler, startWorker } from "../mod.ts";
+import { Client, RemoteError, rpc } from "../mod.ts";
+import { startScheduler, startWorker } from "../node.ts";
 import {
   connectionCategory,
   formatFailures,
@@ -202,7 +203,7 @@ Deno.test("fuzz finding (seed 1, input #566): a compute_task from another connec
     await assert.rejects(
       stranger.call("compute_task", {
         key: "fz-zngxpm",
-        fnId: 1,
+        fn_id: 1,
         function: { source: "async (x) => x" },
         args: [],
         who_has: {},

@@ -8,7 +8,8 @@
  */
 
 import assert from "node:assert/strict";
-import { Client, rpc, type SchedulerOps, startScheduler, startWorker, type WorkerOps } from "../mod.ts";
+import { Client, rpc, type SchedulerOps, type WorkerOps } from "../mod.ts";
+import { startScheduler, startWorker } from "../node.ts";
 import { Encoder } from "../protocol/codec.ts";
 import type { Comm } from "../protocol/comm.ts";
 import { frameHeader } from "../protocol/framing.ts";

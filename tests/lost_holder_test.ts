@@ -6,7 +6,8 @@
  */
 
 import assert from "node:assert/strict";
-import { Client, rpc, type SchedulerOps, startScheduler } from "../mod.ts";
+import { Client, rpc, type SchedulerOps } from "../mod.ts";
+import { startScheduler } from "../node.ts";
 import { type NodeProcess, spawnNode } from "../client/spawn.ts";
 import { eventually, testLogger } from "./_helpers.ts";
 

@@ -7,7 +7,8 @@
  */
 
 import assert from "node:assert/strict";
-import { Client, rpc, type SchedulerOps, startScheduler, type WorkerOps } from "../mod.ts";
+import { Client, rpc, type SchedulerOps, type WorkerOps } from "../mod.ts";
+import { startScheduler } from "../node.ts";
 import { spawnNode } from "../client/spawn.ts";
 import { eventually, testLogger } from "./_helpers.ts";
 

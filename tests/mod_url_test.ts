@@ -12,11 +12,12 @@ const MOD = new URL("mod.ts", ROOT);
 /** How long the script may run before it is killed. */
 const SCRIPT_TIMEOUT_MS = 20_000;
 
-Deno.test("mod.ts works imported by URL with no deno.json in effect", async () => {
+Deno.test("mod.ts and node.ts work imported by URL with no deno.json in effect", async () => {
   const dir = await Deno.makeTempDir({ prefix: "dist_mod_url_" });
   try {
     const script = `
-import { rpc, startScheduler, startWorker } from ${JSON.stringify(MOD.href)};
+import { rpc } from ${JSON.stringify(MOD.href)};
+import { startScheduler, startWorker } from ${JSON.stringify(new URL("node.ts", MOD).href)};
 
 await using scheduler = await startScheduler({ port: 0 });
 await using worker = await startWorker({ scheduler: scheduler.address, port: 0, name: "w" });

@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
-import { rpc, type SchedulerOps, startScheduler, startWorker, type WorkerOps } from "../mod.ts";
+import { rpc, type SchedulerOps, type WorkerOps } from "../mod.ts";
+import { startScheduler, startWorker } from "../node.ts";
 import { SchedulerTasks } from "../scheduler/tasks.ts";
 import { eventually, startCluster, testLogger } from "./_helpers.ts";
 
@@ -75,7 +76,7 @@ Deno.test("register records the keys a worker already holds, tied to its connect
     { address: "tcp://10.0.0.9:4000", name: "ghost", nthreads: 4, nkeys: 1, nbytes: 12 },
   );
   assert.equal(ghost.processing, 0);
-  assert.ok(ghost.lastSeen >= 0 && ghost.lastSeen < 5);
+  assert.ok(ghost.last_seen >= 0 && ghost.last_seen < 5);
   // The registration lives as long as the connection it came on.
   await fake.close();
   await eventually(async () => Object.keys(await center.ncores()).length === 0);
@@ -191,7 +192,13 @@ Deno.test("broadcast refuses the worker's scheduler-only ops: a client cannot re
       s.broadcast({
         msg: {
           op: "compute_task",
-          args: { key: `evil-${fnId}`, fnId, function: { source: "() => 'evil'" }, args: [], who_has: {} },
+          args: {
+            key: `evil-${fnId}`,
+            fn_id: fnId,
+            function: { source: "() => 'evil'" },
+            args: [],
+            who_has: {},
+          },
         },
       }),
       /Cannot broadcast compute_task: only the scheduler sends it to its workers/,

@@ -13,16 +13,15 @@ import {
   type Future,
   type Logger,
   rpc,
-  startScheduler,
-  startWorker,
   type TaskError,
   taskOptions,
   type WorkerOps,
 } from "../mod.ts";
+import { startScheduler, startWorker } from "../node.ts";
 import { parseAddress } from "../protocol/address.ts";
 import { Decoder, Encoder } from "../protocol/codec.ts";
 import { frameHeader, MessageReader } from "../protocol/framing.ts";
-import { AuthenticationError } from "../protocol/handshake.ts";
+import { AuthenticationError, PROTOCOL_VERSION } from "../protocol/handshake.ts";
 import type { TlsOptions } from "../protocol/transport.ts";
 import { NODE_PERMISSIONS, type NodeProcess, spawnNode } from "../client/spawn.ts";
 import { eventually, startCluster, testLogger } from "./_helpers.ts";
@@ -256,7 +255,7 @@ Deno.test("auth: a raw connection that sends garbage or an op instead of the pro
     try {
       const hello = await peer.next();
       assert.ok(hello !== "closed", `${what}: no hello`);
-      assert.equal(hello.dist, 1);
+      assert.equal(hello.dist, PROTOCOL_VERSION);
       assert.equal(hello.auth, "hmac-sha256");
       assert.ok(hello.nonce instanceof Uint8Array && hello.nonce.length === 32, `${what}: bad nonce`);
       await peer.write(bytes);
@@ -338,7 +337,7 @@ Deno.test("auth: a client that reaches an impostor (no token, bogus proof) refus
     const peer = RawPeer.accept(await listener.accept());
     try {
       await peer.write(framed({
-        dist: 1,
+        dist: PROTOCOL_VERSION,
         auth: "hmac-sha256",
         nonce: crypto.getRandomValues(new Uint8Array(32)),
       }));
@@ -369,7 +368,7 @@ Deno.test("auth: a client or worker holding a token refuses a server that does n
   const impostor = (async () => {
     const peer = RawPeer.accept(await listener.accept());
     try {
-      await peer.write(framed({ dist: 1, auth: null }));
+      await peer.write(framed({ dist: PROTOCOL_VERSION, auth: null }));
       for (;;) {
         const message = await peer.next();
         if (message === "closed") return;

@@ -218,7 +218,7 @@ Deno.test("tasks: a task with no dependencies runs at once; with no worker it is
     to: "worker",
     address: A,
     op: "compute_task",
-    args: { key: "inc-1", fnId: 1, args: [41], who_has: {}, function: IDENTITY },
+    args: { key: "inc-1", fn_id: 1, args: [41], who_has: {}, function: IDENTITY },
   }]);
   assert.equal(stateOf(s, "inc-1"), "processing");
   finish(s, "inc-1", 8);
@@ -533,7 +533,7 @@ Deno.test("tasks: compute_task carries who_has of every dependency and sends a f
   s.updateGraph(C1, [t("y", ["x"], { workers: [A] })], ["y"]);
   out = s.drain();
   let args = computes(out, A)[0];
-  assert.deepEqual(args, { key: "y", fnId: 1, args: [], who_has: { x: [A, B] }, nbytes: { x: 8 } });
+  assert.deepEqual(args, { key: "y", fn_id: 1, args: [], who_has: { x: [A, B] }, nbytes: { x: 8 } });
   assert.ok(!("function" in args), "A knows function 1");
 
   s.updateGraph(C1, [t("y2", ["x"], { workers: [B] })], ["y2"]);
@@ -544,7 +544,7 @@ Deno.test("tasks: compute_task carries who_has of every dependency and sends a f
   s.updateGraph(C1, [t("g", [], { workers: [A], run: { function: other, args: [1] } })], ["g"]);
   args = computes(s.drain(), A)[0];
   assert.deepEqual(args.function, other);
-  assert.equal(args.fnId, 2);
+  assert.equal(args.fn_id, 2);
 
   // A worker that registers again has forgotten every function: the tasks it was
   // running come back to it with their functions.

@@ -185,12 +185,14 @@ export class DataStore {
   #spillBlockedUntil = -Infinity;
   /** The last spill failure, for the dashboard and /metrics; null once a spill succeeds again. */
   spillError: string | null = null;
-  /** Bytes written to and read back from disk so far. */
+  /** Bytes written to disk by spilling so far. */
   spillWrittenBytes = 0;
+  /** Bytes read back from disk so far. */
   spillReadBytes = 0;
   /** Asks V8 to collect once enough buffer memory has been let go of (see FREED_GC_BYTES). */
   #reclaimer = new MemoryReclaimer();
 
+  /** A store; with `targetBytes`, one that spills (see `DataStoreOptions`). */
   constructor(options: DataStoreOptions = {}) {
     this.#target = options.targetBytes ?? Infinity;
     this.#parent = options.directory;

@@ -174,7 +174,7 @@ export interface WorkerNode {
  *
  * @example
  * ```ts
- * import { startScheduler, startWorker } from "@dist/dist";
+ * import { startScheduler, startWorker } from "@dist/dist/node";
  * const scheduler = await startScheduler({ port: 0 });
  * const worker = await startWorker({ scheduler: scheduler.address, name: "alice" });
  * await worker.close();
@@ -886,7 +886,7 @@ class WorkerServer implements WorkerNode {
   };
 
   #computeTask(args: ArgsOf<WorkerOps, "compute_task">, comm: Comm): void {
-    const { key, fnId, who_has } = args;
+    const { key, fn_id: fnId, who_has } = args;
     // Touched on every task, in the scheduler's order: the LRUs stay in step.
     const spec = args.function ?? this.#schedulerFunctions.get(fnId);
     if (args.function) this.#schedulerFunctions.set(fnId, args.function);
