@@ -38,8 +38,11 @@ export interface TransferEvent extends Transfer {
   to: string;
 }
 
-class Ring<T> {
+/** The last `max` items pushed, oldest first; a push costs the same however full it is. */
+export class Ring<T> {
   #items: T[] = [];
+  /** Where the oldest item is, once the ring is full. */
+  #head = 0;
   #max: number;
   /** Items ever pushed: a stream asks for what came after the count it saw. */
   total = 0;
@@ -47,13 +50,22 @@ class Ring<T> {
     this.#max = max;
   }
   push(item: T): void {
-    this.#items.push(item);
     this.total++;
-    if (this.#items.length > this.#max) this.#items.splice(0, this.#items.length - this.#max);
+    if (this.#items.length < this.#max) {
+      this.#items.push(item);
+      return;
+    }
+    // Full: the newest takes the oldest's place (it was a splice of the whole array).
+    this.#items[this.#head] = item;
+    this.#head = (this.#head + 1) % this.#max;
   }
+  /** The items pushed after the first `total` ever pushed (those still kept), oldest first. */
   since(total: number): T[] {
-    const n = Math.min(this.#items.length, this.total - total);
-    return n <= 0 ? [] : this.#items.slice(this.#items.length - n);
+    const length = this.#items.length;
+    const n = Math.min(length, this.total - total);
+    const out: T[] = [];
+    for (let i = length - Math.max(0, n); i < length; i++) out.push(this.#items[(this.#head + i) % length]);
+    return out;
   }
 }
 

@@ -22,6 +22,7 @@ import {
 } from "../mod.ts";
 import { startScheduler, startWorker } from "../node.ts";
 import { prometheus } from "../util/http.ts";
+import { Ring } from "../scheduler/dashboard.ts";
 import { LOG_LEVELS } from "../util/log.ts";
 import { NODE_PERMISSIONS, type NodeProcess, spawnNode } from "../client/spawn.ts";
 import { eventually, startCluster, testLogger } from "./_helpers.ts";
@@ -1059,4 +1060,18 @@ Deno.test("worker metrics: busy replies a worker served and the ones its peers w
   await eventually(async () =>
     valueOf(await scrape(`${aliceUrl}/metrics`), "dist_worker_transfers_out") === 0
   );
+});
+
+Deno.test("dashboard: its rings keep the last items in order, full or not", () => {
+  const ring = new Ring<number>(5);
+  for (let i = 0; i < 3; i++) ring.push(i);
+  assert.deepEqual(ring.since(0), [0, 1, 2]);
+  assert.deepEqual(ring.since(1), [1, 2]);
+  for (let i = 3; i < 12; i++) ring.push(i);
+  assert.equal(ring.total, 12);
+  assert.deepEqual(ring.since(0), [7, 8, 9, 10, 11], "only the last 5 are kept");
+  assert.deepEqual(ring.since(10), [10, 11]);
+  assert.deepEqual(ring.since(12), []);
+  ring.push(12);
+  assert.deepEqual(ring.since(9), [9, 10, 11, 12]);
 });
