@@ -240,6 +240,24 @@ interface Request {
   hasError: boolean;
 }
 
+/**
+ * The empty set every record's sets start as (most keys never need them; three Sets per
+ * key were the largest cost of a task's first event). Never added to: `withItem` gives
+ * the record a set of its own first.
+ */
+const NONE: Set<never> = new (class extends Set<never> {
+  override add(): never {
+    throw new Error("internal: a worker key's shared empty set was added to (use withItem)");
+  }
+})();
+
+/** `set` with `item` in it: the shared empty set is replaced by a new one. */
+function withItem<T>(set: Set<T>, item: T): Set<T> {
+  if (set === NONE) return new Set([item]);
+  set.add(item);
+  return set;
+}
+
 /** The state of one worker: keys, tasks, fetches. See the module doc. */
 export class WorkerState {
   #address: string;
@@ -467,9 +485,9 @@ export class WorkerState {
         key,
         state: "released",
         task: null,
-        waitingFor: new Set(),
-        dependents: new Set(),
-        requests: new Set(),
+        waitingFor: NONE,
+        dependents: NONE,
+        requests: NONE,
         nbytes: 0,
         peer: null,
         own: false,
@@ -538,8 +556,8 @@ export class WorkerState {
     for (const dep of Object.keys(task.who_has)) {
       if (dep === r.key) continue;
       const d = this.#need(dep, task.who_has[dep], task.nbytes?.[dep], reason);
-      d.dependents.add(r.key);
-      if (d.state !== "memory") r.waitingFor.add(dep);
+      d.dependents = withItem(d.dependents, r.key);
+      if (d.state !== "memory") r.waitingFor = withItem(r.waitingFor, dep);
     }
     this.#transition(r, r.waitingFor.size > 0 ? "waiting" : "ready", reason);
   }
@@ -641,9 +659,9 @@ export class WorkerState {
       const t = this.#records.get(dep);
       if (t === undefined || t.task === null || (t.state !== "waiting" && t.state !== "ready")) continue;
       const d = this.#need(key, t.task.who_has[key], t.task.nbytes?.[key], reason);
-      d.dependents.add(dep);
+      d.dependents = withItem(d.dependents, dep);
       if (d.state !== "memory") {
-        t.waitingFor.add(key);
+        t.waitingFor = withItem(t.waitingFor, key);
         if (t.state === "ready") this.#transition(t, "waiting", reason);
       }
     }
@@ -652,7 +670,7 @@ export class WorkerState {
       if (q === undefined) continue;
       const d = this.#need(key, undefined, undefined, reason);
       if (d.state === "memory") this.#settle(q, key, null);
-      else d.requests.add(id);
+      else d.requests = withItem(d.requests, id);
     }
   }
 
@@ -759,7 +777,7 @@ export class WorkerState {
       ) {
         // A task here computes it: the request waits for the task.
       }
-      d.requests.add(id);
+      d.requests = withItem(d.requests, id);
       q.pending.add(key);
     }
     this.#finishRequest(q);
@@ -913,8 +931,8 @@ export class WorkerState {
       for (const dep of Object.keys(task.who_has)) {
         if (dep === r.key) continue;
         const d = this.#need(dep, task.who_has[dep], task.nbytes?.[dep], reason);
-        d.dependents.add(r.key);
-        if (d.state !== "memory") r.waitingFor.add(dep);
+        d.dependents = withItem(d.dependents, r.key);
+        if (d.state !== "memory") r.waitingFor = withItem(r.waitingFor, dep);
       }
       if (r.waitingFor.size === 0) this.#transition(r, "ready", reason);
       return;
@@ -955,7 +973,7 @@ export class WorkerState {
     const now = this.#now;
     const lookups: string[] = [];
     // Giving up on a key drops tasks, which may let go of other keys of this list.
-    for (const key of [...this.#toFetch]) {
+    for (const key of this.#toFetch.size > 0 ? [...this.#toFetch] : []) {
       const r = this.#records.get(key);
       if (r?.state !== "fetch") continue;
       switch (this.#holders.status(key, now)) {
@@ -977,8 +995,10 @@ export class WorkerState {
     }
     if (lookups.length > 0) this.#out.push({ type: "lookup", keys: lookups });
     if (this.#paused) return;
-    const askable = [...this.#toFetch].filter((key) => this.#holders.status(key, now) === "ask");
-    if (askable.length > 0) this.#startFetches(askable, now);
+    if (this.#toFetch.size > 0) {
+      const askable = [...this.#toFetch].filter((key) => this.#holders.status(key, now) === "ask");
+      if (askable.length > 0) this.#startFetches(askable, now);
+    }
     const onExecutors = this.nthreads * (1 + this.#ahead());
     while (this.#running < onExecutors && this.#ready.size > 0) {
       const key = this.#ready.values().next().value!;
