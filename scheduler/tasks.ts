@@ -154,6 +154,8 @@ export interface WorkerState {
   lastSeen: number;
   /** Its latest heartbeat's figures. */
   metrics: Record<string, number>;
+  /** Paused by memory (its heartbeat says `paused: 1`): it is sent no new task until it resumes. */
+  paused: boolean;
 }
 
 /** A message the shell must send: a notice of `workerOps` to a worker or of `clientOps` to a client. */
@@ -372,6 +374,7 @@ export class SchedulerTasks {
       knownFunctions: new Lru(KNOWN_FUNCTIONS_MAX),
       lastSeen: now,
       metrics: {},
+      paused: false,
     };
     this.workers.set(w.address, ws);
     // Tasks that can run here waited for a worker that came: their wait starts over.
@@ -730,6 +733,12 @@ export class SchedulerTasks {
     if (ws === undefined) return false;
     ws.lastSeen = now;
     ws.metrics = metrics;
+    const paused = metrics.paused === 1;
+    if (paused !== ws.paused) {
+      ws.paused = paused;
+      // Back under its memory limit: it takes queued tasks again.
+      if (!paused) this.#fill(ws);
+    }
     return true;
   }
 
@@ -1226,7 +1235,8 @@ export class SchedulerTasks {
   }
 
   #hasRoom(ws: WorkerState): boolean {
-    return ws.processing.size < ws.nthreads + WORKER_EXTRA_TASKS;
+    // A worker paused by memory gets no new task: what it was sent waits there.
+    return !ws.paused && ws.processing.size < ws.nthreads + WORKER_EXTRA_TASKS;
   }
 
   /**

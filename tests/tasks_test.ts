@@ -1594,3 +1594,17 @@ Deno.test("tasks: after a restart, lineage sent along with a key already back in
   finish(s, "total");
   assert.deepEqual(toClient(s.drain(), "key_done", C1), ["total"]);
 });
+
+Deno.test("tasks: a worker paused by memory gets no new task; resumed, it takes the queued ones", () => {
+  const s = cluster(A, B);
+  s.heartbeat(A, 0, { paused: 1 });
+  const keys = Array.from({ length: 40 }, (_, i) => `t${i}`);
+  s.updateGraph(C1, keys.map((k) => t(k)), keys);
+  const out = s.drain();
+  assert.equal(computes(out, A).length, 0, "nothing for the paused worker");
+  assert.ok(computes(out, B).length > 0);
+  const queued = keys.filter((k) => stateOf(s, k) === "queued");
+  assert.ok(queued.length > 0, "B is full, A paused: the rest wait");
+  s.heartbeat(A, 1, { paused: 0 });
+  assert.ok(computes(s.drain(), A).length > 0, "resumed, A takes queued tasks");
+});
