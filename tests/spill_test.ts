@@ -32,10 +32,13 @@ Deno.test("a store past its target spills the least recently used values and rea
     const values = new Map<string, unknown>();
     for (let i = 0; i < 10; i++) {
       const bytes = randomBytes(100 * KIB);
-      // Kinds that take different paths: a typed array (out of band), an object holding one.
-      const value = i % 2 === 0
+      // Kinds that take different paths: a typed array (out of band), an object holding one,
+      // and one holding several buffers (each read back from its own page-aligned place).
+      const value = i % 3 === 0
         ? new Float64Array(bytes.buffer)
-        : { i, name: `v${i}`, data: bytes, set: new Set([i]) };
+        : i % 3 === 1
+        ? { i, name: `v${i}`, data: bytes, set: new Set([i]) }
+        : { parts: [bytes.subarray(0, 30 * KIB), randomBytes(20 * KIB + 3), new Float64Array(4000).fill(i)] };
       values.set(`k${i}`, value);
       store.set(`k${i}`, value);
       assert.ok(store.memoryBytes <= 300 * KIB, `in memory ${store.memoryBytes} after k${i}`);

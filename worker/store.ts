@@ -166,7 +166,8 @@ export const SPILL_RETRY_MS = 5_000;
 /**
  * Values by key, with their sizes. With a `targetBytes`, values past it are spilled to
  * disk, least recently used first, each in a file of its own in the wire's encoding
- * (frame header, msgpack head, out-of-band buffers), and read back when asked for. A value
+ * (frame header and msgpack head, then the out-of-band buffers, each from a page
+ * boundary), and read back when asked for. A value
  * that cannot be spilled (a full disk, no write permission) stays in memory: nothing is lost.
  */
 export class DataStore {
@@ -340,10 +341,19 @@ export class DataStore {
       this.#dir ??= Deno.makeTempDirSync({ dir: this.#parent, prefix: "dist-worker-" });
       file = `${this.#dir}/${++this.#files}`;
       const { head, buffers } = spillEncoder.encode(value, key);
-      const frames = [head, ...buffers];
+      // The frame header and the head, then each buffer at a page boundary: a large
+      // write that starts mid-page took 2.5x as long as an aligned one.
+      const header = frameHeader([head, ...buffers]);
+      const first = new Uint8Array(alignUp(header.byteLength + head.byteLength));
+      first.set(header);
+      first.set(head, header.byteLength);
       using f = Deno.openSync(file, { write: true, createNew: true });
-      writeAllSync(f, frameHeader(frames));
-      for (const frame of frames) writeAllSync(f, frame);
+      writeAllSync(f, first);
+      for (let i = 0; i < buffers.length; i++) {
+        writeAllSync(f, buffers[i]);
+        const pad = alignUp(buffers[i].byteLength) - buffers[i].byteLength;
+        if (pad > 0 && i < buffers.length - 1) writeAllSync(f, new Uint8Array(pad));
+      }
     } catch (error) {
       if (file !== null) this.#removeFile(file);
       const message =
@@ -375,12 +385,16 @@ export class DataStore {
       readExactSync(f, sizes);
       const view = new DataView(sizes.buffer);
       const frames: Uint8Array[] = [];
+      let at = 4 + 8 * n;
       for (let i = 0; i < n; i++) {
         const length = view.getUint32(8 * i, true) + view.getUint32(8 * i + 4, true) * 0x100000000;
         const frame = new Uint8Array(length);
         readExactSync(f, frame);
         frames.push(frame);
         this.spillReadBytes += length;
+        // The head ends its first page, each buffer but the last its own: the next starts aligned.
+        at = alignUp(at + length);
+        if (i < n - 1) f.seekSync(at, Deno.SeekMode.Start);
       }
       return spillDecoder.decode(frames[0], frames.slice(1));
     } catch (error) {
@@ -447,6 +461,13 @@ export class DataStore {
 
 const spillEncoder = new Encoder();
 const spillDecoder = new Decoder();
+
+/** Where a spill file's parts start: page boundaries. */
+const SPILL_ALIGN = 4096;
+
+function alignUp(n: number): number {
+  return Math.ceil(n / SPILL_ALIGN) * SPILL_ALIGN;
+}
 
 function writeAllSync(f: Deno.FsFile, bytes: Uint8Array): void {
   for (let at = 0; at < bytes.byteLength;) at += f.writeSync(bytes.subarray(at));
