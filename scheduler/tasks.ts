@@ -21,6 +21,7 @@ import {
   type WorkerOps,
 } from "../protocol/ops.ts";
 import { Lru } from "../util/lru.ts";
+import { type Move, NONE, Story, withItem } from "../util/story.ts";
 import { functionKey } from "../protocol/functions.ts";
 import { NO_WORKERS_TIMEOUT_MS, UNCLAIMED_GRACE_MS } from "../util/defaults.ts";
 
@@ -30,24 +31,6 @@ export { NO_WORKERS_TIMEOUT_MS, UNCLAIMED_GRACE_MS };
 export const PREFIXES_MAX = 1_000;
 /** Most distinct functions the scheduler keeps ids for; the least recently used go first. */
 export const FUNCTIONS_MAX = 10_000;
-
-/**
- * The empty set every task's sets start as: most tasks never need most of them (a leaf
- * has no dependencies, few keys are wanted by a client), and an empty Set costs ~150
- * bytes. Never added to: `withItem` gives a task a set of its own first.
- */
-const NONE: Set<never> = new (class extends Set<never> {
-  override add(): never {
-    throw new Error("internal: a task's shared empty set was added to (use withItem)");
-  }
-})();
-
-/** `set` with `item` in it: the shared empty set is replaced by a new one. */
-function withItem<T>(set: Set<T>, item: T): Set<T> {
-  if (set === NONE) return new Set([item]);
-  set.add(item);
-  return set;
-}
 
 /** The states a task moves through. */
 export type TaskStateName =
@@ -81,16 +64,8 @@ const KEYS_OF_STATES = Object.keys(TASK_TRANSITIONS) as TaskStateName[];
 /** Moves the scheduler's story keeps, for all keys together (a ring: the oldest go first). */
 export const SCHEDULER_STORY_MAX = 50_000;
 
-/** One move in a task's story. */
-export interface TaskStoryEvent {
-  /** ms: the latest time the scheduler was given (`at`), so within its tick of the move. */
-  time: number;
-  key: string;
-  from: TaskStateName;
-  to: TaskStateName;
-  /** Why. */
-  reason: string;
-}
+/** One move in a task's story (`time`: the latest time the scheduler was given, `at`). */
+export type TaskStoryEvent = Move<TaskStateName>;
 
 /** What a worker is asked to run. */
 export interface TaskRun {
@@ -304,8 +279,7 @@ export class SchedulerTasks {
   };
   /** Tasks per prefix and state, kept by the gate (a prefix with none goes). */
   readonly #byPrefix = new Map<string, Partial<Record<TaskStateName, number>>>();
-  readonly #story: TaskStoryEvent[] = [];
-  #storyNext = 0;
+  readonly #story = new Story<TaskStateName>(SCHEDULER_STORY_MAX);
   #now = 0;
 
   /**
@@ -955,13 +929,7 @@ export class SchedulerTasks {
 
   /** The moves of `key` still in the story ring, oldest first. */
   story(key: string): TaskStoryEvent[] {
-    const n = this.#story.length;
-    const out: TaskStoryEvent[] = [];
-    for (let i = 0; i < n; i++) {
-      const e = this.#story[(this.#storyNext + i) % n];
-      if (e.key === key) out.push({ ...e });
-    }
-    return out;
+    return this.#story.of(key);
   }
 
   /**
@@ -1071,18 +1039,7 @@ export class SchedulerTasks {
     ts.state = to;
     this.#tally(ts.prefix, from, -1);
     if (to !== "forgotten") this.#tally(ts.prefix, to, 1);
-    if (this.#story.length < SCHEDULER_STORY_MAX) {
-      this.#story.push({ time: this.#now, key: ts.key, from, to, reason });
-    } else {
-      // The oldest entry is written over in place: a full ring allocates nothing.
-      const e = this.#story[this.#storyNext];
-      e.time = this.#now;
-      e.key = ts.key;
-      e.from = from;
-      e.to = to;
-      e.reason = reason;
-      this.#storyNext = (this.#storyNext + 1) % SCHEDULER_STORY_MAX;
-    }
+    this.#story.record(this.#now, ts.key, from, to, reason);
   }
 
   #tally(prefix: string, state: TaskStateName, n: 1 | -1): void {

@@ -135,25 +135,18 @@ Deno.test({
   sanitizeResources: true,
   fn: async () => {
     const directory = await Deno.makeTempDir();
-    const scheduler = await spawnNode(["scheduler", "--port", "0", "--no-dashboard", "--log-level", "warn"]);
     try {
-      const worker = await spawnNode([
-        "worker",
-        scheduler.address,
+      await using pair = await spawnPair([
         "--nthreads",
         "1",
         "--memory-limit",
         "512MiB",
         "--local-directory",
         directory,
-        "--http-port",
-        "0",
-        "--log-level",
-        "info",
       ]);
-      try {
+      const { scheduler, worker, metrics } = pair;
+      {
         await using client = await Client.connect(scheduler.address);
-        const metrics = (await worker.waitForLog(/Metrics at (http:\S+)/)).match(/(http:\S+)/)![1];
         // Sent one at a time, keeping only a digest here: 12 x 64 MiB would not fit in this test's budget twice.
         const digests: string[] = [];
         const futures = [];
@@ -182,16 +175,38 @@ Deno.test({
         const peak = Number(/VmHWM:\s+(\d+) kB/.exec(status)![1]) * 1024;
         console.log(`worker peak RSS ${(peak / MIB).toFixed(0)} MiB for 768 MiB held, limit 512 MiB`);
         assert.ok(peak < 512 * MIB + BASELINE, `worker peak RSS ${peak} bytes`);
-      } finally {
-        await worker.stop();
       }
+      await worker.stop();
       assert.deepEqual([...Deno.readDirSync(directory)], [], "the worker removed its spill folder on exit");
     } finally {
-      await scheduler.stop();
       await Deno.remove(directory, { recursive: true });
     }
   },
 });
+
+/** A scheduler and one worker process started with `flags` (and its /metrics); disposing stops both. */
+async function spawnPair(flags: string[]) {
+  const scheduler = await spawnNode(["scheduler", "--port", "0", "--no-dashboard", "--log-level", "warn"]);
+  try {
+    const worker = await spawnNode(["worker", scheduler.address, "--http-port", "0", ...flags]);
+    const line = await worker.waitForLog(/Metrics at (http:\S+)/).catch(async (error) => {
+      await worker.stop();
+      throw error;
+    });
+    return {
+      scheduler,
+      worker,
+      metrics: line.match(/(http:\S+)/)![1],
+      async [Symbol.asyncDispose]() {
+        await worker.stop();
+        await scheduler.stop();
+      },
+    };
+  } catch (error) {
+    await scheduler.stop();
+    throw error;
+  }
+}
 
 async function digest(bytes: Uint8Array): Promise<string> {
   const hash = new Uint8Array(await crypto.subtle.digest("SHA-256", bytes as Uint8Array<ArrayBuffer>));
@@ -217,20 +232,10 @@ Deno.test({
     })
       .output();
     assert.ok(mount.success, new TextDecoder().decode(mount.stderr));
-    const scheduler = await spawnNode(["scheduler", "--port", "0", "--no-dashboard", "--log-level", "warn"]);
     try {
-      const worker = await spawnNode([
-        "worker",
-        scheduler.address,
-        "--memory-limit",
-        "256MiB",
-        "--local-directory",
-        directory,
-        "--http-port",
-        "0",
-      ]);
-      try {
-        const metrics = (await worker.waitForLog(/Metrics at (http:\S+)/)).match(/(http:\S+)/)![1];
+      await using pair = await spawnPair(["--memory-limit", "256MiB", "--local-directory", directory]);
+      const { scheduler, worker, metrics } = pair;
+      {
         await using client = await Client.connect(scheduler.address);
         // 160 MiB of values, past the target (60% of 256 MiB): the worker tries to spill.
         const values = [0, 1, 2, 3].map(() => randomBytes(40 * MIB));
@@ -247,11 +252,8 @@ Deno.test({
         // Once the values go, it works again (resumed, if it had paused).
         await Promise.all(futures.map((f) => f.release()));
         assert.equal(await client.submit((x: number) => x + 1, 1).result(), 2);
-      } finally {
-        await worker.stop();
       }
     } finally {
-      await scheduler.stop();
       await new Deno.Command("umount", { args: [directory] }).output();
       await Deno.remove(directory, { recursive: true });
     }
@@ -259,47 +261,29 @@ Deno.test({
 });
 
 Deno.test("a worker past its pause share starts no task until its memory is back under, then goes on", async () => {
-  const scheduler = await spawnNode(["scheduler", "--port", "0", "--no-dashboard", "--log-level", "warn"]);
-  try {
-    const worker = await spawnNode([
-      "worker",
-      scheduler.address,
-      "--nthreads",
-      "2",
-      "--memory-limit",
-      "512MiB",
-      "--http-port",
-      "0",
-    ]);
-    try {
-      const metrics = (await worker.waitForLog(/Metrics at (http:\S+)/)).match(/(http:\S+)/)![1];
-      await using client = await Client.connect(scheduler.address);
-      // 450 MiB held by a running task (past 80% of 512 MiB), then returned as its result:
-      // the result is larger than the target, so it goes to disk and the memory returns.
-      const hog = client.submit(async (mib: number) => {
-        const bytes = new Uint8Array(mib * 1024 * 1024).fill(1);
-        await new Promise((resolve) => setTimeout(resolve, 2_000));
-        return bytes;
-      }, 450);
-      await eventually(async () => (await metricAt(metrics, "dist_worker_paused")) === 1, 10_000);
-      assert.match(worker.log.join("\n"), /Paused: the process holds .* no task or fetch starts/);
-      // A second thread is free, but a paused worker starts nothing.
-      const small = client.submit((x: number) => x + 1, 1);
-      await using w = rpc<WorkerOps>(worker.address);
-      await eventually(async () => (await w.story({ key: small.key })).state === "ready");
-      assert.equal(await metricAt(metrics, "dist_worker_paused"), 1, "still paused when the task came");
-      assert.equal(await small.result(), 2, "it ran once the worker resumed");
-      await eventually(async () => (await metricAt(metrics, "dist_worker_paused")) === 0, 10_000);
-      assert.match(worker.log.join("\n"), /Resumed: the process holds/);
-      assert.ok(
-        await metricAt(metrics, "dist_worker_spilled_bytes") >= 450 * MIB,
-        "the large result went to disk",
-      );
-      await hog.release();
-    } finally {
-      await worker.stop();
-    }
-  } finally {
-    await scheduler.stop();
-  }
+  await using pair = await spawnPair(["--nthreads", "2", "--memory-limit", "512MiB"]);
+  const { scheduler, worker, metrics } = pair;
+  await using client = await Client.connect(scheduler.address);
+  // 450 MiB held by a running task (past 80% of 512 MiB), then returned as its result:
+  // the result is larger than the target, so it goes to disk and the memory returns.
+  const hog = client.submit(async (mib: number) => {
+    const bytes = new Uint8Array(mib * 1024 * 1024).fill(1);
+    await new Promise((resolve) => setTimeout(resolve, 2_000));
+    return bytes;
+  }, 450);
+  await eventually(async () => (await metricAt(metrics, "dist_worker_paused")) === 1, 10_000);
+  assert.match(worker.log.join("\n"), /Paused: the process holds .* no task or fetch starts/);
+  // A second thread is free, but a paused worker starts nothing.
+  const small = client.submit((x: number) => x + 1, 1);
+  await using w = rpc<WorkerOps>(worker.address);
+  await eventually(async () => (await w.story({ key: small.key })).state === "ready");
+  assert.equal(await metricAt(metrics, "dist_worker_paused"), 1, "still paused when the task came");
+  assert.equal(await small.result(), 2, "it ran once the worker resumed");
+  await eventually(async () => (await metricAt(metrics, "dist_worker_paused")) === 0, 10_000);
+  assert.match(worker.log.join("\n"), /Resumed: the process holds/);
+  assert.ok(
+    await metricAt(metrics, "dist_worker_spilled_bytes") >= 450 * MIB,
+    "the large result went to disk",
+  );
+  await hog.release();
 });

@@ -10,6 +10,7 @@
  */
 
 import { Holders } from "../protocol/fetch.ts";
+import { type Move, NONE, Story, withItem } from "../util/story.ts";
 
 /**
  * What a key is on this worker (Dask's worker states):
@@ -179,16 +180,8 @@ export type Instruction =
   /** Send a `tick` at `at` (ms, the same clock as `now`). */
   | { type: "wake"; at: number };
 
-/** One move in a key's story. */
-export interface StoryEvent {
-  /** ms, the clock given to `handle`. */
-  time: number;
-  key: string;
-  from: KeyState;
-  to: KeyState;
-  /** The event that caused it, and why. */
-  reason: string;
-}
+/** One move in a key's story (`time` in ms, the clock given to `handle`). */
+export type StoryEvent = Move<KeyState>;
 
 /** Options of a WorkerState. */
 export interface WorkerStateOptions {
@@ -240,24 +233,6 @@ interface Request {
   hasError: boolean;
 }
 
-/**
- * The empty set every record's sets start as (most keys never need them; three Sets per
- * key were the largest cost of a task's first event). Never added to: `withItem` gives
- * the record a set of its own first.
- */
-const NONE: Set<never> = new (class extends Set<never> {
-  override add(): never {
-    throw new Error("internal: a worker key's shared empty set was added to (use withItem)");
-  }
-})();
-
-/** `set` with `item` in it: the shared empty set is replaced by a new one. */
-function withItem<T>(set: Set<T>, item: T): Set<T> {
-  if (set === NONE) return new Set([item]);
-  set.add(item);
-  return set;
-}
-
 /** The state of one worker: keys, tasks, fetches. See the module doc. */
 export class WorkerState {
   #address: string;
@@ -284,8 +259,7 @@ export class WorkerState {
   /** Values in hand this event (fetched or computed) and their fate, gathered into store/discard. */
   #store: string[] = [];
   #discard: string[] = [];
-  readonly #story: StoryEvent[] = [];
-  #storyNext = 0;
+  readonly #story = new Story<KeyState>(STORY_EVENTS_MAX);
   #wakeAt: number | null = null;
   readonly #limits: { fetches: number; bytes: number; batch: number };
 
@@ -354,13 +328,7 @@ export class WorkerState {
 
   /** The moves of `key` still in the story ring, oldest first. */
   story(key: string): StoryEvent[] {
-    const n = this.#story.length;
-    const out: StoryEvent[] = [];
-    for (let i = 0; i < n; i++) {
-      const e = this.#story[(this.#storyNext + i) % n];
-      if (e.key === key) out.push({ ...e });
-    }
-    return out;
+    return this.#story.of(key);
   }
 
   // ---- events ----
@@ -464,18 +432,7 @@ export class WorkerState {
       this.#records.delete(r.key);
       this.#holders.forget(r.key);
     }
-    if (this.#story.length < STORY_EVENTS_MAX) {
-      this.#story.push({ time: this.#now, key: r.key, from, to, reason });
-    } else {
-      // The oldest entry is written over in place: a full ring allocates nothing.
-      const e = this.#story[this.#storyNext];
-      e.time = this.#now;
-      e.key = r.key;
-      e.from = from;
-      e.to = to;
-      e.reason = reason;
-      this.#storyNext = (this.#storyNext + 1) % STORY_EVENTS_MAX;
-    }
+    this.#story.record(this.#now, r.key, from, to, reason);
   }
 
   #record(key: string): KeyRecord {
