@@ -66,17 +66,24 @@ export function formatInfo(info: ClusterInfo): string {
     })`,
     "",
   ];
-  const workers = [["worker", "name", "threads", "keys", "memory held", "tasks", "cpu", "last seen"]];
+  const workers = [
+    ["worker", "name", "threads", "keys", "in memory", "spilled", "limit", "tasks", "cpu", "last seen", ""],
+  ];
   for (const w of info.workers) {
+    // Figures of the worker's latest heartbeat; before its first, what the scheduler counted.
+    const m = w.metrics;
     workers.push([
       w.address,
       w.name,
       String(w.nthreads),
       String(w.nkeys),
-      bytes(w.nbytes),
+      bytes(m.managed ?? w.nbytes),
+      bytes(m.spilled ?? 0),
+      m.memory_limit ? bytes(m.memory_limit) : "none",
       String(w.processing),
-      `${Math.round((w.metrics.cpu ?? 0) * 100)} %`,
+      `${Math.round((m.cpu ?? 0) * 100)} %`,
       `${w.last_seen.toFixed(1)} s ago`,
+      m.paused === 1 ? "paused" : "",
     ]);
   }
   lines.push(info.workers.length ? table(workers) : "No workers.", "");

@@ -67,7 +67,9 @@ function render(s) {
   $("lag").textContent = (s.scheduler.lag * 1000).toFixed(1);
   $("workers").tBodies[0].innerHTML = s.workers.map((w) => '<tr data-worker="' + esc(w.address) + '"><td>' + esc(w.name) +
     (w.name !== w.address ? ' <span class="muted">' + esc(w.address) + '</span>' : "") + "</td><td>" + w.nthreads + "</td><td>" + w.nkeys +
-    "</td><td>" + bytes(w.nbytes) + "</td><td>" + w.processing + "</td><td>" + Math.round(w.cpu * 100) + " %</td><td>" + bytes(w.rss) +
+    "</td><td>" + bytes(w.managed) + (w.spilled ? " + " + bytes(w.spilled) + " on disk" : "") +
+    (w.memoryLimit ? ' <span class="muted">of ' + bytes(w.memoryLimit) + "</span>" : "") + (w.paused ? " <b>paused</b>" : "") +
+    "</td><td>" + w.processing + "</td><td>" + Math.round(w.cpu * 100) + " %</td><td>" + bytes(w.rss) +
     "</td><td>" + bytes(w.bytesIn) + "</td><td>" + bytes(w.bytesOut) + "</td><td>" + w.lastSeen.toFixed(1) + " s ago</td></tr>").join("");
   let done = 0, total = 0;
   const rows = Object.entries(s.progress).sort((a, b) => a[0].localeCompare(b[0])).map(([prefix, c]) => {

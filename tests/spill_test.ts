@@ -12,6 +12,7 @@ import { Client, rpc, type WorkerOps } from "../mod.ts";
 import { spawnNode } from "../client/spawn.ts";
 import { memoryLimit, parseBytes } from "../util/memory.ts";
 import { eventually, metricAt } from "./_helpers.ts";
+import { clusterInfo, formatInfo } from "../client/info.ts";
 
 const KIB = 1024;
 const MIB = 1024 * 1024;
@@ -161,6 +162,14 @@ Deno.test({
         assert.ok(spilled >= 6 * 64 * MIB, `spilled ${spilled} bytes`);
         assert.ok(managed <= 0.6 * 512 * MIB, `${managed} bytes in memory, over the target`);
         assert.equal(await metricAt(metrics, "dist_worker_memory_limit_bytes"), 512 * MIB);
+        // The scheduler hears it in heartbeats: dist info shows memory, disk and the limit.
+        await eventually(async () =>
+          ((await clusterInfo(scheduler.address)).workers[0]?.metrics.spilled ?? 0) > 0
+        );
+        const row = formatInfo(await clusterInfo(scheduler.address)).split("\n").find((l) =>
+          l.startsWith(worker.address)
+        );
+        assert.match(row ?? "", /\d+(\.\d)? MB\s+\d+(\.\d)? MB\s+536\.9 MB\s/, `dist info row: ${row}`);
         // The spill folder is the worker's own, under --local-directory.
         const [folder] = [...Deno.readDirSync(directory)];
         assert.match(folder.name, /^dist-worker-/);
