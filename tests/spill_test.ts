@@ -9,7 +9,7 @@
 import assert from "node:assert/strict";
 import { DataStore } from "../worker/store.ts";
 import { Client, rpc, type SchedulerOps, type WorkerOps } from "../mod.ts";
-import { spawnNode } from "../client/spawn.ts";
+import { type NodeProcess, spawnNode } from "../client/spawn.ts";
 import { memoryLimit, parseBytes } from "../util/memory.ts";
 import { eventually, metricAt } from "./_helpers.ts";
 import { clusterInfo, formatInfo } from "../client/info.ts";
@@ -318,4 +318,55 @@ Deno.test("a worker past its pause share starts no task until its memory is back
     "the large result went to disk",
   );
   await hog.release();
+});
+
+Deno.test("bigger than memory: two workers of 512 MiB sum 4 GiB of Float64Array chunks made on them, exactly", async () => {
+  const scheduler = await spawnNode(["scheduler", "--port", "0", "--no-dashboard", "--log-level", "warn"]);
+  const workers: NodeProcess[] = [];
+  try {
+    for (const name of ["a", "b"]) {
+      workers.push(
+        await spawnNode([
+          "worker",
+          scheduler.address,
+          "--nthreads",
+          "1",
+          "--memory-limit",
+          "512MiB",
+          "--name",
+          name,
+        ]),
+      );
+    }
+    await using client = await Client.connect(scheduler.address);
+    const CHUNKS = 64;
+    const N = 8 * 1024 * 1024; // 64 MiB of float64 each: 4 GiB in all, all held at once
+    const chunks = client.map((i: number) => {
+      const a = new Float64Array(8 * 1024 * 1024);
+      for (let j = 0; j < a.length; j++) a[j] = (i + j) % 7;
+      return a;
+    }, Array.from({ length: CHUNKS }, (_, i) => i));
+    const sums = client.map((a: Float64Array) => {
+      let s = 0;
+      for (let j = 0; j < a.length; j++) s += a[j];
+      return s;
+    }, chunks);
+    const total = client.submit((xs: number[]) => xs.reduce((s, x) => s + x, 0), sums);
+    let expected = 0;
+    for (let i = 0; i < CHUNKS; i++) {
+      for (let r = 0; r < 7; r++) expected += ((i + r) % 7) * Math.ceil((N - r) / 7);
+    }
+    assert.equal(await total.result(), expected);
+    for (const w of workers) {
+      const cat = await new Deno.Command("cat", { args: [`/proc/${w.child.pid}/status`] }).output();
+      const peak = Number(/VmHWM:\s+(\d+) kB/.exec(new TextDecoder().decode(cat.stdout))![1]) * 1024;
+      console.log(`worker ${w.address}: peak RSS ${(peak / MIB).toFixed(0)} MiB with a 512 MiB limit`);
+      // Each held 2 GiB of chunks; without spilling its RSS would pass that.
+      assert.ok(peak < 1024 * MIB, `worker peak RSS ${peak} bytes`);
+    }
+    await Promise.all([...chunks, ...sums].map((f) => f.release()));
+  } finally {
+    for (const w of workers) await w.stop();
+    await scheduler.stop();
+  }
 });
