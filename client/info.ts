@@ -7,6 +7,7 @@
 import type { Address } from "../protocol/address.ts";
 import type { KeyStory, SchedulerIdentity, SchedulerOps, WorkerInfo, WorkerOps } from "../protocol/ops.ts";
 import { rpc } from "../protocol/rpc.ts";
+import { formatBytes } from "../util/memory.ts";
 
 /** A cluster at a glance. */
 export interface ClusterInfo {
@@ -41,13 +42,6 @@ export async function clusterInfo(
   return { scheduler: identity, workers, tasks, progress: states, keys: Object.keys(whoHas).length };
 }
 
-function bytes(n: number): string {
-  const units = ["B", "kB", "MB", "GB", "TB"];
-  let i = 0;
-  while (n >= 1000 && i < units.length - 1) (n /= 1000, i++);
-  return `${i ? n.toFixed(1) : n} ${units[i]}`;
-}
-
 function table(rows: string[][]): string {
   const widths = rows[0].map((_, c) => Math.max(...rows.map((r) => r[c].length)));
   return rows.map((r) =>
@@ -77,9 +71,9 @@ export function formatInfo(info: ClusterInfo): string {
       w.name,
       String(w.nthreads),
       String(w.nkeys),
-      bytes(m.managed ?? w.nbytes),
-      bytes(m.spilled ?? 0),
-      m.memory_limit ? bytes(m.memory_limit) : "none",
+      formatBytes(m.managed ?? w.nbytes),
+      formatBytes(m.spilled ?? 0),
+      m.memory_limit ? formatBytes(m.memory_limit) : "none",
       String(w.processing),
       `${Math.round((m.cpu ?? 0) * 100)} %`,
       `${w.last_seen.toFixed(1)} s ago`,

@@ -11,7 +11,7 @@ import { DataStore } from "../worker/store.ts";
 import { Client, rpc, type SchedulerOps, type WorkerOps } from "../mod.ts";
 import { type NodeProcess, spawnNode } from "../client/spawn.ts";
 import { memoryLimit, parseBytes } from "../util/memory.ts";
-import { eventually, metricAt } from "./_helpers.ts";
+import { eventually, metricAt, startCluster } from "./_helpers.ts";
 import { clusterInfo, formatInfo } from "../client/info.ts";
 
 const KIB = 1024;
@@ -114,6 +114,31 @@ Deno.test("a disk that refuses the spill keeps the value in memory and says why"
   } finally {
     store.close();
     Deno.removeSync(parent, { recursive: true });
+  }
+});
+
+Deno.test("a task reading a value held on disk only does not write it to disk again", async () => {
+  const directory = await Deno.makeTempDir();
+  try {
+    // Target 60% of 64 MiB: a 48 MiB value goes straight to disk.
+    await using cluster = await startCluster(1, { memoryLimit: 64 * MIB, localDirectory: directory });
+    const [worker] = cluster.workers;
+    await using w = rpc<WorkerOps>(worker.address);
+    await w.update_data({ data: { big: new Float64Array(6 * MIB).fill(2) } });
+    assert.equal(worker.data.spilledKeys, 1);
+    const written = worker.data.spillWrittenBytes;
+    assert.equal(written, 48 * MIB);
+    const done = await w.compute({
+      key: "n",
+      function: (a: Float64Array) => a[a.length - 1] * a.length,
+      keys: ["big"],
+    });
+    assert.equal(done.status, "OK");
+    assert.deepEqual(await w.get_data({ keys: ["n"] }), { n: 12 * MIB });
+    assert.equal(worker.data.spillWrittenBytes, written, "read for the task, not written again");
+    assert.equal(worker.data.spilledKeys, 1);
+  } finally {
+    await Deno.remove(directory, { recursive: true });
   }
 });
 

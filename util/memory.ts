@@ -91,14 +91,10 @@ export function memoryLimit(text: string, share: number): number {
   return parseBytes(text, "--memory-limit");
 }
 
-/** `bytes` for people: `1.5 GiB`, `512 MiB`, `900 B`. */
-export function formatBytes(bytes: number): string {
-  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
-  let n = bytes;
+/** `bytes` for people, in powers of 1000 as `dist info` prints them: `536.9 MB`, `900 B`. */
+export function formatBytes(n: number): string {
+  const units = ["B", "kB", "MB", "GB", "TB"];
   let i = 0;
-  while (n >= 1024 && i < units.length - 1) {
-    n /= 1024;
-    i++;
-  }
-  return i === 0 ? `${n} B` : `${n.toFixed(n >= 100 ? 0 : 1)} ${units[i]}`;
+  while (n >= 1000 && i < units.length - 1) (n /= 1000, i++);
+  return `${i ? n.toFixed(1) : n} ${units[i]}`;
 }

@@ -225,6 +225,11 @@ export class DataStore {
     return this.#dir;
   }
 
+  /** Whether it holds `key` in memory (not only on disk). */
+  inMemory(key: string): boolean {
+    return this.#values.has(key);
+  }
+
   /** Whether it holds `key`. */
   has(key: string): boolean {
     return this.#values.has(key) || this.#spilled.has(key);

@@ -881,7 +881,9 @@ class WorkerServer implements WorkerNode {
   #forExecutor = (key: string): unknown => {
     const value = this.data.get(key);
     const s = shared(value);
-    if (s !== value) this.data.set(key, s, this.data.nbytes([key])[key]);
+    // The shared copy replaces a value held in memory; one served from disk stays there
+    // (its file already holds it: storing the copy would write it again).
+    if (s !== value && this.data.inMemory(key)) this.data.set(key, s, this.data.nbytes([key])[key]);
     return s;
   };
 
