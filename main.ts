@@ -10,20 +10,26 @@ import { createLogger, LOG_LEVELS, type LogFormat, type LogLevel } from "./util/
 import { parseAddress, parsePort } from "./protocol/address.ts";
 import {
   ALLOWED_FAILURES,
+  CONNECTIONS_MAX,
   DASHBOARD_PORT,
   DEATH_TIMEOUT_MS,
+  EXIT_MEMORY,
+  EXIT_SCHEDULER_LOST,
+  EXIT_USAGE,
+  FRAME_BYTES_MAX,
+  HANDSHAKE_TIMEOUT_MS,
   MEMORY_PAUSE_FRACTION,
   MEMORY_SPILL_FRACTION,
   MEMORY_TARGET_FRACTION,
+  MEMORY_TERMINATE_FRACTION,
   NO_WORKERS_TIMEOUT_MS,
   SCHEDULER_PORT,
+  tokenFromEnv,
   TRANSFERS_OUT_MAX,
   UNCLAIMED_GRACE_MS,
   WORKER_TTL_MS,
 } from "./util/defaults.ts";
-import { FRAME_BYTES_MAX } from "./protocol/framing.ts";
-import { HANDSHAKE_TIMEOUT_MS, type SecurityOptions, tokenFromEnv } from "./protocol/handshake.ts";
-import { CONNECTIONS_MAX } from "./protocol/server.ts";
+import type { SecurityOptions } from "./protocol/handshake.ts";
 import { memoryLimit } from "./util/memory.ts";
 
 const PERMISSION_NAMES = ["env", "ffi", "import", "net", "read", "run", "sys", "write"] as const;
@@ -115,6 +121,8 @@ interface Flag {
   default?: string;
   help: string;
   value?: string;
+  /** Not shown by --help: set by dist itself on the processes it starts. */
+  hidden?: boolean;
 }
 
 const common: Record<string, Flag> = {
@@ -290,7 +298,8 @@ const commands: Record<string, { usage: string; summary: string; flags: Record<s
         type: "string",
         default: String(MEMORY_SPILL_FRACTION),
         value: "FRACTION",
-        help: "share of --memory-limit the process may take before values spill to bring it back under",
+        help:
+          "share of --memory-limit the process may take before values spill to bring it down to --memory-target",
       },
       "memory-pause": {
         type: "string",
@@ -298,10 +307,27 @@ const commands: Record<string, { usage: string; summary: string; flags: Record<s
         value: "FRACTION",
         help: "share of --memory-limit past which the worker starts no task and no fetch until back under",
       },
+      "memory-terminate": {
+        type: "string",
+        default: String(MEMORY_TERMINATE_FRACTION),
+        value: "FRACTION",
+        help:
+          "share of --memory-limit past which a worker under a nanny closes at once and the nanny starts a new one",
+      },
       "local-directory": {
         type: "string",
         value: "DIR",
         help: "where the worker's spill folder is made (removed when it exits); default the temp folder",
+      },
+      "no-nanny": {
+        type: "boolean",
+        help: "run the worker alone, without the small process that restarts it when it dies " +
+          "or passes --memory-terminate",
+      },
+      supervised: {
+        type: "boolean",
+        hidden: true,
+        help: "stop when stdin closes (set by the process that started this one)",
       },
       ...auth,
       ...tls,
@@ -336,6 +362,7 @@ commands.local = {
       value: "PORT",
       help: "the scheduler's port (0: any)",
     },
+    "no-nanny": { type: "boolean", help: "run each worker alone, without a nanny (see dist worker --help)" },
     ...dashboardFlags,
     ...auth,
     ...common,
@@ -372,7 +399,7 @@ Usage:
 
 function helpOf(name: string): string {
   const command = commands[name];
-  const rows = Object.entries(command.flags).map(([flag, f]) => {
+  const rows = Object.entries(command.flags).filter(([, f]) => !f.hidden).map(([flag, f]) => {
     const left = `  --${flag}${f.value ? ` ${f.value}` : ""}`;
     return `${left.padEnd(30)}${f.help}${f.default !== undefined ? ` (default: ${f.default})` : ""}`;
   });
@@ -507,8 +534,11 @@ function checked<T>(fn: () => T): T {
   }
 }
 
-/** Closes `node` on SIGINT or SIGTERM, then exits. */
-function exitOnSignal(node: { close(): Promise<void> }): void {
+/**
+ * Closes `node` on SIGINT or SIGTERM, then exits; with `supervised`, also when stdin
+ * closes (the process that started this one ended).
+ */
+function exitOnSignal(node: { close(): Promise<void> }, supervised = false): void {
   let stopping = false;
   const stop = async () => {
     if (stopping) return;
@@ -517,6 +547,15 @@ function exitOnSignal(node: { close(): Promise<void> }): void {
     Deno.exit(0);
   };
   for (const signal of ["SIGINT", "SIGTERM"] as const) Deno.addSignalListener(signal, stop);
+  if (supervised) untilStdinCloses().then(stop);
+}
+
+/** Resolves when stdin reaches its end (or fails). */
+async function untilStdinCloses(): Promise<void> {
+  const buffer = new Uint8Array(256);
+  try {
+    while (await Deno.stdin.read(buffer) !== null) { /* nothing is ever written */ }
+  } catch { /* closed */ }
 }
 
 /** Not a user's command: the process a worker started with --isolation process runs this. */
@@ -601,6 +640,7 @@ async function run(argv: string[]): Promise<number> {
       logFormat: format,
       authToken,
       dashboardPort: dashboardPort ?? null,
+      nanny: !values["no-nanny"],
     });
     exitOnSignal(cluster);
     console.log(`listening at ${cluster.address}`);
@@ -618,12 +658,11 @@ async function run(argv: string[]): Promise<number> {
   const nthreads = positiveNumber("nthreads", flags.nthreads, true);
   const deathTimeoutMs = positiveNumber("death-timeout", flags["death-timeout"], false) * 1000;
   const secure = await security(flags);
-  // Read once: tasks granted `env` (or `inherit`) must not find the cluster's secret there.
-  if (Deno.permissions.querySync({ name: "env", variable: "DIST_AUTH_TOKEN" }).state === "granted") {
-    Deno.env.delete("DIST_AUTH_TOKEN");
-  }
-  const { startWorker } = await import("./worker/worker.ts");
-  const node = await startWorker({
+  const memory = checked(() =>
+    memoryLimit(flags["memory-limit"], nthreads / Math.max(1, navigator.hardwareConcurrency))
+  );
+  const terminateFraction = fraction("memory-terminate", flags["memory-terminate"]);
+  const workerOptions = {
     scheduler,
     host: flags.host,
     port,
@@ -640,19 +679,54 @@ async function run(argv: string[]): Promise<number> {
     httpPort: flags["http-port"] === undefined
       ? undefined
       : checked(() => parsePort(flags["http-port"], "--http-port")),
-    memoryLimit: checked(() =>
-      memoryLimit(flags["memory-limit"], nthreads / Math.max(1, navigator.hardwareConcurrency))
-    ),
+    memoryLimit: memory,
     memoryTargetFraction: fraction("memory-target", flags["memory-target"]),
     memorySpillFraction: fraction("memory-spill", flags["memory-spill"]),
     memoryPauseFraction: fraction("memory-pause", flags["memory-pause"]),
     localDirectory: flags["local-directory"],
-    log: createLogger(flags.name ? `worker ${flags.name}` : "worker", level, format),
-  });
-  exitOnSignal(node);
+    // Only under a nanny, which starts a new worker: alone, a worker carries on.
+    memoryTerminateFraction: values.supervised ? terminateFraction : undefined,
+  };
+  const logName = flags.name ? `worker ${flags.name}` : "worker";
+  if (!values["no-nanny"]) {
+    const { Nanny, canSupervise } = await import("./worker/nanny.ts");
+    const log = createLogger(flags.name ? `nanny ${flags.name}` : "nanny", level, format);
+    if (canSupervise()) {
+      const nanny = new Nanny({
+        args: argv,
+        log,
+        onListening: (address) => console.log(`listening at ${address}`),
+      });
+      for (const signal of ["SIGINT", "SIGTERM"] as const) Deno.addSignalListener(signal, () => nanny.stop());
+      if (values.supervised) untilStdinCloses().then(() => nanny.stop());
+      return await nanny.run();
+    }
+    log.warn(
+      "Running the worker without a nanny (nothing restarts it if it dies): this process may not start " +
+        "processes. Give it --allow-run (the dist binary has it), or pass --no-nanny to say so.",
+    );
+  }
+  // Read once: tasks granted `env` (or `inherit`) must not find the cluster's secret there.
+  if (Deno.permissions.querySync({ name: "env", variable: "DIST_AUTH_TOKEN" }).state === "granted") {
+    Deno.env.delete("DIST_AUTH_TOKEN");
+  }
+  const { startWorker } = await import("./worker/worker.ts");
+  let node;
+  try {
+    node = await startWorker({ ...workerOptions, log: createLogger(logName, level, format) });
+  } catch (error) {
+    // It could not reach its scheduler in time, or was refused: a nanny does not start it again.
+    console.error(`dist: error: ${(error as Error).message}`);
+    return EXIT_SCHEDULER_LOST;
+  }
+  exitOnSignal(node, values.supervised === true);
   console.log(`listening at ${node.address}`);
   await node.closed;
-  if (node.error) throw node.error;
+  if (node.error?.name === "MemoryLimitError") return EXIT_MEMORY; // logged already
+  if (node.error) {
+    console.error(`dist: error: ${node.error.message}`);
+    return EXIT_SCHEDULER_LOST;
+  }
   return 0;
 }
 
@@ -662,6 +736,6 @@ if (import.meta.main) {
   } catch (error) {
     const usage = error instanceof UsageError;
     console.error(`dist: ${usage ? "" : "error: "}${(error as Error).message}`);
-    Deno.exit(usage ? 2 : 1);
+    Deno.exit(usage ? EXIT_USAGE : 1);
   }
 }

@@ -30,6 +30,6 @@ export {
   type SchedulerOptions,
   startScheduler,
 } from "./scheduler/scheduler.ts";
-export { startWorker, type WorkerNode, type WorkerOptions } from "./worker/worker.ts";
+export { MemoryLimitError, startWorker, type WorkerNode, type WorkerOptions } from "./worker/worker.ts";
 export type { Isolation } from "./worker/executors.ts";
 export { DataStore, type DataStoreOptions } from "./worker/store.ts";

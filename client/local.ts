@@ -53,6 +53,11 @@ export interface LocalClusterOptions {
    * "auto" (the default): this machine's memory divided among the workers.
    */
   memoryLimit?: number | "auto";
+  /**
+   * With worker processes: each under a nanny that starts it again when it dies or
+   * passes 95% of its memory limit (default true; see `dist worker --help`).
+   */
+  nanny?: boolean;
 }
 
 /** A scheduler and workers on this machine. */
@@ -150,8 +155,14 @@ export class LocalCluster implements AsyncDisposable {
                   permissionsFlag(options.taskPermissions ?? "none"),
                   "--memory-limit",
                   String(memoryLimit),
+                  ...(options.nanny === false ? ["--no-nanny"] : []),
                 ],
-                { onLog: forward, env: authToken ? { DIST_AUTH_TOKEN: authToken } : undefined },
+                // Supervised: the workers stop when this process ends, even killed.
+                {
+                  onLog: forward,
+                  env: authToken ? { DIST_AUTH_TOKEN: authToken } : undefined,
+                  supervised: true,
+                },
               )),
           ),
         );

@@ -12,6 +12,7 @@ export const NODE_PERMISSIONS = [
   "--allow-read",
   "--allow-write",
   "--allow-env",
+  "--allow-sys",
   "--unstable-worker-options",
 ];
 /** How long a node may take to print its `listening at` line. */
@@ -39,6 +40,11 @@ export interface SpawnOptions {
   onLog?: (line: string) => void;
   /** Extra environment variables (secrets go here, never in argv). */
   env?: Record<string, string>;
+  /**
+   * A worker that stops when this process ends, however it ends (even by SIGKILL): it
+   * gets `--supervised` and a stdin pipe that only this process holds.
+   */
+  supervised?: boolean;
 }
 
 /** The lines of a byte stream, as they arrive. */
@@ -61,8 +67,9 @@ export async function* lines(stream: ReadableStream<Uint8Array>): AsyncGenerator
  */
 export async function spawnNode(args: string[], options: SpawnOptions = {}): Promise<NodeProcess> {
   // A compiled `dist` binary is its own main.ts: it takes the subcommand directly.
-  // `dist local` starts worker processes of its own, and a worker with --isolation process executor processes.
-  const spawns = args[0] === "local" ||
+  // `dist local` starts worker processes of its own, `dist worker` its worker under a
+  // nanny, and a worker with --isolation process executor processes.
+  const spawns = args[0] === "local" || (args[0] === "worker" && !args.includes("--no-nanny")) ||
     args.some((a, i) => a === "--isolation=process" || (a === "--isolation" && args[i + 1] === "process"));
   const permissions = spawns ? [...NODE_PERMISSIONS, "--allow-run"] : NODE_PERMISSIONS;
   // --no-config: a node runs with dist's settings, not with whatever deno.json, import map
@@ -73,8 +80,8 @@ export async function spawnNode(args: string[], options: SpawnOptions = {}): Pro
     ? []
     : ["run", "--no-config", "--no-code-cache", ...permissions, MAIN.href];
   const child = new Deno.Command(Deno.execPath(), {
-    args: [...prefix, ...args],
-    stdin: "null",
+    args: [...prefix, ...args, ...(options.supervised ? ["--supervised"] : [])],
+    stdin: options.supervised ? "piped" : "null",
     // Large buffers on transparent huge pages: on VMs where every 4 KiB page fault is
     // slow, receiving 256 MiB went 2-4x faster with it (bench:compare's diagnostics).
     env: { GLIBC_TUNABLES: Deno.env.get("GLIBC_TUNABLES") ?? "glibc.malloc.hugetlb=1", ...options.env },
@@ -105,7 +112,10 @@ export async function spawnNode(args: string[], options: SpawnOptions = {}): Pro
   const drainStdout = (async () => {
     for await (const _ of stdout) { /* keep the pipe flowing */ }
   })();
-  const status = Promise.all([child.status, stderrDone, drainStdout]).then(([s]) => s);
+  const status = Promise.all([child.status, stderrDone, drainStdout]).then(async ([s]) => {
+    if (options.supervised) await child.stdin.close().catch(() => {});
+    return s;
+  });
   const match = first !== "timeout" && !first.done ? /^listening at (\S+)$/.exec(first.value) : null;
   if (!match) {
     try {

@@ -12,11 +12,11 @@
 
 import { BUFFERS_MAX } from "./codec.ts";
 import { ConnectionClosedError, ProtocolError } from "./errors.ts";
+import { FRAME_BYTES_MAX } from "../util/defaults.ts";
 
 /** Most frames one message may have: the msgpack head and its out-of-band buffers. */
 export const MESSAGE_FRAMES_MAX = BUFFERS_MAX + 1;
-/** Default for the largest frame, and the largest message, a node accepts: 1 GiB. */
-export const FRAME_BYTES_MAX = 1024 * 1024 * 1024;
+export { FRAME_BYTES_MAX } from "../util/defaults.ts";
 /** How much a reader asks the socket for at once. */
 const READ_CHUNK_BYTES = 256 * 1024;
 /**

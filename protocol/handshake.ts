@@ -19,13 +19,13 @@ import { ConnectionClosedError, ProtocolError, TimeoutError } from "./errors.ts"
 import { FRAME_BYTES_MAX, frameHeader, HANDSHAKE_READ_BYTES, MessageReader } from "./framing.ts";
 import { type Conn, connect, type TlsOptions } from "./transport.ts";
 import { equalBytes, hmacSha256 } from "../util/sha256.ts";
+import { HANDSHAKE_TIMEOUT_MS, tokenFromEnv } from "../util/defaults.ts";
 
 /** The protocol version a server announces. */
 export const PROTOCOL_VERSION = 2;
 /** Largest handshake message: a stranger gets this much of the node's attention, no more. */
 export const HANDSHAKE_BYTES_MAX = 4096;
-/** Default time a peer has to complete the handshake. */
-export const HANDSHAKE_TIMEOUT_MS = 10_000;
+export { HANDSHAKE_TIMEOUT_MS, tokenFromEnv } from "../util/defaults.ts";
 const NONCE_BYTES = 32;
 
 /** Who may connect, and how connections are protected. */
@@ -44,18 +44,6 @@ export class AuthenticationError extends Error {
   constructor(message: string, options?: ErrorOptions) {
     super(message, options);
     this.name = "AuthenticationError";
-  }
-}
-
-/** The auth token from the environment (DIST_AUTH_TOKEN), when the process may read it. */
-export function tokenFromEnv(): string | undefined {
-  try {
-    if (Deno.permissions.querySync({ name: "env", variable: "DIST_AUTH_TOKEN" }).state !== "granted") {
-      return undefined;
-    }
-    return Deno.env.get("DIST_AUTH_TOKEN") || undefined;
-  } catch {
-    return undefined;
   }
 }
 

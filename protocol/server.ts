@@ -13,9 +13,9 @@ import { handshakeReader, type SecurityOptions, serverHandshake } from "./handsh
 import type { MessageReader } from "./framing.ts";
 import type { ArgsOf, OpTable, ReplyOf } from "./ops.ts";
 import { type Conn, listen } from "./transport.ts";
+import { CONNECTIONS_MAX } from "../util/defaults.ts";
 
-/** Most connections a node keeps open at once; more are closed on arrival. */
-export const CONNECTIONS_MAX = 10_000;
+export { CONNECTIONS_MAX } from "../util/defaults.ts";
 /**
  * Most connections still in the handshake (not yet past the token's proof). Past it the
  * oldest is dropped to make room: a flood of strangers costs at most this many small

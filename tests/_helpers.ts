@@ -93,3 +93,29 @@ Deno.test.beforeEach(() => {
   }, TEST_TIMEOUT_MS);
 });
 Deno.test.afterEach(() => clearTimeout(watchdog));
+
+/**
+ * Reads a file of /proc (Deno reads /proc only with --allow-all, which tests do not have:
+ * `cat` reads it); null when it is absent.
+ */
+export async function readProc(path: string): Promise<string | null> {
+  const out = await new Deno.Command("sh", { args: ["-c", `cat ${path}`], stdout: "piped", stderr: "null" })
+    .output();
+  return out.success ? new TextDecoder().decode(out.stdout) : null;
+}
+
+/** Whether process `pid` exists and is not a zombie. */
+export async function processAlive(pid: number): Promise<boolean> {
+  const status = await readProc(`/proc/${pid}/status`);
+  return status !== null && !/^State:\s+Z/m.test(status);
+}
+
+/** `pid` and every process below it, `pid` first (Linux). */
+export async function processTree(pid: number): Promise<number[]> {
+  const out = [pid];
+  for (let i = 0; i < out.length; i++) {
+    const children = await readProc(`/proc/${out[i]}/task/*/children`) ?? "";
+    for (const p of children.split(/\s+/)) if (/^\d+$/.test(p)) out.push(Number(p));
+  }
+  return out;
+}

@@ -22,7 +22,7 @@ const delay = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 /** Runs `dist ARGS...` to the end. */
 async function dist(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
   const out = await new Deno.Command(Deno.execPath(), {
-    args: ["run", ...NODE_PERMISSIONS, MAIN.href, ...args],
+    args: ["run", ...NODE_PERMISSIONS, "--allow-run", MAIN.href, ...args],
     stdin: "null",
     stdout: "piped",
     stderr: "piped",
@@ -259,7 +259,9 @@ Deno.test("cli: --help of each command lists every flag with its default", async
       "memory-target": "0.6",
       "memory-spill": "0.7",
       "memory-pause": "0.8",
+      "memory-terminate": "0.95",
       "local-directory": null,
+      "no-nanny": null,
       ...security,
       "log-level": "info",
       "log-format": "text",
@@ -271,6 +273,7 @@ Deno.test("cli: --help of each command lists every flag with its default", async
       "memory-limit": "auto",
       host: "127.0.0.1",
       port: "8786",
+      "no-nanny": null,
       "dashboard-port": "8787",
       "no-dashboard": null,
       "auth-token": null,
@@ -390,10 +393,11 @@ Deno.test("cli: a worker started before its scheduler registers once it appears"
   assert.deepEqual((await center.workers()).map((i) => i.name), ["early"]);
 });
 
-Deno.test("cli: --death-timeout 1 with no scheduler exits 1 saying it cannot register", async () => {
+Deno.test("cli: --death-timeout 1 with no scheduler exits 3 saying it cannot register, and its nanny too", async () => {
   const address = `tcp://127.0.0.1:${freePort()}`;
   const { code, stdout, stderr } = await dist("worker", address, "--death-timeout", "1");
-  assert.equal(code, 1, stderr);
+  // 3: gave up on its scheduler; the nanny does not start it again and exits the same way.
+  assert.equal(code, 3, stderr);
   assert.equal(stdout, "");
   const last = stderr.trimEnd().split("\n").at(-1)!;
   assert.match(
@@ -487,7 +491,7 @@ Deno.test("cli: the terminate op makes a worker exit 0 and the scheduler drops i
 Deno.test("cli: a SIGKILLed worker is dropped once its connection closes", async () => {
   await using nodes = new Nodes();
   const scheduler = await nodes.spawn("scheduler", "--port", "0");
-  const alice = await nodes.spawn("worker", scheduler.address, "--name", "alice");
+  const alice = await nodes.spawn("worker", scheduler.address, "--name", "alice", "--no-nanny");
   const bob = await nodes.spawn("worker", scheduler.address, "--name", "bob");
   {
     await using a = rpc<WorkerOps>(alice.address);

@@ -7,11 +7,19 @@ import { eventually, metricAt, startCluster, testLogger } from "./_helpers.ts";
 const inc = (x: number) => x + 1;
 const add = (a: number, b: number) => a + b;
 
-/** Real node processes, stopped at the end whatever happens. */
+/**
+ * Real node processes, stopped at the end whatever happens. Workers run without a nanny:
+ * these tests kill and stop the worker process itself (tests/nanny_test.ts has the nanny).
+ */
 class Nodes implements AsyncDisposable {
   list: NodeProcess[] = [];
   async spawn(...args: string[]): Promise<NodeProcess> {
-    const node = await spawnNode([...args, "--log-level", "info"]);
+    const node = await spawnNode([
+      ...args,
+      ...(args[0] === "worker" ? ["--no-nanny"] : []),
+      "--log-level",
+      "info",
+    ]);
     this.list.push(node);
     return node;
   }

@@ -16,7 +16,9 @@ Deno.test("result() of a recomputable key whose holder is killed right before or
   const workers: NodeProcess[] = [];
   try {
     for (const name of ["alice", "bob"]) {
-      workers.push(await spawnNode(["worker", scheduler.address, "--name", name, "--nthreads", "1"]));
+      workers.push(
+        await spawnNode(["worker", scheduler.address, "--name", name, "--nthreads", "1", "--no-nanny"]),
+      );
     }
     await using client = await Client.connect(scheduler.address);
     await using s = rpc<SchedulerOps>(scheduler.address);
@@ -42,7 +44,7 @@ Deno.test("result() of a recomputable key whose holder is killed right before or
       assert.equal(value[value.length - 1], round + 1);
       // A fresh worker takes the dead one's place for the next round.
       workers.splice(workers.indexOf(victim), 1);
-      workers.push(await spawnNode(["worker", scheduler.address, "--nthreads", "1"]));
+      workers.push(await spawnNode(["worker", scheduler.address, "--nthreads", "1", "--no-nanny"]));
       await eventually(async () => (await s.workers({})).length === 2, 30_000);
     }
   } finally {

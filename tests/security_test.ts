@@ -491,7 +491,8 @@ Deno.test("cli: nodes take the token from DIST_AUTH_TOKEN or --auth-token-file; 
     await rejectsAuth(Client.connect(scheduler.address), /requires an auth token/);
 
     const refused = await intruder;
-    assert.equal(refused.code, 1, refused.stderr);
+    // 3: refused by its scheduler, a nanny would not start it again.
+    assert.equal(refused.code, 3, refused.stderr);
     assert.match(refused.stderr, /wrong auth token/);
     assert.ok(!refused.stderr.includes(WRONG), "the worker printed its token");
     for (const run of await shortRuns) {

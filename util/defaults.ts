@@ -5,6 +5,25 @@
  * @module
  */
 
+/** Default for the largest frame, and the largest message, a node accepts: 1 GiB. */
+export const FRAME_BYTES_MAX = 1024 * 1024 * 1024;
+/** Default time a peer has to complete the handshake. */
+export const HANDSHAKE_TIMEOUT_MS = 10_000;
+/** Most connections a node keeps open at once; more are closed on arrival. */
+export const CONNECTIONS_MAX = 10_000;
+
+/** The auth token from the environment (DIST_AUTH_TOKEN), when the process may read it. */
+export function tokenFromEnv(): string | undefined {
+  try {
+    if (Deno.permissions.querySync({ name: "env", variable: "DIST_AUTH_TOKEN" }).state !== "granted") {
+      return undefined;
+    }
+    return Deno.env.get("DIST_AUTH_TOKEN") || undefined;
+  } catch {
+    return undefined;
+  }
+}
+
 /** Default scheduler port, as Dask's. */
 export const SCHEDULER_PORT = 8786;
 /** Default dashboard port, as Dask's. */
@@ -37,3 +56,13 @@ export const MEMORY_TARGET_FRACTION = 0.6;
 export const MEMORY_SPILL_FRACTION = 0.7;
 /** Share of a worker's memory limit past which it starts no task and no fetch (Dask's `pause`). */
 export const MEMORY_PAUSE_FRACTION = 0.8;
+
+/** Share of a worker's memory limit past which its nanny kills it and starts a new one (Dask's `terminate`). */
+export const MEMORY_TERMINATE_FRACTION = 0.95;
+
+/** Exit code of a command given bad flags or arguments (the nanny does not restart it). */
+export const EXIT_USAGE = 2;
+/** Exit code of a worker that gave up reaching its scheduler (`--death-timeout`): its nanny stops too. */
+export const EXIT_SCHEDULER_LOST = 3;
+/** Exit code of a worker past its memory's terminate share: its nanny starts a new one. */
+export const EXIT_MEMORY = 4;

@@ -43,12 +43,22 @@ export function parseBytes(text: string, what = "size"): number {
   return bytes;
 }
 
-/** Reads a small text file, or null when it is absent or unreadable. */
-function readText(path: string): string | null {
+/**
+ * Reads a small file of /proc or /sys, or null when it is absent or unreadable. Deno
+ * reads those only with --allow-all, whatever --allow-read says: where this process may
+ * run `cat`, cat reads it.
+ */
+function readSystemFile(path: string): string | null {
   // Asked first: without the permission Deno would prompt at a terminal.
-  if (Deno.permissions.querySync({ name: "read", path }).state !== "granted") return null;
+  if (Deno.permissions.querySync({ name: "read", path }).state === "granted") {
+    try {
+      return Deno.readTextFileSync(path);
+    } catch { /* refused without --allow-all, or absent */ }
+  }
+  if (Deno.permissions.querySync({ name: "run", command: "cat" }).state !== "granted") return null;
   try {
-    return Deno.readTextFileSync(path);
+    const out = new Deno.Command("cat", { args: [path], stdout: "piped", stderr: "null" }).outputSync();
+    return out.success ? new TextDecoder().decode(out.stdout) : null;
   } catch {
     return null;
   }
@@ -60,15 +70,16 @@ function readText(path: string): string | null {
  */
 export function machineMemoryBytes(): number | null {
   let total: number | null = null;
-  const meminfo = readText("/proc/meminfo");
-  const m = meminfo === null ? null : /^MemTotal:\s+(\d+)\s*kB/m.exec(meminfo);
-  if (m) total = Number(m[1]) * 1024;
-  else if (Deno.permissions.querySync({ name: "sys", kind: "systemMemoryInfo" }).state === "granted") {
+  if (Deno.permissions.querySync({ name: "sys", kind: "systemMemoryInfo" }).state === "granted") {
     total = Deno.systemMemoryInfo().total;
+  } else {
+    const meminfo = readSystemFile("/proc/meminfo");
+    const m = meminfo === null ? null : /^MemTotal:\s+(\d+)\s*kB/m.exec(meminfo);
+    if (m) total = Number(m[1]) * 1024;
   }
   // cgroup v2, then v1; "max" or a huge v1 number means no cap.
   for (const path of ["/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"]) {
-    const text = readText(path)?.trim();
+    const text = readSystemFile(path)?.trim();
     if (text === undefined || !/^\d+$/.test(text)) continue;
     const cap = Number(text);
     if (cap > 0 && cap < 2 ** 60 && (total === null || cap < total)) total = cap;

@@ -38,6 +38,9 @@ export type JobResult =
     stop?: number;
   };
 
+/** What the pool sends besides jobs: whether its worker is short of memory, or to collect now. */
+export type PoolMessage = { pressure: boolean } | { collect: true };
+
 /** Longest a finished result waits for the rest of its batch. */
 const RESULT_HOLD_MS = 2;
 
@@ -168,7 +171,17 @@ delete (Deno as unknown as Record<symbol, unknown>)[(Deno as unknown as { intern
 
 const reclaimer = new MemoryReclaimer();
 let chain = Promise.resolve();
-self.addEventListener("message", (event: MessageEvent<Job[]>) => {
+self.addEventListener("message", (event: MessageEvent<Job[] | PoolMessage>) => {
+  if (!Array.isArray(event.data)) {
+    // The worker is short of memory: shared memory let go of here is collected at once.
+    const m = event.data as Partial<{ pressure: boolean; collect: true }>;
+    if (typeof m?.pressure === "boolean") {
+      reclaimer.pressure = m.pressure;
+      if (m.pressure) reclaimer.collectNow();
+    }
+    if (m?.collect === true) reclaimer.collectNow(true);
+    return;
+  }
   const jobs = event.data;
   const fns = jobs.map((job) => {
     if (job.spec) functions.set(job.fn, loadFunction(job.spec));

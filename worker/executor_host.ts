@@ -15,6 +15,8 @@ import type { ExecutorMessage, Job, JobResult } from "./executor.ts";
 
 /** The parent is this process's own worker: what it sends was in its memory already. */
 const IPC_FRAME_BYTES_MAX = Number.MAX_SAFE_INTEGER;
+/** How often this process tells its worker its resident memory (when it changed by a MiB or more). */
+const MEMORY_REPORT_INTERVAL_MS = 100;
 
 const EXECUTOR_URL = new URL("./executor.ts", import.meta.url).href;
 
@@ -65,6 +67,15 @@ export async function runExecutorHost(permissions: Deno.PermissionOptions): Prom
     event.preventDefault();
     send({ kind: "error", message: event.message });
   };
+  // The worker's memory monitor counts this process too: it cannot read /proc without
+  // --allow-all, so this process says what it holds (Deno.memoryUsage needs no permission).
+  let reported = 0;
+  const report = setInterval(() => {
+    const rss = Deno.memoryUsage().rss;
+    if (Math.abs(rss - reported) < 2 ** 20) return;
+    reported = rss;
+    writer.write(frames(encoder, { kind: "memory", rss }, "memory")).catch(() => {});
+  }, MEMORY_REPORT_INTERVAL_MS);
   const reader = new MessageReader(Deno.stdin, { frameBytesMax: IPC_FRAME_BYTES_MAX });
   try {
     for (;;) {
@@ -75,6 +86,7 @@ export async function runExecutorHost(permissions: Deno.PermissionOptions): Prom
       worker.postMessage(jobs, message.slice(1).map((f) => f.buffer as ArrayBuffer));
     }
   } finally {
+    clearInterval(report);
     worker.terminate();
     await writer.flushed();
   }

@@ -99,6 +99,8 @@ export class ProcessExecutor {
   onexit: ((reason: string) => void) | null = null;
   /** Resolves when the process and its pipes are done. */
   readonly closed: Promise<void>;
+  /** The process's resident memory in bytes, as it last said (0 until it does). */
+  rss = 0;
 
   #child: Deno.ChildProcess;
   #encoder = new Encoder();
@@ -167,7 +169,14 @@ export class ProcessExecutor {
       for (;;) {
         const message = await reader.next();
         if (message === null) break;
-        const data = decoder.decode(message[0], message.slice(1)) as ExecutorMessage;
+        const data = decoder.decode(message[0], message.slice(1)) as ExecutorMessage | {
+          kind: "memory";
+          rss: number;
+        };
+        if (data?.kind === "memory") {
+          if (typeof data.rss === "number") this.rss = data.rss;
+          continue;
+        }
         if (!this.#terminated) this.onmessage?.({ data });
       }
     } catch {

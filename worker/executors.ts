@@ -10,7 +10,7 @@ import { CancelledError, RemoteError } from "../protocol/errors.ts";
 import type { FunctionSpec } from "../protocol/ops.ts";
 import { functionKey } from "../protocol/functions.ts";
 import { Lru } from "../util/lru.ts";
-import type { ExecutorMessage, Job as WireJob } from "./executor.ts";
+import type { ExecutorMessage, Job as WireJob, PoolMessage } from "./executor.ts";
 import { EXECUTOR_FUNCTIONS_MAX } from "./functions.ts";
 import { checkCanSpawn, ProcessExecutor } from "./executor_process.ts";
 
@@ -147,6 +147,7 @@ export class ExecutorPool {
   #closed = false;
   #pumpScheduled = false;
   #busyMs = 0;
+  #pressure = false;
 
   #permissions: Deno.PermissionOptions;
   #options: ExecutorPoolOptions;
@@ -187,6 +188,36 @@ export class ExecutorPool {
   /** Tasks running now. */
   get running(): number {
     return this.#executors.reduce((n, e) => n + (e?.jobs.size ?? 0), 0);
+  }
+
+  /** Resident memory of the executors in processes of their own, in bytes (0 for threads: theirs is the worker's). */
+  get processBytes(): number {
+    let total = 0;
+    for (const e of this.#executors) if (e?.worker instanceof ProcessExecutor) total += e.worker.rss;
+    return total;
+  }
+
+  /**
+   * Whether the worker is short of memory: thread executors then collect the shared
+   * memory they let go of at once (they hold references to the worker's values until they do).
+   */
+  set pressure(on: boolean) {
+    if (on === this.#pressure) return;
+    this.#pressure = on;
+    for (const e of this.#executors) {
+      if (e !== null && !(e.worker instanceof ProcessExecutor)) {
+        e.worker.postMessage({ pressure: on } satisfies PoolMessage);
+      }
+    }
+  }
+
+  /** Has the thread executors collect garbage now: they may hold the last references to shared memory. */
+  collect(): void {
+    for (const e of this.#executors) {
+      if (e !== null && !(e.worker instanceof ProcessExecutor)) {
+        e.worker.postMessage({ collect: true } satisfies PoolMessage);
+      }
+    }
   }
 
   /** Executors started (and not stopped since). */
@@ -303,6 +334,9 @@ export class ExecutorPool {
       throw startError(this.#permissions, error);
     }
     const executor: Executor = { worker, jobs: new Map(), known: new Lru(EXECUTOR_FUNCTIONS_MAX) };
+    if (this.#pressure && !(worker instanceof ProcessExecutor)) {
+      worker.postMessage({ pressure: true } satisfies PoolMessage);
+    }
     if (worker instanceof ProcessExecutor) {
       worker.onexit = (reason) => this.#lost(executor, reason);
     }

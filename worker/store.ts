@@ -112,12 +112,17 @@ export class MemoryReclaimer {
   #lastMs = -Infinity;
   /** Collections asked for so far. */
   collections = 0;
+  /**
+   * The process is short of memory (its owner says): freed buffers are collected at the
+   * next turn instead of at most once a second.
+   */
+  pressure = false;
 
   /** `bytes` of buffers are no longer referred to from here. */
   freed(bytes: number): void {
     this.#freed += bytes;
     if (this.#freed < FREED_GC_BYTES || this.#timer !== undefined) return;
-    const waitMs = Math.max(0, this.#lastMs + GC_INTERVAL_MS_MIN - performance.now());
+    const waitMs = this.pressure ? 0 : Math.max(0, this.#lastMs + GC_INTERVAL_MS_MIN - performance.now());
     this.#timer = setTimeout(() => {
       this.#timer = undefined;
       this.#freed = 0;
@@ -125,6 +130,23 @@ export class MemoryReclaimer {
       collect();
       this.#lastMs = performance.now();
     }, waitMs);
+  }
+
+  /**
+   * Collects now if buffers were let go of since the last collection (or, with `always`,
+   * anyway), whatever the time since: the process is short of memory. Returns the bytes
+   * it expects back.
+   */
+  collectNow(always = false): number {
+    const freed = this.#freed;
+    if (freed === 0 && !always) return 0;
+    clearTimeout(this.#timer);
+    this.#timer = undefined;
+    this.#freed = 0;
+    this.collections++;
+    collect();
+    this.#lastMs = performance.now();
+    return freed;
   }
 
   /** Cancels a pending collection (the owner is closing). */
@@ -179,6 +201,8 @@ export class DataStore {
   #memoryBytes = 0;
   #spilledBytes = 0;
   readonly #target: number;
+  /** What values in memory may take now: the target, less what the process needs besides (see `budget`). */
+  #budget: number;
   readonly #parent: string | undefined;
   readonly #onSpillError: (message: string) => void;
   #dir: string | null = null;
@@ -196,6 +220,7 @@ export class DataStore {
   /** A store; with `targetBytes`, one that spills (see `DataStoreOptions`). */
   constructor(options: DataStoreOptions = {}) {
     this.#target = options.targetBytes ?? Infinity;
+    this.#budget = this.#target;
     this.#parent = options.directory;
     this.#onSpillError = options.onSpillError ?? (() => {});
   }
@@ -237,8 +262,8 @@ export class DataStore {
 
   /**
    * The value of `key` (undefined when absent). A spilled value is read back, and kept in
-   * memory again if it fits (others may be spilled for it); one that does not fit is only
-   * returned. Throws if its file cannot be read.
+   * memory again if it fits the budget (others may be spilled for it); one that does not
+   * fit (the process is short of memory) is only returned. Throws if its file cannot be read.
    */
   get(key: string): unknown {
     if (this.#values.has(key)) {
@@ -254,13 +279,18 @@ export class DataStore {
     if (file === undefined) return undefined;
     const value = this.#readSpilled(key, file);
     const nbytes = this.#nbytes.get(key)!;
-    if (nbytes <= this.#target) {
+    // A plain ArrayBuffer was copied out of its shared frame, which is garbage now.
+    if (nbytes > SMALL_FRAME_BYTES) this.#reclaimer.freed(droppedFrameBytesOf(value));
+    if (nbytes <= this.#budget) {
       this.#spilled.delete(key);
       this.#spilledBytes -= nbytes;
       this.#removeFile(file);
       this.#values.set(key, value);
       this.#memoryBytes += nbytes;
       this.#evict(key);
+    } else if (nbytes >= SMALL_FRAME_BYTES) {
+      // Read for the caller alone: its memory is let go of once the caller is done.
+      this.#reclaimer.freed(bufferBytesOf(value));
     }
     return value;
   }
@@ -325,7 +355,7 @@ export class DataStore {
   }
 
   /** Spills the least recently used values (never `keep`) until memory is back under `target`. */
-  #evict(keep: string | null, target = this.#target): void {
+  #evict(keep: string | null, target = this.#budget): void {
     if (this.#memoryBytes <= target) return;
     for (const [key, value] of this.#values) {
       if (this.#memoryBytes <= target) return;
@@ -393,7 +423,11 @@ export class DataStore {
       let at = 4 + 8 * n;
       for (let i = 0; i < n; i++) {
         const length = view.getUint32(8 * i, true) + view.getUint32(8 * i + 4, true) * 0x100000000;
-        const frame = new Uint8Array(length);
+        // Buffers land in shared memory, as values from the network do: an executor
+        // thread then reads them in place, with no copy on the way in.
+        const frame = new Uint8Array(
+          i > 0 && length > SMALL_FRAME_BYTES ? new SharedArrayBuffer(length) : new ArrayBuffer(length),
+        );
         readExactSync(f, frame);
         frames.push(frame);
         this.spillReadBytes += length;
@@ -426,6 +460,35 @@ export class DataStore {
     // A value moved to shared memory for an executor replaces its own copy, which it may share.
     if (bytes > 0 && next !== undefined) bytes = Math.max(0, bytes - bufferBytesOf(next));
     if (bytes > 0) this.#reclaimer.freed(bytes);
+  }
+
+  /**
+   * Has V8 collect now the buffers let go of (spilled, deleted) since its last collection,
+   * instead of within a second (with `always`, even if none were counted): the worker's
+   * memory monitor found the process past its spill share. Returns the bytes expected back.
+   */
+  reclaimNow(always = false): number {
+    return this.#reclaimer.collectNow(always);
+  }
+
+  /**
+   * Whether the process is short of memory (the worker's monitor says): buffers let go
+   * of are then collected at the next turn, not within a second.
+   */
+  set pressure(on: boolean) {
+    this.#reclaimer.pressure = on;
+  }
+
+  /**
+   * Bytes values in memory may take from now on, at most the target: the worker's monitor
+   * gives the target share of its process less what is not values (executors' working
+   * memory, buffers, the runtime), so that values stored while tasks run leave them room.
+   * Applied as values are stored and read back; nothing is spilled when it is set.
+   */
+  set budget(bytes: number) {
+    // Never below an eighth of the target: small values stay, whatever the process holds
+    // (a worker in a larger program sees that program's memory as its own).
+    this.#budget = Math.min(this.#target, Math.max(this.#target / 8, bytes));
   }
 
   /** Stops its pending work and removes its spill folder: the worker is closing. */

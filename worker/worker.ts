@@ -37,7 +37,7 @@ import { dispatchTo, type Handlers, serve, type Server } from "../protocol/serve
 import { AuthenticationError, openComm, type SecurityOptions, tokenFromEnv } from "../protocol/handshake.ts";
 import { ConnectionPool } from "../protocol/pool.ts";
 import { fetchData } from "../protocol/fetch.ts";
-import { type Instruction, type WorkerEvent, WorkerState } from "./state.ts";
+import { FETCH_BYTES_IN_FLIGHT_MAX, type Instruction, type WorkerEvent, WorkerState } from "./state.ts";
 import { FRAME_BYTES_MAX } from "../protocol/framing.ts";
 import { ExecutorDiedError, ExecutorPool, type Isolation, shared } from "./executors.ts";
 import { DataStore, nbytesOf, refsIn, resolveRefs } from "./store.ts";
@@ -49,10 +49,18 @@ import {
   TRANSFERS_OUT_MAX,
 } from "../util/defaults.ts";
 
-/** How often a worker with a memory limit looks at its process's memory. */
-const MEMORY_MONITOR_MS = 100;
-/** Least time between two spills the monitor makes: the memory they free returns at the next collection. */
-const MONITOR_SPILL_INTERVAL_MS = 1_000;
+/**
+ * How often a worker with a memory limit looks at its process's memory (Deno.memoryUsage
+ * costs microseconds): a task making values at GB/s adds 100 MB in 50 ms.
+ */
+const MEMORY_MONITOR_MS = 20;
+/**
+ * Least time between two spills the monitor makes: what a spill frees returns at the
+ * collection it asks for, and until then the process still looks full.
+ */
+const MONITOR_SPILL_INTERVAL_MS = 100;
+/** Share of the memory limit that values being fetched may take at once. */
+const FETCH_MEMORY_SHARE = 0.1;
 
 export { DEATH_TIMEOUT_MS, TRANSFERS_OUT_MAX };
 
@@ -137,11 +145,17 @@ export interface WorkerOptions extends SecurityOptions {
   memoryTargetFraction?: number;
   /**
    * Share of `memoryLimit` the process may take (its RSS: values, executors, everything)
-   * before values spill to bring it back under; default 0.7, as Dask's.
+   * before values spill to bring it down to `memoryTargetFraction`; default 0.7, as Dask's.
    */
   memorySpillFraction?: number;
   /** Share of `memoryLimit` past which the worker pauses: it starts no task and no fetch; default 0.8. */
   memoryPauseFraction?: number;
+  /**
+   * Share of `memoryLimit` past which the worker closes at once, without handing its data
+   * over, and sets `error` to a `MemoryLimitError`: for a worker under a nanny, which
+   * starts a new one (`dist worker` sets 0.95). Default none: a worker alone carries on.
+   */
+  memoryTerminateFraction?: number;
   /** Where the worker's spill folder is made (a fresh one per worker, removed when it closes); default the temp folder. */
   localDirectory?: string;
   /** Where it logs; default stderr at info. */
@@ -160,12 +174,21 @@ export interface WorkerNode {
   readonly httpUrl: string | null;
   /** Resolves once closed: by `close()`, `terminate`, or losing the scheduler for good. */
   readonly closed: Promise<void>;
-  /** Why it closed on its own (the scheduler was lost for good); null otherwise. */
+  /** Why it closed on its own (the scheduler lost for good, a MemoryLimitError); null otherwise. */
   readonly error: Error | null;
   /** Unregisters from the scheduler and closes every connection. */
   close(): Promise<void>;
   /** `await using` closes it. */
   [Symbol.asyncDispose](): Promise<void>;
+}
+
+/** A worker under a nanny closed because its process passed the terminate share of its memory limit. */
+export class MemoryLimitError extends Error {
+  /** Builds the error. */
+  constructor(message: string) {
+    super(message);
+    this.name = "MemoryLimitError";
+  }
 }
 
 /**
@@ -319,7 +342,16 @@ class WorkerServer implements WorkerNode {
         nthreads: this.#nthreads,
         scheduler: this.#schedulerUrl,
       };
-      this.#state = new WorkerState({ address: this.#server.url, nthreads: this.#nthreads });
+      const limit = options.memoryLimit ?? 0;
+      this.#state = new WorkerState({
+        address: this.#server.url,
+        nthreads: this.#nthreads,
+        // With a memory limit, values arriving at once take at most a tenth of it (as
+        // Dask's `transfer` share); one fetch always starts, however large.
+        fetchBytesInFlightMax: limit > 0
+          ? Math.min(FETCH_BYTES_IN_FLIGHT_MAX, Math.floor(limit * FETCH_MEMORY_SHARE))
+          : undefined,
+      });
       if (options.httpPort !== undefined) {
         this.#lag = new LoopLag();
         this.#http = await startHttp({
@@ -443,7 +475,7 @@ class WorkerServer implements WorkerNode {
         paused: this.#state.paused ? 1 : 0,
         executing: this.#executors.running,
         queued: this.#executors.queued,
-        rss: Deno.memoryUsage().rss,
+        rss: this.#rss(),
         // Share of the executors' time spent in tasks since the last heartbeat, 0 to 1.
         cpu: Math.min(1, this.#executors.takeBusyMs() / Math.max(1, (now - lastBeat) * this.#nthreads)),
         bytes_in: this.#bytesIn,
@@ -932,6 +964,11 @@ class WorkerServer implements WorkerNode {
 
   // ---- memory ----
 
+  /** This process's resident memory and that of its executor processes, in bytes. */
+  #rss(): number {
+    return Deno.memoryUsage().rss + this.#executors.processBytes;
+  }
+
   /**
    * The memory monitor: past the spill share of the limit, values go to disk until the
    * process would be back under it (what is not values, executors and buffers, stays);
@@ -940,15 +977,44 @@ class WorkerServer implements WorkerNode {
   #watchMemory(): void {
     const limit = this.#options.memoryLimit ?? 0;
     if (limit <= 0 || this.#closing) return;
-    const rss = Deno.memoryUsage().rss;
+    let rss = this.#rss();
+    const terminate = this.#options.memoryTerminateFraction;
+    if (terminate !== undefined && rss > limit * terminate) {
+      this.error = new MemoryLimitError(
+        `The process holds ${formatBytes(rss)}, over ${formatBytes(limit * terminate)} (memory terminate ` +
+          `share of ${formatBytes(limit)}): closing at once for its nanny to start a new one`,
+      );
+      this.#log.error(this.error.message);
+      this.#shutdown(false);
+      return;
+    }
     const spillAt = limit * (this.#options.memorySpillFraction ?? MEMORY_SPILL_FRACTION);
     const now = performance.now();
+    // Past the target share, memory let go of is worth a collection at once.
+    const targetAt = limit * (this.#options.memoryTargetFraction ?? MEMORY_TARGET_FRACTION);
+    const pressure = rss > targetAt;
+    this.data.pressure = pressure;
+    // Values take the target share of the process, less what it holds besides them.
+    this.data.budget = targetAt - Math.max(0, rss - this.data.memoryBytes);
+    this.#executors.pressure = pressure;
     if (rss > spillAt && now - this.#lastMonitorSpill >= MONITOR_SPILL_INTERVAL_MS) {
-      const unmanaged = Math.max(0, rss - this.data.memoryBytes);
-      const spilled = this.data.spillTo(Math.max(0, spillAt - unmanaged));
-      if (spilled > 0) {
-        this.#lastMonitorSpill = now;
-        this.#log.debug(`Memory ${rss} of ${limit} bytes: spilled ${spilled} bytes`);
+      this.#lastMonitorSpill = now;
+      // First what is garbage already: buffers let go of here, and the executor threads'
+      // references to shared memory (they collect on their own turn).
+      this.data.reclaimNow(true);
+      this.#executors.collect();
+      rss = this.#rss();
+      if (rss > spillAt) {
+        // Down to the target share, as Dask does: room for what tasks make meanwhile.
+        const unmanaged = Math.max(0, rss - this.data.memoryBytes);
+        const spilled = this.data.spillTo(Math.max(0, targetAt - unmanaged));
+        if (spilled > 0) {
+          this.data.reclaimNow(true);
+          this.#log.debug(
+            `Memory ${formatBytes(rss)} of ${formatBytes(limit)}: spilled ${formatBytes(spilled)}`,
+          );
+          rss = this.#rss();
+        }
       }
     }
     const pauseAt = limit * (this.#options.memoryPauseFraction ?? MEMORY_PAUSE_FRACTION);
