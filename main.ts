@@ -329,6 +329,11 @@ const commands: Record<string, { usage: string; summary: string; flags: Record<s
         hidden: true,
         help: "stop when stdin closes (set by the process that started this one)",
       },
+      nannied: {
+        type: "boolean",
+        hidden: true,
+        help: "a nanny started this worker and starts a new one when it exits (set by the nanny)",
+      },
       ...auth,
       ...tls,
       ...limits,
@@ -684,8 +689,9 @@ async function run(argv: string[]): Promise<number> {
     memorySpillFraction: fraction("memory-spill", flags["memory-spill"]),
     memoryPauseFraction: fraction("memory-pause", flags["memory-pause"]),
     localDirectory: flags["local-directory"],
-    // Only under a nanny, which starts a new worker: alone, a worker carries on.
-    memoryTerminateFraction: values.supervised ? terminateFraction : undefined,
+    memoryTerminateFraction: terminateFraction,
+    // Under a nanny, which starts a new worker when this one closes past the terminate share.
+    nanny: values.nannied === true,
   };
   const logName = flags.name ? `worker ${flags.name}` : "worker";
   if (!values["no-nanny"]) {

@@ -2,7 +2,8 @@
  * The dashboard page: one self-contained HTML document (no build step, no library, no
  * network but its own scheduler), kept as a string so the compiled binary carries it.
  * It listens to /events (Server-Sent Events) and redraws: workers, progress per task
- * kind, the task stream per worker thread with transfers, and memory per worker.
+ * kind, the task stream per worker thread with transfers, each worker's memory now (in
+ * memory, the rest of its process, on disk, against its limit) and over time.
  *
  * @module
  */
@@ -30,6 +31,7 @@ th:first-child,td:first-child{text-align:left}th{color:var(--muted);font-weight:
 .row{display:flex;justify-content:space-between;font-size:13px}.muted{color:var(--muted)}
 svg{width:100%;display:block}.legend{font-size:12px;color:var(--muted);margin-top:4px}
 .legend i{display:inline-block;width:10px;height:10px;margin:0 4px 0 10px;border-radius:2px;vertical-align:-1px}
+.managed{background:#5b8def;fill:#5b8def}.unmanaged{background:#a9bde8;fill:#a9bde8}.spilled{background:#c9cfdb;fill:#c9cfdb}
 </style></head><body>
 <header><h1>dist</h1><span class="stat">scheduler <b id="address">…</b></span>
 <span class="stat">workers <b id="nworkers">0</b></span><span class="stat">threads <b id="nthreads">0</b></span>
@@ -42,7 +44,9 @@ svg{width:100%;display:block}.legend{font-size:12px;color:var(--muted);margin-to
 <section><h2>Progress</h2><div id="overall" data-percent="0"><div class="row"><b>all tasks</b><span id="overall-text" class="muted"></span></div>
 <div class="bar"><span class="done" id="overall-bar" style="width:0"></span></div></div><div id="progress"></div>
 <div class="legend"><i class="done"></i>done<i class="proc"></i>running<i style="background:var(--wait)"></i>waiting<i class="erred"></i>erred</div></section>
-<section><h2>Memory per worker <span class="muted">(last 2 minutes)</span></h2><svg id="memory" viewBox="0 0 600 220" preserveAspectRatio="none"></svg>
+<section><h2>Memory per worker <span class="muted">(now; the line is its limit)</span></h2><svg id="memory-now" viewBox="0 0 600 40"></svg>
+<div class="legend"><i class="managed"></i>values in memory<i class="unmanaged"></i>rest of the process<i class="spilled"></i>values on disk</div>
+<h2 style="margin-top:14px">Values held <span class="muted">(last 2 minutes)</span></h2><svg id="memory" viewBox="0 0 600 160" preserveAspectRatio="none"></svg>
 <div class="legend" id="memory-legend"></div></section>
 <section class="wide"><h2>Task stream <span class="muted">(last 20 s; a row per worker thread, transfers in red)</span></h2>
 <svg id="stream" viewBox="0 0 1200 200" preserveAspectRatio="none"></svg><div class="legend" id="stream-legend"></div></section>
@@ -87,7 +91,34 @@ function render(s) {
   $("overall").dataset.percent = String(percent);
   $("overall-text").textContent = done + " / " + total + " (" + percent + " %)";
   $("overall-bar").style.width = percent + "%";
-  drawStream(s); drawMemory(s);
+  drawStream(s); drawMemoryNow(s); drawMemory(s);
+}
+// Each worker's memory now, one bar each: values in memory, the rest of its process (its
+// RSS less those), then values on disk; a line at its limit; a paused worker marked.
+function drawMemoryNow(s) {
+  const svg = $("memory-now"), W = 600, left = 120, right = 8, row = 26;
+  const H = Math.max(1, s.workers.length) * row + 8; svg.setAttribute("viewBox", "0 0 " + W + " " + H); svg.style.height = H + "px";
+  const parts = (w) => { const managed = Math.min(w.managed, w.rss || w.managed); return { managed, unmanaged: Math.max(0, w.rss - managed), spilled: w.spilled }; };
+  const max = Math.max(1, ...s.workers.map((w) => { const p = parts(w); return Math.max(w.memoryLimit, p.managed + p.unmanaged + p.spilled); }));
+  const x = (v) => left + (v / max) * (W - left - right);
+  let out = "";
+  s.workers.forEach((w, i) => {
+    const y = i * row + 4, p = parts(w);
+    out += '<g data-worker="' + esc(w.address) + '"' + (w.paused ? ' class="paused"' : "") + '><text x="4" y="' + (y + 15) + '" font-size="11" fill="' +
+      (w.paused ? "#d0443a" : "#6b7385") + '">' + esc(w.name.length > 16 ? w.name.slice(0, 15) + "…" : w.name) + (w.paused ? " (paused)" : "") + "</text>";
+    let at = 0;
+    for (const kind of ["managed", "unmanaged", "spilled"]) {
+      const v = p[kind];
+      if (v > 0) out += '<rect class="' + kind + '" x="' + x(at).toFixed(1) + '" y="' + y + '" width="' + Math.max(1, x(at + v) - x(at)).toFixed(1) + '" height="18"><title>' +
+        esc(w.name) + ": " + bytes(v) + " " + ({ managed: "of values in memory", unmanaged: "more in the process", spilled: "of values on disk" })[kind] + "</title></rect>";
+      at += v;
+    }
+    if (w.memoryLimit > 0) out += '<line class="limit" x1="' + x(w.memoryLimit).toFixed(1) + '" x2="' + x(w.memoryLimit).toFixed(1) + '" y1="' + (y - 2) + '" y2="' + (y + 20) +
+      '" stroke="#1d2330" stroke-width="2"><title>limit ' + bytes(w.memoryLimit) + "</title></line>";
+    if (w.paused) out += '<rect x="' + left + '" y="' + (y - 1) + '" width="' + (W - left - right) + '" height="20" fill="none" stroke="#d0443a" stroke-dasharray="4 3"/>';
+    out += "</g>";
+  });
+  svg.innerHTML = out || '<text x="4" y="20" font-size="12" fill="#6b7385">No workers.</text>';
 }
 function drawStream(s) {
   const svg = $("stream"), now = s.now, from = now - WINDOW_MS, W = 1200, lanes = [];
@@ -119,7 +150,7 @@ function drawMemory(s) {
   const svg = $("memory"), now = s.now, from = now - MEMORY_MS, pts = memory.filter((m) => m.t >= from);
   const addresses = s.workers.map((w) => w.address), names = new Map(s.workers.map((w) => [w.address, w.name]));
   const max = Math.max(1, ...pts.flatMap((m) => Object.values(m.workers)));
-  const x = (t) => ((t - from) / MEMORY_MS) * 600, y = (v) => 210 - (v / max) * 195;
+  const x = (t) => ((t - from) / MEMORY_MS) * 600, y = (v) => 152 - (v / max) * 137;
   let out = '<text x="4" y="12" font-size="11" fill="#6b7385">' + bytes(max) + "</text>";
   for (const a of addresses) {
     const line = pts.filter((m) => a in m.workers).map((m) => x(m.t).toFixed(1) + "," + y(m.workers[a]).toFixed(1)).join(" ");

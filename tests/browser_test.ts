@@ -435,6 +435,46 @@ Deno.test({
         await Deno.writeFile(new URL("dashboard.png", OUT), png);
       });
 
+      await t.step(
+        "draws each worker's memory: values in memory, the rest of its process, on disk, its limit, paused",
+        async () => {
+          // The live workers: their process holds more than their values (they run in this test's process).
+          await page.waitFor(
+            `[...document.querySelectorAll("svg#memory-now g[data-worker]")].filter((g) => g.querySelector("rect.unmanaged")).length === 2`,
+          );
+          // A snapshot with a limit, values on disk and a paused worker, drawn and read back at once.
+          const drawn = await page.evaluate<Record<string, unknown>[]>(`(() => {
+          const worker = (name, o) => ({ address: "tcp://10.0.0.1:" + name.length, name, nthreads: 1, nkeys: 3, nbytes: 0,
+            processing: 0, executing: 0, cpu: 0, bytesIn: 0, bytesOut: 0, lastSeen: 0.1, ...o });
+          render({ scheduler: { address: "tcp://10.0.0.1:8786", lag: 0 }, totals: { completed: 0, failed: 0 }, progress: {}, now: Date.now(),
+            workers: [
+              worker("calm", { managed: 100e6, rss: 250e6, spilled: 0, memoryLimit: 500e6, paused: false }),
+              worker("squeezed", { managed: 300e6, rss: 450e6, spilled: 700e6, memoryLimit: 500e6, paused: true }),
+            ] });
+          const W = 600 - 120 - 8, width = (g, c) => Number(g.querySelector("rect." + c)?.getAttribute("width") ?? 0);
+          return [...document.querySelectorAll("svg#memory-now g[data-worker]")].map((g) => ({
+            name: g.querySelector("text").textContent, paused: g.classList.contains("paused"),
+            managed: Math.round(width(g, "managed") / W * 1150e6 / 1e6), unmanaged: Math.round(width(g, "unmanaged") / W * 1150e6 / 1e6),
+            spilled: Math.round(width(g, "spilled") / W * 1150e6 / 1e6),
+            limit: Math.round((Number(g.querySelector("line.limit")?.getAttribute("x1")) - 120) / W * 1150e6 / 1e6),
+          }));
+        })()`);
+          // Drawn to scale (the largest, 1,150 MB in all, spans the bar): sizes in MB.
+          assert.deepEqual(drawn, [
+            { name: "calm", paused: false, managed: 100, unmanaged: 150, spilled: 0, limit: 500 },
+            {
+              name: "squeezed (paused)",
+              paused: true,
+              managed: 300,
+              unmanaged: 150,
+              spilled: 700,
+              limit: 500,
+            },
+          ]);
+          assert.deepEqual(page.errors, [], "the page threw");
+        },
+      );
+
       // The two-column grid has a 420 px floor per column and no one-column fallback:
       // at 800 px the page scrolls sideways, the header stops short of the cards, and
       // the workers table runs past its card.

@@ -10,6 +10,7 @@ import assert from "node:assert/strict";
 import { Client, KilledWorkerError, rpc, type SchedulerOps, taskOptions, type WorkerOps } from "../mod.ts";
 import { type NodeProcess, spawnNode } from "../client/spawn.ts";
 import { eventually, processAlive as alive, processTree } from "./_helpers.ts";
+import { clusterInfo } from "../client/info.ts";
 
 /** The worker process under a nanny: its only child. */
 async function workerPid(nanny: NodeProcess): Promise<number> {
@@ -49,6 +50,11 @@ Deno.test({
     assert.equal((await workersOf(scheduler.address)).get("alice"), alice.address);
     const first = await workerPid(alice);
     assert.notEqual(first, alice.child.pid, "the worker runs in a process of its own");
+    // --memory-limit auto: the node process may read the machine's memory (--allow-sys).
+    await eventually(async () =>
+      ((await clusterInfo(scheduler.address)).workers.find((w) => w.name === "alice")?.metrics.memory_limit ??
+        0) > 0
+    );
 
     const killedAt = performance.now();
     Deno.kill(first, "SIGKILL");
@@ -192,5 +198,47 @@ Deno.test({
     console.log(
       `the script's nodes all exited ${(performance.now() - started).toFixed(0)} ms after it was killed`,
     );
+  },
+});
+
+Deno.test({
+  name:
+    "memory: a task in an executor process that allocates 3 GiB gets its executor stopped, not its worker, and fails with KilledWorker",
+  sanitizeResources: false,
+  sanitizeOps: false,
+  async fn() {
+    await using nodes = new Nodes();
+    const scheduler = await nodes.spawn(
+      "scheduler",
+      "--port",
+      "0",
+      "--no-dashboard",
+      "--allowed-failures",
+      "1",
+    );
+    const alice = await nodes.spawn(
+      "worker",
+      scheduler.address,
+      ...["--name", "alice", "--nthreads", "1", "--memory-limit", "512MiB", "--isolation", "process"],
+    );
+    const worker = await workerPid(alice);
+    await using client = await Client.connect(scheduler.address);
+    const [kept] = await client.scatter([new Float64Array([1, 2, 3])]);
+    const hog = client.submit(() => {
+      const held: Uint8Array[] = [];
+      for (let i = 0; i < 48; i++) held.push(new Uint8Array(64 * 1024 * 1024).fill(i + 1));
+      return held.length;
+    }, taskOptions({ key: "hog" }));
+    await assert.rejects(hog.result(), (error: Error) => {
+      assert.ok(error instanceof KilledWorkerError, `${error.name}: ${error.message}`);
+      return true;
+    });
+    const stops = alice.log.filter((l) => /Stopped an executor process holding/.test(l));
+    assert.equal(stops.length, 2, alice.log.join("\n"));
+    // The same worker process, with its data, still registered and working.
+    assert.equal(await workerPid(alice), worker);
+    assert.ok(!alice.log.some((l) => /starting a new one/.test(l)), alice.log.join("\n"));
+    assert.deepEqual(await kept.result(), new Float64Array([1, 2, 3]));
+    assert.equal(await client.submit((x: number) => x + 1, 41).result(), 42);
   },
 });

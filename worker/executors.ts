@@ -211,6 +211,26 @@ export class ExecutorPool {
     }
   }
 
+  /**
+   * Stops the executor process holding the most memory, if one holds `atLeast` bytes: its
+   * running task fails as its executor's death (`reason` says why), the others run
+   * elsewhere. Returns the bytes it held, or 0 when none was stopped.
+   */
+  stopLargestProcess(atLeast: number, reason: string): number {
+    let largest: Executor | null = null;
+    for (const e of this.#executors) {
+      if (e?.worker instanceof ProcessExecutor && e.worker.rss >= atLeast) {
+        if (largest === null || e.worker.rss > (largest.worker as ProcessExecutor).rss) largest = e;
+      }
+    }
+    if (largest === null) return 0;
+    const rss = (largest.worker as ProcessExecutor).rss;
+    this.#lost(largest, reason);
+    // Idle, it was only let go of: its process must end all the same.
+    this.#stop(largest);
+    return rss;
+  }
+
   /** Has the thread executors collect garbage now: they may hold the last references to shared memory. */
   collect(): void {
     for (const e of this.#executors) {

@@ -170,7 +170,7 @@ export class Nanny {
       MAIN.href,
     ];
     return new Deno.Command(Deno.execPath(), {
-      args: [...prefix, ...this.#options.args, "--no-nanny", "--supervised"],
+      args: [...prefix, ...this.#options.args, "--no-nanny", "--supervised", "--nannied"],
       // A pipe never written: when this process ends, the worker reads its end and stops.
       stdin: "piped",
       stdout: "piped",

@@ -46,6 +46,7 @@ import {
   MEMORY_PAUSE_FRACTION,
   MEMORY_SPILL_FRACTION,
   MEMORY_TARGET_FRACTION,
+  MEMORY_TERMINATE_FRACTION,
   TRANSFERS_OUT_MAX,
 } from "../util/defaults.ts";
 
@@ -151,11 +152,17 @@ export interface WorkerOptions extends SecurityOptions {
   /** Share of `memoryLimit` past which the worker pauses: it starts no task and no fetch; default 0.8. */
   memoryPauseFraction?: number;
   /**
-   * Share of `memoryLimit` past which the worker closes at once, without handing its data
-   * over, and sets `error` to a `MemoryLimitError`: for a worker under a nanny, which
-   * starts a new one (`dist worker` sets 0.95). Default none: a worker alone carries on.
+   * Share of `memoryLimit` past which the executor process holding the most memory is
+   * stopped (its task fails as if its worker had died running it), or, with none to stop
+   * and under a `nanny`, the worker closes at once; default 0.95, as Dask's.
    */
   memoryTerminateFraction?: number;
+  /**
+   * Runs under a nanny, which starts a new worker when this one exits: past the terminate
+   * share, with no executor process to stop, it closes at once without handing its data
+   * over and sets `error` to a `MemoryLimitError`. Alone (the default) it carries on.
+   */
+  nanny?: boolean;
   /** Where the worker's spill folder is made (a fresh one per worker, removed when it closes); default the temp folder. */
   localDirectory?: string;
   /** Where it logs; default stderr at info. */
@@ -978,8 +985,30 @@ class WorkerServer implements WorkerNode {
     const limit = this.#options.memoryLimit ?? 0;
     if (limit <= 0 || this.#closing) return;
     let rss = this.#rss();
-    const terminate = this.#options.memoryTerminateFraction;
-    if (terminate !== undefined && rss > limit * terminate) {
+    const terminate = this.#options.memoryTerminateFraction ?? MEMORY_TERMINATE_FRACTION;
+    if (rss > limit * terminate) {
+      // An executor process that holds the excess is stopped instead: the worker and its
+      // data stay, and its task counts the death, as if its worker had died running it.
+      const own = Deno.memoryUsage().rss;
+      const stopped = this.#executors.stopLargestProcess(
+        Math.max(1, rss - limit * terminate),
+        `its executor process was stopped: the worker held ${formatBytes(rss)}, over ${
+          formatBytes(limit * terminate)
+        } (memory terminate share of ${formatBytes(limit)}), ${
+          formatBytes(rss - own)
+        } of it in executor processes`,
+      );
+      if (stopped > 0) {
+        this.#log.warn(
+          `Stopped an executor process holding ${formatBytes(stopped)}: the worker held ${
+            formatBytes(rss)
+          }, ` +
+            `over its memory terminate share`,
+        );
+        return;
+      }
+    }
+    if (rss > limit * terminate && this.#options.nanny) {
       this.error = new MemoryLimitError(
         `The process holds ${formatBytes(rss)}, over ${formatBytes(limit * terminate)} (memory terminate ` +
           `share of ${formatBytes(limit)}): closing at once for its nanny to start a new one`,
