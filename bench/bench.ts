@@ -631,6 +631,7 @@ async function main(): Promise<number> {
           "warn",
           "--nthreads",
           "1",
+          "--no-nanny",
         ]),
       );
     }
@@ -686,6 +687,7 @@ async function main(): Promise<number> {
       "1",
       "--memory-limit",
       "64MiB",
+      "--no-nanny",
     ]);
     res.nodes.push(carolNode);
     const carol = rpc<WorkerOps>(carolNode.address);

@@ -649,7 +649,7 @@ async function distRegistration(
     }
     const t0 = performance.now();
     let failed: unknown = null;
-    const starting = spawnNode(["worker", address, "--nthreads", "1", "--log-level", "warn"]);
+    const starting = spawnNode(["worker", address, "--nthreads", "1", "--log-level", "warn", "--no-nanny"]);
     starting.catch((error) => failed = error);
     while ((await center.workers()).length < 1) {
       if (failed) throw failed;
@@ -694,6 +694,8 @@ async function runDist(plan: Plan, res: Resources, step: Step): Promise<Side> {
       "1",
       "--log-level",
       "warn",
+      // One process per worker, as Dask's side (--no-nanny): its figures are the worker's own.
+      "--no-nanny",
     ]);
     workerNodes.push(node);
     res.track(fromNode(`dist ${name}`, node));
@@ -963,6 +965,190 @@ async function runDask(plan: Plan, res: Resources, step: Step, python: string): 
   return { ...side, registrationS: startup.seconds, schedulerMemory, workerMemory };
 }
 
+// ---- bigger than memory: the same job and limits on both sides ----
+
+/** The bigger-than-memory job: workers, their limit, and the chunks made and summed on them. */
+interface BiggerPlan {
+  memoryLimit: string;
+  chunks: number;
+  chunkBytes: number;
+  timeoutS: number;
+}
+
+/** Two workers of 512 MiB each hold 4 GiB of chunks at once (issue 13's job). */
+const BIGGER_FULL: BiggerPlan = { memoryLimit: "512MiB", chunks: 128, chunkBytes: 32 * MiB, timeoutS: 300 };
+const BIGGER_QUICK: BiggerPlan = { memoryLimit: "256MiB", chunks: 24, chunkBytes: 32 * MiB, timeoutS: 120 };
+
+/** How one side did: finished (and exactly), in how long, with how many restarts, at what peak. */
+interface BiggerResult {
+  finished: boolean;
+  seconds: number;
+  error: string | null;
+  /** Worker processes started again by their nannies. */
+  restarts: number;
+  /** Per worker, the most its worker process (under its nanny) held, sampled every 100 ms. */
+  peakRss: number[];
+}
+
+/** The exact total: chunk i holds (i + j) % 7 at j. */
+function biggerExpected(bp: BiggerPlan): number {
+  const n = bp.chunkBytes / 8;
+  let total = 0;
+  for (let i = 0; i < bp.chunks; i++) {
+    for (let r = 0; r < 7; r++) total += ((i + r) % 7) * Math.ceil((n - r) / 7);
+  }
+  return total;
+}
+
+/**
+ * Samples, every 100 ms, the RSS of the largest child of each of `pids` (a nanny's
+ * worker process; Dask's nanny has a resource tracker besides) and keeps each one's peak.
+ */
+function samplePeaks(pids: number[]): { stop(): Promise<number[]> } {
+  const peaks = pids.map(() => 0);
+  let running = true;
+  const loop = (async () => {
+    while (running) {
+      await Promise.all(pids.map(async (pid, i) => {
+        const children = (await output("sh", ["-c", `cat /proc/${pid}/task/*/children`]) ?? "").split(/\s+/)
+          .filter((p) => /^\d+$/.test(p));
+        for (const child of children) {
+          const status = await output("cat", [`/proc/${child}/status`]) ?? "";
+          const kb = Number(/^VmRSS:\s+(\d+) kB/m.exec(status)?.[1] ?? 0);
+          peaks[i] = Math.max(peaks[i], kb * 1024);
+        }
+      }));
+      await sleep(100);
+    }
+  })();
+  return {
+    async stop() {
+      running = false;
+      await loop;
+      return peaks;
+    },
+  };
+}
+
+async function biggerDist(bp: BiggerPlan, res: Resources, step: Step): Promise<BiggerResult> {
+  const tmp = await Deno.makeTempDir({ prefix: "dist-compare-bigger-" });
+  res.tempDirs.push(tmp);
+  step(
+    `dist: bigger than memory: 2 workers of ${bp.memoryLimit}, ${bp.chunks} chunks of ${mib(bp.chunkBytes)}`,
+  );
+  const scheduler = await spawnNode(["scheduler", "--port", "0", "--no-dashboard", "--log-level", "warn"]);
+  res.track(fromNode("dist scheduler (bigger)", scheduler));
+  let restarts = 0;
+  const workers: NodeProcess[] = [];
+  for (const name of ["a", "b"]) {
+    // Each under its nanny, as `dist worker` runs by default (Dask's side too).
+    const node = await spawnNode([
+      ...["worker", scheduler.address, "--name", name, "--nthreads", "1"],
+      ...["--memory-limit", bp.memoryLimit, "--local-directory", tmp, "--log-level", "warn"],
+    ], { onLog: (line) => /starting a new one/.test(line) && restarts++ });
+    workers.push(node);
+    res.track(fromNode(`dist worker ${name} (bigger)`, node));
+  }
+  const sampler = samplePeaks(workers.map((w) => w.child.pid));
+  const client = await Client.connect(scheduler.address);
+  res.closers.push(client);
+  const started = performance.now();
+  const n = bp.chunkBytes / 8;
+  const chunks = client.map(
+    (i: number, n: number) => {
+      const a = new Float64Array(n);
+      for (let j = 0; j < n; j++) a[j] = (i + j) % 7;
+      return a;
+    },
+    Array.from({ length: bp.chunks }, (_, i) => i),
+    Array(bp.chunks).fill(n),
+  );
+  const sums = client.map((a: Float64Array) => {
+    let s = 0;
+    for (let j = 0; j < a.length; j++) s += a[j];
+    return s;
+  }, chunks);
+  const total = client.submit((xs: number[]) => xs.reduce((s, x) => s + x, 0), sums);
+  let error: string | null = null;
+  let result: number | undefined;
+  try {
+    result = await withTimeout(total.result(), bp.timeoutS * 1000);
+    if (result === undefined) error = `not finished after ${bp.timeoutS} s`;
+  } catch (e) {
+    error = `${(e as Error).name}: ${(e as Error).message}`.slice(0, 300);
+  }
+  const seconds = (performance.now() - started) / 1000;
+  const peakRss = await sampler.stop();
+  if (error === null && result !== biggerExpected(bp)) {
+    error = `wrong total ${result}, expected ${biggerExpected(bp)}`;
+  }
+  return { finished: error === null, seconds, error, restarts, peakRss };
+}
+
+async function biggerDask(bp: BiggerPlan, res: Resources, step: Step, python: string): Promise<BiggerResult> {
+  const tmp = await Deno.makeTempDir({ prefix: "dist-compare-bigger-dask-" });
+  res.tempDirs.push(tmp);
+  const env = { PYTHONDONTWRITEBYTECODE: "1" };
+  step(
+    `dask: bigger than memory: 2 workers of ${bp.memoryLimit}, ${bp.chunks} chunks of ${mib(bp.chunkBytes)}`,
+  );
+  const scheduler = res.track(spawn("dask scheduler (bigger)", python, [
+    ...["-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0"],
+    ...["--no-dashboard", "--dashboard-address", "127.0.0.1:0"],
+  ], { env }));
+  const address = (await scheduler.waitFor(/Scheduler at:\s+(tcp:\/\/\S+)/, START_TIMEOUT_MS))[1];
+  let restarts = 0;
+  const workers: Spawned[] = [];
+  for (const name of ["a", "b"]) {
+    // dask worker's defaults (a nanny, spilling at its fractions) with the same limit.
+    const w = res.track(spawn(`dask worker ${name} (bigger)`, python, [
+      ...["-m", "distributed.cli.dask_worker", "--nthreads", "1", "--memory-limit", bp.memoryLimit],
+      ...["--no-dashboard", "--dashboard-address", "127.0.0.1:0", "--host", "127.0.0.1"],
+      ...["--local-directory", tmp, "--name", name, address],
+    ], { env, onStderr: (line) => /memory budget|Restarting worker/.test(line) && restarts++ }));
+    workers.push(w);
+    await w.waitFor(/Registered to:/, START_TIMEOUT_MS);
+  }
+  const sampler = samplePeaks(workers.map((w) => w.pid));
+  const out = await runScript(
+    res,
+    python,
+    env,
+    [
+      ...["bigger", "--scheduler", address, "--chunks", String(bp.chunks)],
+      ...["--chunk-bytes", String(bp.chunkBytes), "--timeout", String(bp.timeoutS)],
+    ],
+    step,
+    (bp.timeoutS + 60) * 1000,
+  ) as { seconds: number; result: number | null; error: string | null };
+  const peakRss = await sampler.stop();
+  let error = out.error;
+  if (error === null && out.result !== biggerExpected(bp)) {
+    error = `wrong total ${out.result}, expected ${biggerExpected(bp)}`;
+  }
+  return { finished: error === null, seconds: out.seconds, error, restarts, peakRss };
+}
+
+function biggerReport(bp: BiggerPlan, dist: BiggerResult | null, dask: BiggerResult | null): string {
+  const cells = (r: BiggerResult | null) =>
+    r === null ? ["n/a", "", "", ""] : [
+      r.finished ? "yes, exact" : `no: ${r.error}`,
+      `${fmt(r.seconds, 1)} s`,
+      String(r.restarts),
+      r.peakRss.map((b) => mib(b)).join(" / "),
+    ];
+  return `bigger than memory: 2 workers x 1 thread, --memory-limit ${bp.memoryLimit} each, ${bp.chunks} ` +
+    `float64 chunks of ${mib(bp.chunkBytes)} (${
+      mib(bp.chunks * bp.chunkBytes)
+    } in all) made on the workers, ` +
+    `summed, then totalled; both sides with their nanny and default memory fractions\n\n` +
+    table([
+      ["side", "finished", "wall time", "restarts", "peak worker RSS"],
+      ["dist", ...cells(dist)],
+      ["Dask", ...cells(dask)],
+    ]);
+}
+
 // ---- statistics and the table ----
 
 function percentile(samples: readonly number[], p: number): number {
@@ -1206,12 +1392,17 @@ function reportFailure(side: string, error: unknown, res: Resources): void {
 }
 
 async function main(): Promise<number> {
-  const usage = "Usage: deno task bench:compare [--quick] [--json PATH]";
-  let values: { quick?: boolean; json?: string; help?: boolean };
+  const usage = "Usage: deno task bench:compare [--quick] [--bigger-only] [--json PATH]";
+  let values: { quick?: boolean; json?: string; help?: boolean; "bigger-only"?: boolean };
   try {
     ({ values } = parseArgs({
       args: Deno.args,
-      options: { quick: { type: "boolean" }, json: { type: "string" }, help: { type: "boolean" } },
+      options: {
+        quick: { type: "boolean" },
+        json: { type: "string" },
+        help: { type: "boolean" },
+        "bigger-only": { type: "boolean" },
+      },
       strict: true,
     }));
   } catch (error) {
@@ -1270,17 +1461,21 @@ async function main(): Promise<number> {
 
   let dist: Side | null = null;
   let dask: Side | null = null;
+  const biggerPlan = values.quick ? BIGGER_QUICK : BIGGER_FULL;
+  let biggerOfDist: BiggerResult | null = null;
+  let biggerOfDask: BiggerResult | null = null;
   let failed = false;
+  const bigger = values["bigger-only"] === true;
   try {
     try {
-      dist = await runDist(plan, res, step);
+      if (!bigger) dist = await runDist(plan, res, step);
     } catch (error) {
       failed = true;
       if (!aborted) reportFailure("dist", error, res);
     } finally {
       await res.closeAll();
     }
-    if (python !== null && !aborted && !failed) {
+    if (python !== null && !aborted && !failed && !bigger) {
       try {
         dask = await runDask(plan, res, step, python);
       } catch (error) {
@@ -1290,10 +1485,41 @@ async function main(): Promise<number> {
         await res.closeAll();
       }
     }
+    // The bigger-than-memory job, each side alone on the machine.
+    if (!aborted && !failed) {
+      try {
+        biggerOfDist = await biggerDist(biggerPlan, res, step);
+      } catch (error) {
+        failed = true;
+        if (!aborted) reportFailure("dist (bigger than memory)", error, res);
+      } finally {
+        await res.closeAll();
+      }
+    }
+    if (python !== null && !aborted && !failed) {
+      try {
+        biggerOfDask = await biggerDask(biggerPlan, res, step, python);
+      } catch (error) {
+        failed = true;
+        if (!aborted) reportFailure("Dask (bigger than memory)", error, res);
+      } finally {
+        await res.closeAll();
+      }
+    }
   } finally {
     clearTimeout(watchdog);
     await res.closeAll();
     for (const s of signals) Deno.removeSignalListener(s, onSignal);
+  }
+  if (bigger && !aborted && biggerOfDist !== null) {
+    console.log(`\n${biggerReport(biggerPlan, biggerOfDist, biggerOfDask)}`);
+    const loadAfter = Deno.loadavg();
+    console.log(
+      `\nload average at end ${loadAfter.map((x) => x.toFixed(2)).join(" ")}; whole run ${
+        ((performance.now() - started) / 1000).toFixed(1)
+      } s`,
+    );
+    return failed ? 1 : 0;
   }
   if (aborted || dist === null) {
     console.error(aborted ?? "No figures: dist's side failed");
@@ -1308,6 +1534,7 @@ async function main(): Promise<number> {
   );
   console.log(printed);
   console.log(`\nruns, in order:\n  ${runsLine("dist", dist)}\n  ${runsLine("Dask", dask)}`);
+  if (biggerOfDist !== null) console.log(`\n${biggerReport(biggerPlan, biggerOfDist, biggerOfDask)}`);
   if (python === null) {
     console.log(`\nDask's column is n/a: Dask distributed is not installed (${INSTALL_HINT}).`);
   }
@@ -1360,6 +1587,7 @@ async function main(): Promise<number> {
       },
       dist,
       dask,
+      bigger: { plan: biggerPlan, dist: biggerOfDist, dask: biggerOfDask },
       rows,
       checks,
       elapsedS,

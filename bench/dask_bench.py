@@ -21,6 +21,11 @@ to stderr). Modes:
   bench --scheduler A --alice A --alice-pid PID --bob A --echo PORT --sink PORT --plan JSON
       Every figure of the comparison, in dist's order; prints the samples as JSON.
 
+  bigger --scheduler A --chunks N --chunk-bytes B --timeout S
+      The bigger-than-memory job: N float64 chunks of B bytes made on the workers
+      (chunk i holds (i + j) % 7 at j), a sum of each, and their total. Prints
+      {"seconds", "result", "error"}; error is null when it finished within S seconds.
+
 Plain Python 3 with Debian's python3-distributed and python3-numpy (2022.12).
 """
 
@@ -525,6 +530,45 @@ async def bench(args) -> dict:
     return result
 
 
+def make_chunk(i, n):
+    import numpy as np
+
+    # In place, as dist's side fills one array: no temporaries.
+    a = np.arange(i, i + n, dtype=np.float64)
+    np.remainder(a, 7, out=a)
+    return a
+
+
+def chunk_sum(a):
+    return float(a.sum())
+
+
+def add_all(xs):
+    return sum(xs)
+
+
+async def bigger(args) -> dict:
+    from distributed import Client
+
+    async with Client(args.scheduler, asynchronous=True) as client:
+        started = perf_counter()
+        n = args.chunk_bytes // 8
+        chunks = client.map(make_chunk, range(args.chunks), n=n)
+        sums = client.map(chunk_sum, chunks)
+        total = client.submit(add_all, sums)
+        result = None
+        error = None
+        try:
+            result = await asyncio.wait_for(total, args.timeout)
+        except asyncio.TimeoutError:
+            error = f"not finished after {args.timeout:.0f} s"
+        except Exception as e:  # what the job ended with: KilledWorker, a lost key
+            error = f"{type(e).__name__}: {e}"[:300]
+        seconds = perf_counter() - started
+        await client.cancel([total, *sums, *chunks])
+    return {"seconds": seconds, "result": result, "error": error}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -539,6 +583,11 @@ def main() -> int:
     b.add_argument("--alice-pid", type=int, required=True)
     b.add_argument("--echo", type=int, required=True)
     b.add_argument("--sink", type=int, required=True)
+    g = sub.add_parser("bigger")
+    g.add_argument("--scheduler", required=True)
+    g.add_argument("--chunks", type=int, required=True)
+    g.add_argument("--chunk-bytes", type=int, required=True)
+    g.add_argument("--timeout", type=float, required=True)
     args = parser.parse_args()
     stop_on_sigterm()
     if args.mode == "raw-server":
@@ -549,6 +598,8 @@ def main() -> int:
         return 0
     if args.mode == "startup":
         out = asyncio.run(startup(args.scheduler, args.samples, json.loads(args.worker_argv)))
+    elif args.mode == "bigger":
+        out = asyncio.run(bigger(args))
     else:
         out = asyncio.run(bench(args))
     print(json.dumps(out), flush=True)

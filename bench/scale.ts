@@ -125,7 +125,7 @@ async function startCluster(workers: number): Promise<Cluster> {
   const started = await Promise.allSettled(
     Array.from(
       { length: workers },
-      (_, i) => start(["worker", scheduler.address, "--nthreads", "1", "--name", `w${i}`]),
+      (_, i) => start(["worker", scheduler.address, "--nthreads", "1", "--name", `w${i}`, "--no-nanny"]),
     ),
   );
   const ok = started.flatMap((s) => s.status === "fulfilled" ? [s.value] : []);

@@ -53,6 +53,7 @@ async function startNodes(workers: number, threads: number): Promise<NodeProcess
           `w${i}`,
           "--log-level",
           "warn",
+          "--no-nanny",
         ]),
       );
     }
