@@ -988,6 +988,8 @@ interface BiggerResult {
   restarts: number;
   /** Per worker, the most its worker process (under its nanny) held, sampled every 100 ms. */
   peakRss: number[];
+  /** Per worker, its nanny's own RSS before the job. */
+  nannyRss: number[];
 }
 
 /** The exact total: chunk i holds (i + j) % 7 at j. */
@@ -1049,6 +1051,7 @@ async function biggerDist(bp: BiggerPlan, res: Resources, step: Step): Promise<B
     workers.push(node);
     res.track(fromNode(`dist worker ${name} (bigger)`, node));
   }
+  const nannyRss = await Promise.all(workers.map(async (w) => (await memoryOf(w.child.pid)).rss));
   const sampler = samplePeaks(workers.map((w) => w.child.pid));
   const client = await Client.connect(scheduler.address);
   res.closers.push(client);
@@ -1082,7 +1085,7 @@ async function biggerDist(bp: BiggerPlan, res: Resources, step: Step): Promise<B
   if (error === null && result !== biggerExpected(bp)) {
     error = `wrong total ${result}, expected ${biggerExpected(bp)}`;
   }
-  return { finished: error === null, seconds, error, restarts, peakRss };
+  return { finished: error === null, seconds, error, restarts, peakRss, nannyRss };
 }
 
 async function biggerDask(bp: BiggerPlan, res: Resources, step: Step, python: string): Promise<BiggerResult> {
@@ -1109,6 +1112,7 @@ async function biggerDask(bp: BiggerPlan, res: Resources, step: Step, python: st
     workers.push(w);
     await w.waitFor(/Registered to:/, START_TIMEOUT_MS);
   }
+  const nannyRss = await Promise.all(workers.map(async (w) => (await memoryOf(w.pid)).rss));
   const sampler = samplePeaks(workers.map((w) => w.pid));
   const out = await runScript(
     res,
@@ -1126,16 +1130,17 @@ async function biggerDask(bp: BiggerPlan, res: Resources, step: Step, python: st
   if (error === null && out.result !== biggerExpected(bp)) {
     error = `wrong total ${out.result}, expected ${biggerExpected(bp)}`;
   }
-  return { finished: error === null, seconds: out.seconds, error, restarts, peakRss };
+  return { finished: error === null, seconds: out.seconds, error, restarts, peakRss, nannyRss };
 }
 
 function biggerReport(bp: BiggerPlan, dist: BiggerResult | null, dask: BiggerResult | null): string {
   const cells = (r: BiggerResult | null) =>
-    r === null ? ["n/a", "", "", ""] : [
+    r === null ? ["n/a", "", "", "", ""] : [
       r.finished ? "yes, exact" : `no: ${r.error}`,
       `${fmt(r.seconds, 1)} s`,
       String(r.restarts),
       r.peakRss.map((b) => mib(b)).join(" / "),
+      r.nannyRss.map((b) => mib(b)).join(" / "),
     ];
   return `bigger than memory: 2 workers x 1 thread, --memory-limit ${bp.memoryLimit} each, ${bp.chunks} ` +
     `float64 chunks of ${mib(bp.chunkBytes)} (${
@@ -1143,7 +1148,7 @@ function biggerReport(bp: BiggerPlan, dist: BiggerResult | null, dask: BiggerRes
     } in all) made on the workers, ` +
     `summed, then totalled; both sides with their nanny and default memory fractions\n\n` +
     table([
-      ["side", "finished", "wall time", "restarts", "peak worker RSS"],
+      ["side", "finished", "wall time", "restarts", "peak worker RSS", "nanny RSS (idle)"],
       ["dist", ...cells(dist)],
       ["Dask", ...cells(dask)],
     ]);

@@ -81,6 +81,9 @@ export function formatInfo(info: ClusterInfo): string {
     ]);
   }
   lines.push(info.workers.length ? table(workers) : "No workers.", "");
+  // What workers say is wrong on them (a spill that fails, and why).
+  const problems = info.workers.flatMap((w) => (w.problems ?? []).map((p) => `  ${w.name}: ${p}`));
+  if (problems.length) lines.push("Problems:", ...problems, "");
   const states = ["released", "waiting", "queued", "processing", "memory", "erred"];
   lines.push(table([["tasks", ...states], ["", ...states.map((st) => String(info.tasks[st] ?? 0))]]));
   return lines.join("\n");

@@ -90,6 +90,8 @@ export interface WorkerInfo {
   last_seen: number;
   /** Its latest heartbeat's figures (executing, queued, cpu, rss, bytes_in, bytes_out, ...). */
   metrics: Record<string, number>;
+  /** What its latest heartbeat said is wrong on it (a spill that fails, and why); empty when nothing. */
+  problems: string[];
 }
 
 const keys = v.arrayOf(v.key);
@@ -289,6 +291,8 @@ export const schedulerOps = {
       address,
       metrics: v.optional(v.recordOf(v.number)),
       transfers: v.optional(v.arrayOf(transfer)),
+      // Said in words for the operator: a spill that fails, and why.
+      problems: v.optional(v.arrayOf(v.string)),
     }),
   ),
   retire_workers: op<{ retired: string[]; moved: number }>()(

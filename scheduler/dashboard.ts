@@ -148,6 +148,7 @@ export class Dashboard {
         spilled: w.metrics.spilled ?? 0,
         memoryLimit: w.metrics.memory_limit ?? 0,
         paused: w.metrics.paused === 1,
+        problems: w.problems,
         bytesIn: w.metrics.bytes_in ?? 0,
         bytesOut: w.metrics.bytes_out ?? 0,
         lastSeen: (now - w.lastSeen) / 1000,
@@ -261,6 +262,11 @@ export class Dashboard {
       worker("dist_worker_spilled_bytes", "Bytes of values a worker spilled to disk.", (w) => w.spilled),
       worker("dist_worker_memory_limit_bytes", "A worker's memory limit; 0 for none.", (w) => w.memoryLimit),
       worker("dist_worker_paused", "1 while a worker is paused by memory.", (w) => (w.paused ? 1 : 0)),
+      worker(
+        "dist_worker_spill_failing",
+        "1 while a worker cannot spill to disk (the reason is on the dashboard and in its log).",
+        (w) => (w.problems.length > 0 ? 1 : 0),
+      ),
       {
         name: "dist_transferred_bytes_total",
         help: "Bytes workers fetched from each other.",

@@ -31,7 +31,7 @@ th:first-child,td:first-child{text-align:left}th{color:var(--muted);font-weight:
 .row{display:flex;justify-content:space-between;font-size:13px}.muted{color:var(--muted)}
 svg{width:100%;display:block}.legend{font-size:12px;color:var(--muted);margin-top:4px}
 .legend i{display:inline-block;width:10px;height:10px;margin:0 4px 0 10px;border-radius:2px;vertical-align:-1px}
-.managed{background:#5b8def;fill:#5b8def}.unmanaged{background:#a9bde8;fill:#a9bde8}.spilled{background:#c9cfdb;fill:#c9cfdb}
+.problem{color:var(--bad);margin:6px 0 0;font-size:13px}.managed{background:#5b8def;fill:#5b8def}.unmanaged{background:#a9bde8;fill:#a9bde8}.spilled{background:#c9cfdb;fill:#c9cfdb}
 </style></head><body>
 <header><h1>dist</h1><span class="stat">scheduler <b id="address">…</b></span>
 <span class="stat">workers <b id="nworkers">0</b></span><span class="stat">threads <b id="nthreads">0</b></span>
@@ -40,7 +40,7 @@ svg{width:100%;display:block}.legend{font-size:12px;color:var(--muted);margin-to
 <main>
 <section class="wide"><h2>Workers</h2><div class="scroll"><table id="workers"><thead><tr><th>worker</th><th>threads</th><th>keys</th>
 <th>memory held</th><th>tasks running</th><th>CPU</th><th>RSS</th><th>in</th><th>out</th><th>last heartbeat</th></tr></thead>
-<tbody></tbody></table></div></section>
+<tbody></tbody></table></div><div id="problems"></div></section>
 <section><h2>Progress</h2><div id="overall" data-percent="0"><div class="row"><b>all tasks</b><span id="overall-text" class="muted"></span></div>
 <div class="bar"><span class="done" id="overall-bar" style="width:0"></span></div></div><div id="progress"></div>
 <div class="legend"><i class="done"></i>done<i class="proc"></i>running<i style="background:var(--wait)"></i>waiting<i class="erred"></i>erred</div></section>
@@ -73,8 +73,12 @@ function render(s) {
     (w.name !== w.address ? ' <span class="muted">' + esc(w.address) + '</span>' : "") + "</td><td>" + w.nthreads + "</td><td>" + w.nkeys +
     "</td><td>" + bytes(w.managed) + (w.spilled ? " + " + bytes(w.spilled) + " on disk" : "") +
     (w.memoryLimit ? ' <span class="muted">of ' + bytes(w.memoryLimit) + "</span>" : "") + (w.paused ? " <b>paused</b>" : "") +
+    (w.problems.length ? ' <b class="problem">spilling fails</b>' : "") +
     "</td><td>" + w.processing + "</td><td>" + Math.round(w.cpu * 100) + " %</td><td>" + bytes(w.rss) +
     "</td><td>" + bytes(w.bytesIn) + "</td><td>" + bytes(w.bytesOut) + "</td><td>" + w.lastSeen.toFixed(1) + " s ago</td></tr>").join("");
+  // What workers say is wrong on them, word for word (a spill that fails, and why).
+  $("problems").innerHTML = s.workers.flatMap((w) => w.problems.map((p) =>
+    '<p class="problem" data-worker="' + esc(w.address) + '"><b>' + esc(w.name) + ":</b> " + esc(p) + "</p>")).join("");
   let done = 0, total = 0;
   const rows = Object.entries(s.progress).sort((a, b) => a[0].localeCompare(b[0])).map(([prefix, c]) => {
     const d = c.done, e = c.erred, p = c.processing;

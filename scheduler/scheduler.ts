@@ -428,9 +428,9 @@ class SchedulerServer implements SchedulerNode {
         this.#forget(address, "unregistered", false);
         return { status: "OK" };
       },
-      heartbeat: ({ address, metrics, transfers }, comm) => {
+      heartbeat: ({ address, metrics, transfers, problems }, comm) => {
         const known = this.#workerComms.get(address) === comm &&
-          state.heartbeat(address, Date.now(), metrics);
+          state.heartbeat(address, Date.now(), metrics, problems);
         if (known && transfers) this.#dashboard?.onTransfers(address, transfers);
         return { status: known ? "OK" : "unknown", heartbeat_interval_ms: this.#interval() };
       },

@@ -63,6 +63,9 @@ const KEYS_OF_STATES = Object.keys(TASK_TRANSITIONS) as TaskStateName[];
 
 /** Moves the scheduler's story keeps, for all keys together (a ring: the oldest go first). */
 export const SCHEDULER_STORY_MAX = 50_000;
+/** Problems kept per worker, and characters of each: a worker says them, the scheduler only shows them. */
+const PROBLEMS_MAX = 5;
+const PROBLEM_CHARS_MAX = 500;
 
 /** One move in a task's story (`time`: the latest time the scheduler was given, `at`). */
 export type TaskStoryEvent = Move<TaskStateName>;
@@ -129,6 +132,8 @@ export interface WorkerState {
   lastSeen: number;
   /** Its latest heartbeat's figures. */
   metrics: Record<string, number>;
+  /** What its latest heartbeat said is wrong on it, at most PROBLEMS_MAX of PROBLEM_CHARS_MAX each. */
+  problems: string[];
   /** Paused by memory (its heartbeat says `paused: 1`): it is sent no new task until it resumes. */
   paused: boolean;
 }
@@ -348,6 +353,7 @@ export class SchedulerTasks {
       knownFunctions: new Lru(KNOWN_FUNCTIONS_MAX),
       lastSeen: now,
       metrics: {},
+      problems: [],
       paused: false,
     };
     this.workers.set(w.address, ws);
@@ -702,11 +708,17 @@ export class SchedulerTasks {
   }
 
   /** A worker said it is alive, with its figures. */
-  heartbeat(address: string, now: number, metrics: Record<string, number> = {}): boolean {
+  heartbeat(
+    address: string,
+    now: number,
+    metrics: Record<string, number> = {},
+    problems: string[] = [],
+  ): boolean {
     const ws = this.workers.get(address);
     if (ws === undefined) return false;
     ws.lastSeen = now;
     ws.metrics = metrics;
+    ws.problems = problems.slice(0, PROBLEMS_MAX).map((p) => p.slice(0, PROBLEM_CHARS_MAX));
     const paused = metrics.paused === 1;
     if (paused !== ws.paused) {
       ws.paused = paused;
@@ -896,6 +908,7 @@ export class SchedulerTasks {
       processing: w.processing.size,
       last_seen: Math.max(0, now - w.lastSeen) / 1000,
       metrics: w.metrics,
+      problems: w.problems,
     }));
   }
 

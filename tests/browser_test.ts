@@ -445,12 +445,14 @@ Deno.test({
           // A snapshot with a limit, values on disk and a paused worker, drawn and read back at once.
           const drawn = await page.evaluate<Record<string, unknown>[]>(`(() => {
           const worker = (name, o) => ({ address: "tcp://10.0.0.1:" + name.length, name, nthreads: 1, nkeys: 3, nbytes: 0,
-            processing: 0, executing: 0, cpu: 0, bytesIn: 0, bytesOut: 0, lastSeen: 0.1, ...o });
+            processing: 0, executing: 0, cpu: 0, bytesIn: 0, bytesOut: 0, lastSeen: 0.1, problems: [], ...o });
           render({ scheduler: { address: "tcp://10.0.0.1:8786", lag: 0 }, totals: { completed: 0, failed: 0 }, progress: {}, now: Date.now(),
             workers: [
               worker("calm", { managed: 100e6, rss: 250e6, spilled: 0, memoryLimit: 500e6, paused: false }),
-              worker("squeezed", { managed: 300e6, rss: 450e6, spilled: 700e6, memoryLimit: 500e6, paused: true }),
+              worker("squeezed", { managed: 300e6, rss: 450e6, spilled: 700e6, memoryLimit: 500e6, paused: true,
+                problems: ["Cannot spill k (9 bytes) to /full: No space left on device (os error 28); it stays in memory"] }),
             ] });
+          window.problems = [...document.querySelectorAll("#problems p.problem")].map((p) => p.textContent);
           const W = 600 - 120 - 8, width = (g, c) => Number(g.querySelector("rect." + c)?.getAttribute("width") ?? 0);
           return [...document.querySelectorAll("svg#memory-now g[data-worker]")].map((g) => ({
             name: g.querySelector("text").textContent, paused: g.classList.contains("paused"),
@@ -470,6 +472,10 @@ Deno.test({
               spilled: 700,
               limit: 500,
             },
+          ]);
+          // What a worker says is wrong on it is shown word for word.
+          assert.deepEqual(await page.evaluate("problems"), [
+            "squeezed: Cannot spill k (9 bytes) to /full: No space left on device (os error 28); it stays in memory",
           ]);
           assert.deepEqual(page.errors, [], "the page threw");
         },

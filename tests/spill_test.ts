@@ -303,6 +303,16 @@ Deno.test({
         const logged = await worker.waitForLog(/Cannot spill/);
         assert.match(logged, /Cannot spill \S+ \(41943040 bytes\) to .*: .*space.*; it stays in memory/i);
         assert.equal(await metricAt(metrics, "dist_worker_spill_failing"), 1);
+        // The scheduler hears why with the next heartbeat: dist info (and the dashboard) say it.
+        await eventually(async () =>
+          (await clusterInfo(scheduler.address)).workers[0]?.problems.length === 1
+        );
+        const said = formatInfo(await clusterInfo(scheduler.address));
+        assert.match(
+          said,
+          /Problems:\n {2}\S+: Cannot spill \S+ \(41943040 bytes\) to .*; it stays in memory/i,
+          said,
+        );
         // Served whether or not its memory made it pause.
         const back = await client.gather(futures) as Uint8Array[];
         back.forEach((b, i) =>
@@ -402,6 +412,35 @@ Deno.test("bigger than memory: two workers of 512 MiB sum 4 GiB of Float64Array 
     await Promise.all([...chunks, ...sums].map((f) => f.release()));
   } finally {
     for (const w of workers) await w.stop();
+    await scheduler.stop();
+  }
+});
+
+Deno.test("a worker gives back the memory of values it let go of: its RSS returns near idle once they are released", async () => {
+  const scheduler = await spawnNode(["scheduler", "--port", "0", "--no-dashboard", "--log-level", "warn"]);
+  // No limit: nothing spills or pauses, what comes back is what the runtime gives back by itself.
+  const worker = await spawnNode(["worker", scheduler.address, "--nthreads", "1", "--memory-limit", "0"]);
+  try {
+    const [pid] = (await processTree(worker.child.pid)).slice(1);
+    const rss = async () =>
+      Number(/VmRSS:\s+(\d+) kB/.exec(await readProc(`/proc/${pid}/status`) ?? "")![1]) * 1024;
+    const idle = await rss();
+    await using client = await Client.connect(scheduler.address);
+    // 384 MiB made in the executor, then read by other tasks (shared with their thread).
+    const chunks = client.map((i: number) => new Float64Array(8 * 1024 * 1024).fill(i), [0, 1, 2, 3, 4, 5]);
+    const sums = client.map((a: Float64Array) => a.reduce((s, x) => s + x, 0), chunks);
+    assert.deepEqual(await client.gather(sums), [0, 1, 2, 3, 4, 5].map((i) => i * 8 * 1024 * 1024));
+    const holding = await rss();
+    assert.ok(holding > idle + 300 * MIB, `holding ${holding} bytes, idle ${idle}`);
+    await Promise.all([...chunks, ...sums].map((f) => f.release()));
+    const released = performance.now();
+    await eventually(async () => await rss() < idle + 64 * MIB, 10_000);
+    console.log(
+      `worker RSS: idle ${(idle / MIB).toFixed(0)} MiB, holding ${(holding / MIB).toFixed(0)} MiB, ` +
+        `${(await rss() / MIB).toFixed(0)} MiB ${(performance.now() - released).toFixed(0)} ms after release`,
+    );
+  } finally {
+    await worker.stop();
     await scheduler.stop();
   }
 });

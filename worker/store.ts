@@ -46,6 +46,8 @@ const GC_NUDGE_BYTES = 3 * 1024 * 1024 * 1024;
 const GC_NUDGE_PART_BYTES = 1024 * 1024 * 1024;
 /** Least time between two collections asked for: a burst of frees costs one. */
 const GC_INTERVAL_MS_MIN = 1_000;
+/** After a collection that other isolates were asked to join, the pause before this one collects again. */
+const COLLECT_AGAIN_MS = 100;
 /** Most objects searched for buffers in one value. */
 const BUFFER_SEARCH_NODES_MAX = 10_000;
 
@@ -110,6 +112,7 @@ export class MemoryReclaimer {
   #freed = 0;
   #timer: ReturnType<typeof setTimeout> | undefined;
   #lastMs = -Infinity;
+  #again: ReturnType<typeof setTimeout> | undefined;
   /** Collections asked for so far. */
   collections = 0;
   /**
@@ -117,6 +120,12 @@ export class MemoryReclaimer {
    * next turn instead of at most once a second.
    */
   pressure = false;
+  /**
+   * Called at each collection this reclaimer starts, for the other isolates that share the
+   * memory (a worker's executor threads) to collect theirs: shared memory returns only
+   * once every isolate holding it has collected, so this one collects again shortly after.
+   */
+  onCollect: (() => void) | null = null;
 
   /** `bytes` of buffers are no longer referred to from here. */
   freed(bytes: number): void {
@@ -125,11 +134,24 @@ export class MemoryReclaimer {
     const waitMs = this.pressure ? 0 : Math.max(0, this.#lastMs + GC_INTERVAL_MS_MIN - performance.now());
     this.#timer = setTimeout(() => {
       this.#timer = undefined;
-      this.#freed = 0;
-      this.collections++;
-      collect();
-      this.#lastMs = performance.now();
+      this.#collect();
     }, waitMs);
+  }
+
+  #collect(): void {
+    this.#freed = 0;
+    this.collections++;
+    collect();
+    this.#lastMs = performance.now();
+    if (this.onCollect !== null) {
+      this.onCollect();
+      clearTimeout(this.#again);
+      this.#again = setTimeout(() => {
+        this.#again = undefined;
+        this.collections++;
+        collect();
+      }, COLLECT_AGAIN_MS);
+    }
   }
 
   /**
@@ -142,17 +164,16 @@ export class MemoryReclaimer {
     if (freed === 0 && !always) return 0;
     clearTimeout(this.#timer);
     this.#timer = undefined;
-    this.#freed = 0;
-    this.collections++;
-    collect();
-    this.#lastMs = performance.now();
+    this.#collect();
     return freed;
   }
 
   /** Cancels a pending collection (the owner is closing). */
   close(): void {
     clearTimeout(this.#timer);
+    clearTimeout(this.#again);
     this.#timer = undefined;
+    this.#again = undefined;
   }
 }
 
@@ -180,6 +201,11 @@ export interface DataStoreOptions {
   directory?: string;
   /** Told when a value cannot be spilled (it stays in memory). */
   onSpillError?: (message: string) => void;
+  /**
+   * Called when the store has V8 collect what it let go of: the other isolates that may
+   * hold the same shared memory (the worker's executor threads) should collect too.
+   */
+  onCollect?: () => void;
 }
 
 /** After a failed spill, how long before the store tries the disk again. */
@@ -223,6 +249,7 @@ export class DataStore {
     this.#budget = this.#target;
     this.#parent = options.directory;
     this.#onSpillError = options.onSpillError ?? (() => {});
+    this.#reclaimer.onCollect = options.onCollect ?? null;
   }
 
   /** How many keys it holds, in memory and on disk. */

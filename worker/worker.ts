@@ -296,6 +296,8 @@ class WorkerServer implements WorkerNode {
       targetBytes: limit > 0 ? Math.floor(limit * fraction) : Infinity,
       directory: options.localDirectory,
       onSpillError: (message) => this.#log.error(message),
+      // Executor threads hold references to the same shared memory: they collect too.
+      onCollect: () => this.#executors?.collect(),
     });
     this.#security = {
       authToken: options.authToken ?? tokenFromEnv(),
@@ -480,6 +482,7 @@ class WorkerServer implements WorkerNode {
         spilled: this.data.spilledBytes,
         memory_limit: this.#options.memoryLimit ?? 0,
         paused: this.#state.paused ? 1 : 0,
+        spill_failing: this.data.spillError ? 1 : 0,
         executing: this.#executors.running,
         queued: this.#executors.queued,
         rss: this.#rss(),
@@ -491,7 +494,8 @@ class WorkerServer implements WorkerNode {
       lastBeat = now;
       const transfers = this.#transfers.splice(0);
       try {
-        const reply = await comm.call("heartbeat", { address: this.address, metrics, transfers }, {
+        const problems = this.data.spillError ? [this.data.spillError] : undefined;
+        const reply = await comm.call("heartbeat", { address: this.address, metrics, transfers, problems }, {
           timeoutMs: ttlMs,
         }) as {
           status: string;
