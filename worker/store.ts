@@ -538,6 +538,11 @@ export class DataStore {
     return [...this.#values.keys(), ...this.#spilled.keys()];
   }
 
+  /** The size of `key`'s value, or undefined when it holds none. */
+  sizeOf(key: string): number | undefined {
+    return this.#nbytes.get(key);
+  }
+
   /** `{ key: nbytes }` for `keys` (all when omitted). */
   nbytes(keys?: readonly string[]): Record<string, number> {
     const out: Record<string, number> = {};

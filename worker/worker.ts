@@ -738,7 +738,6 @@ class WorkerServer implements WorkerNode {
       get_data: ({ keys, bytes_max }, comm) => {
         const out: Record<string, unknown> = {};
         const rest: string[] = [];
-        const sizes = this.data.nbytes(keys);
         // A part never passes what the fetcher reads nor what this end may send; the keys
         // (in the reply's data or rest) and its envelope take their share first.
         let budget = Infinity;
@@ -751,7 +750,7 @@ class WorkerServer implements WorkerNode {
         for (const key of keys) {
           if (!this.data.has(key)) continue;
           const value = this.data.get(key);
-          const size = wireBytesOf(value, sizes[key] ?? 0);
+          const size = wireBytesOf(value, this.data.sizeOf(key) ?? 0);
           // The first value goes whatever its size (alone past the limit, its send fails and says so).
           if (count > 0 && bytes + size > budget) {
             rest.push(key);
@@ -926,7 +925,7 @@ class WorkerServer implements WorkerNode {
     const s = shared(value);
     // The shared copy replaces a value held in memory; one served from disk stays there
     // (its file already holds it: storing the copy would write it again).
-    if (s !== value && this.data.inMemory(key)) this.data.set(key, s, this.data.nbytes([key])[key]);
+    if (s !== value && this.data.inMemory(key)) this.data.set(key, s, this.data.sizeOf(key));
     return s;
   };
 
