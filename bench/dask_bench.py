@@ -384,7 +384,7 @@ async def transfers(client, plan: dict, make, verify, alice: str, alice_pid: int
         t = perf_counter()
         got = await client.gather(fut, direct=True)
         gather_s = perf_counter() - t
-        verify(got, nbytes)
+        verify(got, value)
         del got
 
         faults0 = minor_faults(alice_pid)
@@ -468,7 +468,7 @@ async def bench(args) -> dict:
 
         progress(f"dask: raw bulk, {plan['bulkBytes'] >> 20} MiB x {plan['bulkRuns']}, reused and fresh memory")
         sink_sock = await raw_connect(loop, args.sink)
-        data = memoryview(np.arange(plan["bulkBytes"] // 8, dtype=np.float64)).cast("B")
+        data = memoryview(np.random.default_rng(2).bytes(plan["bulkBytes"]))
         await raw_bulk(loop, sink_sock, data, False)  # warm-up: the kernel's socket buffers
         await raw_bulk(loop, sink_sock, data, False)
         await raw_bulk(loop, sink_sock, data, True)
@@ -496,28 +496,40 @@ async def bench(args) -> dict:
         def check_at(n):
             return [0, 1, 12345 % n, n >> 1, n - 1]
 
-        def make_f64(nbytes):
-            return np.arange(nbytes // 8, dtype=np.float64)
+        rng = np.random.default_rng(1)
 
-        def verify_f64(v, nbytes):
-            if not isinstance(v, np.ndarray) or v.dtype != np.float64 or v.nbytes != nbytes:
-                raise ValueError(f"expected a float64 array of {nbytes} bytes, got {type(v)}")
-            for i in check_at(len(v)):
-                if v[i] != i:
-                    raise ValueError(f"element {i} is {v[i]}")
+        # Random data (incompressible: Dask's lz4 finds nothing to gain and sends it as is),
+        # as dist's side; and the compressible arange of earlier runs as a row of its own.
+        def make_f64(nbytes):
+            return rng.random(nbytes // 8)
 
         def make_bytes(nbytes):
-            return (np.arange(nbytes, dtype=np.uint32) % 251).astype(np.uint8).tobytes()
+            return rng.bytes(nbytes)
 
-        def verify_bytes(v, nbytes):
-            if not isinstance(v, bytes) or len(v) != nbytes:
-                raise ValueError(f"expected {nbytes} bytes, got {type(v)}")
+        def make_f64_arange(nbytes):
+            return np.arange(nbytes // 8, dtype=np.float64)
+
+        def verify_array(v, value):
+            if not isinstance(v, np.ndarray) or v.dtype != np.float64 or v.nbytes != value.nbytes:
+                raise ValueError(f"expected a float64 array of {value.nbytes} bytes, got {type(v)}")
             for i in check_at(len(v)):
-                if v[i] != i % 251:
-                    raise ValueError(f"byte {i} is {v[i]}")
+                if v[i] != value[i]:
+                    raise ValueError(f"element {i} is {v[i]}, sent {value[i]}")
+
+        def verify_bytes(v, value):
+            if not isinstance(v, bytes) or len(v) != len(value):
+                raise ValueError(f"expected {len(value)} bytes, got {type(v)}")
+            for i in check_at(len(v)):
+                if v[i] != value[i]:
+                    raise ValueError(f"byte {i} is {v[i]}, sent {value[i]}")
 
         n = plan["transferBytes"]
-        for name, make, verify in (("f64", make_f64, verify_f64), ("bytes", make_bytes, verify_bytes)):
+        kinds = (
+            ("f64", make_f64, verify_array),
+            ("bytes", make_bytes, verify_bytes),
+            ("f64_arange", make_f64_arange, verify_array),
+        )
+        for name, make, verify in kinds:
             progress(f"dask: {n >> 20} MiB {name}: scatter, gather, worker to worker")
             result[f"transfer_{name}"] = await transfers(client, plan, make, verify, args.alice, args.alice_pid, args.bob)
     finally:
