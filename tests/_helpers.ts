@@ -11,6 +11,7 @@ import { createLogger, type Logger, type LogLevel } from "../util/log.ts";
 import { deadline } from "../util/time.ts";
 import { type SchedulerNode, type WorkerNode, type WorkerOptions } from "../mod.ts";
 import { startScheduler, startWorker } from "../node.ts";
+import { type NodeProcess, spawnNode } from "../client/spawn.ts";
 
 /** Test logs are silent unless DIST_TEST_LOG names a level. */
 export function testLogger(name: string): Logger {
@@ -118,4 +119,18 @@ export async function processTree(pid: number): Promise<number[]> {
     for (const p of children.split(/\s+/)) if (/^\d+$/.test(p)) out.push(Number(p));
   }
   return out;
+}
+
+/** Node processes started by one test, stopped (SIGTERM, last first) when it ends. */
+export class Processes implements AsyncDisposable {
+  readonly #nodes: NodeProcess[] = [];
+  /** Starts `dist ARGS...` (see spawnNode) and keeps it to stop. */
+  async spawn(...args: string[]): Promise<NodeProcess> {
+    const node = await spawnNode(args);
+    this.#nodes.push(node);
+    return node;
+  }
+  async [Symbol.asyncDispose](): Promise<void> {
+    for (const node of this.#nodes.reverse()) await node.stop();
+  }
 }

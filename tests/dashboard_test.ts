@@ -24,8 +24,8 @@ import { startScheduler, startWorker } from "../node.ts";
 import { prometheus } from "../util/http.ts";
 import { Ring } from "../scheduler/dashboard.ts";
 import { LOG_LEVELS } from "../util/log.ts";
-import { NODE_PERMISSIONS, type NodeProcess, spawnNode } from "../client/spawn.ts";
-import { eventually, startCluster, testLogger } from "./_helpers.ts";
+import { NODE_PERMISSIONS, spawnNode } from "../client/spawn.ts";
+import { eventually, Processes, startCluster, testLogger } from "./_helpers.ts";
 
 const MAIN = new URL("../main.ts", import.meta.url);
 /** Longest wait for an SSE event: the stream sends one every 500 ms. */
@@ -820,19 +820,6 @@ Deno.test("progress: plain lines without a terminal, a redrawn bar on one", asyn
   assert.match(frames.at(-1)!, /^work \[#{40}\] 100% 10\/10 in \d+\.\d s$/);
   assert.match(frames[0], /^work \[\.{40}\] 0% 0\/10/);
 });
-
-/** Processes started by one test, stopped (SIGTERM, last first) when it ends. */
-class Processes implements AsyncDisposable {
-  readonly #nodes: NodeProcess[] = [];
-  async spawn(...args: string[]): Promise<NodeProcess> {
-    const node = await spawnNode(args);
-    this.#nodes.push(node);
-    return node;
-  }
-  async [Symbol.asyncDispose](): Promise<void> {
-    for (const node of this.#nodes.reverse()) await node.stop();
-  }
-}
 
 async function dist(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
   const out = await new Deno.Command(Deno.execPath(), {

@@ -8,9 +8,16 @@
 
 import assert from "node:assert/strict";
 import { Client, KilledWorkerError, rpc, type SchedulerOps, taskOptions, type WorkerOps } from "../mod.ts";
-import { type NodeProcess, spawnNode } from "../client/spawn.ts";
-import { eventually, processAlive as alive, processTree } from "./_helpers.ts";
+import type { NodeProcess } from "../client/spawn.ts";
+import { eventually, processAlive as alive, Processes, processTree } from "./_helpers.ts";
 import { clusterInfo } from "../client/info.ts";
+
+/** A task that allocates 3 GiB, 64 MiB at a time, touching every page. */
+const allocate3GiB = () => {
+  const held: Uint8Array[] = [];
+  for (let i = 0; i < 48; i++) held.push(new Uint8Array(64 * 1024 * 1024).fill(i + 1));
+  return held.length;
+};
 
 /** The worker process under a nanny: its only child. */
 async function workerPid(nanny: NodeProcess): Promise<number> {
@@ -25,25 +32,13 @@ async function workersOf(scheduler: string): Promise<Map<string, string>> {
   return new Map((await s.workers()).map((w) => [w.name, w.address]));
 }
 
-class Nodes implements AsyncDisposable {
-  readonly #nodes: NodeProcess[] = [];
-  async spawn(...args: string[]): Promise<NodeProcess> {
-    const node = await spawnNode(args);
-    this.#nodes.push(node);
-    return node;
-  }
-  async [Symbol.asyncDispose](): Promise<void> {
-    for (const node of this.#nodes.reverse()) await node.stop();
-  }
-}
-
 Deno.test({
   name:
     "nanny: a worker killed by SIGKILL is back and registered in seconds; SIGTERM to the nanny hands its keys over, then both exit",
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    await using nodes = new Nodes();
+    await using nodes = new Processes();
     const scheduler = await nodes.spawn("scheduler", "--port", "0", "--no-dashboard");
     const alice = await nodes.spawn("worker", scheduler.address, "--name", "alice", "--nthreads", "1");
     await nodes.spawn("worker", scheduler.address, "--name", "bob", "--nthreads", "1", "--no-nanny");
@@ -94,7 +89,7 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    await using nodes = new Nodes();
+    await using nodes = new Processes();
     const scheduler = await nodes.spawn(
       "scheduler",
       "--port",
@@ -118,11 +113,7 @@ Deno.test({
       ),
     );
     await using client = await Client.connect(scheduler.address);
-    const hog = client.submit(() => {
-      const held: Uint8Array[] = [];
-      for (let i = 0; i < 48; i++) held.push(new Uint8Array(64 * 1024 * 1024).fill(i + 1));
-      return held.length;
-    }, taskOptions({ key: "hog", workers: ["alice"] }));
+    const hog = client.submit(allocate3GiB, taskOptions({ key: "hog", workers: ["alice"] }));
     // Bob's work goes on meanwhile (a death counts against every task its worker held).
     const rest = client.map(
       (x: number) => x * x,
@@ -155,7 +146,7 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    await using nodes = new Nodes();
+    await using nodes = new Processes();
     const scheduler = await nodes.spawn("scheduler", "--port", "0", "--no-dashboard");
     const alice = await nodes.spawn("worker", scheduler.address, "--name", "alice");
     const worker = await workerPid(alice);
@@ -207,7 +198,7 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    await using nodes = new Nodes();
+    await using nodes = new Processes();
     const scheduler = await nodes.spawn(
       "scheduler",
       "--port",
@@ -224,11 +215,7 @@ Deno.test({
     const worker = await workerPid(alice);
     await using client = await Client.connect(scheduler.address);
     const [kept] = await client.scatter([new Float64Array([1, 2, 3])]);
-    const hog = client.submit(() => {
-      const held: Uint8Array[] = [];
-      for (let i = 0; i < 48; i++) held.push(new Uint8Array(64 * 1024 * 1024).fill(i + 1));
-      return held.length;
-    }, taskOptions({ key: "hog" }));
+    const hog = client.submit(allocate3GiB, taskOptions({ key: "hog" }));
     await assert.rejects(hog.result(), (error: Error) => {
       assert.ok(error instanceof KilledWorkerError, `${error.name}: ${error.message}`);
       return true;
