@@ -103,8 +103,10 @@ export interface TaskState {
   whoWants: Set<string>;
   /** Data put on a worker outside any graph (update_data): kept until deleted. */
   external: boolean;
-  /** Lower runs first: [-user priority, submission order]. */
-  priority: [number, number];
+  /** Lower runs first: minus the user's priority, then `order`. */
+  rank: number;
+  /** Submission order: among equal ranks, earlier runs first. */
+  order: number;
   retries: number;
   restrictions: Set<string> | null;
   nbytes: number;
@@ -173,7 +175,7 @@ export function keyPrefix(key: string): string {
 }
 
 function less(a: TaskState, b: TaskState): boolean {
-  return a.priority[0] < b.priority[0] || (a.priority[0] === b.priority[0] && a.priority[1] < b.priority[1]);
+  return a.rank < b.rank || (a.rank === b.rank && a.order < b.order);
 }
 
 /** Min-heap of tasks by priority. */
@@ -183,8 +185,7 @@ class TaskHeap {
     return this.#items.length;
   }
   static #less(a: TaskState, b: TaskState): boolean {
-    return a.priority[0] < b.priority[0] ||
-      (a.priority[0] === b.priority[0] && a.priority[1] < b.priority[1]);
+    return a.rank < b.rank || (a.rank === b.rank && a.order < b.order);
   }
   push(t: TaskState): void {
     const items = this.#items;
@@ -516,7 +517,7 @@ export class SchedulerTasks {
           // it can be recomputed if lost.
           ts.run = spec.run;
           ts.external = false;
-          ts.priority = [-(spec.priority ?? 0), ts.priority[1]];
+          ts.rank = -(spec.priority ?? 0);
           ts.retries = spec.retries ?? 0;
           ts.restrictions = spec.workers?.length ? new Set(spec.workers) : null;
           linked.push(ts);
@@ -529,7 +530,8 @@ export class SchedulerTasks {
       ts = this.#newTask(spec.key);
       for (const c of wants) ts.whoWants = withItem(ts.whoWants, c);
       ts.run = spec.run ?? null;
-      ts.priority = [-(spec.priority ?? 0), this.#order++];
+      ts.rank = -(spec.priority ?? 0);
+      ts.order = this.#order++;
       ts.retries = spec.retries ?? 0;
       ts.restrictions = spec.workers?.length ? new Set(spec.workers) : null;
       fresh.push(ts);
@@ -1092,7 +1094,8 @@ export class SchedulerTasks {
       processingOn: null,
       whoWants: NONE,
       external: false,
-      priority: [0, this.#order++],
+      rank: 0,
+      order: this.#order++,
       retries: 0,
       restrictions: null,
       nbytes: 0,
