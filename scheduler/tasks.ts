@@ -225,6 +225,13 @@ class TaskHeap {
 /** Counts of tasks per prefix and state, for progress. */
 export type Progress = Record<string, Partial<Record<TaskStateName, number>>>;
 
+/** A prefix's tasks per state, and all of them: one shape for every prefix (never a dictionary). */
+type PrefixCounts = Record<TaskStateName, number> & { total: number };
+
+function newPrefixCounts(): PrefixCounts {
+  return { released: 0, waiting: 0, queued: 0, processing: 0, memory: 0, erred: 0, forgotten: 0, total: 0 };
+}
+
 /** The scheduler's tasks and workers. */
 export class SchedulerTasks {
   readonly tasks = new Map<string, TaskState>();
@@ -284,7 +291,7 @@ export class SchedulerTasks {
     forgotten: 0,
   };
   /** Tasks per prefix and state, kept by the gate (a prefix with none goes). */
-  readonly #byPrefix = new Map<string, Partial<Record<TaskStateName, number>>>();
+  readonly #byPrefix = new Map<string, PrefixCounts>();
   readonly #story = new Story<TaskStateName>(SCHEDULER_STORY_MAX);
   #now = 0;
 
@@ -507,7 +514,7 @@ export class SchedulerTasks {
     /** Tasks whose dependencies this graph names: the fresh ones, and data given lineage. */
     const linked: TaskState[] = [];
     const byKey = new Map(specs.map((s) => [s.key, s]));
-    refuseCycles(byKey, this.tasks);
+    refuseCycles(specs, byKey, this.tasks);
     for (const spec of specs) {
       let ts = this.tasks.get(spec.key);
       if (ts !== undefined && ts.state !== "erred" && ts.state !== "forgotten") {
@@ -933,7 +940,11 @@ export class SchedulerTasks {
   /** Task counts per prefix and state. */
   progress(): Progress {
     const out: Progress = {};
-    for (const [prefix, p] of this.#byPrefix) out[prefix] = { ...p };
+    for (const [prefix, p] of this.#byPrefix) {
+      const counts: Partial<Record<TaskStateName, number>> = {};
+      for (const state of KEYS_OF_STATES) if (p[state] > 0) counts[state] = p[state];
+      out[prefix] = counts;
+    }
     return out;
   }
 
@@ -1021,7 +1032,7 @@ export class SchedulerTasks {
       fail(`${this.#byPrefix.size} prefixes counted, ${byPrefix.size} found`);
     }
     for (const [prefix, p] of byPrefix) {
-      const kept = this.#byPrefix.get(prefix) ?? {};
+      const kept: Partial<Record<TaskStateName, number>> = this.#byPrefix.get(prefix) ?? {};
       for (const state of KEYS_OF_STATES) {
         if ((p[state] ?? 0) !== (kept[state] ?? 0)) {
           fail(`${kept[state] ?? 0} tasks of ${prefix} counted ${state}, ${p[state] ?? 0} found`);
@@ -1052,26 +1063,17 @@ export class SchedulerTasks {
       );
     }
     ts.state = to;
-    this.#tally(ts.prefix, from, -1);
-    if (to !== "forgotten") this.#tally(ts.prefix, to, 1);
-    this.#story.record(this.#now, ts.key, from, to, reason);
-  }
-
-  #tally(prefix: string, state: TaskStateName, n: 1 | -1): void {
-    this.#byState[state] += n;
-    let p = this.#byPrefix.get(prefix);
-    if (p === undefined) this.#byPrefix.set(prefix, p = {});
-    const left = (p[state] ?? 0) + n;
-    if (left === 0) {
-      delete p[state];
+    this.#byState[from]--;
+    const p = this.#byPrefix.get(ts.prefix)!;
+    p[from]--;
+    if (to !== "forgotten") {
+      this.#byState[to]++;
+      p[to]++;
+    } else if (--p.total === 0) {
       // A prefix with no task left goes (keys are all kinds; the map must not keep them all).
-      let empty = true;
-      for (const _ in p) {
-        empty = false;
-        break;
-      }
-      if (empty) this.#byPrefix.delete(prefix);
-    } else p[state] = left;
+      this.#byPrefix.delete(ts.prefix);
+    }
+    this.#story.record(this.#now, ts.key, from, to, reason);
   }
 
   #count(prefix: string, what: "done" | "erred"): void {
@@ -1104,7 +1106,11 @@ export class SchedulerTasks {
       suspicious: 0,
     };
     this.tasks.set(key, ts);
-    this.#tally(ts.prefix, "released", 1);
+    this.#byState.released++;
+    let p = this.#byPrefix.get(ts.prefix);
+    if (p === undefined) this.#byPrefix.set(ts.prefix, p = newPrefixCounts());
+    p.released++;
+    p.total++;
     return ts;
   }
 
@@ -1460,11 +1466,30 @@ export class SchedulerTasks {
 }
 
 /** Throws when the new tasks depend on each other in a cycle. */
-function refuseCycles(byKey: Map<string, TaskSpec>, tasks: Map<string, TaskState>): void {
+function refuseCycles(
+  specs: readonly TaskSpec[],
+  byKey: Map<string, TaskSpec>,
+  tasks: Map<string, TaskState>,
+): void {
   const isNew = (k: string) => {
     const ts = tasks.get(k);
     return byKey.has(k) && (ts === undefined || ts.state === "erred" || ts.state === "forgotten");
   };
+  // Clients send a graph in order, each task after the new tasks it needs: then there is
+  // no cycle, and one pass tells.
+  const before = new Set<string>();
+  let ordered = true;
+  for (const spec of specs) {
+    for (const d of spec.deps) {
+      if (!before.has(d) && isNew(d)) {
+        ordered = false;
+        break;
+      }
+    }
+    if (!ordered) break;
+    before.add(spec.key);
+  }
+  if (ordered) return;
   const done = new Set<string>();
   const onPath = new Set<string>();
   for (const start of byKey.keys()) {

@@ -1608,3 +1608,17 @@ Deno.test("tasks: a worker paused by memory gets no new task; resumed, it takes 
   s.heartbeat(A, 1, { paused: 0 });
   assert.ok(computes(s.drain(), A).length > 0, "resumed, A takes queued tasks");
 });
+
+Deno.test("a graph sent out of order is taken whole (no cycle), and a cycle anywhere in a long graph is refused", () => {
+  // Dependents before their dependencies: the one-pass check cannot tell, the full one can.
+  const reversed = [t("c", ["b"]), t("b", ["a"]), t("a")];
+  const s = cluster(A);
+  s.updateGraph(C1, reversed, ["c"]);
+  assert.deepEqual(["a", "b", "c"].map((k) => stateOf(s, k)), ["processing", "waiting", "waiting"]);
+  // In order, then a cycle at the end: refused, and nothing of it taken.
+  const chain = Array.from({ length: 1_000 }, (_, i) => t(`k${i}`, i ? [`k${i - 1}`] : []));
+  chain.push(t("x", ["y"]), t("y", ["x"]));
+  const s2 = cluster(A);
+  assert.throws(() => s2.updateGraph(C1, chain, ["y"]), /depends on itself/);
+  assert.equal(stateOf(s2, "k0"), undefined);
+});
