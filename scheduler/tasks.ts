@@ -565,7 +565,6 @@ export class SchedulerTasks {
         d.dependents = withItem(d.dependents, ts);
       }
     }
-    const told = new Set<TaskState>();
     for (const key of wanted) {
       let ts = this.tasks.get(key);
       if (ts === undefined && recovering) {
@@ -577,16 +576,13 @@ export class SchedulerTasks {
       ts.whoWants = withItem(ts.whoWants, client);
       if (ts.state === "memory") this.#tellDone(ts, client);
       else if (ts.state === "erred") this.#tellErred(ts, client);
-      else continue;
-      told.add(ts);
     }
     // A task of this graph that is an input of another runs when something needs it, not
     // on its own: a restarted client's lineage is not run again when what it leads to
-    // is back in memory. Other tasks run even unwanted (fire and forget).
-    const inputs = new Set<TaskState>();
-    for (const ts of linked) for (const dep of ts.dependencies) inputs.add(dep);
+    // is back in memory. Other tasks run even unwanted (fire and forget). A fresh task's
+    // dependents are all of this graph: it is an input here exactly when it has some.
     for (const ts of fresh) {
-      if (ts.state === "released" && (ts.whoWants.size > 0 || !inputs.has(ts))) this.#want(ts);
+      if (ts.state === "released" && (ts.whoWants.size > 0 || ts.dependents.size === 0)) this.#want(ts);
     }
     // A key waited for as an unknown input (just after a start) that this graph defines:
     // what waits for it needs it computed now.
