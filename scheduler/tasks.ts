@@ -513,8 +513,10 @@ export class SchedulerTasks {
     const fresh: TaskState[] = [];
     /** Tasks whose dependencies this graph names: the fresh ones, and data given lineage. */
     const linked: TaskState[] = [];
-    const byKey = new Map(specs.map((s) => [s.key, s]));
-    refuseCycles(specs, byKey, this.tasks);
+    /** Each key's last place in `specs` (a key sent twice counts as its last). */
+    const at = new Map<string, number>();
+    for (let i = 0; i < specs.length; i++) at.set(specs[i].key, i);
+    refuseCycles(specs, at, this.tasks);
     for (const spec of specs) {
       let ts = this.tasks.get(spec.key);
       if (ts !== undefined && ts.state !== "erred" && ts.state !== "forgotten") {
@@ -545,7 +547,7 @@ export class SchedulerTasks {
       linked.push(ts);
     }
     for (const ts of linked) {
-      for (const dep of byKey.get(ts.key)!.deps) {
+      for (const dep of specs[at.get(ts.key)!].deps) {
         let d = this.tasks.get(dep);
         if (d === undefined && recovering) {
           // Just restarted: a worker may still bring it back.
@@ -1461,40 +1463,41 @@ export class SchedulerTasks {
   }
 }
 
-/** Throws when the new tasks depend on each other in a cycle. */
+/**
+ * Throws when the new tasks depend on each other in a cycle. `at` gives each key's (last)
+ * place in `specs`.
+ */
 function refuseCycles(
   specs: readonly TaskSpec[],
-  byKey: Map<string, TaskSpec>,
+  at: Map<string, number>,
   tasks: Map<string, TaskState>,
 ): void {
   const isNew = (k: string) => {
     const ts = tasks.get(k);
-    return byKey.has(k) && (ts === undefined || ts.state === "erred" || ts.state === "forgotten");
+    return at.has(k) && (ts === undefined || ts.state === "erred" || ts.state === "forgotten");
   };
   // Clients send a graph in order, each task after the new tasks it needs: then there is
-  // no cycle, and one pass tells.
-  const before = new Set<string>();
+  // no cycle, and one pass over the places tells.
   let ordered = true;
-  for (const spec of specs) {
-    for (const d of spec.deps) {
-      if (!before.has(d) && isNew(d)) {
+  for (let i = 0; i < specs.length && ordered; i++) {
+    for (const d of specs[i].deps) {
+      const j = at.get(d);
+      if (j !== undefined && j >= i && isNew(d)) {
         ordered = false;
         break;
       }
     }
-    if (!ordered) break;
-    before.add(spec.key);
   }
   if (ordered) return;
   const done = new Set<string>();
   const onPath = new Set<string>();
-  for (const start of byKey.keys()) {
+  for (const start of at.keys()) {
     if (done.has(start) || !isNew(start)) continue;
     const stack: [string, number][] = [[start, 0]];
     onPath.add(start);
     while (stack.length > 0) {
       const top = stack[stack.length - 1];
-      const deps = byKey.get(top[0])!.deps;
+      const deps = specs[at.get(top[0])!].deps;
       if (top[1] < deps.length) {
         const d = deps[top[1]++];
         if (onPath.has(d)) throw new RangeError(`Task ${d} depends on itself`);
