@@ -1039,7 +1039,9 @@ class WorkerServer implements WorkerNode {
       if (rss > spillAt) {
         // Down to the target share, as Dask does: room for what tasks make meanwhile.
         const unmanaged = Math.max(0, rss - this.data.memoryBytes);
-        const spilled = this.data.spillTo(Math.max(0, targetAt - unmanaged));
+        // Never below an eighth of the target, as the store's budget: small values stay,
+        // whatever else the process holds (a worker in a larger program counts its memory).
+        const spilled = this.data.spillTo(Math.max(targetAt / 8, targetAt - unmanaged));
         if (spilled > 0) {
           this.data.reclaimNow(true);
           this.#log.debug(
