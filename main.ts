@@ -234,7 +234,8 @@ const commands: Record<string, { usage: string; summary: string; flags: Record<s
   },
   worker: {
     usage: "dist worker SCHEDULER_ADDRESS [flags]",
-    summary: "Start a worker that registers with the scheduler at SCHEDULER_ADDRESS (tcp://host:port).",
+    summary:
+      "Start a worker that registers with the scheduler at SCHEDULER_ADDRESS (host:port, tcp://host:port or tls://host:port).",
     flags: {
       host: { type: "string", default: "127.0.0.1", value: "HOST", help: "interface to listen on" },
       port: { type: "string", default: "0", value: "PORT", help: "port to listen on (0: any)" },

@@ -112,11 +112,16 @@ export const name: Schema<string> = schema(
   "a non-empty string",
   (v) => typeof v === "string" && v.length > 0,
 );
-/** A node address, `tcp://host:port`. */
+/**
+ * A node address, `tcp://host:port` or `tls://host:port`: on the wire always with its
+ * scheme (the form nodes give and compare), though people may type `host:port`.
+ */
 export const address: Schema<string> = {
   expected: "an address tcp://host:port",
   parse(value, path) {
-    if (typeof value !== "string") fail(path, "an address tcp://host:port", value);
+    if (typeof value !== "string" || !/^(tcp|tls):\/\//.test(value)) {
+      fail(path, "an address tcp://host:port", value);
+    }
     try {
       parseAddress(value);
     } catch (error) {

@@ -1,5 +1,6 @@
 /**
- * Node addresses: `tcp://host:port`, the form every address takes in replies.
+ * Node addresses: `tcp://host:port`, the form every address takes in replies; `host:port`
+ * alone is read as `tcp://host:port`, as Dask reads it.
  *
  * @module
  */
@@ -26,8 +27,9 @@ export function parsePort(text: string | number, what = "port"): number {
 }
 
 /**
- * Parses `"tcp://host:port"` or `"tls://host:port"` (or `{ host, port, tls? }`). Throws
- * TypeError or RangeError that says what was wrong.
+ * Parses `"tcp://host:port"`, `"tls://host:port"` or `"host:port"` (tcp; an IPv6 host in
+ * brackets), or `{ host, port, tls? }`. Throws TypeError or RangeError that says what was
+ * wrong.
  */
 export function parseAddress(address: string | Address): Address {
   if (typeof address === "object" && address !== null) {
@@ -43,10 +45,12 @@ export function parseAddress(address: string | Address): Address {
       `Invalid address: expected "tcp://host:port" or { host, port }, got ${typeof address}`,
     );
   }
-  const match = /^(tcp|tls):\/\/(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):([^/]*)$/.exec(address);
+  const match = /^(?:(tcp|tls):\/\/)?(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):([^/]*)$/.exec(address);
   if (!match) {
     throw new TypeError(
-      `Invalid address ${JSON.stringify(address)}: expected tcp://host:port or tls://host:port`,
+      `Invalid address ${
+        JSON.stringify(address)
+      }: expected host:port, tcp://host:port or tls://host:port (e.g. 127.0.0.1:8786)`,
     );
   }
   const host = match[2].startsWith("[") ? match[2].slice(1, -1) : match[2];

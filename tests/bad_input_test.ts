@@ -193,7 +193,16 @@ const wrongField: Record<string, [unknown, RegExp][]> = {
     [{ address: 7 }, /args\.address: expected an address tcp:\/\/host:port, got a number/],
     [
       { address: "not an address" },
-      /args\.address: Invalid address "not an address": expected tcp:\/\/host:port/,
+      /args\.address: expected an address tcp:\/\/host:port, got a string \(not an address\)/,
+    ],
+    [
+      // People may type host:port; nodes say their addresses with the scheme.
+      { address: "127.0.0.1:8786" },
+      /args\.address: expected an address tcp:\/\/host:port, got a string \(127\.0\.0\.1:8786\)/,
+    ],
+    [
+      { address: "tcp://nowhere" },
+      /args\.address: Invalid address "tcp:\/\/nowhere": expected host:port/,
     ],
     [{ address: "tcp://a:1", nthreads: 0 }, /args\.nthreads: expected a whole number from 1 up/],
     [

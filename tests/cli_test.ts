@@ -308,7 +308,11 @@ Deno.test("cli: bad usage exits 2 with one line saying what was wrong", async ()
   const cases: [string[], ...RegExp[]][] = [
     [["scheduler", "--bogus"], /unknown flag --bogus/],
     [["worker", scheduler, "--frobnicate", "3"], /unknown flag --frobnicate/],
-    [["worker", "127.0.0.1:8786"], /"127\.0\.0\.1:8786"/, /expected tcp:\/\/host:port/],
+    [
+      ["worker", "http://127.0.0.1:8786"],
+      /"http:\/\/127\.0\.0\.1:8786"/,
+      /expected host:port, tcp:\/\/host:port/,
+    ],
     [["worker", "tcp://host:99999"], /99999/, /0 to 65535/],
     [["scheduler", "--port", "abc"], /--port/, /"abc"/, /0 to 65535/],
     [["scheduler", "--port", "70000"], /--port/, /"70000"/, /0 to 65535/],
@@ -519,4 +523,14 @@ Deno.test("cli: a SIGKILLed worker is dropped once its connection closes", async
   assert.deepEqual(after.whoHas.both, [bob.address]);
   assert.deepEqual(after.whoHas.y, [bob.address]);
   await scheduler.waitForLog(new RegExp(`Worker ${alice.address} left \\(connection closed\\)`));
+});
+
+Deno.test("cli: a worker takes its scheduler as host:port too, as Dask does", async () => {
+  await using nodes = new Nodes();
+  const scheduler = await nodes.spawn("scheduler", "--port", "0");
+  const hostPort = scheduler.address.replace(/^tcp:\/\//, "");
+  const worker = await nodes.spawn("worker", hostPort, "--name", "plain", "--no-nanny");
+  await using center = rpc<SchedulerOps>(hostPort);
+  assert.deepEqual((await center.workers()).map((w) => [w.name, w.address]), [["plain", worker.address]]);
+  assert.match(worker.address, /^tcp:\/\//, "a node says its address with the scheme");
 });

@@ -197,11 +197,14 @@ Deno.test("connecting to nothing says where and why", async () => {
 });
 
 Deno.test("bad addresses are refused with a clear error", () => {
-  assert.throws(() => rpc("127.0.0.1:8786"), /expected tcp:\/\/host:port/);
+  assert.throws(() => rpc("http://127.0.0.1:8786"), /expected host:port, tcp:\/\/host:port/);
   assert.throws(() => rpc("tcp://host:99999"), /expected a port from 0 to 65535/);
   assert.throws(() => rpc({ host: "", port: 1 }), /host must be a non-empty string/);
   assert.throws(() => rpc(42 as never), TypeError);
   assert.equal(rpc("tcp://[::1]:8786").address, "tcp://[::1]:8786");
+  // host:port, as Dask takes it: TCP.
+  assert.equal(rpc("127.0.0.1:8786").address, "tcp://127.0.0.1:8786");
+  assert.equal(rpc("[::1]:8786").address, "tcp://[::1]:8786");
 });
 
 Deno.test("an rpc is not a thenable, closes with await using, and refuses calls once closed", async () => {
