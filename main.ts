@@ -581,7 +581,9 @@ async function executorHost(argv: string[]): Promise<number> {
 
 async function run(argv: string[]): Promise<number> {
   const [name, ...rest] = argv;
-  if (name === undefined) throw new UsageError("missing command: scheduler or worker (see dist --help)");
+  if (name === undefined) {
+    throw new UsageError("missing command: scheduler, worker, local or info (see dist --help)");
+  }
   if (name === "--help" || name === "-h" || name === "help") {
     console.log(mainHelp);
     return 0;

@@ -107,7 +107,8 @@ export async function serve(
       `Listening on ${
         formatAddress(listener.address)
       } with neither an auth token nor client certificates: anyone who can reach ` +
-        `this port can read and delete its data and run any code on the workers. Set --auth-token (and use tls://).`,
+        `this port can read and delete its data and run any code on the workers. Give every node a token ` +
+        `(DIST_AUTH_TOKEN or --auth-token-file: --auth-token shows in ps) and use tls://.`,
     );
   }
   const comms = new Set<Comm>();

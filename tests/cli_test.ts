@@ -336,6 +336,7 @@ Deno.test("cli: bad usage exits 2 with one line saying what was wrong", async ()
     [["_executor"], /started by a worker/],
     [["frobnicate"], /unknown command "frobnicate"/],
     [["worker"], /missing SCHEDULER_ADDRESS/],
+    [[], /missing command: scheduler, worker, local or info/],
     [["scheduler", "extra"], /unexpected argument "extra"/],
   ];
   for (const [args, ...patterns] of cases) {
