@@ -5,7 +5,14 @@
  */
 
 import type { Address } from "../protocol/address.ts";
-import type { KeyStory, SchedulerIdentity, SchedulerOps, WorkerInfo, WorkerOps } from "../protocol/ops.ts";
+import type {
+  KeyStory,
+  SchedulerIdentity,
+  SchedulerOps,
+  WorkerIdentity,
+  WorkerInfo,
+  WorkerOps,
+} from "../protocol/ops.ts";
 import { rpc } from "../protocol/rpc.ts";
 import { formatBytes } from "../util/memory.ts";
 
@@ -23,14 +30,23 @@ export interface ClusterInfo {
   keys: number;
 }
 
-/** Asks the scheduler at `address` for its workers, keys and tasks. */
+/**
+ * Asks the scheduler at `address` for its workers, keys and tasks. Throws an Error that
+ * names the worker's scheduler when `address` is a worker's.
+ */
 export async function clusterInfo(
   address: string | Address,
   options: { authToken?: string } = {},
 ): Promise<ClusterInfo> {
   await using scheduler = rpc<SchedulerOps>(address, { authToken: options.authToken, timeoutMs: 30_000 });
-  const [identity, workers, states, whoHas] = await Promise.all([
-    scheduler.identity(),
+  const identity = await scheduler.identity() as SchedulerIdentity | WorkerIdentity;
+  if (identity.type === "worker") {
+    throw new Error(
+      `${identity.address} is a worker (${identity.name}), not a scheduler: a cluster is shown from its ` +
+        `scheduler, dist info ${identity.scheduler}; a key on this worker with dist info ${identity.address} --story KEY`,
+    );
+  }
+  const [workers, states, whoHas] = await Promise.all([
     scheduler.workers(),
     scheduler.progress(),
     scheduler.who_has(),

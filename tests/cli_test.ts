@@ -535,3 +535,15 @@ Deno.test("cli: a worker takes its scheduler as host:port too, as Dask does", as
   assert.deepEqual((await center.workers()).map((w) => [w.name, w.address]), [["plain", worker.address]]);
   assert.match(worker.address, /^tcp:\/\//, "a node says its address with the scheme");
 });
+
+Deno.test("cli: dist info pointed at a worker names its scheduler and the --story it can answer", async () => {
+  await using nodes = new Nodes();
+  const scheduler = await nodes.spawn("scheduler", "--port", "0");
+  const worker = await nodes.spawn("worker", scheduler.address, "--name", "wendy", "--no-nanny");
+  const { code, stdout, stderr } = await dist("info", worker.address);
+  assert.equal(code, 1, stderr);
+  assert.equal(stdout, "");
+  assert.match(stderr, new RegExp(`is a worker \\(wendy\\), not a scheduler`));
+  assert.ok(stderr.includes(`dist info ${scheduler.address}`), stderr);
+  assert.ok(stderr.includes(`dist info ${worker.address} --story KEY`), stderr);
+});
