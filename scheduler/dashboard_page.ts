@@ -43,7 +43,7 @@ svg{width:100%;display:block}.legend{font-size:12px;color:var(--muted);margin-to
 <tbody></tbody></table></div><div id="problems"></div></section>
 <section><h2>Progress</h2><div id="overall" data-percent="0"><div class="row"><b>all tasks</b><span id="overall-text" class="muted"></span></div>
 <div class="bar"><span class="done" id="overall-bar" style="width:0"></span></div></div><div id="progress"></div>
-<div class="legend"><i class="done"></i>done<i class="proc"></i>running<i style="background:var(--wait)"></i>waiting<i class="erred"></i>erred</div></section>
+<div class="legend"><i class="done"></i>done<i class="proc"></i>on workers (running or queued there)<i style="background:var(--wait)"></i>waiting<i class="erred"></i>erred</div></section>
 <section><h2>Memory per worker <span class="muted">(now; the line is its limit)</span></h2><svg id="memory-now" viewBox="0 0 600 40"></svg>
 <div class="legend"><i class="managed"></i>values in memory<i class="unmanaged"></i>rest of the process<i class="spilled"></i>values on disk</div>
 <h2 style="margin-top:14px">Values held <span class="muted">(last 2 minutes)</span></h2><svg id="memory" viewBox="0 0 600 160" preserveAspectRatio="none"></svg>
@@ -74,7 +74,9 @@ function render(s) {
     "</td><td>" + bytes(w.managed) + (w.spilled ? " + " + bytes(w.spilled) + " on disk" : "") +
     (w.memoryLimit ? ' <span class="muted">of ' + bytes(w.memoryLimit) + "</span>" : "") + (w.paused ? " <b>paused</b>" : "") +
     (w.problems.length ? ' <b class="problem">spilling fails</b>' : "") +
-    "</td><td>" + w.processing + "</td><td>" + Math.round(w.cpu * 100) + " %</td><td>" + bytes(w.rss) +
+    // Running: what its executors run (its heartbeat); the rest sent to it waits in its queue.
+    "</td><td>" + w.executing + (w.processing > w.executing ? ' <span class="muted">+ ' + (w.processing - w.executing) + " queued</span>" : "") +
+    "</td><td>" + Math.round(w.cpu * 100) + " %</td><td>" + bytes(w.rss) +
     "</td><td>" + bytes(w.bytesIn) + "</td><td>" + bytes(w.bytesOut) + "</td><td>" + w.lastSeen.toFixed(1) + " s ago</td></tr>").join("");
   // What workers say is wrong on them, word for word (a spill that fails, and why).
   $("problems").innerHTML = s.workers.flatMap((w) => w.problems.map((p) =>

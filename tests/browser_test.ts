@@ -449,10 +449,11 @@ Deno.test({
           render({ scheduler: { address: "tcp://10.0.0.1:8786", lag: 0 }, totals: { completed: 0, failed: 0 }, progress: {}, now: Date.now(),
             workers: [
               worker("calm", { managed: 100e6, rss: 250e6, spilled: 0, memoryLimit: 500e6, paused: false }),
-              worker("squeezed", { managed: 300e6, rss: 450e6, spilled: 700e6, memoryLimit: 500e6, paused: true,
+              worker("squeezed", { managed: 300e6, rss: 450e6, spilled: 700e6, memoryLimit: 500e6, paused: true, processing: 5, executing: 2,
                 problems: ["Cannot spill k (9 bytes) to /full: No space left on device (os error 28); it stays in memory"] }),
             ] });
           window.problems = [...document.querySelectorAll("#problems p.problem")].map((p) => p.textContent);
+          window.running = [...document.querySelectorAll("#workers tbody tr")].map((tr) => tr.children[4].textContent);
           const W = 600 - 120 - 8, width = (g, c) => Number(g.querySelector("rect." + c)?.getAttribute("width") ?? 0);
           return [...document.querySelectorAll("svg#memory-now g[data-worker]")].map((g) => ({
             name: g.querySelector("text").textContent, paused: g.classList.contains("paused"),
@@ -473,6 +474,8 @@ Deno.test({
               limit: 500,
             },
           ]);
+          // Running is what the executors run; the rest sent to a worker waits in its queue.
+          assert.deepEqual(await page.evaluate("running"), ["0", "2 + 3 queued"]);
           // What a worker says is wrong on it is shown word for word.
           assert.deepEqual(await page.evaluate("problems"), [
             "squeezed: Cannot spill k (9 bytes) to /full: No space left on device (os error 28); it stays in memory",
