@@ -313,7 +313,8 @@ const commands: Record<string, { usage: string; summary: string; flags: Record<s
         default: String(MEMORY_TERMINATE_FRACTION),
         value: "FRACTION",
         help:
-          "share of --memory-limit past which a worker under a nanny closes at once and the nanny starts a new one",
+          "share of --memory-limit past which the worker stops its largest executor process, or, with none " +
+          "and under a nanny, closes at once for the nanny to start a new one",
       },
       "local-directory": {
         type: "string",

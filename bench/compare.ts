@@ -1007,7 +1007,7 @@ console.log(((performance.now() - t0) * 1000 / pages).toFixed(2));
 
 /**
  * Warms the machine's memory before anything is measured: on a VM the first touch of a
- * guest page costs the host's work (here 11-14 us, against ~0.3 us to zero a page), and
+ * guest page costs the host's work (measured here: 8.5-11 us a page on a first pass), and
  * both sides would pay it unevenly. Touches `bytes` in a fresh process, up to `passes`
  * times until the cost per page stops falling; resolves the cost of each pass, in us.
  */
@@ -1634,10 +1634,11 @@ async function main(): Promise<number> {
       '    measured in the same run. The "<= 2x raw" and "60% of raw" targets use dist\'s (Deno) limits.\n' +
       "  - A receiver that keeps 256 MiB (every worker, and the client of a gather) reads into fresh memory,\n" +
       '    so "raw bulk into fresh memory" is the limit that applies to transfers, not the reused buffer.\n' +
-      "    On this VM each first touch of a 4 KiB page costs ~15 us. Python's raw sink receives into\n" +
-      "    numpy.empty, as Dask's TCP comm does, and numpy asks for transparent huge pages (madvise); V8's\n" +
-      "    ArrayBuffers do not: the diagnostic row is Deno's sink with glibc's THP tunable. The page fault\n" +
-      "    rows count the faults the receiving worker (Alice) took during each worker-to-worker run.\n" +
+      "    A page's first touch on this machine costs what the memory line at the top says. Python's raw\n" +
+      "    sink receives into numpy.empty, as Dask's TCP comm does, and numpy asks for transparent huge\n" +
+      "    pages (madvise); V8's ArrayBuffers do not: the diagnostic row is Deno's sink with glibc's THP\n" +
+      "    tunable. The page fault rows count the faults the receiving worker (Alice) took during each\n" +
+      "    worker-to-worker run.\n" +
       "  - Dask: dask_worker --no-nanny --nthreads 1, no dashboard; its client is asynchronous, scatter and\n" +
       "    gather go direct to workers; its get_data round trip is distributed.comm connect + send_recv\n" +
       '    (what get_data_from_worker does), the clock stopping before the "OK" acknowledgement.\n' +

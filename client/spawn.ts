@@ -62,25 +62,30 @@ export async function* lines(stream: ReadableStream<Uint8Array>): AsyncGenerator
 }
 
 /**
+ * The arguments before a subcommand that run dist with `flags` (`--allow-*` and the
+ * like): `deno run ... main.ts`, or none from a compiled `dist` binary, which is its own
+ * main.ts and has its permissions built in.
+ */
+export function distArgs(flags: readonly string[]): string[] {
+  // --no-config: a node runs with dist's settings, not with whatever deno.json, import map
+  // or lockfile the caller's directory has (and skips reading them: ~2 MiB per process).
+  // --no-code-cache: V8's code cache is a file Deno maps into every process; a node compiles
+  // its little code at start instead (~1.2 MiB less idle RSS, ~30 ms more to register).
+  return Deno.build.standalone ? [] : ["run", "--no-config", "--no-code-cache", ...flags, MAIN.href];
+}
+
+/**
  * Starts `dist ARGS...` and resolves once it prints `listening at ADDRESS`. Rejects
  * (after killing it) if it exits or stays silent first.
  */
 export async function spawnNode(args: string[], options: SpawnOptions = {}): Promise<NodeProcess> {
-  // A compiled `dist` binary is its own main.ts: it takes the subcommand directly.
   // `dist local` starts worker processes of its own, `dist worker` its worker under a
   // nanny, and a worker with --isolation process executor processes.
   const spawns = args[0] === "local" || (args[0] === "worker" && !args.includes("--no-nanny")) ||
     args.some((a, i) => a === "--isolation=process" || (a === "--isolation" && args[i + 1] === "process"));
   const permissions = spawns ? [...NODE_PERMISSIONS, "--allow-run"] : NODE_PERMISSIONS;
-  // --no-config: a node runs with dist's settings, not with whatever deno.json, import map
-  // or lockfile the caller's directory has (and skips reading them: ~2 MiB per process).
-  // --no-code-cache: V8's code cache is a file Deno maps into every process; a node compiles
-  // its little code at start instead (~1.2 MiB less idle RSS, ~30 ms more to register).
-  const prefix = Deno.build.standalone
-    ? []
-    : ["run", "--no-config", "--no-code-cache", ...permissions, MAIN.href];
   const child = new Deno.Command(Deno.execPath(), {
-    args: [...prefix, ...args, ...(options.supervised ? ["--supervised"] : [])],
+    args: [...distArgs(permissions), ...args, ...(options.supervised ? ["--supervised"] : [])],
     stdin: options.supervised ? "piped" : "null",
     // Large buffers on transparent huge pages: on VMs where every 4 KiB page fault is
     // slow, receiving 256 MiB went 2-4x faster with it (bench:compare's diagnostics).

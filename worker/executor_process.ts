@@ -12,6 +12,7 @@ import { Decoder, Encoder } from "../protocol/codec.ts";
 import { type ByteReader, type ByteWriter, MessageReader, MessageWriter } from "../protocol/framing.ts";
 import type { ExecutorMessage, Job } from "./executor.ts";
 import { frames } from "./executor_host.ts";
+import { distArgs } from "../client/spawn.ts";
 
 const MAIN = new URL("../main.ts", import.meta.url);
 /** The child is this worker's own executor: what it sends back, the worker keeps anyway. */
@@ -112,14 +113,7 @@ export class ProcessExecutor {
   /** Starts the process; it loads its executor while the first jobs are on their way. */
   constructor(options: ProcessExecutorOptions) {
     const hostArgs = ["_executor", "--permissions", JSON.stringify(options.permissions)];
-    const prefix = Deno.build.standalone ? [] : [
-      "run",
-      "--no-config",
-      "--no-code-cache",
-      "--unstable-worker-options",
-      ...permissionFlags(options.permissions),
-      MAIN.href,
-    ];
+    const prefix = distArgs(["--unstable-worker-options", ...permissionFlags(options.permissions)]);
     const env: Record<string, string> = {};
     if (options.heapMib !== undefined) {
       // DENO_V8_FLAGS reaches a compiled binary too, where --v8-flags cannot.

@@ -204,11 +204,7 @@ export class ExecutorPool {
   set pressure(on: boolean) {
     if (on === this.#pressure) return;
     this.#pressure = on;
-    for (const e of this.#executors) {
-      if (e !== null && !(e.worker instanceof ProcessExecutor)) {
-        e.worker.postMessage({ pressure: on } satisfies PoolMessage);
-      }
-    }
+    this.#toThreads({ pressure: on });
   }
 
   /**
@@ -233,10 +229,13 @@ export class ExecutorPool {
 
   /** Has the thread executors collect garbage now: they may hold the last references to shared memory. */
   collect(): void {
+    this.#toThreads({ collect: true });
+  }
+
+  /** Tells every thread executor started (a process executor's memory is its own). */
+  #toThreads(message: PoolMessage): void {
     for (const e of this.#executors) {
-      if (e !== null && !(e.worker instanceof ProcessExecutor)) {
-        e.worker.postMessage({ collect: true } satisfies PoolMessage);
-      }
+      if (e !== null && !(e.worker instanceof ProcessExecutor)) e.worker.postMessage(message);
     }
   }
 

@@ -21,9 +21,8 @@
 
 import type { Logger } from "../util/log.ts";
 import { EXIT_MEMORY, EXIT_SCHEDULER_LOST, EXIT_USAGE } from "../util/defaults.ts";
-import { lines } from "../client/spawn.ts";
+import { distArgs, lines } from "../client/spawn.ts";
 
-const MAIN = new URL("../main.ts", import.meta.url);
 const PERMISSION_NAMES = ["read", "write", "net", "env", "run", "sys", "ffi", "import"] as const;
 /** A worker that lived this long before dying is started again at once; one that died sooner, after a pause. */
 const HEALTHY_LIFETIME_MS = 10_000;
@@ -73,17 +72,10 @@ export class Nanny {
   #child: Deno.ChildProcess | null = null;
   #stopping = false;
   #wake: (() => void) | null = null;
-  /** Workers started since the first. */
-  restarts = 0;
 
   constructor(options: NannyOptions) {
     this.#options = options;
     this.#log = options.log;
-  }
-
-  /** The worker's pid, or null between workers. */
-  get pid(): number | null {
-    return this.#child?.pid ?? null;
   }
 
   /**
@@ -131,7 +123,6 @@ export class Nanny {
         this.#wake = null;
         if (this.#stopping) return 0;
       }
-      this.restarts++;
     }
   }
 
@@ -161,16 +152,14 @@ export class Nanny {
   }
 
   #spawn(): Deno.ChildProcess {
-    const prefix = Deno.build.standalone ? [] : [
-      "run",
-      "--no-config",
-      "--no-code-cache",
-      "--unstable-worker-options",
-      ...permissionFlags(),
-      MAIN.href,
-    ];
     return new Deno.Command(Deno.execPath(), {
-      args: [...prefix, ...this.#options.args, "--no-nanny", "--supervised", "--nannied"],
+      args: [
+        ...distArgs(["--unstable-worker-options", ...permissionFlags()]),
+        ...this.#options.args,
+        "--no-nanny",
+        "--supervised",
+        "--nannied",
+      ],
       // A pipe never written: when this process ends, the worker reads its end and stops.
       stdin: "piped",
       stdout: "piped",

@@ -371,13 +371,13 @@ export class DataStore {
   }
 
   /**
-   * Spills the least recently used values until at most `bytes` stay in memory (the
+   * Spills the least recently used values until those in memory fit the budget (the
    * worker's memory monitor, when the process holds more than its values). Returns the
    * bytes spilled; fewer when the disk refuses.
    */
-  spillTo(bytes: number): number {
+  spillToBudget(): number {
     const before = this.#memoryBytes;
-    this.#evict(null, bytes);
+    this.#evict(null);
     return before - this.#memoryBytes;
   }
 

@@ -988,37 +988,36 @@ class WorkerServer implements WorkerNode {
     const limit = this.#options.memoryLimit ?? 0;
     if (limit <= 0 || this.#closing) return;
     let rss = this.#rss();
-    const terminate = this.#options.memoryTerminateFraction ?? MEMORY_TERMINATE_FRACTION;
-    if (rss > limit * terminate) {
+    const terminateAt = limit * (this.#options.memoryTerminateFraction ?? MEMORY_TERMINATE_FRACTION);
+    if (rss > terminateAt) {
       // An executor process that holds the excess is stopped instead: the worker and its
       // data stay, and its task counts the death, as if its worker had died running it.
-      const own = Deno.memoryUsage().rss;
+      const inProcesses = rss - Deno.memoryUsage().rss;
       const stopped = this.#executors.stopLargestProcess(
-        Math.max(1, rss - limit * terminate),
+        Math.max(1, rss - terminateAt),
         `its executor process was stopped: the worker held ${formatBytes(rss)}, over ${
-          formatBytes(limit * terminate)
+          formatBytes(terminateAt)
         } (memory terminate share of ${formatBytes(limit)}), ${
-          formatBytes(rss - own)
+          formatBytes(inProcesses)
         } of it in executor processes`,
       );
       if (stopped > 0) {
         this.#log.warn(
           `Stopped an executor process holding ${formatBytes(stopped)}: the worker held ${
             formatBytes(rss)
-          }, ` +
-            `over its memory terminate share`,
+          }, over its memory terminate share`,
         );
         return;
       }
-    }
-    if (rss > limit * terminate && this.#options.nanny) {
-      this.error = new MemoryLimitError(
-        `The process holds ${formatBytes(rss)}, over ${formatBytes(limit * terminate)} (memory terminate ` +
-          `share of ${formatBytes(limit)}): closing at once for its nanny to start a new one`,
-      );
-      this.#log.error(this.error.message);
-      this.#shutdown(false);
-      return;
+      if (this.#options.nanny) {
+        this.error = new MemoryLimitError(
+          `The process holds ${formatBytes(rss)}, over ${formatBytes(terminateAt)} (memory terminate ` +
+            `share of ${formatBytes(limit)}): closing at once for its nanny to start a new one`,
+        );
+        this.#log.error(this.error.message);
+        this.#shutdown(false);
+        return;
+      }
     }
     const spillAt = limit * (this.#options.memorySpillFraction ?? MEMORY_SPILL_FRACTION);
     const now = performance.now();
@@ -1026,9 +1025,13 @@ class WorkerServer implements WorkerNode {
     const targetAt = limit * (this.#options.memoryTargetFraction ?? MEMORY_TARGET_FRACTION);
     const pressure = rss > targetAt;
     this.data.pressure = pressure;
-    // Values take the target share of the process, less what it holds besides them.
-    this.data.budget = targetAt - Math.max(0, rss - this.data.memoryBytes);
     this.#executors.pressure = pressure;
+    // Values take the target share of the process, less what it holds besides them
+    // (the store keeps an eighth of its target whatever the rest holds).
+    const setBudget = () => {
+      this.data.budget = targetAt - Math.max(0, rss - this.data.memoryBytes);
+    };
+    setBudget();
     if (rss > spillAt && now - this.#lastMonitorSpill >= MONITOR_SPILL_INTERVAL_MS) {
       this.#lastMonitorSpill = now;
       // First what is garbage already: buffers let go of here, and the executor threads'
@@ -1038,10 +1041,8 @@ class WorkerServer implements WorkerNode {
       rss = this.#rss();
       if (rss > spillAt) {
         // Down to the target share, as Dask does: room for what tasks make meanwhile.
-        const unmanaged = Math.max(0, rss - this.data.memoryBytes);
-        // Never below an eighth of the target, as the store's budget: small values stay,
-        // whatever else the process holds (a worker in a larger program counts its memory).
-        const spilled = this.data.spillTo(Math.max(targetAt / 8, targetAt - unmanaged));
+        setBudget();
+        const spilled = this.data.spillToBudget();
         if (spilled > 0) {
           this.data.reclaimNow(true);
           this.#log.debug(
