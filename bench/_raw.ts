@@ -9,7 +9,9 @@
  * The helper's source. `echo` sends back whatever arrives. `sink` reads a header
  * (u64 LE length, u64 LE mode), then that many bytes, then acks with one byte. Mode 0
  * reads into one reused 1 MiB buffer (the limit); mode 1 reads into a new buffer per
- * transfer, as any receiver that keeps the data must (MessageReader does).
+ * transfer, as any receiver that keeps the data must (MessageReader does), and lets go of
+ * it at once (a collection, when run with --expose-gc), as Python's reference counting
+ * does and a dist worker's store asks V8 to.
  */
 export const RAW_HELPER_SOURCE = `
 const echo = Deno.listen({ hostname: "127.0.0.1", port: 0 });
@@ -60,8 +62,10 @@ async function serveSink(conn) {
           left -= n;
         }
       } else {
-        const fresh = new Uint8Array(total);
+        let fresh = new Uint8Array(total);
         if (!(await readFull(conn, fresh))) throw new Error("closed inside a transfer");
+        fresh = null;
+        globalThis.gc?.();
       }
       await writeAll(conn, new Uint8Array([1]));
     }

@@ -25,9 +25,13 @@
  * SIGINT/SIGTERM/SIGHUP and when the watchdog fires.
  *
  * Run: deno task bench:compare [--quick] [--json PATH]
- * (deno run --allow-net --allow-read --allow-write --allow-run --allow-env --allow-sys
- * --unstable-worker-options bench/compare.ts; write is for --json and the temp directory
- * of Dask's workers, run for deno, python3, ps and cat.)
+ * (GLIBC_TUNABLES=glibc.malloc.hugetlb=1 deno run --v8-flags=--expose-gc --allow-net
+ * --allow-read --allow-write --allow-run --allow-env --allow-sys --unstable-worker-options
+ * bench/compare.ts; write is for --json and the temp directory of Dask's workers, run for
+ * deno, python3, ps and cat. The tunable gives this process's large buffers transparent
+ * huge pages, as dist's nodes take for themselves and numpy for Dask's client; every
+ * process of both sides inherits it. --expose-gc lets it drop a gathered 256 MiB at once,
+ * as Python's reference counting does.)
  *
  * @module
  */
@@ -545,6 +549,9 @@ async function transfers(
     const gatherS = (performance.now() - t) / 1000;
     verifySame(got, value);
     got = null;
+    // Let go of the gathered copy now, as Python's reference counting does on Dask's side:
+    // garbage this process kept would take the memory Alice is about to receive into.
+    collectGarbage();
 
     const faults0 = await minorFaults(alice.pid);
     t = performance.now();
@@ -570,6 +577,11 @@ async function transfers(
     }
   }
   return out;
+}
+
+/** A collection now, when this process runs with --expose-gc (the task gives it). */
+function collectGarbage(): void {
+  (globalThis as { gc?: () => void }).gc?.();
 }
 
 const CHECK_AT = (n: number) => [0, 1, 12345 % n, n >> 1, n - 1];
@@ -648,7 +660,9 @@ type Step = (what: string) => void;
 async function startDenoHelper(res: Resources, env?: Record<string, string>) {
   const url = `data:application/javascript;base64,${btoa(RAW_HELPER_SOURCE)}`;
   const proc = res.track(
-    spawn("raw TCP helper (Deno)", Deno.execPath(), ["run", "--allow-net", url], { env }),
+    spawn("raw TCP helper (Deno)", Deno.execPath(), ["run", "--allow-net", "--v8-flags=--expose-gc", url], {
+      env,
+    }),
   );
   return { proc, ports: await helperPorts(proc) };
 }
@@ -687,7 +701,7 @@ async function distRegistration(
 
 async function runDist(plan: Plan, res: Resources, step: Step): Promise<Side> {
   step("dist: starting the raw TCP helpers and a scheduler");
-  const helper = await startDenoHelper(res);
+  const helper = await startDenoHelper(res, { GLIBC_TUNABLES: "" });
   const hugeHelper = await startDenoHelper(res, { GLIBC_TUNABLES: "glibc.malloc.hugetlb=1" });
   const schedulerNode = await spawnNode(["scheduler", "--port", "0", "--log-level", "warn"]);
   const scheduler = res.track(fromNode("dist scheduler", schedulerNode));
@@ -1636,9 +1650,12 @@ async function main(): Promise<number> {
       '    so "raw bulk into fresh memory" is the limit that applies to transfers, not the reused buffer.\n' +
       "    A page's first touch on this machine costs what the memory line at the top says. Python's raw\n" +
       "    sink receives into numpy.empty, as Dask's TCP comm does, and numpy asks for transparent huge\n" +
-      "    pages (madvise); V8's ArrayBuffers do not: the diagnostic row is Deno's sink with glibc's THP\n" +
-      "    tunable. The page fault rows count the faults the receiving worker (Alice) took during each\n" +
-      "    worker-to-worker run.\n" +
+      "    pages (madvise); V8's ArrayBuffers do not by themselves: dist's nodes set glibc's THP tunable\n" +
+      "    (GLIBC_TUNABLES=glibc.malloc.hugetlb=1), the task sets it for this process (the client of both\n" +
+      "    sides) and every process inherits it, except Deno's first raw sink (the diagnostic row has it).\n" +
+      "    Receivers let go of what they received at once (dist's workers ask V8 to; this process and the\n" +
+      "    raw sinks collect, as Python frees by reference count). The page fault rows count the faults\n" +
+      "    the receiving worker (Alice) took during each worker-to-worker run.\n" +
       "  - Dask: dask_worker --no-nanny --nthreads 1, no dashboard; its client is asynchronous, scatter and\n" +
       "    gather go direct to workers; its get_data round trip is distributed.comm connect + send_recv\n" +
       '    (what get_data_from_worker does), the clock stopping before the "OK" acknowledgement.\n' +

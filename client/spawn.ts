@@ -75,6 +75,21 @@ export function distArgs(flags: readonly string[]): string[] {
 }
 
 /**
+ * What a node process's environment gets besides its parent's: glibc's tunable that puts
+ * large buffers on transparent huge pages (on VMs where every 4 KiB page fault is slow,
+ * receiving 256 MiB went 2-4x faster with it: bench:compare's diagnostics), unless the
+ * parent's environment sets GLIBC_TUNABLES itself. Asks for no permission: a caller that
+ * may not read its environment gets the default.
+ */
+export function nodeEnvironment(): Record<string, string> {
+  let own: string | undefined;
+  if (Deno.permissions.querySync({ name: "env", variable: "GLIBC_TUNABLES" }).state === "granted") {
+    own = Deno.env.get("GLIBC_TUNABLES");
+  }
+  return { GLIBC_TUNABLES: own ?? "glibc.malloc.hugetlb=1" };
+}
+
+/**
  * Starts `dist ARGS...` and resolves once it prints `listening at ADDRESS`. Rejects
  * (after killing it) if it exits or stays silent first.
  */
@@ -87,9 +102,7 @@ export async function spawnNode(args: string[], options: SpawnOptions = {}): Pro
   const child = new Deno.Command(Deno.execPath(), {
     args: [...distArgs(permissions), ...args, ...(options.supervised ? ["--supervised"] : [])],
     stdin: options.supervised ? "piped" : "null",
-    // Large buffers on transparent huge pages: on VMs where every 4 KiB page fault is
-    // slow, receiving 256 MiB went 2-4x faster with it (bench:compare's diagnostics).
-    env: { GLIBC_TUNABLES: Deno.env.get("GLIBC_TUNABLES") ?? "glibc.malloc.hugetlb=1", ...options.env },
+    env: { ...nodeEnvironment(), ...options.env },
     stdout: "piped",
     stderr: "piped",
   }).spawn();

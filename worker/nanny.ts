@@ -21,7 +21,7 @@
 
 import type { Logger } from "../util/log.ts";
 import { EXIT_MEMORY, EXIT_SCHEDULER_LOST, EXIT_USAGE } from "../util/defaults.ts";
-import { distArgs, lines } from "../client/spawn.ts";
+import { distArgs, lines, nodeEnvironment } from "../client/spawn.ts";
 
 const PERMISSION_NAMES = ["read", "write", "net", "env", "run", "sys", "ffi", "import"] as const;
 /** A worker that lived this long before dying is started again at once; one that died sooner, after a pause. */
@@ -160,6 +160,7 @@ export class Nanny {
         "--supervised",
         "--nannied",
       ],
+      env: nodeEnvironment(),
       // A pipe never written: when this process ends, the worker reads its end and stops.
       stdin: "piped",
       stdout: "piped",
