@@ -369,6 +369,7 @@ commands.local = {
       value: "PORT",
       help: "the scheduler's port (0: any)",
     },
+    "task-permissions": commands.worker.flags["task-permissions"],
     "no-nanny": { type: "boolean", help: "run each worker alone, without a nanny (see dist worker --help)" },
     ...dashboardFlags,
     ...auth,
@@ -650,6 +651,7 @@ async function run(argv: string[]): Promise<number> {
       authToken,
       dashboardPort: dashboardPort ?? null,
       nanny: !values["no-nanny"],
+      taskPermissions: taskPermissions(flags["task-permissions"]),
     });
     exitOnSignal(cluster);
     console.log(`listening at ${cluster.address}`);
@@ -725,9 +727,10 @@ async function run(argv: string[]): Promise<number> {
   try {
     node = await startWorker({ ...workerOptions, log: createLogger(logName, level, format) });
   } catch (error) {
-    // It could not reach its scheduler in time, or was refused: a nanny does not start it again.
+    // It lacks a permission it needs (exit as for bad flags), or could not reach its
+    // scheduler in time, or was refused: either way a nanny does not start it again.
     console.error(`dist: error: ${(error as Error).message}`);
-    return EXIT_SCHEDULER_LOST;
+    return error instanceof Deno.errors.NotCapable ? EXIT_USAGE : EXIT_SCHEDULER_LOST;
   }
   exitOnSignal(node, values.supervised === true);
   console.log(`listening at ${node.address}`);

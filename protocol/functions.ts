@@ -30,6 +30,15 @@ export function toFunctionSpec(fn: unknown): FunctionSpec {
   if (typeof fn === "object" && fn !== null) {
     const spec = fn as Record<string, unknown>;
     if (typeof spec.module === "string" && typeof spec.name === "string") {
+      if (!/^[a-z][a-z0-9+.-]*:/i.test(spec.module)) {
+        const shown = `{ module: ${JSON.stringify(spec.module)}, name: ${JSON.stringify(spec.name)} }`;
+        throw new TypeError(
+          `Cannot send ${shown}: a worker cannot resolve a relative or bare module specifier; give an ` +
+            `absolute one, e.g. { module: import.meta.resolve(${JSON.stringify(spec.module)}), name: ${
+              JSON.stringify(spec.name)
+            } }`,
+        );
+      }
       return { module: spec.module, name: spec.name };
     }
     if (typeof spec.source === "string") return { source: spec.source };

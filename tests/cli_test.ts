@@ -412,6 +412,38 @@ Deno.test("cli: --death-timeout 1 with no scheduler exits 3 saying it cannot reg
   assert.match(last, /connection refused/);
 });
 
+Deno.test("cli: a worker that could not start its executors refuses to start, naming --allow-read", async () => {
+  // It used to register and look healthy, then fail every task it was given.
+  await using nodes = new Nodes();
+  const scheduler = await nodes.spawn("scheduler", "--port", "0", "--no-dashboard");
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "--no-prompt",
+      ...NODE_PERMISSIONS.filter((flag) => flag !== "--allow-read"),
+      MAIN.href,
+      "worker",
+      scheduler.address,
+      "--no-nanny",
+    ],
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const stderr = new TextDecoder().decode(out.stderr);
+  assert.equal(out.code, 2, stderr);
+  assert.match(
+    stderr,
+    /^dist: error: This worker cannot start its executors: it needs read access to .*executor\.ts\. Run it with --allow-read/m,
+  );
+  const center = rpc<SchedulerOps>(scheduler.address);
+  try {
+    assert.deepEqual(await center.workers(), []);
+  } finally {
+    center.close();
+  }
+});
+
 Deno.test("cli: SIGTERM and SIGINT make a worker unregister and exit 0", async () => {
   await using nodes = new Nodes();
   const scheduler = await nodes.spawn("scheduler", "--port", "0");

@@ -219,3 +219,61 @@ Deno.test("sandbox: a task that posts an executor's own messages fails nothing e
     }
   }
 });
+
+Deno.test("sandbox: a task the sandbox refuses is told the --task-permissions value that allows it, never an --allow-* flag", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "dist-sandbox-" });
+  try {
+    const lib = `${dir}/lib.ts`;
+    await Deno.writeTextFile(lib, "export function add(a: number, b: number): number { return a + b; }\n");
+    const file = `${dir}/data.txt`;
+    await Deno.writeTextFile(file, "42");
+    {
+      // dist local as a user starts it: the default sandbox refuses the file and the module.
+      const local = await spawnNode(["local", "--workers", "1", "--port", "0", "--no-dashboard"]);
+      try {
+        await using client = await Client.connect(local.address);
+        const read = client.submit((path: string) => Deno.readTextFileSync(path), file);
+        const refused = await bounded(read.result()).then(() => null, (error: Error) => error);
+        assert.ok(refused, "the default sandbox let a task read a file");
+        assert.match(
+          refused.message,
+          new RegExp(`Requires read access to "${file}": tasks run with the worker's`),
+        );
+        assert.ok(refused.message.includes(`--task-permissions read=${file}`), refused.message);
+        assert.ok(!refused.message.includes("--allow-read"), refused.message);
+        const imported = client.submit({ module: new URL(`file://${lib}`).href, name: "add" }, 1, 2);
+        const denied = await bounded(imported.result()).then(() => null, (error: Error) => error);
+        assert.ok(denied?.message.includes(`--task-permissions read=${lib}`), denied?.message);
+        // A relative specifier is refused by the sender, with the way to an absolute one.
+        assert.throws(
+          () => client.submit({ module: "./lib.ts", name: "add" }, 1, 2),
+          /Cannot send \{ module: "\.\/lib\.ts", name: "add" \}: .*import\.meta\.resolve\("\.\/lib\.ts"\)/,
+        );
+      } finally {
+        await local.stop();
+      }
+    }
+    // dist local --task-permissions grants what the advice said.
+    const local = await spawnNode([
+      "local",
+      "--workers",
+      "1",
+      "--port",
+      "0",
+      "--no-dashboard",
+      "--task-permissions",
+      `read=${dir}`,
+    ]);
+    try {
+      await using client = await Client.connect(local.address);
+      const imported = client.submit({ module: new URL(`file://${lib}`).href, name: "add" }, 1, 2);
+      assert.equal(await bounded(imported.result()), 3);
+      const read = client.submit((path: string) => Deno.readTextFileSync(path), file);
+      assert.equal(await bounded(read.result()), "42");
+    } finally {
+      await local.stop();
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

@@ -105,6 +105,17 @@ export function shared(value: unknown): unknown {
  * permissions before it parses the URL, so nothing is started either way.
  */
 function checkPermissions(permissions: Deno.PermissionOptions): void {
+  const executor = new URL(EXECUTOR_URL);
+  if (executor.protocol === "file:") {
+    const path = decodeURIComponent(executor.pathname);
+    if (Deno.permissions.querySync({ name: "read", path }).state !== "granted") {
+      // Refused now rather than by every task later: the worker would look healthy and fail them all.
+      throw new Deno.errors.NotCapable(
+        `This worker cannot start its executors: it needs read access to ${path}. ` +
+          "Run it with --allow-read (the dist command has it; see the README's Install)",
+      );
+    }
+  }
   if (permissions === "inherit") return;
   let probe: Worker;
   try {

@@ -37,6 +37,7 @@ async function importFunction(module: string, name: string): Promise<Fn> {
   try {
     mod = await import(module);
   } catch (error) {
+    sandboxed(error);
     throw new TypeError(`Cannot import module ${module}: ${(error as Error).message}`);
   }
   const fn = mod[name];
@@ -59,6 +60,25 @@ export async function callFunction(fn: Fn, args: unknown[]): Promise<unknown> {
         ` (if the function refers to a variable outside its own body: only its source travels, ` +
         `so pass the value as an argument, or import the function by { module, name })`;
     }
-    throw error;
+    throw sandboxed(error);
   }
+}
+
+/**
+ * A task the sandbox refused something gets advice for the cluster, not Deno's (which
+ * names an --allow-* flag of a process the task does not run as): `--task-permissions`
+ * and the value that would allow it.
+ */
+export function sandboxed(error: unknown): unknown {
+  if (!(error instanceof Error) || !/run again with the --allow-\w+ flag/.test(error.message)) return error;
+  const denied = /Requires (\w+) access(?: to "([^"]*)")?/.exec(error.message);
+  if (denied === null) return error;
+  const [, name, what] = denied;
+  const value = what === undefined ? name : `${name}=${what}`;
+  const grant = what === undefined ? `{ ${name}: true }` : `{ ${name}: [${JSON.stringify(what)}] }`;
+  error.message = error.message.replace(/,? ?run again with the --allow-\w+ flag\.?/, "") +
+    `: tasks run with the worker's --task-permissions (default none); to allow this, start the workers ` +
+    `(dist worker or dist local) with --task-permissions ${value}, or pass taskPermissions: ${grant} to ` +
+    `Client.local`;
+  return error;
 }
