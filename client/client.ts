@@ -150,6 +150,16 @@ export class Future<T = unknown> {
   wait(): Promise<void> {
     return this.client._settled(this.key);
   }
+
+  /**
+   * Why the task is where it is, in the scheduler's words: what it waits for (its inputs,
+   * a free thread, a worker its `workers` restriction allows), where it runs, or why it
+   * failed. E.g. `queued: it may run only on worker-9, and no connected worker is one; it
+   * fails in 41 s (--no-workers-timeout) unless one connects`.
+   */
+  why(): Promise<string> {
+    return this.client._why(this.key);
+  }
 }
 
 /** Options of `Client.connect`. */
@@ -769,6 +779,13 @@ export class Client implements AsyncDisposable {
     }
     if (Array.isArray(values)) return futures as never;
     return Object.fromEntries(entries.map(([key], i) => [key, futures[i]])) as never;
+  }
+
+  /** @internal What `Future.why()` says: the scheduler's account of `key`. */
+  async _why(key: string): Promise<string> {
+    this.#flush(); // a task just submitted is known to the scheduler before it is asked about
+    const story = await this.#comm.call("story", { key }) as { state: string; why?: string };
+    return story.why ?? story.state;
   }
 
   /** Cancels the futures' tasks, and what depends on them. */

@@ -28,6 +28,8 @@ export interface ClusterInfo {
   progress: Record<string, Record<string, number>>;
   /** Keys held somewhere in the cluster. */
   keys: number;
+  /** What the scheduler says is wrong with its queue (tasks no worker may run), in words. */
+  problems: string[];
 }
 
 /**
@@ -46,16 +48,25 @@ export async function clusterInfo(
         `scheduler, dist info ${identity.scheduler}; a key on this worker with dist info ${identity.address} --story KEY`,
     );
   }
-  const [workers, states, whoHas] = await Promise.all([
+  const [workers, states, whoHas, problems] = await Promise.all([
     scheduler.workers(),
     scheduler.progress(),
     scheduler.who_has(),
+    // A scheduler older than this op has none to tell.
+    scheduler.problems().catch(() => [] as string[]),
   ]);
   const tasks: Record<string, number> = {};
   for (const byState of Object.values(states)) {
     for (const [state, n] of Object.entries(byState)) tasks[state] = (tasks[state] ?? 0) + n;
   }
-  return { scheduler: identity, workers, tasks, progress: states, keys: Object.keys(whoHas).length };
+  return {
+    scheduler: identity,
+    workers,
+    tasks,
+    progress: states,
+    keys: Object.keys(whoHas).length,
+    problems,
+  };
 }
 
 function table(rows: string[][]): string {
@@ -98,7 +109,10 @@ export function formatInfo(info: ClusterInfo): string {
   }
   lines.push(info.workers.length ? table(workers) : "No workers.", "");
   // What workers say is wrong on them (a spill that fails, and why).
-  const problems = info.workers.flatMap((w) => (w.problems ?? []).map((p) => `  ${w.name}: ${p}`));
+  const problems = [
+    ...info.problems.map((p) => `  queue: ${p}`),
+    ...info.workers.flatMap((w) => (w.problems ?? []).map((p) => `  ${w.name}: ${p}`)),
+  ];
   if (problems.length) lines.push("Problems:", ...problems, "");
   const states = ["released", "waiting", "queued", "processing", "memory", "erred"];
   lines.push(table([["tasks", ...states], ["", ...states.map((st) => String(info.tasks[st] ?? 0))]]));
@@ -127,6 +141,7 @@ export async function keyStory(
 /** A story as lines: the state now, then one line per move (time, from -> to, why). */
 export function formatStory(s: KeyStory & { node: string; address: string }): string {
   const lines = [`${s.key} on ${s.node} ${s.address}: ${s.state}`];
+  if (s.why) lines.push(`  ${s.why}`);
   if (s.story.length === 0) {
     lines.push(`  no moves remembered (a key it never knew, or moves older than its story keeps)`);
   }

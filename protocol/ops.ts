@@ -218,6 +218,8 @@ export interface KeyStory {
   state: string;
   /** Oldest first; `time` in ms since the epoch. */
   story: { time: number; key: string; from: string; to: string; reason: string }[];
+  /** The scheduler's: why the key is where it is, in words (what it waits for, if it waits). */
+  why?: string;
 }
 
 /** The ops a scheduler serves. */
@@ -245,6 +247,8 @@ export const schedulerOps = {
   has_what: op<Record<string, string[]>>()(v.object({ workers: v.optional(v.arrayOf(address)) })),
   ncores: op<Record<string, number>>()(v.object({})),
   workers: op<WorkerInfo[]>()(v.object({})),
+  // What is wrong with the queue, in words: tasks no worker may run, tasks with no worker at all.
+  problems: op<string[]>()(v.object({})),
   delete_data: op<OkReply>()(v.object({ keys })),
   broadcast: op<Record<string, unknown>>()(
     v.object({

@@ -154,6 +154,7 @@ export class Dashboard {
         lastSeen: (now - w.lastSeen) / 1000,
       })),
       progress,
+      problems: state.problems,
       tasks: this.tasks.since(since.tasks ?? 0),
       transfers: this.transfers.since(since.transfers ?? 0),
       memory: this.memory.since(since.memory ?? 0),

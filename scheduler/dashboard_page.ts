@@ -78,8 +78,11 @@ function render(s) {
     "</td><td>" + w.executing + (w.processing > w.executing ? ' <span class="muted">+ ' + (w.processing - w.executing) + " queued</span>" : "") +
     "</td><td>" + Math.round(w.cpu * 100) + " %</td><td>" + bytes(w.rss) +
     "</td><td>" + bytes(w.bytesIn) + "</td><td>" + bytes(w.bytesOut) + "</td><td>" + w.lastSeen.toFixed(1) + " s ago</td></tr>").join("");
-  // What workers say is wrong on them, word for word (a spill that fails, and why).
-  $("problems").innerHTML = s.workers.flatMap((w) => w.problems.map((p) =>
+  // What the scheduler says is wrong with the queue (tasks no worker may run), then what
+  // workers say is wrong on them, word for word (a spill that fails, and why).
+  $("problems").innerHTML = (s.problems || []).map((p) =>
+    '<p class="problem" data-scheduler><b>queue:</b> ' + esc(p) + "</p>").join("") +
+    s.workers.flatMap((w) => w.problems.map((p) =>
     '<p class="problem" data-worker="' + esc(w.address) + '"><b>' + esc(w.name) + ":</b> " + esc(p) + "</p>")).join("");
   let done = 0, total = 0;
   const rows = Object.entries(s.progress).sort((a, b) => a[0].localeCompare(b[0])).map(([prefix, c]) => {

@@ -325,6 +325,7 @@ class SchedulerServer implements SchedulerNode {
       comm?.close();
     }
     this.#state.tick(now);
+    for (const line of this.#state.drainNotices()) this.#log.warn(line);
     this.#flush();
   }
 
@@ -589,7 +590,9 @@ class SchedulerServer implements SchedulerNode {
         key,
         state: state.tasks.get(key)?.state ?? "released",
         story: state.story(key),
+        why: state.why(key, Date.now()),
       }),
+      problems: () => state.problems,
       terminate: (_args, comm) => {
         // Reply first, then close: the caller learns the order was taken.
         setTimeout(() => comm.flushed().then(() => this.close()), 0);

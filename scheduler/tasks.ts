@@ -232,6 +232,14 @@ function newPrefixCounts(): PrefixCounts {
   return { released: 0, waiting: 0, queued: 0, processing: 0, memory: 0, erred: 0, forgotten: 0, total: 0 };
 }
 
+/** Problem lines shown at most (the dashboard, dist info): more are counted. */
+const PROBLEMS_SHOWN_MAX = 10;
+
+/** "1 task", "3 tasks". */
+function plural(n: number, noun: string): string {
+  return `${n.toLocaleString("en-US")} ${noun}${n === 1 ? "" : "s"}`;
+}
+
 /** The scheduler's tasks and workers. */
 export class SchedulerTasks {
   readonly tasks = new Map<string, TaskState>();
@@ -280,6 +288,16 @@ export class SchedulerTasks {
   /** Restricted tasks queued since the last tick, to look at then (all of them after a worker left). */
   #restrictedToCheck = new Set<TaskState>();
   #workerLeft = false;
+  /**
+   * What is wrong with the queue, in words, as of the last tick: tasks no worker may run
+   * (grouped by restriction), or tasks queued with no worker at all. The dashboard and
+   * `dist info` show it; new lines go to `notices` for the log.
+   */
+  problems: string[] = [];
+  /** Problem groups already told of: each is logged once while it lasts. */
+  #toldProblems = new Set<string>();
+  /** Lines for the shell to log as warnings (drained by `drainNotices`). */
+  #notices: string[] = [];
   /** Tasks per state, kept by the gate. */
   readonly #byState: Record<TaskStateName, number> = {
     released: 0,
@@ -788,10 +806,23 @@ export class SchedulerTasks {
     }
     this.#restrictedToCheck.clear();
     this.#workerLeft = false;
+    // Grouped by restriction for the problems list, in the same pass.
+    const groups = new Map<string, { count: number; example: string; since: number }>();
     for (const [ts, since] of this.#unrunnableSince) {
-      if (!this.#restricted.has(ts)) this.#unrunnableSince.delete(ts);
-      else if (now - since >= limit) stuck.push(ts);
+      if (!this.#restricted.has(ts)) {
+        this.#unrunnableSince.delete(ts);
+        continue;
+      }
+      if (now - since >= limit) stuck.push(ts);
+      const where = [...ts.restrictions ?? []].join(", ");
+      const g = groups.get(where);
+      if (g === undefined) groups.set(where, { count: 1, example: ts.key, since });
+      else {
+        g.count++;
+        g.since = Math.min(g.since, since);
+      }
     }
+    this.#tellProblems(now, groups);
     for (const ts of stuck) {
       if (ts.state !== "queued") continue;
       const where = ts.restrictions
@@ -802,6 +833,106 @@ export class SchedulerTasks {
         name: "NoWorkersError",
         message: `Task ${ts.key} could not run: ${where} was connected for ${limit} ms (no-workers-timeout)`,
       }, ts.key);
+    }
+  }
+
+  /** Updates `problems` and queues a notice for each problem not told of before. */
+  #tellProblems(now: number, groups: Map<string, { count: number; example: string; since: number }>): void {
+    const limit = this.noWorkersTimeoutMs;
+    const after = `they fail after ${limit / 1000} s (--no-workers-timeout) unless one connects`;
+    const lines: [string, string][] = [];
+    if (this.#noWorkersSince !== null) {
+      const n = this.#inHeap.size;
+      lines.push([
+        "",
+        `${plural(n, "task")} queued and no worker connected (for ${
+          Math.round((now - this.#noWorkersSince) / 1000)
+        } s); ${after}`,
+      ]);
+    }
+    for (const [where, g] of groups) {
+      lines.push([
+        where,
+        `${plural(g.count, "task")} (e.g. ${
+          JSON.stringify(g.example)
+        }) may run only on ${where}, and no connected ` +
+        `worker is one (for ${Math.round((now - g.since) / 1000)} s); ${after}`,
+      ]);
+    }
+    const seen = new Set<string>();
+    // With no worker at all, the line above says it for the restricted tasks too.
+    if (this.workers.size === 0) lines.length = Math.min(lines.length, 1);
+    for (const [group, line] of lines) {
+      seen.add(group);
+      if (!this.#toldProblems.has(group)) this.#notices.push(line);
+    }
+    this.#toldProblems = seen;
+    this.problems = lines.slice(0, PROBLEMS_SHOWN_MAX).map(([, line]) => line);
+    if (lines.length > PROBLEMS_SHOWN_MAX) {
+      this.problems.push(`and ${lines.length - PROBLEMS_SHOWN_MAX} more`);
+    }
+  }
+
+  /** Problems that appeared since the last call, in words, for the log. */
+  drainNotices(): string[] {
+    const out = this.#notices;
+    this.#notices = [];
+    return out;
+  }
+
+  /**
+   * Why `key` is where it is, in words: what a future's `why()` and `dist info --story`
+   * show (a task that waits says for what).
+   */
+  why(key: string, now: number): string {
+    const ts = this.tasks.get(key);
+    if (ts === undefined) return "unknown to the scheduler: never submitted, or released";
+    switch (ts.state) {
+      case "released":
+        return "released: nobody holds a future for it and no task needs it";
+      case "waiting": {
+        const inputs = [...ts.waitingOn].slice(0, 3).map((d) => `${JSON.stringify(d.key)} (${d.state})`);
+        const more = ts.waitingOn.size > 3 ? ` and ${ts.waitingOn.size - 3} more` : "";
+        return `waiting for ${plural(ts.waitingOn.size, "input")}: ${inputs.join(", ")}${more}`;
+      }
+      case "queued": {
+        const since = this.#unrunnableSince.get(ts);
+        const left = (from: number) =>
+          `it fails in ${Math.max(0, Math.round((from + this.noWorkersTimeoutMs - now) / 1000))} s ` +
+          "(--no-workers-timeout) unless one connects";
+        if (since !== undefined) {
+          return `queued: it may run only on ${
+            [...ts.restrictions ?? []].join(", ")
+          }, and no connected worker ` +
+            `is one; ${left(since)}`;
+        }
+        if (this.workers.size === 0) {
+          return `queued: no worker is connected; ${left(this.#noWorkersSince ?? now)}`;
+        }
+        const allowed = [...this.workers.values()].filter((ws) => this.#allowed(ts, ws));
+        if (allowed.every((ws) => ws.paused)) {
+          return "queued: every worker it may run on is paused (short of memory) until it frees some";
+        }
+        return `queued: every worker it may run on is busy; ${
+          plural(this.#inHeap.size, "task")
+        } queued in all`;
+      }
+      case "processing": {
+        const ws = ts.processingOn;
+        return `processing: sent to ${
+          ws ? `${ws.name} (${ws.address})` : "a worker"
+        }, running or queued there`;
+      }
+      case "memory":
+        return `done: in memory on ${
+          [...ts.whoHas].map((ws) => ws.name).join(", ") || "no worker (being recomputed)"
+        }`;
+      case "erred":
+        return `failed: ${ts.error ? `${ts.error.name}: ${ts.error.message}` : "an input failed"}${
+          ts.erredOn && ts.erredOn !== ts.key ? ` (from ${JSON.stringify(ts.erredOn)})` : ""
+        }`;
+      default:
+        return ts.state;
     }
   }
 

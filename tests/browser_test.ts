@@ -447,6 +447,7 @@ Deno.test({
           const worker = (name, o) => ({ address: "tcp://10.0.0.1:" + name.length, name, nthreads: 1, nkeys: 3, nbytes: 0,
             processing: 0, executing: 0, cpu: 0, bytesIn: 0, bytesOut: 0, lastSeen: 0.1, problems: [], ...o });
           render({ scheduler: { address: "tcp://10.0.0.1:8786", lag: 0 }, totals: { completed: 0, failed: 0 }, progress: {}, now: Date.now(),
+            problems: ["1 task (e.g. \\"inc-1\\") may run only on worker-9, and no connected worker is one"],
             workers: [
               worker("calm", { managed: 100e6, rss: 250e6, spilled: 0, memoryLimit: 500e6, paused: false }),
               worker("squeezed", { managed: 300e6, rss: 450e6, spilled: 700e6, memoryLimit: 500e6, paused: true, processing: 5, executing: 2,
@@ -476,8 +477,9 @@ Deno.test({
           ]);
           // Running is what the executors run; the rest sent to a worker waits in its queue.
           assert.deepEqual(await page.evaluate("running"), ["0", "2 + 3 queued"]);
-          // What a worker says is wrong on it is shown word for word.
+          // What the scheduler says of its queue, and a worker of itself, is shown word for word.
           assert.deepEqual(await page.evaluate("problems"), [
+            'queue: 1 task (e.g. "inc-1") may run only on worker-9, and no connected worker is one',
             "squeezed: Cannot spill k (9 bytes) to /full: No space left on device (os error 28); it stays in memory",
           ]);
           assert.deepEqual(page.errors, [], "the page threw");

@@ -273,6 +273,7 @@ Deno.test("cli: --help of each command lists every flag with its default", async
       "memory-limit": "auto",
       host: "127.0.0.1",
       port: "8786",
+      "task-permissions": "none",
       "no-nanny": null,
       "dashboard-port": "8787",
       "no-dashboard": null,

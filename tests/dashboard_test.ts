@@ -893,7 +893,8 @@ Deno.test("cli: dist info ADDRESS --story KEY tells a key's moves on the schedul
   assert.equal(onScheduler.code, 0, onScheduler.stderr);
   const lines = onScheduler.stdout.trimEnd().split("\n");
   assert.equal(lines[0], `${future.key} on scheduler ${scheduler.address}: memory`);
-  const moves = lines.slice(1).map((l) =>
+  assert.equal(lines[1], "  done: in memory on w1", "the scheduler says why it is where it is");
+  const moves = lines.slice(2).map((l) =>
     l.match(/^ {2}\S+Z {2}(\w+) -> (\w+) {2}\((.*)\)$/)?.slice(1, 3).join(">")
   );
   assert.deepEqual(
@@ -901,7 +902,7 @@ Deno.test("cli: dist info ADDRESS --story KEY tells a key's moves on the schedul
     ["released>waiting", "waiting>processing", "processing>memory"],
     onScheduler.stdout,
   );
-  assert.match(lines[2], new RegExp(`sent to ${worker.address.replace(/[.:/]/g, "\\$&")}`));
+  assert.match(lines[3], new RegExp(`sent to ${worker.address.replace(/[.:/]/g, "\\$&")}`));
 
   const onWorker = await dist("info", worker.address, "--story", future.key, "--json");
   assert.equal(onWorker.code, 0, onWorker.stderr);
@@ -912,7 +913,10 @@ Deno.test("cli: dist info ADDRESS --story KEY tells a key's moves on the schedul
 
   const unknown = await dist("info", scheduler.address, "--story", "nobody-knows");
   assert.equal(unknown.code, 0, unknown.stderr);
-  assert.match(unknown.stdout, /^nobody-knows on scheduler .*: released\n {2}no moves remembered/);
+  assert.match(
+    unknown.stdout,
+    /^nobody-knows on scheduler .*: released\n {2}unknown to the scheduler: never submitted, or released\n {2}no moves remembered/,
+  );
   const empty = await dist("info", scheduler.address, "--story=");
   assert.equal(empty.code, 2);
   assert.match(empty.stderr, /--story needs a key/);

@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import { Client, NoWorkersError, rpc, type SchedulerOps, taskOptions, type WorkerOps } from "../mod.ts";
 import { startScheduler, startWorker } from "../node.ts";
+import { clusterInfo, formatInfo } from "../client/info.ts";
 import { type NodeProcess, spawnNode } from "../client/spawn.ts";
 import { eventually, metricAt, startCluster, testLogger } from "./_helpers.ts";
 
@@ -382,4 +383,33 @@ Deno.test("a task whose only worker was killed fails with NoWorkersError after t
     assert.ok(error instanceof NoWorkersError, "a NoWorkersError is caught by its class");
     assert.match(error.message, /no worker was connected for 1000 ms \(no-workers-timeout\)/);
   }
+});
+
+Deno.test("a task no worker may run is never silent: the scheduler's log, dist info and its future say why it waits", async () => {
+  await using nodes = new Nodes();
+  const scheduler = await nodes.spawn("scheduler", "--port", "0", "--no-dashboard");
+  await nodes.spawn("worker", scheduler.address, "--name", "alice", "--nthreads", "1");
+  await using client = await Client.connect(scheduler.address);
+  const stuck = client.submit(inc, 1, taskOptions({ workers: ["worker-9"] }));
+  assert.match(await stuck.why(), /^queued: /);
+  const line = await scheduler.waitForLog(/may run only on worker-9/, 10_000);
+  assert.match(line, /WARN/);
+  assert.match(
+    line,
+    /1 task \(e\.g\. "inc-[^"]+"\) may run only on worker-9, and no connected worker is one/,
+  );
+  assert.match(
+    await stuck.why(),
+    /^queued: it may run only on worker-9, and no connected worker is one; it fails in \d+ s \(--no-workers-timeout\)/,
+  );
+  const info = formatInfo(await clusterInfo(scheduler.address));
+  assert.match(info, /Problems:\n {2}queue: 1 task .* may run only on worker-9/);
+  // A worker it may run on arrives: it runs, and the problem is gone.
+  await nodes.spawn("worker", scheduler.address, "--name", "worker-9", "--nthreads", "1");
+  assert.equal(await stuck.result(), 2);
+  assert.match(await stuck.why(), /^done: in memory on worker-9/);
+  await eventually(
+    async () => !formatInfo(await clusterInfo(scheduler.address)).includes("Problems:"),
+    5_000,
+  );
 });

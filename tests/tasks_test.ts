@@ -1543,6 +1543,47 @@ Deno.test("tasks: a restricted task no connected worker may run fails after noWo
   assert.match(error.message, /no worker it may run on \(nobody\)/);
 });
 
+Deno.test("tasks: tasks no worker may run are problems, told once, and say why they wait", () => {
+  const s = cluster(A);
+  s.noWorkersTimeoutMs = 60_000;
+  s.updateGraph(C1, [t("r1", [], { workers: ["nobody"] }), t("r2", [], { workers: ["nobody"] }), t("ok")], [
+    "r1",
+    "r2",
+    "ok",
+  ]);
+  s.drain();
+  assert.match(s.why("r1", 0), /^queued:/);
+  s.tick(0);
+  assert.equal(s.problems.length, 1);
+  assert.match(
+    s.problems[0],
+    /^2 tasks \(e\.g\. "r[12]"\) may run only on nobody, and no connected worker is one/,
+  );
+  assert.match(s.problems[0], /fail after 60 s \(--no-workers-timeout\)/);
+  assert.deepEqual(s.drainNotices(), s.problems, "a new problem is told");
+  s.tick(1_000);
+  assert.deepEqual(s.drainNotices(), [], "told once while it lasts");
+  assert.match(
+    s.why("r1", 20_000),
+    /^queued: it may run only on nobody, and no connected worker is one; it fails in 40 s \(--no-workers-timeout\)/,
+  );
+  assert.match(s.why("ok", 20_000), /^processing: sent to /);
+  assert.match(s.why("unknown-key", 0), /^unknown to the scheduler/);
+  // A worker it may run on comes: the problem goes.
+  s.addWorker({ address: B, name: "nobody" }, 2_000);
+  s.drain();
+  s.tick(2_000);
+  assert.deepEqual(s.problems, []);
+  // No worker at all: one line says it.
+  s.removeWorker(A);
+  s.removeWorker(B);
+  s.drain();
+  s.tick(3_000);
+  assert.equal(s.problems.length, 1);
+  assert.match(s.problems[0], /queued and no worker connected/);
+  assert.match(s.why("ok", 3_000), /^queued: no worker is connected; it fails in 60 s/);
+});
+
 Deno.test("tasks: a compute_task the shell cannot send fails its task, and function ids start over", () => {
   const s = cluster(A);
   s.updateGraph(C1, [t("x", [], { retries: 2 })], ["x"]);
