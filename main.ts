@@ -652,6 +652,7 @@ async function run(argv: string[]): Promise<number> {
       dashboardPort: dashboardPort ?? null,
       nanny: !values["no-nanny"],
       taskPermissions: taskPermissions(flags["task-permissions"]),
+      keepsAlive: true,
     });
     exitOnSignal(cluster);
     console.log(`listening at ${cluster.address}`);

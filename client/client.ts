@@ -33,7 +33,7 @@ import { dispatchTo } from "../protocol/server.ts";
 import { openComm, type SecurityOptions, tokenFromEnv } from "../protocol/handshake.ts";
 import { randomToken, tokenize } from "./_tokenize.ts";
 import { LocalCluster, type LocalClusterOptions } from "./local.ts";
-import { Backoff, deadline, delay } from "../util/time.ts";
+import { Backoff, deadline, delay, keepingAlive } from "../util/time.ts";
 
 /** Per-task options; pass `taskOptions({...})` as the last argument of `submit` or `map`. */
 export interface SubmitOptions {
@@ -298,6 +298,9 @@ export class Client implements AsyncDisposable {
   /** The scheduler's address. */
   readonly scheduler: string;
   #comm: Comm;
+  /** Waits for results under way, and the hold they keep on the connection (see #keepAlive). */
+  #waiting = 0;
+  #commHold: (() => void) | null = null;
   #dashboardLink: string | null = null;
   #target: Address;
   #options: ClientOptions;
@@ -336,6 +339,7 @@ export class Client implements AsyncDisposable {
       tls: options.tls,
       handshakeTimeoutMs: options.handshakeTimeoutMs,
       frameBytesMax: options.frameBytesMax,
+      keepsAlive: "busy",
     });
     comm.closed.then(() => this.#disconnected(comm));
   }
@@ -364,7 +368,8 @@ export class Client implements AsyncDisposable {
       key_lost: (args) =>
         client!.#onError(args.key, new MissingDataError([args.key], { cause: args.reason }), "lost"),
     });
-    const comm = await openComm(target, { ...options, dispatch });
+    // The connection keeps the script alive only while it waits for something (see #keepAlive).
+    const comm = await openComm(target, { ...options, dispatch, keepsAlive: "busy" });
     let reply: { dashboard?: string | null };
     try {
       reply = await comm.call("register_client", { id }) as { dashboard?: string | null };
@@ -801,6 +806,11 @@ export class Client implements AsyncDisposable {
     if (this.#closed) return;
     this.#closed = true;
     this.#flush();
+    // Its connections do not keep the process alive by themselves (see #keepAlive).
+    await keepingAlive(this.#closeAll());
+  }
+
+  async #closeAll(): Promise<void> {
     await this.#comm.close();
     await this.#peers.close();
     this.#lostScheduler();
@@ -823,7 +833,21 @@ export class Client implements AsyncDisposable {
   _settled(key: string): Promise<void> {
     const rec = this.#keys.get(key);
     if (rec === undefined || rec.status !== "pending") return Promise.resolve();
-    return new Promise((resolve) => rec.waiters.push(resolve));
+    return this.#keepAlive(new Promise((resolve) => rec.waiters.push(resolve)));
+  }
+
+  /**
+   * Keeps the process alive while `waiting` is: the connection to the scheduler holds it
+   * only while someone waits for a result, so a script that forgot `close()` still ends
+   * once its own work is done (Dask's client is closed at interpreter exit).
+   */
+  #keepAlive<T>(waiting: Promise<T>): Promise<T> {
+    if (this.#waiting++ === 0) this.#commHold = this.#comm.hold();
+    return waiting.finally(() => {
+      if (--this.#waiting > 0) return;
+      this.#commHold?.();
+      this.#commHold = null;
+    });
   }
 
   /** @internal One reference to `key` fewer. */
@@ -944,7 +968,7 @@ export class Client implements AsyncDisposable {
       if (this.#closed) break;
       let next: Comm;
       try {
-        next = await openComm(this.#target, { ...this.#options, dispatch: this.#dispatch });
+        next = await openComm(this.#target, { ...this.#options, dispatch: this.#dispatch, keepsAlive: "busy" });
       } catch {
         continue;
       }
@@ -959,6 +983,10 @@ export class Client implements AsyncDisposable {
         break;
       }
       this.#comm = next;
+      if (this.#waiting > 0) {
+        this.#commHold?.();
+        this.#commHold = next.hold();
+      }
       next.closed.then(() => this.#disconnected(next));
       this.#graph = null;
       this.#releases = [];

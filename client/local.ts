@@ -5,6 +5,7 @@
  * @module
  */
 
+import { keepingAlive } from "../util/time.ts";
 import { createLogger, type LogFormat, type LogLevel } from "../util/log.ts";
 import { type NodeProcess, spawnNode } from "./spawn.ts";
 import type { SchedulerNode } from "../scheduler/scheduler.ts";
@@ -58,6 +59,13 @@ export interface LocalClusterOptions {
    * passes 95% of its memory limit (default true; see `dist worker --help`).
    */
   nanny?: boolean;
+  /**
+   * Whether the cluster keeps this process alive (default false): a script that forgot
+   * `close()` ends when its own work is done, and its worker processes (supervised) end
+   * with it. `dist local` passes true. Workers in this process (`processes: false`) keep
+   * it alive regardless: their executor threads do.
+   */
+  keepsAlive?: boolean;
 }
 
 /** A scheduler and workers on this machine. */
@@ -122,7 +130,9 @@ export class LocalCluster implements AsyncDisposable {
     // Loaded here, not at the top: a program that imports the client loads no node code.
     const { startScheduler } = await import("../scheduler/scheduler.ts");
     const { startWorker } = await import("../worker/worker.ts");
+    const keepsAlive = options.keepsAlive ?? false;
     const scheduler = await startScheduler({
+      keepsAlive,
       host,
       authToken,
       port: options.port ?? 0,
@@ -188,15 +198,17 @@ export class LocalCluster implements AsyncDisposable {
       await scheduler.close();
       throw error;
     }
+    // Supervised, they end with this process however it ends: they need not hold it open.
+    if (!keepsAlive) for (const p of spawned) p.child.unref();
     return new LocalCluster(scheduler, spawned, inProcess);
   }
 
   /** Stops the workers (they unregister first), then the scheduler. */
   close(): Promise<void> {
-    this.#closing ??= (async () => {
+    this.#closing ??= keepingAlive((async () => {
       await Promise.all([...this.#processes.map((p) => p.stop()), ...this.#inProcess.map((w) => w.close())]);
       await this.#scheduler.close();
-    })();
+    })());
     return this.#closing;
   }
 

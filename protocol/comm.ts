@@ -69,6 +69,12 @@ export interface CommOptions {
   writeQueueBytesMax?: number;
   /** How long the peer may take nothing while the queue is over the limit (default WRITE_STALL_MS). */
   writeStallMs?: number;
+  /**
+   * What keeps the process alive: "always" (a node's connections), or "busy": only while
+   * calls wait for replies or someone `hold()`s it (a client's: a script that forgot
+   * `close()` ends when its own work is done).
+   */
+  keepsAlive?: "always" | "busy";
 }
 
 /** Per-call options. */
@@ -107,6 +113,10 @@ export class Comm {
   #log: Logger;
   #queueBytesMax: number;
   #stallTimer: ReturnType<typeof setTimeout> | undefined;
+  /** Holds taken with `hold()` and not yet let go of. */
+  #holds = 0;
+  /** Whether the connection keeps the process alive now. */
+  #refed = true;
 
   /** Starts reading `conn` at once. */
   constructor(conn: Conn, options: CommOptions = {}) {
@@ -116,6 +126,30 @@ export class Comm {
     this.#writer = new MessageWriter(conn);
     this.#queueBytesMax = options.writeQueueBytesMax ?? WRITE_QUEUE_BYTES_MAX;
     this.closed = this.#readLoop();
+    this.#updateRef();
+  }
+
+  /**
+   * Keeps the process alive until the returned function is called (once), whatever
+   * `keepsAlive` says: a client holds its connection while someone waits for a result.
+   */
+  hold(): () => void {
+    this.#holds++;
+    this.#updateRef();
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      this.#holds--;
+      this.#updateRef();
+    };
+  }
+
+  #updateRef(): void {
+    const ref = this.#options.keepsAlive !== "busy" || this.#holds > 0 || this.#pending.size > 0;
+    if (ref === this.#refed || this.#isClosed) return;
+    this.#refed = ref;
+    this.conn.setRef(ref);
   }
 
   /** True once closed. */
@@ -160,6 +194,7 @@ export class Comm {
     return new Promise((resolve, reject) => {
       const pending: Pending = { op, resolve, reject };
       this.#pending.set(id, pending);
+      this.#updateRef();
       const { timeoutMs, signal } = options;
       if (timeoutMs !== undefined || signal) {
         const timer = timeoutMs === undefined ? undefined : setTimeout(() => {
@@ -272,6 +307,7 @@ export class Comm {
     if (pending === undefined) return undefined;
     this.#pending.delete(id);
     pending.cleanup?.();
+    this.#updateRef();
     return pending;
   }
 

@@ -67,6 +67,12 @@ export interface ServeOptions extends SecurityOptions {
   writeStallMs?: number;
   /** Called for every connection that closes (after its Comm has closed). */
   onClose?: (comm: Comm) => void;
+  /**
+   * Whether the server keeps the process alive (true, the default). False for a node
+   * embedded in a script (Client.local's scheduler): its connections and waiting for
+   * more do not, so the script ends when its own work is done.
+   */
+  keepsAlive?: boolean;
   /** Where it logs. */
   log?: Logger;
 }
@@ -111,6 +117,8 @@ export async function serve(
         `(DIST_AUTH_TOKEN or --auth-token-file: --auth-token shows in ps) and use tls://.`,
     );
   }
+  const keepsAlive = options.keepsAlive ?? true;
+  if (!keepsAlive) listener.setRef(false);
   const comms = new Set<Comm>();
   const handshaking = new Map<Conn, { done: Promise<unknown>; reader: MessageReader }>();
   const max = options.connectionsMax ?? CONNECTIONS_MAX;
@@ -142,6 +150,7 @@ export async function serve(
         conn.close();
         continue;
       }
+      if (!keepsAlive) conn.setRef(false);
       const reader = handshakeReader(conn);
       const shaking = serverHandshake(conn, { ...options, reader }).then((reader) => {
         const comm = new Comm(conn, {
@@ -152,6 +161,7 @@ export async function serve(
           log,
           writeQueueBytesMax: options.writeQueueBytesMax,
           writeStallMs: options.writeStallMs,
+          keepsAlive: keepsAlive ? "always" : "busy",
         });
         comms.add(comm);
         comm.closed.then(() => {

@@ -24,6 +24,11 @@ export interface Conn extends ByteReader, ByteWriter {
   readonly local: Address;
   /** Closes the stream; safe to call twice. */
   close(): void;
+  /**
+   * Whether a read waiting on it keeps the process alive (true, the default): a client's
+   * idle connection does not, so a script that forgot `close()` still ends.
+   */
+  setRef(ref: boolean): void;
 }
 
 /** Accepts connections. */
@@ -32,6 +37,8 @@ export interface Listener extends AsyncIterable<Conn> {
   readonly address: Address;
   /** Stops accepting; safe to call twice. */
   close(): void;
+  /** Whether waiting for connections keeps the process alive (true, the default). */
+  setRef(ref: boolean): void;
 }
 
 /** Options of `listen`. */
@@ -91,6 +98,12 @@ class DenoConn implements Conn {
     } catch {
       // Already closed by the runtime after an error: nothing left to release.
     }
+  }
+
+  setRef(ref: boolean): void {
+    if (this.#closed) return;
+    if (ref) this.#conn.ref();
+    else this.#conn.unref();
   }
 }
 
@@ -179,6 +192,11 @@ class SocketConn implements Conn {
   close(): void {
     this.#socket.destroy();
   }
+
+  setRef(ref: boolean): void {
+    if (ref) this.#socket.ref();
+    else this.#socket.unref();
+  }
 }
 
 /** Opens a connection (TLS for tls:// addresses); errors say which address failed and why. */
@@ -238,6 +256,11 @@ export async function listen(address: Address, options: ListenOptions = {}): Pro
       } catch {
         // Closed already.
       }
+    },
+    setRef(ref: boolean) {
+      if (closed) return;
+      if (ref) listener.ref();
+      else listener.unref();
     },
     async *[Symbol.asyncIterator]() {
       while (!closed) {
@@ -303,6 +326,10 @@ async function listenTls(address: Address, options: ListenOptions): Promise<List
       closed = true;
       server.close();
       wake?.();
+    },
+    setRef(ref: boolean) {
+      if (ref) server.ref();
+      else server.unref();
     },
     async *[Symbol.asyncIterator]() {
       while (true) {

@@ -96,6 +96,11 @@ export class Dashboard {
     }, 1_000);
   }
 
+  /** Its sampling no longer keeps the process alive (an embedded scheduler's). */
+  unref(): void {
+    Deno.unrefTimer(this.#sampler);
+  }
+
   /** A task ran on `worker`'s executor `thread` from `start` to `stop` (epoch ms). */
   onTask(event: TaskEvent): void {
     this.tasks.push(event);

@@ -57,6 +57,11 @@ export function heartbeatIntervalMs(workers: number): number {
 
 /** Options of `startScheduler`. */
 export interface SchedulerOptions extends SecurityOptions {
+  /**
+   * Whether the scheduler keeps its process alive (true, the default). False for one
+   * embedded in a script (Client.local): the script ends when its own work is done.
+   */
+  keepsAlive?: boolean;
   /** Interface to listen on; default 127.0.0.1. */
   host?: string;
   /** Port; default 8786, 0 for any free port. */
@@ -215,6 +220,7 @@ class SchedulerServer implements SchedulerNode {
         connectionsMax: options.connectionsMax,
         log: this.#log,
         onClose: (comm) => this.#connectionClosed(comm),
+        keepsAlive: options.keepsAlive,
       },
     );
     const state = this.#state;
@@ -227,6 +233,7 @@ class SchedulerServer implements SchedulerNode {
         Math.min(TICK_MS_MAX, this.#ttlMs / 4, state.unclaimedGraceMs / 4, state.noWorkersTimeoutMs / 4),
       ),
     );
+    if (options.keepsAlive === false) Deno.unrefTimer(this.#ttlTimer);
     if (options.dashboardPort !== undefined) {
       const dashboard = new Dashboard(state, () => ({
         address: this.address,
@@ -243,6 +250,10 @@ class SchedulerServer implements SchedulerNode {
           routes: dashboard.routes(),
           log: this.#log,
         });
+        if (options.keepsAlive === false) {
+          this.#http.unref();
+          dashboard.unref();
+        }
         this.#log.info(`Dashboard at ${this.#http.url}`);
       } catch (error) {
         dashboard.close();

@@ -161,7 +161,7 @@ Deno.test({
       import { Client } from ${JSON.stringify(new URL("../mod.ts", import.meta.url).href)};
       const client = await Client.local({ workers: 2, dashboardPort: null });
       console.log(String(Deno.pid));
-      await new Promise(() => {});
+      setInterval(() => {}, 1_000); // busy with work of its own until it is killed
     `;
     const child = new Deno.Command(Deno.execPath(), {
       args: ["run", "-A", "--unstable-worker-options", "-"],

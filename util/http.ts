@@ -20,6 +20,8 @@ export interface HttpServer {
   readonly url: string;
   /** Stops it; open event streams end. */
   close(): Promise<void>;
+  /** Waiting for viewers no longer keeps the process alive (a viewer connected still does). */
+  unref(): void;
 }
 
 /** Options of `startHttp`. */
@@ -154,6 +156,9 @@ export async function startHttp(options: HttpOptions): Promise<HttpServer> {
       // Responses still going (an event stream its owner has just ended) finish cleanly;
       // one that has not within HTTP_CLOSE_GRACE_MS (a viewer that stopped reading) is cut.
       await server.close(HTTP_CLOSE_GRACE_MS);
+    },
+    unref() {
+      server.unref();
     },
   };
 }

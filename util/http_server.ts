@@ -65,6 +65,8 @@ export interface HttpListener {
    * owner has just ended), then every connection is closed.
    */
   close(graceMs: number): Promise<void>;
+  /** Waiting for connections no longer keeps the process alive (open ones still do). */
+  unref(): void;
 }
 
 /** A request that is refused before any route sees it: its status and why. */
@@ -354,6 +356,9 @@ export function listenHttp(
     addr,
     get connections() {
       return open.size;
+    },
+    unref() {
+      listener.unref();
     },
     async close(graceMs: number) {
       closing = true;

@@ -92,3 +92,17 @@ export class Backoff {
     return delay(until === undefined ? ms : Math.min(ms, until.remaining()));
   }
 }
+
+/**
+ * Settles as `promise` does, keeping the process alive meanwhile: closing what does not
+ * keep it alive by itself (a client's idle connection, an embedded scheduler) must still
+ * finish before a script's last `await` returns.
+ */
+export async function keepingAlive<T>(promise: Promise<T>): Promise<T> {
+  const timer = setInterval(() => {}, 60_000);
+  try {
+    return await promise;
+  } finally {
+    clearInterval(timer);
+  }
+}
