@@ -20,6 +20,7 @@
 export { Ref, ref, type TypedArray } from "./protocol/codec.ts";
 export { type Address, formatAddress, parseAddress } from "./protocol/address.ts";
 export {
+  type Arg,
   asCompleted,
   Client,
   type ClientOptions,
@@ -27,8 +28,11 @@ export {
   type FutureStatus,
   type Gathered,
   type Graph,
+  type MapArgs,
   type ResultOf,
+  type SubmitArgs,
   type SubmitOptions,
+  type TaskArgs,
   type TaskFunction,
   TaskOptions,
   taskOptions,

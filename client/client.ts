@@ -198,6 +198,29 @@ export type Gathered<T> = T extends Future<infer V> ? V
   : T extends Record<string, unknown> ? { [K in keyof T]: Gathered<T[K]> }
   : T;
 
+/**
+ * What a task may be given where its function takes a `T`: the value, or a future of it,
+ * also inside arrays and plain objects (the task gets the value).
+ */
+export type Arg<T> =
+  | T
+  | Future<T>
+  | (T extends readonly unknown[] ? { [K in keyof T]: Arg<T[K]> }
+    : T extends Record<string, unknown> ? { [K in keyof T]: Arg<T[K]> }
+    : never);
+/** The arguments for parameters `P`, each an `Arg`. */
+export type TaskArgs<P extends readonly unknown[]> = { [K in keyof P]: Arg<P[K]> };
+/**
+ * What `submit(fn, ...args)` takes after `fn`: its parameters' `Arg`s, then optionally
+ * `taskOptions(...)`. A plain options object in that place (Dask's habit) is a type error,
+ * unless `fn` takes one.
+ */
+export type SubmitArgs<P extends readonly unknown[]> = [...TaskArgs<P>] | [...TaskArgs<P>, TaskOptions];
+/** What `map(fn, ...iterables)` takes after `fn`: one iterable of `Arg`s per parameter, then optionally `taskOptions(...)`. */
+export type MapArgs<P extends readonly unknown[]> =
+  | [...{ [K in keyof P]: Iterable<Arg<P[K]>> }]
+  | [...{ [K in keyof P]: Iterable<Arg<P[K]>> }, TaskOptions];
+
 /** A Dask-style graph: `{ key: value | [fn, ...args] }`; an argument naming a key is that key's value. */
 export type Graph = Record<string, unknown>;
 
@@ -419,16 +442,22 @@ export class Client implements AsyncDisposable {
    * task runs once they are done, with their values. A last argument made by
    * `taskOptions()` sets key, workers, priority, retries or pure.
    */
-  submit<F extends TaskFunction>(fn: F | Sendable, ...args: unknown[]): Future<ResultOf<F>> {
+  submit<F extends TaskFunction>(fn: F, ...args: SubmitArgs<Parameters<F>>): Future<ResultOf<F>>;
+  /** A function named by module: its arguments and result are not known to the type checker. */
+  submit<T = unknown>(fn: FunctionSpec, ...args: unknown[]): Future<T>;
+  submit(fn: Sendable, ...args: unknown[]): Future {
     let options: SubmitOptions = {};
     if (args.at(-1) instanceof TaskOptions) options = (args.pop() as TaskOptions).options;
-    return this.#submit(fn, toFunctionSpec(fn), args, options) as Future<ResultOf<F>>;
+    return this.#submit(fn, toFunctionSpec(fn), args, options);
   }
 
   /**
    * `fn` over each item of the iterables (zipped, like Dask's map); one future per item.
    */
-  map<F extends TaskFunction>(fn: F | Sendable, ...iterables: unknown[]): Future<ResultOf<F>>[] {
+  map<F extends TaskFunction>(fn: F, ...iterables: MapArgs<Parameters<F>>): Future<ResultOf<F>>[];
+  /** A function named by module: its arguments and result are not known to the type checker. */
+  map<T = unknown>(fn: FunctionSpec, ...iterables: unknown[]): Future<T>[];
+  map(fn: Sendable, ...iterables: unknown[]): Future[] {
     this.#checkOpen();
     let options: SubmitOptions = {};
     if (iterables.at(-1) instanceof TaskOptions) options = (iterables.pop() as TaskOptions).options;
@@ -441,10 +470,8 @@ export class Client implements AsyncDisposable {
     });
     const n = lists.length === 0 ? 0 : Math.min(...lists.map((l) => l.length));
     const spec = toFunctionSpec(fn);
-    const out: Future<ResultOf<F>>[] = new Array(n);
-    for (let i = 0; i < n; i++) {
-      out[i] = this.#submit(fn, spec, lists.map((l) => l[i]), options) as Future<ResultOf<F>>;
-    }
+    const out: Future[] = new Array(n);
+    for (let i = 0; i < n; i++) out[i] = this.#submit(fn, spec, lists.map((l) => l[i]), options);
     return out;
   }
 
@@ -713,10 +740,10 @@ export class Client implements AsyncDisposable {
    * futures, an object gives an object of futures under the same keys. `workers`
    * restricts where they go; `broadcast` puts every value on every (allowed) worker.
    */
-  async scatter<T extends unknown[] | Record<string, unknown>>(
+  async scatter<T extends readonly unknown[] | Record<string, unknown>>(
     values: T,
     options: { workers?: string[]; broadcast?: boolean } = {},
-  ): Promise<T extends unknown[] ? Future[] : Record<keyof T, Future>> {
+  ): Promise<{ -readonly [K in keyof T]: Future<T[K]> }> {
     this.#checkOpen();
     const all = await this.#comm.call("workers", {}) as WorkerInfo[];
     const allowed = options.workers

@@ -34,7 +34,7 @@
 
 import { isDeepStrictEqual, parseArgs } from "node:util";
 import { type NodeProcess, spawnNode } from "../client/spawn.ts";
-import { BusyError, Client, Ref, RemoteError, rpc, taskOptions } from "../mod.ts";
+import { BusyError, Client, type Future, Ref, RemoteError, rpc, taskOptions } from "../mod.ts";
 import { isLoopback, parseAddress } from "../protocol/address.ts";
 import { BIGINT_BYTES_MAX, Decoder, Encoder } from "../protocol/codec.ts";
 import { HTTP_BODY_BYTES_MAX } from "../util/http.ts";
@@ -2352,7 +2352,7 @@ async function checkFetchParts(state: RunState, n: number): Promise<void> {
     }
     const sizes = client.submit(
       (...vs: ArrayBuffer[]) => vs.map((v) => v.byteLength),
-      ...futures,
+      ...futures as Future<ArrayBuffer>[],
       taskOptions({ workers: [b.address] }),
     );
     const got = await withDeadline(sizes.result(), CHECK_TIMEOUT_MS, `fetching ${what} to ${b.address}`);

@@ -7,7 +7,7 @@
  */
 
 import assert from "node:assert/strict";
-import { Client, rpc, type SchedulerOps, type WorkerOps } from "../mod.ts";
+import { Client, type Future, rpc, type SchedulerOps, type WorkerOps } from "../mod.ts";
 import { startScheduler } from "../node.ts";
 import { spawnNode } from "../client/spawn.ts";
 import { eventually, testLogger } from "./_helpers.ts";
@@ -42,7 +42,7 @@ Deno.test({
           : new Float64Array(VALUE_BYTES / 8).fill(round);
         const [f] = await client.scatter([value]);
         if (round % 3 === 2) {
-          const first = client.submit((a: Float64Array) => a[0], f);
+          const first = client.submit((a: Float64Array) => a[0], f as Future<Float64Array>);
           assert.equal(await first.result(), round);
           first.release();
         }
