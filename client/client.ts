@@ -995,7 +995,11 @@ export class Client implements AsyncDisposable {
       if (this.#closed) break;
       let next: Comm;
       try {
-        next = await openComm(this.#target, { ...this.#options, dispatch: this.#dispatch, keepsAlive: "busy" });
+        next = await openComm(this.#target, {
+          ...this.#options,
+          dispatch: this.#dispatch,
+          keepsAlive: "busy",
+        });
       } catch {
         continue;
       }

@@ -199,7 +199,7 @@ export class LocalCluster implements AsyncDisposable {
       throw error;
     }
     // Supervised, they end with this process however it ends: they need not hold it open.
-    if (!keepsAlive) for (const p of spawned) p.child.unref();
+    if (!keepsAlive) { for (const p of spawned) p.child.unref(); }
     return new LocalCluster(scheduler, spawned, inProcess);
   }
 

@@ -104,11 +104,13 @@ export class RpcClient {
     if (this.#comm && !this.#comm.isClosed) return Promise.resolve(this.#comm);
     // A lost connection is replaced on the next call; concurrent calls share one attempt.
     // Idle, the connection does not keep the process alive: a script that forgot close() ends.
-    this.#connecting ??= openComm(this.#target, { ...this.#options, signal, keepsAlive: "busy" }).then((comm) => {
-      this.#comm = comm;
-      if (this.#closed) comm.close();
-      return comm;
-    }).finally(() => {
+    this.#connecting ??= openComm(this.#target, { ...this.#options, signal, keepsAlive: "busy" }).then(
+      (comm) => {
+        this.#comm = comm;
+        if (this.#closed) comm.close();
+        return comm;
+      },
+    ).finally(() => {
       this.#connecting = null;
     });
     return this.#connecting;

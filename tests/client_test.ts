@@ -362,7 +362,10 @@ Deno.test("client: a circular argument gets the codec's error naming its path, n
     for (
       const [submit, path] of [
         [() => client.submit(anything, a), /^Cannot send args\[0\]\.self\.self\.self/],
-        [() => client.submit(anything, 1, a, taskOptions({ pure: false })), /^Cannot send args\[1\]\.self\.self/],
+        [
+          () => client.submit(anything, 1, a, taskOptions({ pure: false })),
+          /^Cannot send args\[1\]\.self\.self/,
+        ],
         [() => client.submit(anything, { deep: [list] }), /^Cannot send args\[0\]\.deep\[0\]\[0\]\[0\]/],
         [() => client.map(anything, [a]), /^Cannot send args\[0\]\.self/],
       ] as const
@@ -434,15 +437,18 @@ Deno.test("client: a bigint argument of BIGINT_BYTES_MAX bytes makes its key at 
     // The key is a hash of the encoded arguments: byte-at-a-time bigint encoding took ~2 s here.
     assert.ok(ms < 250, `submit took ${ms.toFixed(0)} ms`);
     assert.equal(await f.result(), big - 8n);
-    assert.throws(() => client.submit((n: number, o: { x: bigint }) => [n, o], 1, { x: big + 1n }), (error: unknown) => {
-      assert.ok(error instanceof RangeError, String(error));
-      assert.equal(
-        error.message,
-        "Cannot send args[1].x: a bigint of more than 65536 bytes (BIGINT_BYTES_MAX) cannot travel; " +
-          "send it as a typed array of its digits, or as a string",
-      );
-      return true;
-    });
+    assert.throws(
+      () => client.submit((n: number, o: { x: bigint }) => [n, o], 1, { x: big + 1n }),
+      (error: unknown) => {
+        assert.ok(error instanceof RangeError, String(error));
+        assert.equal(
+          error.message,
+          "Cannot send args[1].x: a bigint of more than 65536 bytes (BIGINT_BYTES_MAX) cannot travel; " +
+            "send it as a typed array of its digits, or as a string",
+        );
+        return true;
+      },
+    );
     // A task that makes one fails its own task, with the same reason.
     const made = client.submit((bits: number) => 1n << BigInt(bits), BIGINT_BYTES_MAX * 8);
     await assert.rejects(made.result(), /cannot be kept: Cannot send .*BIGINT_BYTES_MAX/);
