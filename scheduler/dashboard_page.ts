@@ -41,7 +41,7 @@ svg{width:100%;display:block}.legend{font-size:12px;color:var(--muted);margin-to
 <section class="wide"><h2>Workers</h2><div class="scroll"><table id="workers"><thead><tr><th>worker</th><th>threads</th><th>keys</th>
 <th>memory held</th><th>tasks running</th><th>CPU</th><th>RSS</th><th>in</th><th>out</th><th>last heartbeat</th></tr></thead>
 <tbody></tbody></table></div><div id="problems"></div></section>
-<section><h2>Progress</h2><div id="overall" data-percent="0"><div class="row"><b>all tasks</b><span id="overall-text" class="muted"></span></div>
+<section><h2>Progress <span class="muted">(tasks held now)</span></h2><div id="overall" data-percent="0"><div class="row"><b>all tasks</b><span id="overall-text" class="muted"></span></div>
 <div class="bar"><span class="done" id="overall-bar" style="width:0"></span></div></div><div id="progress"></div>
 <div class="legend"><i class="done"></i>done<i class="proc"></i>on workers (running or queued there)<i style="background:var(--wait)"></i>waiting<i class="erred"></i>erred</div></section>
 <section><h2>Memory per worker <span class="muted">(now; the line is its limit)</span></h2><svg id="memory-now" viewBox="0 0 600 40"></svg>
@@ -95,7 +95,7 @@ function render(s) {
       '<div class="bar"><span class="done" style="width:' + pct(d) + '"></span><span class="proc" style="width:' + pct(p) +
       '"></span><span class="erred" style="width:' + pct(e) + '"></span></div></div>';
   });
-  $("progress").innerHTML = rows.join("") || '<p class="muted">No tasks yet.</p>';
+  $("progress").innerHTML = rows.join("") || '<p class="muted">No tasks held: a kind of task shows here until its last result is released.</p>';
   const percent = total ? Math.round((100 * done) / total) : 0;
   $("overall").dataset.percent = String(percent);
   $("overall-text").textContent = done + " / " + total + " (" + percent + " %)";
@@ -159,8 +159,18 @@ function drawMemory(s) {
   const svg = $("memory"), now = s.now, from = now - MEMORY_MS, pts = memory.filter((m) => m.t >= from);
   const addresses = s.workers.map((w) => w.address), names = new Map(s.workers.map((w) => [w.address, w.name]));
   const max = Math.max(1, ...pts.flatMap((m) => Object.values(m.workers)));
-  const x = (t) => ((t - from) / MEMORY_MS) * 600, y = (v) => 152 - (v / max) * 137;
-  let out = '<text x="4" y="12" font-size="11" fill="#6b7385">' + bytes(max) + "</text>";
+  const x = (t) => ((t - from) / MEMORY_MS) * 600, y = (v) => 140 - (v / max) * 126;
+  // Axes: the largest value held, half of it and zero; the time back from now.
+  let out = '<text class="y-axis" x="4" y="12" font-size="11" fill="#6b7385">' + bytes(max) + "</text>";
+  for (const v of [max, max / 2, 0]) {
+    out += '<line x1="0" x2="600" y1="' + y(v).toFixed(1) + '" y2="' + y(v).toFixed(1) + '" stroke="#e3e6ee"/>';
+    if (v !== max) out += '<text class="y-axis" x="4" y="' + (y(v) - 2).toFixed(1) + '" font-size="10" fill="#6b7385">' + bytes(v) + "</text>";
+  }
+  for (const back of [120, 90, 60, 30, 0]) {
+    const at = x(now - back * 1000);
+    out += '<text class="x-axis" x="' + Math.min(596, Math.max(4, at)).toFixed(1) + '" y="156" font-size="10" fill="#6b7385" text-anchor="' +
+      (back === 120 ? "start" : back === 0 ? "end" : "middle") + '">' + (back === 0 ? "now" : "-" + back + " s") + "</text>";
+  }
   for (const a of addresses) {
     const line = pts.filter((m) => a in m.workers).map((m) => x(m.t).toFixed(1) + "," + y(m.workers[a]).toFixed(1)).join(" ");
     if (line) out += '<polyline fill="none" stroke-width="2" stroke="' + colorOf(a) + '" points="' + line + '"/>';

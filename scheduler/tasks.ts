@@ -266,7 +266,7 @@ export class SchedulerTasks {
   /** Queued tasks that may run only on some workers. */
   #restricted = new Set<TaskState>();
   #order = 0;
-  /** Tasks finished and failed per prefix, ever (bounded: the least recent kinds go). */
+  /** Tasks finished and failed per prefix while the prefix has tasks (bounded: the least recent kinds go). */
   #finished = new Lru<string, { done: number; erred: number }>(PREFIXES_MAX);
   #out: Outgoing[] = [];
   /** The latest message in `#out` for each worker: frees that follow it join it. */
@@ -1199,8 +1199,11 @@ export class SchedulerTasks {
       this.#byState[to]++;
       p[to]++;
     } else if (--p.total === 0) {
-      // A prefix with no task left goes (keys are all kinds; the map must not keep them all).
+      // A prefix with no task left goes (keys are all kinds; the map must not keep them all),
+      // and so do its counts of finished tasks: progress shows the work the scheduler
+      // holds now (as Dask's task groups do), not everything since it started.
       this.#byPrefix.delete(ts.prefix);
+      this.#finished.delete(ts.prefix);
     }
     this.#story.record(this.#now, ts.key, from, to, reason);
   }

@@ -422,6 +422,14 @@ Deno.test({
         await page.waitFor(
           `document.querySelector("svg#memory text")?.textContent === ${JSON.stringify(most)}`,
         );
+        // Its axes: the values at the top, half way and zero; time back from now.
+        assert.deepEqual(
+          await page.evaluate(
+            `[...document.querySelectorAll("svg#memory text.x-axis")].map((t) => t.textContent)`,
+          ),
+          ["-120 s", "-90 s", "-60 s", "-30 s", "now"],
+        );
+        assert.equal(await page.evaluate(`document.querySelectorAll("svg#memory text.y-axis").length`), 3);
         // Nothing overflows the window sideways.
         assert.ok(
           await page.evaluate<boolean>("document.documentElement.scrollWidth <= window.innerWidth"),

@@ -1543,6 +1543,24 @@ Deno.test("tasks: a restricted task no connected worker may run fails after noWo
   assert.match(error.message, /no worker it may run on \(nobody\)/);
 });
 
+Deno.test("tasks: progress counts the work held now: a kind of task goes once its last result is released", () => {
+  const s = cluster(A);
+  s.updateGraph(C1, [t("inc-1"), t("inc-2")], ["inc-1", "inc-2"]);
+  s.drain();
+  finish(s, "inc-1");
+  assert.deepEqual(s.progressTotals().inc, { done: 1, erred: 0, processing: 1, waiting: 0 });
+  finish(s, "inc-2");
+  s.releaseKeys(C1, ["inc-1", "inc-2"]);
+  while (s.releasesPending) s.continueReleases();
+  s.drain();
+  assert.equal(s.progressTotals().inc, undefined, "a finished, released batch still shows");
+  // A new batch of the same kind starts from nothing, not from everything since the start.
+  s.updateGraph(C1, [t("inc-3")], ["inc-3"]);
+  s.drain();
+  finish(s, "inc-3");
+  assert.deepEqual(s.progressTotals().inc, { done: 1, erred: 0, processing: 0, waiting: 0 });
+});
+
 Deno.test("tasks: tasks no worker may run are problems, told once, and say why they wait", () => {
   const s = cluster(A);
   s.noWorkersTimeoutMs = 60_000;
