@@ -7,6 +7,74 @@
 
 import { sha256, toBase64 } from "../util/sha256.ts";
 import type { FunctionSpec } from "./ops.ts";
+import { freeVariables, ScopeError } from "./_scope.ts";
+import { Lru } from "../util/lru.ts";
+
+/**
+ * Globals that both this process and an executor have, each its own: a function that reads
+ * one may mean the script's (a variable of that name, or this process's value) and would
+ * silently get the executor's. `globalThis.name` says which is meant.
+ */
+const PLACE_DEPENDENT = new Set([
+  "name",
+  "close",
+  "closed",
+  "location",
+  "navigator",
+  "onmessage",
+  "onmessageerror",
+  "postMessage",
+  "onerror",
+  "onload",
+  "onunload",
+  "onbeforeunload",
+  "onunhandledrejection",
+  "alert",
+  "confirm",
+  "prompt",
+  "localStorage",
+  "sessionStorage",
+  "Window",
+  "Location",
+  "Navigator",
+  "Storage",
+]);
+
+/** Checked functions, by object: a map of 10,000 tasks parses its function once. */
+const checked = new WeakMap<object, FunctionSpec>();
+/** Most sources remembered as checked: a loop that submits a new arrow each time parses it once. */
+const CHECKED_SOURCES_MAX = 1024;
+const checkedSources = new Lru<string, FunctionSpec>(CHECKED_SOURCES_MAX);
+
+/**
+ * Refuses a function whose source reads a variable from outside its own body (a closure):
+ * only the source travels, and the executor would fail on it (a ReferenceError) or, worse,
+ * silently read a global of its own by that name. Globals every executor has (Math, JSON,
+ * Deno, fetch, crypto, ...) are fine.
+ */
+function checkClosure(label: string, source: string): void {
+  let free: Set<string>;
+  try {
+    free = freeVariables(source);
+  } catch (error) {
+    if (error instanceof ScopeError) return; // beyond the finder: the executor still explains a ReferenceError
+    throw error;
+  }
+  for (const name of free) {
+    if (PLACE_DEPENDENT.has(name)) {
+      throw new TypeError(
+        `Cannot send ${label}: it reads ${name}, which the executor has as a global of its own, not this ` +
+          `script's ${name}; pass the value as an argument, or write globalThis.${name} to mean the executor's`,
+      );
+    }
+    if (!(name in globalThis)) {
+      throw new TypeError(
+        `Cannot send ${label}: it reads ${name}, a variable from outside its own body, and only the ` +
+          `function's source travels; pass ${name} as an argument, or name the function by { module, name }`,
+      );
+    }
+  }
+}
 
 /** A function dist can send: a plain JS function, or `{ module, name }`. */
 // deno-lint-ignore no-explicit-any
@@ -50,7 +118,10 @@ export function toFunctionSpec(fn: unknown): FunctionSpec {
       }`,
     );
   }
-  const label = fn.name ? `function ${fn.name}` : "an anonymous function";
+  const known = checked.get(fn);
+  if (known !== undefined) return known;
+  // An arrow given as `{ function: (x) => ... }` takes the property's name, "function".
+  const label = fn.name && fn.name !== "function" ? `function ${fn.name}` : "an anonymous function";
   let source = Function.prototype.toString.call(fn);
   if (/\{\s*\[native code\]\s*\}\s*$/.test(source)) {
     if (fn.name.startsWith("bound ")) {
@@ -77,7 +148,14 @@ export function toFunctionSpec(fn: unknown): FunctionSpec {
     }
     source = rewritten;
   }
-  return { source };
+  let spec = checkedSources.get(source);
+  if (spec === undefined) {
+    checkClosure(label, source);
+    spec = { source };
+    checkedSources.set(source, spec);
+  }
+  checked.set(fn, spec);
+  return spec;
 }
 
 const digests = new WeakMap<FunctionSpec, string>();

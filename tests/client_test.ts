@@ -514,3 +514,34 @@ Deno.test("dist local prints the scheduler's address and serves a computation", 
     assert.equal(status.code, 0);
   }
 });
+
+Deno.test("client: a closure is refused at the sender, also over a name the executor has as a global", async () => {
+  await withClient(1, async (client) => {
+    const k = 3;
+    assert.throws(
+      () => client.submit((x: number) => x * k, 2),
+      /^TypeError: Cannot send an anonymous function: it reads k, a variable from outside its own body, .*pass k as an argument/,
+    );
+    // Executors have `name` and `navigator` of their own: a captured one would silently read those.
+    const name = "bob";
+    assert.throws(
+      () => client.submit((s: string) => s + name, "hi "),
+      /it reads name, which the executor has as a global of its own, not this script's name; .*globalThis\.name/,
+    );
+    assert.throws(
+      () => client.map((_: number) => navigator, [1]),
+      /it reads navigator, which the executor has/,
+    );
+    // Globals every executor has, the function's own names, and globalThis.name are fine.
+    const fine = client.submit(
+      function fact(n: number): unknown {
+        const digits = JSON.stringify(Math.max(n, 1));
+        return n <= 1
+          ? [digits, typeof Deno.pid, typeof crypto.randomUUID(), typeof globalThis.name]
+          : fact(n - 1);
+      },
+      3,
+    );
+    assert.deepEqual(await fine.result(), ["1", "number", "string", "string"]);
+  });
+});
