@@ -581,6 +581,28 @@ async function executorHost(argv: string[]): Promise<number> {
   return await runExecutorHost(permissions);
 }
 
+/**
+ * Refuses to start a worker that could not keep its memory limit: `auto` with no way to
+ * read the machine's memory (it would run with no limit, silently), or a limit with no
+ * permission to write the spill folder (it would fail to spill when it matters).
+ */
+function needsForMemory(flag: string, limit: number, directory: string | undefined, spills = true): void {
+  if (flag.trim().toLowerCase() === "auto" && limit === 0) {
+    throw new UsageError(
+      "--memory-limit auto cannot read this machine's memory: run with --allow-sys (the dist command has " +
+        "it), or give --memory-limit BYTES (0 for none)",
+    );
+  }
+  const write = directory === undefined ? { name: "write" as const } : { name: "write" as const, path: directory };
+  if (spills && limit > 0 && Deno.permissions.querySync(write).state !== "granted") {
+    throw new UsageError(
+      `a worker with a memory limit spills values to disk and needs write access to ${
+        directory ?? "the temp folder"
+      } (--local-directory): run it with --allow-write (the dist command has it), or --memory-limit 0 to never spill`,
+    );
+  }
+}
+
 async function run(argv: string[]): Promise<number> {
   const [name, ...rest] = argv;
   if (name === undefined) {
@@ -639,11 +661,14 @@ async function run(argv: string[]): Promise<number> {
     const workers = positiveNumber("workers", flags.workers, true);
     const threads = positiveNumber("nthreads", flags.nthreads, true);
     const { authToken } = await security(flags);
+    const localMemory = checked(() => memoryLimit(flags["memory-limit"], 1 / workers));
+    // Its workers are processes of their own, with write access: only `auto` needs this one.
+    needsForMemory(flags["memory-limit"], localMemory, undefined, false);
     const { LocalCluster } = await import("./client/local.ts");
     const cluster = await LocalCluster.start({
       workers,
       threads,
-      memoryLimit: checked(() => memoryLimit(flags["memory-limit"], 1 / workers)),
+      memoryLimit: localMemory,
       host: flags.host,
       port,
       logLevel: level,
@@ -673,6 +698,7 @@ async function run(argv: string[]): Promise<number> {
   const memory = checked(() =>
     memoryLimit(flags["memory-limit"], nthreads / Math.max(1, navigator.hardwareConcurrency))
   );
+  needsForMemory(flags["memory-limit"], memory, flags["local-directory"]);
   const terminateFraction = fraction("memory-terminate", flags["memory-terminate"]);
   const workerOptions = {
     scheduler,

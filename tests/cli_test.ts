@@ -445,6 +445,42 @@ Deno.test("cli: a worker that could not start its executors refuses to start, na
   }
 });
 
+Deno.test("cli: a worker that could not keep its memory limit refuses to start, naming the flag", async () => {
+  const run = async (drop: string, ...extra: string[]) => {
+    const out = await new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "--no-prompt",
+        ...NODE_PERMISSIONS.filter((flag) => flag !== drop),
+        MAIN.href,
+        "worker",
+        "127.0.0.1:1",
+        "--no-nanny",
+        ...extra,
+      ],
+      stdin: "null",
+      stdout: "null",
+      stderr: "piped",
+    }).output();
+    return { code: out.code, stderr: new TextDecoder().decode(out.stderr) };
+  };
+  // `auto` with no way to read the machine's memory would have run with no limit at all.
+  const noSys = await run("--allow-sys");
+  assert.equal(noSys.code, 2, noSys.stderr);
+  assert.match(
+    noSys.stderr,
+    /^dist: --memory-limit auto cannot read this machine's memory: run with --allow-sys/,
+  );
+  // A limit with no way to spill would fail when it matters.
+  const noWrite = await run("--allow-write", "--memory-limit", "1GiB");
+  assert.equal(noWrite.code, 2, noWrite.stderr);
+  assert.match(
+    noWrite.stderr,
+    /^dist: a worker with a memory limit spills values to disk and needs write access/,
+  );
+  assert.match(noWrite.stderr, /--allow-write .* or --memory-limit 0 to never spill/);
+});
+
 Deno.test("cli: SIGTERM and SIGINT make a worker unregister and exit 0", async () => {
   await using nodes = new Nodes();
   const scheduler = await nodes.spawn("scheduler", "--port", "0");
