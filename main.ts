@@ -593,7 +593,9 @@ function needsForMemory(flag: string, limit: number, directory: string | undefin
         "it), or give --memory-limit BYTES (0 for none)",
     );
   }
-  const write = directory === undefined ? { name: "write" as const } : { name: "write" as const, path: directory };
+  const write = directory === undefined
+    ? { name: "write" as const }
+    : { name: "write" as const, path: directory };
   if (spills && limit > 0 && Deno.permissions.querySync(write).state !== "granted") {
     throw new UsageError(
       `a worker with a memory limit spills values to disk and needs write access to ${
