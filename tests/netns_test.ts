@@ -16,12 +16,12 @@
  */
 
 import assert from "node:assert/strict";
-import { lines as linesOf } from "../client/spawn.ts";
+import { lines as linesOf, NODE_PERMISSIONS } from "../client/spawn.ts";
 
 const MAIN = new URL("../main.ts", import.meta.url);
 const MOD = new URL("../mod.ts", import.meta.url);
 /** What every process in a namespace runs with (the nodes' own permissions). */
-const PERMISSIONS = ["--allow-net", "--allow-read", "--allow-env", "--unstable-worker-options"];
+const PERMISSIONS = NODE_PERMISSIONS;
 /** A private subnet that exists only inside this test's namespaces. */
 const SUBNET = "10.213.77";
 const HOSTS = { scheduler: 1, alice: 2, bob: 3, client: 4 } as const;
