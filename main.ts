@@ -218,6 +218,12 @@ const commands: Record<string, { usage: string; summary: string; flags: Record<s
         help:
           "fail tasks that have had no worker to run them (none connected, or none allowed) for this long",
       },
+      "scheduler-file": {
+        type: "string",
+        value: "PATH",
+        help:
+          "write where it listens to this file (JSON), for workers and clients given the same (HPC batch jobs)",
+      },
       "unclaimed-grace": {
         type: "string",
         default: String(UNCLAIMED_GRACE_MS / 1000),
@@ -251,6 +257,12 @@ const commands: Record<string, { usage: string; summary: string; flags: Record<s
         default: String(DEATH_TIMEOUT_MS / 1000),
         value: "SECONDS",
         help: "give up reaching the scheduler after this long",
+      },
+      "scheduler-file": {
+        type: "string",
+        value: "PATH",
+        help: "read the scheduler's address from this file (written by dist scheduler --scheduler-file), " +
+          "waiting up to --death-timeout for it, instead of SCHEDULER_ADDRESS",
       },
       "task-permissions": {
         type: "string",
@@ -653,6 +665,15 @@ async function run(argv: string[]): Promise<number> {
       log: createLogger("scheduler", level, format),
     });
     exitOnSignal(node);
+    if (flags["scheduler-file"] !== undefined) {
+      const { writeSchedulerFile } = await import("./util/scheduler_file.ts");
+      await writeSchedulerFile(flags["scheduler-file"], {
+        address: node.address,
+        dashboard: node.dashboard,
+        id: node.id,
+        started: Date.now(),
+      });
+    }
     console.log(`listening at ${node.address}`);
     await node.closed;
     return 0;
@@ -686,16 +707,34 @@ async function run(argv: string[]): Promise<number> {
     await new Promise(() => {}); // until a signal
   }
 
-  if (positionals.length !== 1) {
+  const schedulerFile = flags["scheduler-file"];
+  const expected = schedulerFile === undefined ? 1 : 0;
+  if (positionals.length !== expected) {
     throw new UsageError(
       positionals.length === 0
-        ? "missing SCHEDULER_ADDRESS, e.g. dist worker tcp://127.0.0.1:8786"
+        ? "missing SCHEDULER_ADDRESS, e.g. dist worker tcp://127.0.0.1:8786 (or --scheduler-file PATH)"
+        : schedulerFile !== undefined
+        ? `unexpected argument ${
+          JSON.stringify(positionals[0])
+        }: give SCHEDULER_ADDRESS or --scheduler-file, not both`
         : `unexpected argument ${JSON.stringify(positionals[1])}`,
     );
   }
-  const scheduler = checked(() => parseAddress(positionals[0]));
   const nthreads = positiveNumber("nthreads", flags.nthreads, true);
   const deathTimeoutMs = positiveNumber("death-timeout", flags["death-timeout"], false) * 1000;
+  let schedulerText = positionals[0];
+  if (schedulerFile !== undefined) {
+    // The nanny reads it (to fail early), and so does each worker it starts: a scheduler
+    // started again may have written a new address.
+    const { readSchedulerFile } = await import("./util/scheduler_file.ts");
+    try {
+      schedulerText = await readSchedulerFile(schedulerFile, deathTimeoutMs);
+    } catch (error) {
+      console.error(`dist: error: ${(error as Error).message}`);
+      return EXIT_SCHEDULER_LOST;
+    }
+  }
+  const scheduler = checked(() => parseAddress(schedulerText));
   const secure = await security(flags);
   const memory = checked(() =>
     memoryLimit(flags["memory-limit"], nthreads / Math.max(1, navigator.hardwareConcurrency))

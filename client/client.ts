@@ -368,7 +368,9 @@ export class Client implements AsyncDisposable {
   }
 
   /**
-   * Connects to the scheduler at `address`.
+   * Connects to the scheduler at `address`, or at the address in a scheduler file
+   * (`{ schedulerFile: PATH }`, written by `dist scheduler --scheduler-file PATH`; waited
+   * for up to 60 s, as a batch job may start the client before the scheduler).
    *
    * @example
    * ```ts
@@ -379,7 +381,14 @@ export class Client implements AsyncDisposable {
    * await client.close();
    * ```
    */
-  static async connect(address: string | Address, options: ClientOptions = {}): Promise<Client> {
+  static async connect(
+    address: string | Address | { schedulerFile: string },
+    options: ClientOptions = {},
+  ): Promise<Client> {
+    if (typeof address === "object" && address !== null && "schedulerFile" in address) {
+      const { readSchedulerFile } = await import("../util/scheduler_file.ts");
+      address = await readSchedulerFile(address.schedulerFile);
+    }
     const target = parseAddress(address);
     const id = `client-${randomToken()}`;
     let client: Client | null = null;

@@ -6,7 +6,7 @@
 
 import assert from "node:assert/strict";
 import config from "../deno.json" with { type: "json" };
-import { rpc, type SchedulerOps, type WorkerOps } from "../mod.ts";
+import { Client, rpc, type SchedulerOps, type WorkerOps } from "../mod.ts";
 import { NODE_PERMISSIONS, type NodeProcess, spawnNode } from "../client/spawn.ts";
 import "./_helpers.ts"; // each test is bounded in time (TEST_TIMEOUT_MS)
 
@@ -237,6 +237,7 @@ Deno.test("cli: --help of each command lists every flag with its default", async
       "allowed-failures": "3",
       "no-workers-timeout": "60",
       "unclaimed-grace": "10",
+      "scheduler-file": null,
       "dashboard-port": "8787",
       "no-dashboard": null,
       ...security,
@@ -250,6 +251,7 @@ Deno.test("cli: --help of each command lists every flag with its default", async
       name: "its address",
       nthreads: String(navigator.hardwareConcurrency),
       "death-timeout": "60",
+      "scheduler-file": null,
       "task-permissions": "none",
       isolation: "thread",
       "task-heap-mib": null,
@@ -479,6 +481,45 @@ Deno.test("cli: a worker that could not keep its memory limit refuses to start, 
     /^dist: a worker with a memory limit spills values to disk and needs write access/,
   );
   assert.match(noWrite.stderr, /--allow-write .* or --memory-limit 0 to never spill/);
+});
+
+Deno.test("cli: --scheduler-file: a worker started first waits for it; a client reads it too", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "dist-scheduler-file-" });
+  try {
+    const file = `${dir}/scheduler.json`;
+    await using nodes = new Nodes();
+    // As a batch job does: the worker may start before the scheduler has written the file.
+    const worker = spawnNode(["worker", "--scheduler-file", file, "--nthreads", "1", "--name", "w"]);
+    await delay(300);
+    const scheduler = await nodes.spawn(
+      "scheduler",
+      "--port",
+      "0",
+      "--no-dashboard",
+      "--scheduler-file",
+      file,
+    );
+    nodes.add(await worker);
+    const written = JSON.parse(await Deno.readTextFile(file));
+    assert.equal(written.address, scheduler.address);
+    assert.equal(typeof written.id, "string");
+    await using client = await Client.connect({ schedulerFile: file });
+    assert.equal(await client.submit((x: number) => x * 2, 21).result(), 42);
+
+    // A file that is not a scheduler's is refused with what was wrong; so is a file that never comes.
+    await Deno.writeTextFile(`${dir}/bad.json`, '{"hello": 1}');
+    const bad = await dist("worker", "--scheduler-file", `${dir}/bad.json`, "--no-nanny");
+    assert.equal(bad.code, 3, bad.stderr);
+    assert.match(bad.stderr, /^dist: error: The scheduler file .*bad\.json has no scheduler address/m);
+    const missing = await dist("worker", "--scheduler-file", `${dir}/none.json`, "--death-timeout", "0.3");
+    assert.equal(missing.code, 3, missing.stderr);
+    assert.match(missing.stderr, /did not appear within 0\.3 s: start the scheduler with --scheduler-file/);
+    const both = await dist("worker", scheduler.address, "--scheduler-file", file);
+    assert.equal(both.code, 2);
+    assert.match(both.stderr, /give SCHEDULER_ADDRESS or --scheduler-file, not both/);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });
 
 Deno.test("cli: SIGTERM and SIGINT make a worker unregister and exit 0", async () => {
