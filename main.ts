@@ -224,6 +224,11 @@ const commands: Record<string, { usage: string; summary: string; flags: Record<s
         help:
           "write where it listens to this file (JSON), for workers and clients given the same (HPC batch jobs)",
       },
+      supervised: {
+        type: "boolean",
+        hidden: true,
+        help: "stop when stdin closes (set by the process that started this one: dist ssh)",
+      },
       "unclaimed-grace": {
         type: "string",
         default: String(UNCLAIMED_GRACE_MS / 1000),
@@ -389,6 +394,39 @@ commands.local = {
   },
 };
 
+commands.ssh = {
+  usage: "dist ssh HOST [HOST...] [flags]",
+  summary: "Start a scheduler on the first host and workers on the others (or on the first, if it is " +
+    "alone) through the system's ssh; print the scheduler's address, stream every node's output here, " +
+    "and stop them all on Ctrl-C. The token (DIST_AUTH_TOKEN or --auth-token-file) goes to each node " +
+    "on its standard input, never on a command line.",
+  flags: {
+    "hosts-file": { type: "string", value: "PATH", help: "more hosts, one per line (# starts a comment)" },
+    port: { type: "string", default: String(SCHEDULER_PORT), value: "PORT", help: "the scheduler's port" },
+    "workers-per-host": {
+      type: "string",
+      default: "1",
+      value: "N",
+      help: "worker processes on each worker host",
+    },
+    nthreads: { type: "string", value: "N", help: "each worker's threads (default: its host's cores)" },
+    "memory-limit": { type: "string", value: "BYTES", help: "each worker's memory limit (default: auto)" },
+    "remote-dist": {
+      type: "string",
+      default: "dist",
+      value: "COMMAND",
+      help: "how to run dist on the hosts (a command line, e.g. ~/.deno/bin/dist)",
+    },
+    "ssh-options": {
+      type: "string",
+      value: "OPTIONS",
+      help: 'options for ssh, e.g. "-i ~/.ssh/cluster -p 2222"',
+    },
+    "auth-token-file": auth["auth-token-file"],
+    ...common,
+  },
+};
+
 commands.info = {
   usage: "dist info ADDRESS [flags]",
   summary: "Show a cluster (ADDRESS a scheduler): its workers, the keys they hold, and its tasks by state; " +
@@ -411,6 +449,7 @@ Usage:
   dist scheduler [flags]                   start a scheduler
   dist worker SCHEDULER_ADDRESS [flags]    start a worker
   dist local [flags]                       start a scheduler and worker processes on this machine
+  dist ssh HOST [HOST...] [flags]          start a scheduler and workers on other machines over ssh
   dist info SCHEDULER_ADDRESS [--json]     show a cluster's workers, keys and tasks
   dist info ADDRESS --story KEY            why a key is where it is on a scheduler or worker
   dist COMMAND --help                      flags of a command
@@ -570,6 +609,60 @@ function exitOnSignal(node: { close(): Promise<void> }, supervised = false): voi
   if (supervised) untilStdinCloses().then(stop);
 }
 
+/** `dist ssh`: a cluster on other machines until Ctrl-C. */
+async function ssh(positionals: string[], flags: Record<string, string>): Promise<number> {
+  const hosts = [...positionals];
+  if (flags["hosts-file"] !== undefined) {
+    let text: string;
+    try {
+      text = await Deno.readTextFile(flags["hosts-file"]);
+    } catch (error) {
+      throw new UsageError(`Cannot read --hosts-file ${flags["hosts-file"]}: ${(error as Error).message}`);
+    }
+    hosts.push(...text.split("\n").map((l) => l.replace(/#.*/, "").trim()).filter(Boolean));
+  }
+  if (hosts.length === 0) {
+    throw new UsageError("missing HOST: dist ssh HOST [HOST...] (or --hosts-file PATH)");
+  }
+  const port = checked(() => parsePort(flags.port, "--port"));
+  const perHost = positiveNumber("workers-per-host", flags["workers-per-host"], true);
+  const logs = [
+    `--log-level=${logLevel(flags["log-level"])}`,
+    `--log-format=${logFormat(flags["log-format"])}`,
+  ];
+  const workerArgs = [
+    ...(flags.nthreads !== undefined
+      ? [`--nthreads=${positiveNumber("nthreads", flags.nthreads, true)}`]
+      : []),
+    ...(flags["memory-limit"] !== undefined ? [`--memory-limit=${flags["memory-limit"]}`] : []),
+    ...logs,
+  ];
+  const { authToken } = await security(flags);
+  const { SshCluster } = await import("./client/ssh.ts");
+  const cluster = await SshCluster.start({
+    hosts,
+    port,
+    workersPerHost: perHost,
+    workerArgs,
+    schedulerArgs: logs,
+    remoteDist: flags["remote-dist"],
+    sshOptions: flags["ssh-options"]?.split(/\s+/).filter(Boolean),
+    authToken,
+    onLine: (line) => console.error(line),
+  });
+  console.log(`listening at ${cluster.address}`);
+  let signals = 0;
+  await new Promise<void>((resolve) => {
+    const stop = () => {
+      // A second Ctrl-C does not wait for the nodes.
+      if (++signals > 1) Deno.exit(130);
+      cluster.close().then(resolve);
+    };
+    for (const signal of ["SIGINT", "SIGTERM"] as const) Deno.addSignalListener(signal, stop);
+  });
+  return 0;
+}
+
 /** Resolves when stdin reaches its end (or fails). */
 async function untilStdinCloses(): Promise<void> {
   const buffer = new Uint8Array(256);
@@ -620,7 +713,7 @@ function needsForMemory(flag: string, limit: number, directory: string | undefin
 async function run(argv: string[]): Promise<number> {
   const [name, ...rest] = argv;
   if (name === undefined) {
-    throw new UsageError("missing command: scheduler, worker, local or info (see dist --help)");
+    throw new UsageError("missing command: scheduler, worker, local, ssh or info (see dist --help)");
   }
   if (name === "--help" || name === "-h" || name === "help") {
     console.log(mainHelp);
@@ -664,7 +757,7 @@ async function run(argv: string[]): Promise<number> {
       dashboardPort,
       log: createLogger("scheduler", level, format),
     });
-    exitOnSignal(node);
+    exitOnSignal(node, values.supervised === true);
     if (flags["scheduler-file"] !== undefined) {
       const { writeSchedulerFile } = await import("./util/scheduler_file.ts");
       await writeSchedulerFile(flags["scheduler-file"], {
@@ -678,6 +771,8 @@ async function run(argv: string[]): Promise<number> {
     await node.closed;
     return 0;
   }
+
+  if (name === "ssh") return await ssh(positionals, flags);
 
   if (name === "local") {
     if (positionals.length > 0) throw new UsageError(`unexpected argument ${JSON.stringify(positionals[0])}`);

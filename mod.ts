@@ -38,7 +38,7 @@ export {
   taskOptions,
   wait,
 } from "./client/client.ts";
-export { LocalCluster, type LocalClusterOptions } from "./client/local.ts";
+export { type Adaptive, LocalCluster, type LocalClusterOptions } from "./client/local.ts";
 export { progress, type ProgressOptions } from "./client/progress.ts";
 export { type ClusterInfo, clusterInfo } from "./client/info.ts";
 export {

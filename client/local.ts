@@ -6,6 +6,8 @@
  */
 
 import { keepingAlive } from "../util/time.ts";
+import { type Rpc, rpc } from "../protocol/rpc.ts";
+import type { SchedulerOps } from "../protocol/ops.ts";
 import { createLogger, type LogFormat, type LogLevel } from "../util/log.ts";
 import { type NodeProcess, spawnNode } from "./spawn.ts";
 import type { SchedulerNode } from "../scheduler/scheduler.ts";
@@ -72,23 +74,105 @@ export interface LocalClusterOptions {
 export class LocalCluster implements AsyncDisposable {
   /** The scheduler's address. */
   readonly address: string;
-  /** The workers' addresses. */
-  readonly workers: string[];
   /** The dashboard's address, or null. */
   readonly dashboard: string | null;
   #scheduler: SchedulerNode;
   #processes: NodeProcess[];
   #inProcess: WorkerNode[];
   #closing: Promise<void> | null = null;
+  /** Starts worker process number `i` (null with workers in this process). */
+  #spawn: ((i: number) => Promise<NodeProcess>) | null;
+  /** The next worker's number (names are never reused). */
+  #next: number;
+  /** Scaling in progress: one `scale` at a time. */
+  #scaling: Promise<void> = Promise.resolve();
+  #adaptive: Adaptive | null = null;
 
-  private constructor(scheduler: SchedulerNode, processes: NodeProcess[], inProcess: WorkerNode[]) {
+  private constructor(
+    scheduler: SchedulerNode,
+    processes: NodeProcess[],
+    inProcess: WorkerNode[],
+    spawn: ((i: number) => Promise<NodeProcess>) | null,
+  ) {
     this.#scheduler = scheduler;
     this.#processes = processes;
     this.#inProcess = inProcess;
+    this.#spawn = spawn;
+    this.#next = processes.length + inProcess.length;
     this.address = scheduler.address;
     this.dashboard = scheduler.dashboard;
-    this.workers = [...processes.map((p) => p.address), ...inProcess.map((w) => w.address)];
   }
+
+  /** The workers' addresses, oldest first. */
+  get workers(): string[] {
+    return [...this.#processes.map((p) => p.address), ...this.#inProcess.map((w) => w.address)];
+  }
+
+  /**
+   * Starts or stops worker processes until there are `n`: new ones get the cluster's
+   * options; the newest go first, each handing the keys only it holds to the others before
+   * it exits (as on SIGTERM). Resolves once they have registered or left.
+   */
+  scale(n: number): Promise<void> {
+    if (!Number.isInteger(n) || n < 0) {
+      throw new RangeError(`Invalid scale(${n}): expected a whole number from 0 up`);
+    }
+    const spawn = this.#spawn;
+    if (spawn === null) {
+      throw new TypeError("scale needs worker processes: this cluster was started with processes: false");
+    }
+    if (this.#closing !== null) return Promise.reject(new Error("This local cluster is closed"));
+    this.#scaling = this.#scaling.catch(() => {}).then(async () => {
+      if (this.#processes.length < n) {
+        const started = await Promise.all(
+          Array.from({ length: n - this.#processes.length }, () => spawn(this.#next++)),
+        );
+        this.#processes.push(...started);
+      } else if (this.#processes.length > n) {
+        const leaving = this.#processes.splice(n);
+        // All at once, so none of them is chosen to keep another's data; then each is
+        // stopped (and finds nothing left to hand over).
+        await using scheduler = rpc<SchedulerOps>(this.address, {
+          authToken: this.#authToken,
+          timeoutMs: 60_000,
+        });
+        await scheduler.retire_workers({ workers: leaving.map((p) => p.address), close: false }).catch(
+          () => {},
+        );
+        await Promise.all(leaving.map((p) => p.stop()));
+      }
+    });
+    return this.#scaling;
+  }
+
+  /**
+   * Follows the work: every `intervalMs` (default 1 s) asks the scheduler how many workers
+   * its work would like (`dist_scheduler_desired_workers`: the expected seconds of the tasks
+   * queued and running over 5 s per thread, and enough to hold the values in memory) and
+   * scales to it within `minimum` and `maximum`; up at once, down only after `waitCount`
+   * asks in a row (default 3) said fewer, so a pause between two bursts keeps the workers.
+   * One adaptive policy per cluster: a new call replaces the last. `stop()` ends it.
+   */
+  adapt(
+    options: { minimum?: number; maximum?: number; intervalMs?: number; waitCount?: number } = {},
+  ): Adaptive {
+    const minimum = options.minimum ?? 0;
+    const maximum = options.maximum ?? Infinity;
+    if (!(minimum >= 0 && maximum >= minimum)) {
+      throw new RangeError(`Invalid adapt bounds: minimum ${minimum}, maximum ${maximum}`);
+    }
+    this.#adaptive?.stop();
+    const adaptive = new Adaptive(this, this.address, this.#authToken, {
+      minimum,
+      maximum,
+      intervalMs: options.intervalMs ?? 1_000,
+      waitCount: options.waitCount ?? 3,
+    });
+    this.#adaptive = adaptive;
+    return adaptive;
+  }
+
+  #authToken: string | undefined = undefined;
 
   /**
    * Starts a scheduler and `workers` workers; resolves once every worker has
@@ -141,41 +225,42 @@ export class LocalCluster implements AsyncDisposable {
     });
     const spawned: NodeProcess[] = [];
     const inProcess: WorkerNode[] = [];
+    const forward = (line: string) => console.error(line);
+    const spawn = (i: number) =>
+      spawnNode(
+        [
+          "worker",
+          scheduler.address,
+          "--host",
+          host,
+          "--name",
+          `worker-${i}`,
+          "--nthreads",
+          String(threads),
+          "--log-level",
+          level,
+          "--log-format",
+          options.logFormat ?? "text",
+          "--task-permissions",
+          permissionsFlag(options.taskPermissions ?? "none"),
+          "--memory-limit",
+          String(memoryLimit),
+          ...(options.nanny === false ? ["--no-nanny"] : []),
+        ],
+        // Supervised: the workers stop when this process ends, even killed.
+        {
+          onLog: forward,
+          env: authToken ? { DIST_AUTH_TOKEN: authToken } : undefined,
+          supervised: true,
+        },
+      ).then((node) => {
+        // Supervised, they end with this process however it ends: they need not hold it open.
+        if (!keepsAlive) node.child.unref();
+        return node;
+      });
     try {
       if (processes) {
-        const forward = (line: string) => console.error(line);
-        spawned.push(
-          ...await Promise.all(
-            Array.from({ length: n }, (_, i) =>
-              spawnNode(
-                [
-                  "worker",
-                  scheduler.address,
-                  "--host",
-                  host,
-                  "--name",
-                  `worker-${i}`,
-                  "--nthreads",
-                  String(threads),
-                  "--log-level",
-                  level,
-                  "--log-format",
-                  options.logFormat ?? "text",
-                  "--task-permissions",
-                  permissionsFlag(options.taskPermissions ?? "none"),
-                  "--memory-limit",
-                  String(memoryLimit),
-                  ...(options.nanny === false ? ["--no-nanny"] : []),
-                ],
-                // Supervised: the workers stop when this process ends, even killed.
-                {
-                  onLog: forward,
-                  env: authToken ? { DIST_AUTH_TOKEN: authToken } : undefined,
-                  supervised: true,
-                },
-              )),
-          ),
-        );
+        spawned.push(...await Promise.all(Array.from({ length: n }, (_, i) => spawn(i))));
       } else {
         for (let i = 0; i < n; i++) {
           inProcess.push(
@@ -198,14 +283,16 @@ export class LocalCluster implements AsyncDisposable {
       await scheduler.close();
       throw error;
     }
-    // Supervised, they end with this process however it ends: they need not hold it open.
-    if (!keepsAlive) { for (const p of spawned) p.child.unref(); }
-    return new LocalCluster(scheduler, spawned, inProcess);
+    const cluster = new LocalCluster(scheduler, spawned, inProcess, processes ? spawn : null);
+    cluster.#authToken = authToken;
+    return cluster;
   }
 
   /** Stops the workers (they unregister first), then the scheduler. */
   close(): Promise<void> {
+    this.#adaptive?.stop();
     this.#closing ??= keepingAlive((async () => {
+      await this.#scaling.catch(() => {});
       await Promise.all([...this.#processes.map((p) => p.stop()), ...this.#inProcess.map((w) => w.close())]);
       await this.#scheduler.close();
     })());
@@ -215,5 +302,68 @@ export class LocalCluster implements AsyncDisposable {
   /** `await using cluster = ...` closes it. */
   [Symbol.asyncDispose](): Promise<void> {
     return this.close();
+  }
+}
+
+/** Options of `LocalCluster.adapt`, with their defaults filled in. */
+interface AdaptiveOptions {
+  minimum: number;
+  maximum: number;
+  intervalMs: number;
+  waitCount: number;
+}
+
+/** A cluster following its work (`LocalCluster.adapt`); `stop()` ends it. */
+export class Adaptive {
+  #cluster: LocalCluster;
+  #scheduler: Rpc<SchedulerOps>;
+  #options: AdaptiveOptions;
+  #timer: ReturnType<typeof setTimeout> | undefined;
+  #lower = 0;
+  #stopped = false;
+  /** The last target it scaled to, or null before its first decision. */
+  target: number | null = null;
+
+  /** @internal Made by `LocalCluster.adapt`. */
+  constructor(
+    cluster: LocalCluster,
+    address: string,
+    authToken: string | undefined,
+    options: AdaptiveOptions,
+  ) {
+    this.#cluster = cluster;
+    this.#options = options;
+    this.#scheduler = rpc<SchedulerOps>(address, { authToken, timeoutMs: 10_000 });
+    this.#schedule(0);
+  }
+
+  #schedule(ms: number): void {
+    if (this.#stopped) return;
+    this.#timer = setTimeout(() => this.#step().finally(() => this.#schedule(this.#options.intervalMs)), ms);
+    // It follows the work; it does not keep a script alive by itself.
+    Deno.unrefTimer(this.#timer);
+  }
+
+  async #step(): Promise<void> {
+    let wanted: number;
+    try {
+      wanted = (await this.#scheduler.adaptive_target()).workers;
+    } catch {
+      return; // the scheduler is closing or busy: ask again next time
+    }
+    const { minimum, maximum, waitCount } = this.#options;
+    const target = Math.min(maximum, Math.max(minimum, wanted));
+    const now = this.#cluster.workers.length;
+    if (target < now && ++this.#lower < waitCount) return;
+    this.#lower = 0;
+    this.target = target;
+    if (target !== now && !this.#stopped) await this.#cluster.scale(target).catch(() => {});
+  }
+
+  /** Stops following the work; the workers stay as they are. */
+  stop(): void {
+    this.#stopped = true;
+    clearTimeout(this.#timer);
+    this.#scheduler.close();
   }
 }

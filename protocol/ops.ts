@@ -249,6 +249,8 @@ export const schedulerOps = {
   workers: op<WorkerInfo[]>()(v.object({})),
   // What is wrong with the queue, in words: tasks no worker may run, tasks with no worker at all.
   problems: op<string[]>()(v.object({})),
+  // How many workers the work would like (an autoscaler's target; LocalCluster.adapt asks it).
+  adaptive_target: op<{ workers: number }>()(v.object({})),
   delete_data: op<OkReply>()(v.object({ keys })),
   broadcast: op<Record<string, unknown>>()(
     v.object({

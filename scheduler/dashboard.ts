@@ -237,6 +237,14 @@ export class Dashboard {
         samples: [{ value: snap.workers.length }],
       },
       {
+        name: "dist_scheduler_desired_workers",
+        help:
+          "Workers the work queued and running would like (for an autoscaler): its expected seconds over " +
+          "5 s per thread, and enough workers to hold the values under their memory limits.",
+        type: "gauge",
+        samples: [{ value: this.#state.desiredWorkers() }],
+      },
+      {
         name: "dist_clients",
         help: "Clients connected.",
         type: "gauge",

@@ -604,6 +604,7 @@ class SchedulerServer implements SchedulerNode {
         why: state.why(key, Date.now()),
       }),
       problems: () => state.problems,
+      adaptive_target: () => ({ workers: state.desiredWorkers() }),
       terminate: (_args, comm) => {
         // Reply first, then close: the caller learns the order was taken.
         setTimeout(() => comm.flushed().then(() => this.close()), 0);

@@ -23,7 +23,7 @@ import {
 import { Lru } from "../util/lru.ts";
 import { type Move, NONE, Story, withItem } from "../util/story.ts";
 import { functionKey } from "../protocol/functions.ts";
-import { NO_WORKERS_TIMEOUT_MS, UNCLAIMED_GRACE_MS } from "../util/defaults.ts";
+import { MEMORY_TARGET_FRACTION, NO_WORKERS_TIMEOUT_MS, UNCLAIMED_GRACE_MS } from "../util/defaults.ts";
 
 export { NO_WORKERS_TIMEOUT_MS, UNCLAIMED_GRACE_MS };
 
@@ -167,6 +167,10 @@ export const RELEASE_STEPS_PER_TURN = 50_000;
 const BANDWIDTH_BYTES_PER_S = 500e6;
 /** Assumed duration of a task whose kind has not finished once yet. */
 const DEFAULT_DURATION_S = 0.001;
+/** Seconds of work per thread that `desiredWorkers` aims at (Dask's adaptive target duration). */
+const ADAPTIVE_TARGET_S = 5;
+/** What `desiredWorkers` assumes a kind of task takes before one has finished (as Dask does). */
+const UNKNOWN_DURATION_S = 0.5;
 
 /** The prefix of a key: its text before the last "-", as Dask names task kinds. */
 export function keyPrefix(key: string): string {
@@ -298,6 +302,8 @@ export class SchedulerTasks {
   #toldProblems = new Set<string>();
   /** Lines for the shell to log as warnings (drained by `drainNotices`). */
   #notices: string[] = [];
+  /** Workers that asked to retire and have not left yet: retirePlan moves nothing to them. */
+  #retiring = new Set<string>();
   /** Tasks per state, kept by the gate. */
   readonly #byState: Record<TaskStateName, number> = {
     released: 0,
@@ -414,6 +420,7 @@ export class SchedulerTasks {
     const ws = this.workers.get(address);
     if (ws === undefined) return [];
     this.workers.delete(address);
+    this.#retiring.delete(address);
     this.#workerLeft = true;
     const lost: string[] = [];
     const killed: TaskState[] = [];
@@ -982,7 +989,9 @@ export class SchedulerTasks {
    * `{ target: { key: [holders] } }`, spreading keys over the staying workers by bytes held.
    */
   retirePlan(leaving: readonly string[]): Map<string, Record<string, string[]>> {
-    const gone = new Set(leaving);
+    // Workers retiring at once (a scale-down stops several) are no place to move data to.
+    for (const address of leaving) if (this.workers.has(address)) this.#retiring.add(address);
+    const gone = new Set([...leaving, ...this.#retiring]);
     const staying = [...this.workers.values()].filter((w) => !gone.has(w.address));
     const plan = new Map<string, Record<string, string[]>>();
     if (staying.length === 0) return plan;
@@ -1064,6 +1073,41 @@ export class SchedulerTasks {
       if (p.waiting || p.queued) entry(prefix).waiting += (p.waiting ?? 0) + (p.queued ?? 0);
     }
     return out;
+  }
+
+  /**
+   * How many workers the work would like, as Dask's `adaptive_target`: the expected seconds
+   * of the tasks queued and processing (each kind at its average duration so far, or
+   * UNKNOWN_DURATION_S), spread so that each thread has about ADAPTIVE_TARGET_S of it, in
+   * workers of the average thread count, never more than one thread per task; and enough
+   * workers to hold the values in memory under their limits' target share. 0 with no work
+   * and nothing held. O(kinds of task + workers): /metrics asks it on every scrape.
+   */
+  desiredWorkers(): number {
+    let seconds = 0;
+    let tasks = 0;
+    for (const [prefix, p] of this.#byPrefix) {
+      const n = p.queued + p.processing;
+      if (n === 0) continue;
+      tasks += n;
+      seconds += n * (this.durations.get(prefix) ?? UNKNOWN_DURATION_S);
+    }
+    let threads = 0;
+    let held = 0;
+    let limits = 0;
+    for (const ws of this.workers.values()) {
+      threads += ws.nthreads;
+      held += ws.metrics.managed ?? ws.nbytes;
+      limits += ws.metrics.memory_limit ?? 0;
+    }
+    const perWorker = this.workers.size > 0 ? threads / this.workers.size : 1;
+    const forWork = tasks === 0
+      ? 0
+      : Math.ceil(Math.min(Math.ceil(seconds / ADAPTIVE_TARGET_S), tasks) / perWorker);
+    // Workers with limits: as many as keep what is held under the target share of each.
+    const limitPerWorker = limits > 0 ? limits / this.workers.size : 0;
+    const forMemory = limitPerWorker > 0 ? Math.ceil(held / (limitPerWorker * MEMORY_TARGET_FRACTION)) : 0;
+    return Math.max(forWork, forMemory, tasks > 0 ? 1 : 0);
   }
 
   /** Task counts per prefix and state. */

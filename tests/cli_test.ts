@@ -285,6 +285,19 @@ Deno.test("cli: --help of each command lists every flag with its default", async
       "log-format": "text",
       help: null,
     },
+    ssh: {
+      "hosts-file": null,
+      port: "8786",
+      "workers-per-host": "1",
+      nthreads: null,
+      "memory-limit": null,
+      "remote-dist": "dist",
+      "ssh-options": null,
+      "auth-token-file": null,
+      "log-level": "info",
+      "log-format": "text",
+      help: null,
+    },
     info: { json: null, story: null, "auth-token": null, "auth-token-file": null, help: null },
   };
   for (const [command, flags] of Object.entries(expected)) {
@@ -339,7 +352,7 @@ Deno.test("cli: bad usage exits 2 with one line saying what was wrong", async ()
     [["_executor"], /started by a worker/],
     [["frobnicate"], /unknown command "frobnicate"/],
     [["worker"], /missing SCHEDULER_ADDRESS/],
-    [[], /missing command: scheduler, worker, local or info/],
+    [[], /missing command: scheduler, worker, local, ssh or info/],
     [["scheduler", "extra"], /unexpected argument "extra"/],
   ];
   for (const [args, ...patterns] of cases) {

@@ -76,7 +76,7 @@ Deno.test({
 
       // The README's pod, under a name of its own and with this test's token file.
       const manifest = (await Deno.readTextFile(new URL("deploy/podman/dist-pod.yaml", ROOT)))
-        .replace(/^  name: dist$/m, `  name: ${pod}`)
+        .replace(/^ {2}name: dist$/m, `  name: ${pod}`)
         .replaceAll("tcp://dist:8786", `tcp://${pod}:8786`)
         .replace("path: /etc/dist", `path: ${dir}/etc-dist`);
       await Deno.writeTextFile(`${dir}/pod.yaml`, manifest);
@@ -105,7 +105,7 @@ Deno.test({
       const xs = Array.from({ length: 150 }, (_, i) => i);
       const squares = client.map(slow, xs);
       await eventually(
-        async () => squares.filter((f) => f.done()).length >= 20 || null,
+        () => Promise.resolve(squares.filter((f) => f.done()).length >= 20 || null),
         "the map never started",
       );
       const kill = await podman("kill", "--signal", "KILL", `${pod}-worker-a`);
