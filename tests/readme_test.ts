@@ -36,7 +36,9 @@ async function snippets(): Promise<{ line: number; code: string }[]> {
 /** The flags the README's table gives a script of this kind. */
 function flagsFor(code: string): string[] {
   if (/processes:\s*false/.test(code)) return ["--allow-net", "--allow-read", "--unstable-worker-options"];
-  if (code.includes("Client.local")) return ["--allow-net", "--allow-run"];
+  if (code.includes("Client.local") || code.includes("LocalCluster.start")) {
+    return ["--allow-net", "--allow-run"];
+  }
   return ["--allow-net"];
 }
 
