@@ -113,6 +113,23 @@ Deno.test({
       console.log(`killed ${pod}-worker-a after ${squares.filter((f) => f.done()).length} of 150 tasks`);
       assert.deepEqual(await within(client.gather(squares)), xs.map((x) => x * x));
 
+      // Podman does not restart a container it killed itself: start it again, as an orchestrator would.
+      const start = await podman("start", `${pod}-worker-a`);
+      assert.ok(start.ok, start.stderr);
+      await eventually(async () => (await center.workers()).length === 2 || null, "worker-a never came back");
+
+      // A worker's container stopped as Kubernetes stops a pod (SIGTERM, through tini and its
+      // nanny): the data only it holds moves to the other worker first.
+      const b = /listening at (tcp:\/\/\S+)/.exec((await podman("logs", `${pod}-worker-b`)).stdout)![1];
+      const [onB] = await client.scatter([new Float64Array([4, 5, 6])], { workers: [b] });
+      const stop = await podman("stop", "--time", "60", `${pod}-worker-b`);
+      assert.ok(stop.ok, stop.stderr);
+      const left = (await center.workers()).map((w) => w.address);
+      assert.ok(!left.includes(b), `${b} is still registered: ${left}`);
+      assert.ok(left.length >= 1, "no worker left to hand over to");
+      assert.deepEqual([...await within(onB.result())], [4, 5, 6]);
+      console.log(`stopped ${pod}-worker-b: the value only it held was handed over`);
+
       // The scheduler's container restarts while tasks are under way: the futures complete.
       const more = client.map(slow, xs.map((x) => x + 1000));
       const restart = await podman("restart", "--time", "2", `${pod}-scheduler`);

@@ -87,10 +87,9 @@ Deno.test("deno task install: a dist on the PATH that runs without deno on the P
         "--allow-env",
         "--allow-run",
         INSTALLER.href,
-        "--root",
-        root,
       ],
-      env: { PATH: NO_DENO_PATH },
+      // Where deno install puts it: a temporary DENO_INSTALL_ROOT (--root DIR does the same).
+      env: { PATH: NO_DENO_PATH, DENO_INSTALL_ROOT: root },
       stdout: "piped",
       stderr: "piped",
     }).output();
