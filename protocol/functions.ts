@@ -91,6 +91,19 @@ function compiles(source: string): boolean {
 }
 
 /**
+ * A function's printed source as an expression that compiles on its own: as printed, or a
+ * method's (`add(a, b) { ... }`, printed without `function`) with the keyword put back;
+ * null when neither compiles (a getter, a method using `super`).
+ */
+export function standaloneSource(source: string): string | null {
+  if (compiles(source)) return source;
+  const method = /^(async\s+)?(\*\s*)?([\w$]+\s*\()/.exec(source);
+  const rewritten = method &&
+    source.replace(method[0], `${method[1] ?? ""}function${method[2] ?? " "}${method[3]}`);
+  return rewritten && compiles(rewritten) ? rewritten : null;
+}
+
+/**
  * Turns a function into what travels. Throws TypeError for functions that cannot
  * travel as source (native, bound, classes), naming the function and the way out.
  */
@@ -136,18 +149,13 @@ export function toFunctionSpec(fn: unknown): FunctionSpec {
   if (/^class\b/.test(source)) {
     throw new TypeError(`Cannot send ${label}: it is a class; send a function that builds what you need`);
   }
-  if (!compiles(source)) {
-    // A method (`add(a, b) { ... }`) prints without the `function` keyword.
-    const method = /^(async\s+)?(\*\s*)?([\w$]+\s*\()/.exec(source);
-    const rewritten = method &&
-      source.replace(method[0], `${method[1] ?? ""}function${method[2] ?? " "}${method[3]}`);
-    if (!rewritten || !compiles(rewritten)) {
-      throw new TypeError(
-        `Cannot send ${label}: its source does not compile on its own; send a plain function, or name it by module with { module, name }`,
-      );
-    }
-    source = rewritten;
+  const standalone = standaloneSource(source);
+  if (standalone === null) {
+    throw new TypeError(
+      `Cannot send ${label}: its source does not compile on its own; send a plain function, or name it by module with { module, name }`,
+    );
   }
+  source = standalone;
   let spec = checkedSources.get(source);
   if (spec === undefined) {
     checkClosure(label, source);

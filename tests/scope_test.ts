@@ -12,6 +12,7 @@ import assert from "node:assert/strict";
 import * as espree from "npm:espree@10.3.0";
 import * as eslintScope from "npm:eslint-scope@8.3.0";
 import { freeVariables } from "../protocol/_scope.ts";
+import { standaloneSource } from "../protocol/functions.ts";
 import "./_helpers.ts"; // each test is bounded in time (TEST_TIMEOUT_MS)
 
 /** What the reference says: the names the source reads that no scope of its own declares. */
@@ -80,15 +81,11 @@ async function corpus(): Promise<string[]> {
   const add = (fn: unknown) => {
     if (typeof fn !== "function" || seen.has(fn)) return;
     seen.add(fn);
-    let source = Function.prototype.toString.call(fn);
-    if (/\[native code\]/.test(source)) return;
-    if (!compiles(source)) {
-      // A method prints without `function`, as the client rewrites it.
-      const method = /^(async\s+)?(\*\s*)?([\w$]+\s*\()/.exec(source);
-      if (!method) return;
-      source = source.replace(method[0], `${method[1] ?? ""}function${method[2] ?? " "}${method[3]}`);
-      if (!compiles(source)) return;
-    }
+    const printed = Function.prototype.toString.call(fn);
+    if (/\[native code\]/.test(printed)) return;
+    // A method prints without `function`: the client puts it back, and so does this.
+    const source = standaloneSource(printed);
+    if (source === null) return;
     out.add(source);
     if (/^class\b/.test(source) || /^function [A-Z]/.test(source)) {
       for (const owner of [fn, (fn as { prototype?: object }).prototype]) {
@@ -114,15 +111,6 @@ async function corpus(): Promise<string[]> {
     for (const value of Object.values(mod)) add(value);
   }
   return [...out];
-}
-
-function compiles(source: string): boolean {
-  try {
-    new Function(`return (${source}\n);`);
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 Deno.test("scope: every function and class of dist's own modules agrees with the reference", async () => {
