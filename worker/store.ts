@@ -56,6 +56,13 @@ const GC_INTERVAL_COST_TIMES = 20;
 const GC_INTERVAL_MS_MIN = 10;
 /** After a collection that other isolates were asked to join, the pause before this one collects again. */
 const COLLECT_AGAIN_MS = 100;
+/**
+ * After the last collection of a burst, the pause before a last one here and in the other
+ * isolates: memory an isolate still held (a task's arguments, a message under way) when
+ * the burst's collections ran is garbage by then, and nothing else would collect it in an
+ * idle process (a worker once held 700 MiB for good after its values were released).
+ */
+const COLLECT_SETTLE_MS = 1_000;
 /** Most objects searched for buffers in one value. */
 const BUFFER_SEARCH_NODES_MAX = 10_000;
 
@@ -123,6 +130,7 @@ export class MemoryReclaimer {
   /** What the last collection took, in ms. */
   #costMs = 0;
   #again: ReturnType<typeof setTimeout> | undefined;
+  #settle: ReturnType<typeof setTimeout> | undefined;
   /** Collections asked for so far. */
   collections = 0;
   /**
@@ -165,6 +173,13 @@ export class MemoryReclaimer {
         collect();
       }, COLLECT_AGAIN_MS);
     }
+    clearTimeout(this.#settle);
+    this.#settle = setTimeout(() => {
+      this.#settle = undefined;
+      this.collections++;
+      this.onCollect?.();
+      collect();
+    }, COLLECT_SETTLE_MS);
   }
 
   /**
@@ -185,8 +200,10 @@ export class MemoryReclaimer {
   close(): void {
     clearTimeout(this.#timer);
     clearTimeout(this.#again);
+    clearTimeout(this.#settle);
     this.#timer = undefined;
     this.#again = undefined;
+    this.#settle = undefined;
   }
 }
 
