@@ -150,7 +150,8 @@ Deno.test({
         }, `sshd on ${ip} never answered`);
       }
 
-      // dist ssh, as a user runs it, the token in its environment.
+      // dist ssh, as a user runs it, the token in its environment; the worker host from a file.
+      await Deno.writeTextFile(`${dir}/hosts`, `# the worker hosts\n${ips[1]}  # b\n\n`);
       const remoteDist = [
         Deno.execPath(),
         "run",
@@ -167,7 +168,9 @@ Deno.test({
           "--allow-run",
           MAIN.href,
           "ssh",
-          ...ips,
+          ips[0],
+          "--hosts-file",
+          `${dir}/hosts`,
           "--nthreads",
           "1",
           "--remote-dist",
