@@ -16,6 +16,8 @@ import { Lru } from "../util/lru.ts";
  * silently get the executor's. `globalThis.name` says which is meant.
  */
 const PLACE_DEPENDENT = new Set([
+  // `const self = this` is a common local: in an executor `self` is its own global object.
+  "self",
   "name",
   "close",
   "closed",

@@ -532,6 +532,11 @@ Deno.test("client: a closure is refused at the sender, also over a name the exec
       () => client.map((_: number) => navigator, [1]),
       /it reads navigator, which the executor has/,
     );
+    const self = { x: 1 }; // `const self = this` is common: an executor's `self` is its own global
+    assert.throws(
+      () => client.submit(() => self.x),
+      /it reads self, which the executor has as a global of its own/,
+    );
     // Globals every executor has, the function's own names, and globalThis.name are fine.
     const fine = client.submit(
       function fact(n: number): unknown {
