@@ -1561,45 +1561,32 @@ async function main(): Promise<number> {
   let biggerOfDask: BiggerResult | null = null;
   let failed = false;
   const bigger = values["bigger-only"] === true;
-  try {
+  /** Runs one side's part, alone on the machine; a failure is reported and ends the run. */
+  const phase = async <T>(label: string, run: () => Promise<T>): Promise<T | null> => {
     try {
-      if (!bigger) dist = await runDist(plan, res, step);
+      return await run();
     } catch (error) {
       failed = true;
-      if (!aborted) reportFailure("dist", error, res);
+      if (!aborted) reportFailure(label, error, res);
+      return null;
     } finally {
       await res.closeAll();
     }
+  };
+  try {
+    if (!bigger) dist = await phase("dist", () => runDist(plan, res, step));
     if (python !== null && !aborted && !failed && !bigger) {
-      try {
-        dask = await runDask(plan, res, step, python);
-      } catch (error) {
-        failed = true;
-        if (!aborted) reportFailure("Dask", error, res);
-      } finally {
-        await res.closeAll();
-      }
+      dask = await phase("Dask", () => runDask(plan, res, step, python));
     }
     // The bigger-than-memory job, each side alone on the machine.
     if (!aborted && !failed) {
-      try {
-        biggerOfDist = await biggerDist(biggerPlan, res, step);
-      } catch (error) {
-        failed = true;
-        if (!aborted) reportFailure("dist (bigger than memory)", error, res);
-      } finally {
-        await res.closeAll();
-      }
+      biggerOfDist = await phase("dist (bigger than memory)", () => biggerDist(biggerPlan, res, step));
     }
     if (python !== null && !aborted && !failed) {
-      try {
-        biggerOfDask = await biggerDask(biggerPlan, res, step, python);
-      } catch (error) {
-        failed = true;
-        if (!aborted) reportFailure("Dask (bigger than memory)", error, res);
-      } finally {
-        await res.closeAll();
-      }
+      biggerOfDask = await phase(
+        "Dask (bigger than memory)",
+        () => biggerDask(biggerPlan, res, step, python),
+      );
     }
   } finally {
     clearTimeout(watchdog);

@@ -87,13 +87,17 @@ export class LocalCluster implements AsyncDisposable {
   /** Scaling in progress: one `scale` at a time. */
   #scaling: Promise<void> = Promise.resolve();
   #adaptive: Adaptive | null = null;
+  /** The cluster's token, for the rpcs that scale it. */
+  readonly #authToken: string | undefined;
 
   private constructor(
     scheduler: SchedulerNode,
     processes: NodeProcess[],
     inProcess: WorkerNode[],
     spawn: ((i: number) => Promise<NodeProcess>) | null,
+    authToken: string | undefined,
   ) {
+    this.#authToken = authToken;
     this.#scheduler = scheduler;
     this.#processes = processes;
     this.#inProcess = inProcess;
@@ -171,8 +175,6 @@ export class LocalCluster implements AsyncDisposable {
     this.#adaptive = adaptive;
     return adaptive;
   }
-
-  #authToken: string | undefined = undefined;
 
   /**
    * Starts a scheduler and `workers` workers; resolves once every worker has
@@ -283,9 +285,7 @@ export class LocalCluster implements AsyncDisposable {
       await scheduler.close();
       throw error;
     }
-    const cluster = new LocalCluster(scheduler, spawned, inProcess, processes ? spawn : null);
-    cluster.#authToken = authToken;
-    return cluster;
+    return new LocalCluster(scheduler, spawned, inProcess, processes ? spawn : null, authToken);
   }
 
   /** Stops the workers (they unregister first), then the scheduler. */

@@ -45,6 +45,11 @@ export interface SpawnOptions {
    * gets `--supervised` and a stdin pipe that only this process holds.
    */
   supervised?: boolean;
+  /**
+   * The program that is `dist` (an installed command, say): run with ARGS as they are,
+   * instead of this Deno running main.ts with a node's permissions.
+   */
+  command?: string;
 }
 
 /** The lines of a byte stream, as they arrive. */
@@ -94,13 +99,15 @@ export function nodeEnvironment(): Record<string, string> {
  * (after killing it) if it exits or stays silent first.
  */
 export async function spawnNode(args: string[], options: SpawnOptions = {}): Promise<NodeProcess> {
-  // `dist local` starts worker processes of its own, `dist worker` its worker under a
-  // nanny, and a worker with --isolation process executor processes.
-  const spawns = args[0] === "local" || (args[0] === "worker" && !args.includes("--no-nanny")) ||
+  // `dist local` starts worker processes of its own, `dist ssh` ssh, `dist worker` its
+  // worker under a nanny, and a worker with --isolation process executor processes.
+  const spawns = args[0] === "local" || args[0] === "ssh" ||
+    (args[0] === "worker" && !args.includes("--no-nanny")) ||
     args.some((a, i) => a === "--isolation=process" || (a === "--isolation" && args[i + 1] === "process"));
   const permissions = spawns ? [...NODE_PERMISSIONS, "--allow-run"] : NODE_PERMISSIONS;
-  const child = new Deno.Command(Deno.execPath(), {
-    args: [...distArgs(permissions), ...args, ...(options.supervised ? ["--supervised"] : [])],
+  const all = [...args, ...(options.supervised ? ["--supervised"] : [])];
+  const child = new Deno.Command(options.command ?? Deno.execPath(), {
+    args: options.command ? all : [...distArgs(permissions), ...all],
     stdin: options.supervised ? "piped" : "null",
     env: { ...nodeEnvironment(), ...options.env },
     stdout: "piped",

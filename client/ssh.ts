@@ -38,6 +38,7 @@ export interface SshOptions {
 /** One node started over ssh. */
 interface Remote {
   label: string;
+  scheduler: boolean;
   child: Deno.ChildProcess;
   stdin: WritableStreamDefaultWriter<Uint8Array>;
   listening: Promise<string>;
@@ -51,6 +52,70 @@ const STOP_TIMEOUT_MS = 30_000;
 /** Quotes `s` for a POSIX shell. */
 function shellQuote(s: string): string {
   return /^[\w@%+=:,./-]+$/.test(s) ? s : `'${s.replaceAll("'", `'\\''`)}'`;
+}
+
+/** Starts `dist ARGS...` on `host` over ssh; its output goes to `options.onLine`, prefixed. */
+function launch(options: SshOptions, host: string, role: string, args: string[]): Remote {
+  const label = `${host} ${role}`;
+  // The token is the first line of the node's input; the rest stays open until we close it.
+  const command = "IFS= read -r DIST_AUTH_TOKEN; export DIST_AUTH_TOKEN; " +
+    `[ -n "$DIST_AUTH_TOKEN" ] || unset DIST_AUTH_TOKEN; exec ${options.remoteDist ?? "dist"} ` +
+    [...args, "--supervised"].map(shellQuote).join(" ");
+  const child = new Deno.Command("ssh", {
+    args: [...(options.sshOptions ?? []), "-T", "-o", "BatchMode=yes", host, command],
+    stdin: "piped",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const stdin = child.stdin.getWriter();
+  stdin.write(new TextEncoder().encode(`${options.authToken ?? ""}\n`)).catch(() => {});
+  const onLine = options.onLine ?? ((line: string) => console.error(line));
+  const listening = new Promise<string>((resolve, reject) => {
+    const timer = setTimeout(
+      () => reject(new Error(`${label} did not start within ${START_TIMEOUT_MS / 1000} s`)),
+      START_TIMEOUT_MS,
+    );
+    // Once it has resolved, a later exit rejects nothing.
+    child.status.then((status) => {
+      clearTimeout(timer);
+      reject(new Error(`${label} exited (code ${status.code}) before it was listening; its output is above`));
+    });
+    (async () => {
+      for await (const line of lines(child.stdout)) {
+        const m = /^listening at (\S+)/.exec(line);
+        if (m) {
+          clearTimeout(timer);
+          resolve(m[1]);
+        }
+        onLine(`[${label}] ${line}`);
+      }
+    })();
+  });
+  listening.catch(() => {});
+  (async () => {
+    for await (const line of lines(child.stderr)) onLine(`[${label}] ${line}`);
+  })();
+  return { label, scheduler: role === "scheduler", child, stdin, listening };
+}
+
+/**
+ * Stops `remotes`: their input closes, so each stops as on SIGTERM (workers hand their
+ * keys over first), workers before the scheduler; an ssh still running after
+ * STOP_TIMEOUT_MS is killed.
+ */
+async function stopAll(remotes: readonly Remote[]): Promise<void> {
+  for (const group of [remotes.filter((r) => !r.scheduler), remotes.filter((r) => r.scheduler)]) {
+    await Promise.all(group.map(async (r) => {
+      await r.stdin.close().catch(() => {});
+      const timer = setTimeout(() => {
+        try {
+          r.child.kill("SIGKILL");
+        } catch { /* gone */ }
+      }, STOP_TIMEOUT_MS);
+      await r.child.status;
+      clearTimeout(timer);
+    }));
+  }
 }
 
 /** A running SSH cluster: its scheduler's address, and `close()`. */
@@ -70,11 +135,10 @@ export class SshCluster {
     if (options.hosts.length === 0) throw new TypeError("dist ssh needs at least one host");
     const port = options.port ?? 8786;
     const perHost = options.workersPerHost ?? 1;
+    const [first, ...rest] = options.hosts;
     const remotes: Remote[] = [];
-    const cluster = new SshCluster("", remotes);
     try {
-      const [first, ...rest] = options.hosts;
-      const scheduler = cluster.#launch(options, first, "scheduler", [
+      const scheduler = launch(options, first, "scheduler", [
         "scheduler",
         "--host=0.0.0.0",
         `--port=${port}`,
@@ -84,11 +148,9 @@ export class SshCluster {
       await scheduler.listening;
       // Workers reach the scheduler at the name ssh reached it by.
       const address = formatAddress({ host: first.replace(/^.*@/, ""), port });
-      const workerHosts = rest.length > 0 ? rest : [first];
-      const workers: Remote[] = [];
-      for (const host of workerHosts) {
+      for (const host of rest.length > 0 ? rest : [first]) {
         for (let i = 0; i < perHost; i++) {
-          workers.push(cluster.#launch(options, host, `worker-${i}`, [
+          remotes.push(launch(options, host, `worker-${i}`, [
             "worker",
             address,
             "--host=0.0.0.0",
@@ -96,83 +158,17 @@ export class SshCluster {
           ]));
         }
       }
-      remotes.push(...workers);
-      await Promise.all(workers.map((w) => w.listening));
+      await Promise.all(remotes.map((r) => r.listening));
       return new SshCluster(address, remotes);
     } catch (error) {
-      await cluster.close();
+      await stopAll(remotes);
       throw error;
     }
   }
 
-  #launch(options: SshOptions, host: string, role: string, args: string[]): Remote {
-    const label = `${host} ${role}`;
-    // The token is the first line of the node's input; the rest stays open until we close it.
-    const command = "IFS= read -r DIST_AUTH_TOKEN; export DIST_AUTH_TOKEN; " +
-      `[ -n "$DIST_AUTH_TOKEN" ] || unset DIST_AUTH_TOKEN; exec ${options.remoteDist ?? "dist"} ` +
-      [...args, "--supervised"].map(shellQuote).join(" ");
-    const child = new Deno.Command("ssh", {
-      args: [...(options.sshOptions ?? []), "-T", "-o", "BatchMode=yes", host, command],
-      stdin: "piped",
-      stdout: "piped",
-      stderr: "piped",
-    }).spawn();
-    const stdin = child.stdin.getWriter();
-    stdin.write(new TextEncoder().encode(`${options.authToken ?? ""}\n`)).catch(() => {});
-    const onLine = options.onLine ?? ((line: string) => console.error(line));
-    let said: (address: string) => void = () => {};
-    const listening = new Promise<string>((resolve, reject) => {
-      said = resolve;
-      const timer = setTimeout(
-        () => reject(new Error(`${label} did not start within ${START_TIMEOUT_MS / 1000} s`)),
-        START_TIMEOUT_MS,
-      );
-      child.status.then((status) => {
-        clearTimeout(timer);
-        reject(
-          new Error(`${label} exited (code ${status.code}) before it was listening; its output is above`),
-        );
-      });
-      (async () => {
-        for await (const line of lines(child.stdout)) {
-          const m = /^listening at (\S+)/.exec(line);
-          if (m) {
-            clearTimeout(timer);
-            said(m[1]);
-          }
-          onLine(`[${label}] ${line}`);
-        }
-      })();
-    });
-    listening.catch(() => {});
-    (async () => {
-      for await (const line of lines(child.stderr)) onLine(`[${label}] ${line}`);
-    })();
-    return { label, child, stdin, listening };
-  }
-
-  /**
-   * Stops every node: their input closes, so each stops as on SIGTERM (workers hand
-   * their keys over first), workers before the scheduler; an ssh still running after
-   * STOP_TIMEOUT_MS is killed.
-   */
+  /** Stops every node (see `stopAll`). */
   close(): Promise<void> {
-    this.#closing ??= (async () => {
-      const workers = this.#remotes.filter((r) => !r.label.endsWith(" scheduler"));
-      const schedulers = this.#remotes.filter((r) => r.label.endsWith(" scheduler"));
-      for (const group of [workers, schedulers]) {
-        await Promise.all(group.map(async (r) => {
-          await r.stdin.close().catch(() => {});
-          const timer = setTimeout(() => {
-            try {
-              r.child.kill("SIGKILL");
-            } catch { /* gone */ }
-          }, STOP_TIMEOUT_MS);
-          await r.child.status;
-          clearTimeout(timer);
-        }));
-      }
-    })();
+    this.#closing ??= stopAll(this.#remotes);
     return this.#closing;
   }
 }

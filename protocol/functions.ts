@@ -11,31 +11,34 @@ import { freeVariables, ScopeError } from "./_scope.ts";
 import { Lru } from "../util/lru.ts";
 
 /**
- * Globals that both this process and an executor have, each its own: a function that reads
- * one may mean the script's (a variable of that name, or this process's value) and would
- * silently get the executor's. `globalThis.name` says which is meant.
+ * Globals an executor (a Web Worker) has of its own: a function that reads one may mean
+ * the script's (a variable of that name, or this process's value) and would silently get
+ * the executor's. `globalThis.name` says which is meant. `const self = this` is a common
+ * local: in an executor `self` is its own global object.
  */
-const PLACE_DEPENDENT = new Set([
-  // `const self = this` is a common local: in an executor `self` is its own global object.
+const EXECUTOR_OWN = new Set([
   "self",
   "name",
   "close",
-  "closed",
   "location",
   "navigator",
   "onmessage",
   "onmessageerror",
   "postMessage",
   "onerror",
-  "onload",
-  "onunload",
-  "onbeforeunload",
   "onunhandledrejection",
+]);
+/** Globals of a main thread that no executor has (measured: a Deno main thread against a Worker). */
+const MAIN_THREAD_ONLY = new Set([
+  "closed",
   "alert",
   "confirm",
   "prompt",
   "localStorage",
   "sessionStorage",
+  "onload",
+  "onunload",
+  "onbeforeunload",
   "Window",
   "Location",
   "Navigator",
@@ -63,13 +66,13 @@ function checkClosure(label: string, source: string): void {
     throw error;
   }
   for (const name of free) {
-    if (PLACE_DEPENDENT.has(name)) {
+    if (EXECUTOR_OWN.has(name)) {
       throw new TypeError(
         `Cannot send ${label}: it reads ${name}, which the executor has as a global of its own, not this ` +
           `script's ${name}; pass the value as an argument, or write globalThis.${name} to mean the executor's`,
       );
     }
-    if (!(name in globalThis)) {
+    if (!(name in globalThis) || MAIN_THREAD_ONLY.has(name)) {
       throw new TypeError(
         `Cannot send ${label}: it reads ${name}, a variable from outside its own body, and only the ` +
           `function's source travels; pass ${name} as an argument, or name the function by { module, name }`,

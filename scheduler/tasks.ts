@@ -903,20 +903,20 @@ export class SchedulerTasks {
         return `waiting for ${plural(ts.waitingOn.size, "input")}: ${inputs.join(", ")}${more}`;
       }
       case "queued": {
-        const since = this.#unrunnableSince.get(ts);
         const left = (from: number) =>
           `it fails in ${Math.max(0, Math.round((from + this.noWorkersTimeoutMs - now) / 1000))} s ` +
           "(--no-workers-timeout) unless one connects";
-        if (since !== undefined) {
-          return `queued: it may run only on ${
-            [...ts.restrictions ?? []].join(", ")
-          }, and no connected worker ` +
-            `is one; ${left(since)}`;
-        }
         if (this.workers.size === 0) {
           return `queued: no worker is connected; ${left(this.#noWorkersSince ?? now)}`;
         }
         const allowed = [...this.workers.values()].filter((ws) => this.#allowed(ts, ws));
+        if (allowed.length === 0) {
+          // The wait counts from the tick that saw it (from now, before one has).
+          const where = [...ts.restrictions ?? []].join(", ");
+          return `queued: it may run only on ${where}, and no connected worker is one; ${
+            left(this.#unrunnableSince.get(ts) ?? now)
+          }`;
+        }
         if (allowed.every((ws) => ws.paused)) {
           return "queued: every worker it may run on is paused (short of memory) until it frees some";
         }

@@ -121,14 +121,16 @@ Deno.test("deploy: the manifests agree with each other and with dist's flags", a
   assert.equal(w.securityContext.readOnlyRootFilesystem, true);
   const spill = w.args.find((a: string) => a.startsWith("--local-directory="))!.split("=")[1];
   assert.ok(w.volumeMounts.some((m: Doc) => m.mountPath === spill));
-  // Every flag given is one dist knows.
-  const help = await new Deno.Command(Deno.execPath(), {
-    args: ["run", ...NODE_PERMISSIONS, new URL("../main.ts", import.meta.url).href, "worker", "--help"],
-    stdout: "piped",
-  }).output();
-  const known = new TextDecoder().decode(help.stdout);
-  for (const arg of [...w.args, ...s.args].filter((a: string) => a.startsWith("--"))) {
-    assert.ok(known.includes(arg.split("=")[0]) || arg.startsWith("--dashboard"), `dist knows ${arg}`);
+  // Every flag given is one its command knows (its --help lists it).
+  for (const c of [s, w]) {
+    const help = await new Deno.Command(Deno.execPath(), {
+      args: ["run", ...NODE_PERMISSIONS, new URL("../main.ts", import.meta.url).href, c.args[0], "--help"],
+      stdout: "piped",
+    }).output();
+    const known = new TextDecoder().decode(help.stdout);
+    for (const arg of c.args.filter((a: string) => a.startsWith("--"))) {
+      assert.ok(known.includes(`  ${arg.split("=")[0]} `), `dist ${c.args[0]} knows ${arg}`);
+    }
   }
   // The policy admits the cluster's pods and its clients only, to both kinds of pod.
   for (const pod of [scheduler, workers]) {

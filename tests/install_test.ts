@@ -9,65 +9,16 @@
 import assert from "node:assert/strict";
 import config from "../deno.json" with { type: "json" };
 import { Client } from "../mod.ts";
-import { lines } from "../client/spawn.ts";
+import { type NodeProcess, spawnNode } from "../client/spawn.ts";
 import "./_helpers.ts"; // each test is bounded in time (TEST_TIMEOUT_MS)
 
 const INSTALLER = new URL("../deploy/install.ts", import.meta.url);
 /** A PATH with no deno on it. */
 const NO_DENO_PATH = "/nonexistent";
-const LISTENING_TIMEOUT_MS = 30_000;
 
-/** An installed command running; its first `listening at` address. */
-interface Running {
-  child: Deno.ChildProcess;
-  address: string;
-  stop(): Promise<Deno.CommandStatus>;
-}
-
-async function start(command: string, ...args: string[]): Promise<Running> {
-  const child = new Deno.Command(command, {
-    args,
-    env: { PATH: NO_DENO_PATH },
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  const stderr: string[] = [];
-  (async () => {
-    for await (const line of lines(child.stderr)) stderr.push(line);
-  })();
-  const stop = async () => {
-    try {
-      child.kill("SIGTERM");
-    } catch { /* gone */ }
-    return await child.status;
-  };
-  const out = lines(child.stdout);
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(
-      () => reject(new Error(`${command} ${args.join(" ")} printed no address:\n${stderr.join("\n")}`)),
-      LISTENING_TIMEOUT_MS,
-    );
-  });
-  try {
-    for (;;) {
-      const next = await Promise.race([out.next(), timeout]);
-      if (next.done) throw new Error(`${command} ${args.join(" ")} exited:\n${stderr.join("\n")}`);
-      const found = /^listening at (\S+)/.exec(next.value);
-      if (found) {
-        (async () => {
-          for await (const _ of out) { /* drained */ }
-        })();
-        return { child, address: found[1], stop };
-      }
-    }
-  } catch (error) {
-    await stop();
-    throw error;
-  } finally {
-    clearTimeout(timer);
-  }
+/** The installed dist running ARGS (with no deno on the PATH), once it says where it listens. */
+function start(dist: string, ...args: string[]): Promise<NodeProcess> {
+  return spawnNode(args, { command: dist, env: { PATH: NO_DENO_PATH } });
 }
 
 async function computeOn(address: string): Promise<void> {

@@ -113,9 +113,10 @@ Deno.test("readme: every TypeScript snippet type-checks and runs with the flags 
         assert.doesNotMatch(result.stderr, /error/i, result.stderr);
         // What a snippet's comments say it prints, it prints.
         for (const [, shown] of code.matchAll(/console\.log\([^;]*\); \/\/ (.+)$/gm)) {
-          const expected = shown.replace(/^\{ /, "").replace(/ \}$/, "").replace(/\bhttp:\S+/, "http://");
+          if (shown.startsWith("http:")) continue; // an address: its port is any free one
+          const expected = shown.replace(/^\{ /, "").replace(/ \}$/, "");
           assert.ok(
-            result.stdout.includes(expected) || /^http:/.test(expected),
+            result.stdout.includes(expected),
             `README.md:${line} says it prints ${shown}; it printed:\n${result.stdout}`,
           );
         }

@@ -12,7 +12,7 @@
 
 import assert from "node:assert/strict";
 import { Client, rpc, type SchedulerOps } from "../mod.ts";
-import { lines, NODE_PERMISSIONS } from "../client/spawn.ts";
+import { NODE_PERMISSIONS, type NodeProcess, spawnNode } from "../client/spawn.ts";
 import "./_helpers.ts"; // each test is bounded in time (TEST_TIMEOUT_MS)
 
 const MAIN = new URL("../main.ts", import.meta.url);
@@ -77,7 +77,7 @@ Deno.test({
     const dir = await Deno.makeTempDir({ prefix: "dist-ssh-" });
     const sshds: Deno.ChildProcess[] = [];
     const made: string[] = [];
-    let dist: Deno.ChildProcess | null = null;
+    let dist: NodeProcess | null = null;
     try {
       // Two machines on a bridge; this one reaches it through a veth pair.
       for (const ns of [bridge, ...hosts]) {
@@ -161,12 +161,8 @@ Deno.test({
         MAIN.href,
       ]
         .join(" ");
-      dist = new Deno.Command(Deno.execPath(), {
-        args: [
-          "run",
-          ...NODE_PERMISSIONS,
-          "--allow-run",
-          MAIN.href,
+      dist = await spawnNode(
+        [
           "ssh",
           ips[0],
           "--hosts-file",
@@ -177,24 +173,11 @@ Deno.test({
           remoteDist,
           `--ssh-options=-i ${dir}/id -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR`,
         ],
-        env: { DIST_AUTH_TOKEN: TOKEN },
-        stdin: "null",
-        stdout: "piped",
-        stderr: "piped",
-      }).spawn();
-      const stderr: string[] = [];
-      (async () => {
-        for await (const line of lines(dist!.stderr)) stderr.push(line);
-      })();
-      const stdout = lines(dist.stdout);
-      const first = await Promise.race([
-        stdout.next(),
-        new Promise<never>((_, reject) =>
-          setTimeout(() => reject(new Error(`dist ssh printed no address:\n${stderr.join("\n")}`)), WAIT_MS)
-        ),
-      ]);
+        { env: { DIST_AUTH_TOKEN: TOKEN } },
+      );
+      const stderr = dist.log;
       const address = `tcp://${ips[0]}:8786`;
-      assert.equal(first.value, `listening at ${address}`, stderr.join("\n"));
+      assert.equal(dist.address, address, stderr.join("\n"));
 
       await using client = await Client.connect(address, { authToken: TOKEN });
       const squares = client.map((x: number) => x * x, [1, 2, 3, 4]);
@@ -210,7 +193,7 @@ Deno.test({
       assert.ok(!(await commandLines()).includes(TOKEN), "the token is on a command line");
 
       // Ctrl-C: dist ssh stops every node and exits.
-      dist.kill("SIGINT");
+      dist.child.kill("SIGINT");
       const status = await dist.status;
       dist = null;
       assert.equal(status.code, 0, stderr.join("\n"));
@@ -227,7 +210,7 @@ Deno.test({
       }, "the scheduler did not stop");
     } finally {
       try {
-        dist?.kill("SIGKILL");
+        dist?.child.kill("SIGKILL");
       } catch { /* exited */ }
       await dist?.status;
       for (const sshd of sshds) {
