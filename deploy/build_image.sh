@@ -62,7 +62,7 @@ podman import \
   --change 'ENV PATH=/usr/local/bin:/usr/bin:/bin' \
   --change 'EXPOSE 8786' \
   --change 'EXPOSE 8787' \
-  --change 'ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/deno", "run", "--no-config", "--allow-net", "--allow-read", "--allow-write", "--allow-env", "--allow-sys", "--allow-run", "--unstable-worker-options", "/opt/dist/main.ts"]' \
+  --change 'ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/deno", "run", "--no-config", "--v8-flags=--heap-growing-percent=30", "--allow-net", "--allow-read", "--allow-write", "--allow-env", "--allow-sys", "--allow-run", "--unstable-worker-options", "/opt/dist/main.ts"]' \
   --change 'CMD ["--help"]' \
   "$work/rootfs.tar" "$tag" >/dev/null
 size=$(podman image inspect --format '{{.Size}}' "$tag")

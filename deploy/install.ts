@@ -13,7 +13,7 @@
  * @module
  */
 
-import { NODE_PERMISSIONS } from "../client/spawn.ts";
+import { NODE_PERMISSIONS, NODE_V8_FLAGS } from "../client/spawn.ts";
 
 const usage = "Usage: deno task install [--root DIR] [--name NAME]";
 
@@ -65,6 +65,7 @@ async function main(args: string[]): Promise<number> {
       "--root",
       root,
       "--no-config",
+      NODE_V8_FLAGS,
       ...DIST_PERMISSIONS,
       main,
     ],

@@ -161,6 +161,7 @@ class SchedulerServer implements SchedulerNode {
   #ttlTimer: ReturnType<typeof setInterval> | undefined;
   /** A release too large for one turn goes on in the next ones, between other messages. */
   #releasing: ReturnType<typeof setTimeout> | null = null;
+  #flushQueued = false;
   #closing: Promise<void> | null = null;
   #resolveClosed!: () => void;
 
@@ -197,20 +198,31 @@ class SchedulerServer implements SchedulerNode {
     const dispatch = dispatchTo("scheduler", schedulerOps, this.#handlers());
     this.#server = await serve(
       { host: this.#host, port: this.#port, tls: Boolean(options.tls?.cert) },
-      async (
-        op,
-        args,
-        comm,
-      ) => {
+      (op, args, comm) => {
         this.#state.at(Date.now());
+        // What the state decides is sent once the messages already read have all been
+        // handled (frees to one worker join in one message). Most ops answer at once: no
+        // promise per message for them.
+        this.#flushSoon();
+        let result: unknown;
         try {
-          return await dispatch(op, args, comm);
+          result = dispatch(op, args, comm);
         } catch (error) {
           this.#refuseReport(op, args, comm, error);
           throw error;
-        } finally {
-          this.#flush();
         }
+        if (!(result instanceof Promise)) return result;
+        return result.then(
+          (value) => {
+            this.#flushSoon();
+            return value;
+          },
+          (error) => {
+            this.#refuseReport(op, args, comm, error);
+            this.#flushSoon();
+            throw error;
+          },
+        );
       },
       {
         authToken: options.authToken ?? tokenFromEnv(),
@@ -285,6 +297,16 @@ class SchedulerServer implements SchedulerNode {
   }
 
   // ---- sending what the state decided ----
+
+  /** Flushes at the end of this turn (once, however many messages ask). */
+  #flushSoon(): void {
+    if (this.#flushQueued) return;
+    this.#flushQueued = true;
+    queueMicrotask(() => {
+      this.#flushQueued = false;
+      this.#flush();
+    });
+  }
 
   /** Sends what the state decided. A peer whose connection is gone is dropped by its close handler. */
   #flush(): void {

@@ -178,6 +178,14 @@ export function keyPrefix(key: string): string {
   return dash > 0 ? key.slice(0, dash) : key;
 }
 
+/**
+ * A task's rank for a user's priority: never -0, which is not a small integer to V8: one
+ * such value would make every task's rank a boxed number (16 bytes more each).
+ */
+function rankOf(priority: number | undefined): number {
+  return priority ? -priority : 0;
+}
+
 function less(a: TaskState, b: TaskState): boolean {
   return a.rank < b.rank || (a.rank === b.rank && a.order < b.order);
 }
@@ -205,6 +213,10 @@ class TaskHeap {
   peek(): TaskState | undefined {
     return this.#items[0];
   }
+  /** Every entry, stale ones too (a task popped later, or queued twice), in no order. */
+  entries(): readonly TaskState[] {
+    return this.#items;
+  }
   pop(): TaskState | undefined {
     const items = this.#items;
     const top = items[0];
@@ -230,10 +242,24 @@ class TaskHeap {
 export type Progress = Record<string, Partial<Record<TaskStateName, number>>>;
 
 /** A prefix's tasks per state, and all of them: one shape for every prefix (never a dictionary). */
-type PrefixCounts = Record<TaskStateName, number> & { total: number };
+type PrefixCounts = Record<TaskStateName, number> & {
+  total: number;
+  /** The prefix itself: its tasks share this one string rather than a copy each. */
+  name: string;
+};
 
-function newPrefixCounts(): PrefixCounts {
-  return { released: 0, waiting: 0, queued: 0, processing: 0, memory: 0, erred: 0, forgotten: 0, total: 0 };
+function newPrefixCounts(name: string): PrefixCounts {
+  return {
+    released: 0,
+    waiting: 0,
+    queued: 0,
+    processing: 0,
+    memory: 0,
+    erred: 0,
+    forgotten: 0,
+    total: 0,
+    name,
+  };
 }
 
 /** Problem lines shown at most (the dashboard, dist info): more are counted. */
@@ -265,8 +291,12 @@ export class SchedulerTasks {
   /** Tasks that reached memory or erred, in all. */
   completed = 0;
   failed = 0;
+  /**
+   * Queued tasks without restrictions. Entries go stale instead of being removed: a task
+   * is in the queue while it is queued and has no restrictions (no Set of them: ~40 bytes
+   * a task), and the heap skips the others when they come to its top.
+   */
   #queue = new TaskHeap();
-  #inHeap = new Set<TaskState>();
   /** Queued tasks that may run only on some workers. */
   #restricted = new Set<TaskState>();
   #order = 0;
@@ -551,7 +581,7 @@ export class SchedulerTasks {
           // it can be recomputed if lost.
           ts.run = spec.run;
           ts.external = false;
-          ts.rank = -(spec.priority ?? 0);
+          ts.rank = rankOf(spec.priority);
           ts.retries = spec.retries ?? 0;
           ts.restrictions = spec.workers?.length ? new Set(spec.workers) : null;
           linked.push(ts);
@@ -564,7 +594,7 @@ export class SchedulerTasks {
       ts = this.#newTask(spec.key);
       for (const c of wants) ts.whoWants = withItem(ts.whoWants, c);
       ts.run = spec.run ?? null;
-      ts.rank = -(spec.priority ?? 0);
+      ts.rank = rankOf(spec.priority);
       ts.order = this.#order++;
       ts.retries = spec.retries ?? 0;
       ts.restrictions = spec.workers?.length ? new Set(spec.workers) : null;
@@ -789,11 +819,11 @@ export class SchedulerTasks {
   #failUnrunnable(now: number): void {
     const limit = this.noWorkersTimeoutMs;
     const stuck: TaskState[] = [];
-    if (this.workers.size > 0 || this.#inHeap.size === 0) this.#noWorkersSince = null;
+    if (this.workers.size > 0 || this.#queuedUnrestricted === 0) this.#noWorkersSince = null;
     else if (this.#noWorkersSince === null) this.#noWorkersSince = now;
     else if (now - this.#noWorkersSince >= limit) {
       this.#noWorkersSince = null;
-      for (const ts of this.#inHeap) stuck.push(ts);
+      for (const ts of new Set(this.#queue.entries())) if (this.#inQueue(ts)) stuck.push(ts);
     }
     // Whether a restricted task has a worker changes only when it is queued or a worker
     // leaves (one that comes clears the waits it ends): a million queued tasks are not
@@ -849,7 +879,7 @@ export class SchedulerTasks {
     const after = `they fail after ${limit / 1000} s (--no-workers-timeout) unless one connects`;
     const lines: [string, string][] = [];
     if (this.#noWorkersSince !== null) {
-      const n = this.#inHeap.size;
+      const n = this.#queuedUnrestricted;
       lines.push([
         "",
         `${plural(n, "task")} queued and no worker connected (for ${
@@ -921,7 +951,7 @@ export class SchedulerTasks {
           return "queued: every worker it may run on is paused (short of memory) until it frees some";
         }
         return `queued: every worker it may run on is busy; ${
-          plural(this.#inHeap.size, "task")
+          plural(this.#queuedUnrestricted, "task")
         } queued in all`;
       }
       case "processing": {
@@ -1141,6 +1171,7 @@ export class SchedulerTasks {
     };
     const byState: Record<string, number> = {};
     const byPrefix = new Map<string, Record<string, number>>();
+    const inHeap = new Set(this.#queue.entries());
     for (const [key, ts] of this.tasks) {
       const k = JSON.stringify(key);
       if (ts.key !== key) fail(`task ${k} is stored under another key`);
@@ -1165,7 +1196,7 @@ export class SchedulerTasks {
           fail(`task ${k} is processing on ${ts.processingOn.address}, which does not list it`);
         }
       }
-      const queued = this.#inHeap.has(ts) || this.#restricted.has(ts);
+      const queued = (this.#inQueue(ts) && inHeap.has(ts)) || this.#restricted.has(ts);
       if ((ts.state === "queued") !== queued) {
         fail(`task ${k} is ${ts.state}, and ${queued ? "" : "not "}queued`);
       }
@@ -1221,7 +1252,17 @@ export class SchedulerTasks {
 
   /** Tasks waiting on the scheduler for a free worker. */
   get queued(): number {
-    return this.#inHeap.size + this.#restricted.size;
+    return this.#byState.queued;
+  }
+
+  /** Queued tasks in the heap (not restricted). */
+  get #queuedUnrestricted(): number {
+    return this.#byState.queued - this.#restricted.size;
+  }
+
+  /** Whether an entry of the heap stands for a task to run (the others are stale). */
+  #inQueue(ts: TaskState): boolean {
+    return ts.state === "queued" && ts.restrictions === null;
   }
 
   // ---- transitions ----
@@ -1259,9 +1300,12 @@ export class SchedulerTasks {
   }
 
   #newTask(key: string): TaskState {
+    const prefix = keyPrefix(key);
+    let p = this.#byPrefix.get(prefix);
+    if (p === undefined) this.#byPrefix.set(prefix, p = newPrefixCounts(prefix));
     const ts: TaskState = {
       key,
-      prefix: keyPrefix(key),
+      prefix: p.name,
       state: "released",
       run: null,
       dependencies: NONE,
@@ -1283,8 +1327,6 @@ export class SchedulerTasks {
     };
     this.tasks.set(key, ts);
     this.#byState.released++;
-    let p = this.#byPrefix.get(ts.prefix);
-    if (p === undefined) this.#byPrefix.set(ts.prefix, p = newPrefixCounts());
     p.released++;
     p.total++;
     return ts;
@@ -1357,7 +1399,6 @@ export class SchedulerTasks {
         this.#restrictedToCheck.add(ts);
       } else {
         this.#queue.push(ts);
-        this.#inHeap.add(ts);
       }
       return;
     }
@@ -1428,13 +1469,12 @@ export class SchedulerTasks {
         if (this.#allowed(ts, ws) && (best === null || less(ts, best))) best = ts;
       }
       let top = this.#queue.peek();
-      while (top !== undefined && (top.state !== "queued" || !this.#inHeap.has(top))) {
+      while (top !== undefined && !this.#inQueue(top)) {
         this.#queue.pop();
         top = this.#queue.peek();
       }
       if (top !== undefined && (best === null || less(top, best))) {
         this.#queue.pop();
-        this.#inHeap.delete(top);
         this.#send(top, this.#pickWorker(top) ?? ws);
       } else if (best !== null) {
         this.#restricted.delete(best);
@@ -1528,7 +1568,7 @@ export class SchedulerTasks {
   #unqueue(ts: TaskState): void {
     if (ts.state === "queued") {
       this.#restricted.delete(ts);
-      this.#inHeap.delete(ts); // the heap skips it lazily
+      // The heap skips it lazily.
     }
     if (ts.state === "processing" && ts.processingOn) {
       const ws = ts.processingOn;

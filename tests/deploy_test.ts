@@ -14,7 +14,7 @@ import { Deployment } from "npm:kubernetes-models@4.4.2/apps/v1/Deployment";
 import { Service } from "npm:kubernetes-models@4.4.2/v1/Service";
 import { NetworkPolicy } from "npm:kubernetes-models@4.4.2/networking.k8s.io/v1/NetworkPolicy";
 import { HorizontalPodAutoscaler } from "npm:kubernetes-models@4.4.2/autoscaling/v2/HorizontalPodAutoscaler";
-import { NODE_PERMISSIONS } from "../client/spawn.ts";
+import { NODE_PERMISSIONS, NODE_V8_FLAGS } from "../client/spawn.ts";
 import "./_helpers.ts"; // each test is bounded in time (TEST_TIMEOUT_MS)
 
 const BASE = new URL("../deploy/kubernetes/base/", import.meta.url);
@@ -161,6 +161,7 @@ Deno.test("deploy: both image recipes run dist as a non-root user under tini wit
       argv.filter((a) => a.startsWith("--allow") || a.startsWith("--unstable")).sort(),
       [...flags].sort(),
     );
+    assert.ok(argv.includes(NODE_V8_FLAGS), `${name} gives deno ${NODE_V8_FLAGS}, as every node gets`);
     assert.match(text, /USER 10001:10001/, `${name} runs as a non-root user`);
   }
   assert.match(

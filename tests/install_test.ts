@@ -9,7 +9,7 @@
 import assert from "node:assert/strict";
 import config from "../deno.json" with { type: "json" };
 import { Client } from "../mod.ts";
-import { type NodeProcess, spawnNode } from "../client/spawn.ts";
+import { NODE_V8_FLAGS, type NodeProcess, spawnNode } from "../client/spawn.ts";
 import "./_helpers.ts"; // each test is bounded in time (TEST_TIMEOUT_MS)
 
 const INSTALLER = new URL("../deploy/install.ts", import.meta.url);
@@ -51,9 +51,10 @@ Deno.test("deno task install: a dist on the PATH that runs without deno on the P
     const dist = `${root}/bin/dist`;
     const shim = await Deno.readTextFile(dist);
     assert.ok(shim.includes(`exec '${Deno.realPathSync(Deno.execPath())}' run`), shim);
-    for (const flag of ["--allow-net", "--allow-run", "--unstable-worker-options"]) {
-      assert.ok(shim.includes(flag));
+    for (const flag of ["--allow-net", "--allow-run", "--unstable-worker-options", NODE_V8_FLAGS]) {
+      assert.ok(shim.includes(flag), `the installed command runs deno with ${flag}: ${shim}`);
     }
+    assert.ok(config.tasks.compile.includes(NODE_V8_FLAGS), "a compiled dist gets the nodes' V8 setting too");
 
     const version = await new Deno.Command(dist, { args: ["--version"], env: { PATH: NO_DENO_PATH } })
       .output();
