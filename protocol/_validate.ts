@@ -73,6 +73,18 @@ export function checkKey(key: unknown, what = "Key"): asserts key is string {
   );
 }
 
+/**
+ * The error of a part that failed, with `where` (the part's path) in front of its
+ * message. Containers check their parts with the path "" and name a part only when it
+ * fails: a message checked whole builds no path strings (most of what checking a task's
+ * report cost the scheduler).
+ */
+function at(error: unknown, where: string): Error {
+  if (!(error instanceof Error)) return new TypeError(`${where}: ${String(error)}`);
+  const Kind = error instanceof RangeError ? RangeError : TypeError;
+  return new Kind(`${where}${error.message}`);
+}
+
 function fail(path: string, expected: string, value: unknown): never {
   throw new TypeError(`${path}: expected ${expected}, got ${describe(value)}`);
 }
@@ -174,7 +186,13 @@ export function arrayOf<T>(item: Schema<T>, options: { itemsMax?: number } = {})
       if (options.itemsMax !== undefined && value.length > options.itemsMax) {
         throw new RangeError(`${path}: at most ${options.itemsMax} items, got ${value.length}`);
       }
-      for (let i = 0; i < value.length; i++) item.parse(value[i], `${path}[${i}]`);
+      for (let i = 0; i < value.length; i++) {
+        try {
+          item.parse(value[i], "");
+        } catch (error) {
+          throw at(error, `${path}[${i}]`);
+        }
+      }
       return value as T[];
     },
   };
@@ -200,8 +218,16 @@ export function recordOf<T>(
     parse(value, path) {
       if (!isPlainObject(value)) fail(path, expected, value);
       for (const k in value) {
-        options.keys?.parse(k, `${path} field ${JSON.stringify(k)}`);
-        item.parse(value[k], `${path}.${k}`);
+        try {
+          options.keys?.parse(k, "");
+        } catch (error) {
+          throw at(error, `${path} field ${JSON.stringify(k)}`);
+        }
+        try {
+          item.parse(value[k], "");
+        } catch (error) {
+          throw at(error, `${path}.${k}`);
+        }
       }
       return value as Record<string, T>;
     },
@@ -246,7 +272,11 @@ export function object<S extends Shape>(shape: S): Schema<ObjectOf<S>> {
           if (!s.optional) throw new TypeError(`${path}.${key}: missing (expected ${s.expected})`);
           continue;
         }
-        out[key] = s.parse(v, `${path}.${key}`);
+        try {
+          out[key] = s.parse(v, "");
+        } catch (error) {
+          throw at(error, `${path}.${key}`);
+        }
       }
       return out as ObjectOf<S>;
     },

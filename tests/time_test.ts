@@ -1,5 +1,7 @@
 import assert from "node:assert/strict";
 import { Backoff, deadline, delay } from "../util/time.ts";
+import { Lru } from "../util/lru.ts";
+import { Rng } from "../testing/rng.ts";
 import "./_helpers.ts"; // each test is bounded in time (TEST_TIMEOUT_MS)
 
 Deno.test("a deadline counts down on its clock, never below 0, and expires at its moment", () => {
@@ -74,4 +76,33 @@ Deno.test("a backoff refuses pauses that are not positive, or a cap below the fi
     () => new Backoff({ firstMs: 10, maxMs: 5 }),
     /want 0 < firstMs <= maxMs, got firstMs 10, maxMs 5/,
   );
+});
+
+Deno.test("an Lru keeps and forgets exactly what a plain list in use order would, most recent key touched again or not", () => {
+  const seed = 20261204;
+  console.log(`seed ${seed}`);
+  const rng = new Rng(seed);
+  for (const max of [1, 2, 3, 8]) {
+    const lru = new Lru<number, string>(max);
+    /** Keys, least recent first. */
+    let order: number[] = [];
+    for (let step = 0; step < 5_000; step++) {
+      const key = rng.int(max * 2);
+      const op = rng.int(10);
+      if (op < 5) {
+        const expected = order.includes(key) ? `v${key}` : undefined;
+        assert.equal(lru.get(key), expected, `step ${step}: get ${key}`);
+        if (expected !== undefined) order = [...order.filter((k) => k !== key), key];
+      } else if (op < 9) {
+        const forgot = lru.set(key, `v${key}`);
+        order = [...order.filter((k) => k !== key), key];
+        const gone = order.length > max ? order.shift() : undefined;
+        assert.deepEqual(forgot?.[0], gone, `step ${step}: set ${key}`);
+      } else {
+        assert.equal(lru.delete(key), order.includes(key), `step ${step}: delete ${key}`);
+        order = order.filter((k) => k !== key);
+      }
+      assert.deepEqual([...lru.entries()].map(([k]) => k), order, `step ${step}`);
+    }
+  }
 });

@@ -11,6 +11,8 @@
 export class Lru<K, V> {
   #map = new Map<K, V>();
   #max: number;
+  /** The most recent key, when known: touching it again changes nothing (most touches, in a map of tasks). */
+  #last: K | undefined = undefined;
 
   /** Holds at most `max` entries. */
   constructor(max: number) {
@@ -25,9 +27,10 @@ export class Lru<K, V> {
   /** The value of `key`, now the most recent; undefined when absent. */
   get(key: K): V | undefined {
     const value = this.#map.get(key);
-    if (value !== undefined) {
+    if (value !== undefined && key !== this.#last) {
       this.#map.delete(key);
       this.#map.set(key, value);
+      this.#last = key;
     }
     return value;
   }
@@ -41,6 +44,7 @@ export class Lru<K, V> {
   set(key: K, value: V): [K, V] | undefined {
     this.#map.delete(key);
     this.#map.set(key, value);
+    this.#last = key;
     if (this.#map.size <= this.#max) return undefined;
     const oldest = this.#map.entries().next().value!;
     this.#map.delete(oldest[0]);
