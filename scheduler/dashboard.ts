@@ -59,6 +59,13 @@ export class Ring<T> {
     this.#items[this.#head] = item;
     this.#head = (this.#head + 1) % this.#max;
   }
+  /**
+   * The item the next push writes over (the oldest), once full: a record ring fills it in
+   * and pushes it back, and allocates nothing per item (a task's run, on every task).
+   */
+  spare(): T | undefined {
+    return this.#items.length < this.#max ? undefined : this.#items[this.#head];
+  }
   /** The items pushed after the first `total` ever pushed (those still kept), oldest first. */
   since(total: number): T[] {
     const length = this.#items.length;
@@ -102,9 +109,28 @@ export class Dashboard {
   }
 
   /** A task ran on `worker`'s executor `thread` from `start` to `stop` (epoch ms). */
-  onTask(event: TaskEvent): void {
-    this.tasks.push(event);
-    this.durations.observe(Math.max(0, event.stop - event.start) / 1000);
+  onTask(
+    key: string,
+    prefix: string,
+    worker: string,
+    thread: number,
+    start: number,
+    stop: number,
+    status: TaskEvent["status"],
+  ): void {
+    const event = this.tasks.spare();
+    if (event === undefined) this.tasks.push({ key, prefix, worker, thread, start, stop, status });
+    else {
+      event.key = key;
+      event.prefix = prefix;
+      event.worker = worker;
+      event.thread = thread;
+      event.start = start;
+      event.stop = stop;
+      event.status = status;
+      this.tasks.push(event);
+    }
+    this.durations.observe(Math.max(0, stop - start) / 1000);
   }
 
   /** `worker` reports the fetches it made. */
@@ -160,7 +186,8 @@ export class Dashboard {
       })),
       progress,
       problems: state.problems,
-      tasks: this.tasks.since(since.tasks ?? 0),
+      // Copies: the ring's records are written over as tasks run.
+      tasks: this.tasks.since(since.tasks ?? 0).map((t) => ({ ...t })),
       transfers: this.transfers.since(since.transfers ?? 0),
       memory: this.memory.since(since.memory ?? 0),
       counts: { tasks: this.tasks.total, transfers: this.transfers.total, memory: this.memory.total },

@@ -589,17 +589,12 @@ class SchedulerServer implements SchedulerNode {
       progress: () => state.progress() as Record<string, Record<string, number>>,
       task_finished: ({ key, nbytes, duration, start, stop, thread }, comm) => {
         for (const address of this.#workersOf(comm)) {
+          // The prefix the state keeps (one string for all its tasks), read before the
+          // state may forget the key.
+          const prefix = this.#dashboard ? state.tasks.get(key)?.prefix ?? keyPrefix(key) : "";
           state.taskFinished(address, key, nbytes, duration);
           if (this.#dashboard && start !== undefined && stop !== undefined) {
-            this.#dashboard.onTask({
-              key,
-              prefix: keyPrefix(key),
-              worker: address,
-              thread: thread ?? 0,
-              start,
-              stop,
-              status: "done",
-            });
+            this.#dashboard.onTask(key, prefix, address, thread ?? 0, start, stop, "done");
           }
         }
       },
@@ -607,15 +602,7 @@ class SchedulerServer implements SchedulerNode {
         for (const address of this.#workersOf(comm)) {
           state.taskErred(address, key, error, killed);
           const now = Date.now();
-          this.#dashboard?.onTask({
-            key,
-            prefix: keyPrefix(key),
-            worker: address,
-            thread: thread ?? 0,
-            start: start ?? now,
-            stop: stop ?? now,
-            status: "erred",
-          });
+          this.#dashboard?.onTask(key, keyPrefix(key), address, thread ?? 0, start ?? now, stop ?? now, "erred");
         }
       },
       ping: () => "pong",

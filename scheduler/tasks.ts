@@ -155,6 +155,9 @@ type WorkerNotice = "compute_task" | "free_keys" | "cancel_task";
 /** What a worker gets to run one task: the `compute_task` notice, as `workerOps` declares it. */
 export type ComputeTaskArgs = ArgsOf<WorkerOps, "compute_task">;
 
+/** The holders of a task with no dependencies: one object for all (it is only encoded). */
+const NO_HOLDERS: Record<string, string[]> = Object.freeze({});
+
 /** Tasks a worker may hold beyond its threads, so it never waits on a round trip. */
 export const WORKER_EXTRA_TASKS = 32;
 /**
@@ -1410,15 +1413,18 @@ export class SchedulerTasks {
     ts.processingOn = ws;
     ws.processing.add(ts);
     const run = ts.run!;
-    const whoHas: Record<string, string[]> = {};
-    const nbytes: Record<string, number> = {};
-    for (const dep of ts.dependencies) {
-      whoHas[dep.key] = [...dep.whoHas].map((w) => w.address);
-      nbytes[dep.key] = dep.nbytes;
-    }
     const fnId = this.functionId(run.function);
-    const args: ComputeTaskArgs = { key: ts.key, fn_id: fnId, args: run.args, who_has: whoHas };
-    if (ts.dependencies.size > 0) args.nbytes = nbytes;
+    const args: ComputeTaskArgs = { key: ts.key, fn_id: fnId, args: run.args, who_has: NO_HOLDERS };
+    if (ts.dependencies.size > 0) {
+      const whoHas: Record<string, string[]> = {};
+      const nbytes: Record<string, number> = {};
+      for (const dep of ts.dependencies) {
+        whoHas[dep.key] = [...dep.whoHas].map((w) => w.address);
+        nbytes[dep.key] = dep.nbytes;
+      }
+      args.who_has = whoHas;
+      args.nbytes = nbytes;
+    }
     if (ws.knownFunctions.get(fnId) === undefined) {
       ws.knownFunctions.set(fnId, true);
       args.function = run.function;

@@ -1066,3 +1066,19 @@ Deno.test("dashboard: its rings keep the last items in order, full or not", () =
   ring.push(12);
   assert.deepEqual(ring.since(9), [9, 10, 11, 12]);
 });
+
+Deno.test("dashboard: a record ring hands out its oldest record once full, and keeps the order when it comes back", () => {
+  const ring = new Ring<{ n: number }>(3);
+  for (let n = 0; n < 3; n++) {
+    assert.equal(ring.spare(), undefined, "nothing to write over before it is full");
+    ring.push({ n });
+  }
+  for (let n = 3; n < 8; n++) {
+    const spare = ring.spare()!;
+    assert.equal(spare.n, n - 3, "the oldest");
+    spare.n = n;
+    ring.push(spare);
+    assert.deepEqual(ring.since(0).map((r) => r.n), [n - 2, n - 1, n]);
+  }
+  assert.equal(ring.total, 8);
+});
