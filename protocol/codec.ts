@@ -507,6 +507,11 @@ export class Encoder {
 // What a decoder holds between messages (so it keeps no message alive).
 const NO_BYTES = new Uint8Array(0);
 
+/** Map keys at most this long are cached by the decoder. */
+const KEY_CACHE_CHARS_MAX = 16;
+/** Slots of the decoder's key cache (a key takes the slot its hash names). */
+const KEY_CACHE_SLOTS = 256;
+
 /** Decodes msgpack bytes, resolving out-of-band references against `buffers`. */
 export class Decoder {
   #buf: Uint8Array = NO_BYTES;
@@ -604,11 +609,47 @@ export class Decoder {
     return out;
   }
 
+  /**
+   * A map's key: a short fixstr key is looked up in a cache of the keys seen, so the
+   * field names every message repeats ("key", "nbytes"...) are not built again, char by
+   * char, for each message.
+   */
+  #key(depth: number): unknown {
+    const t = this.#buf[this.#pos];
+    const n = t - 0xa0;
+    if (n < 0 || n > KEY_CACHE_CHARS_MAX || this.#pos + 1 + n > this.#buf.length) return this.#value(depth);
+    const b = this.#buf;
+    const start = this.#pos + 1;
+    let h = n;
+    for (let i = start; i < start + n; i++) h = (Math.imul(h, 31) + b[i]) | 0;
+    const slot = (h >>> 0) % KEY_CACHE_SLOTS;
+    const cached = this.#keys[slot];
+    if (cached !== undefined && cached.length === n) {
+      let same = true;
+      for (let i = 0; i < n; i++) {
+        if (cached.charCodeAt(i) !== b[start + i]) {
+          same = false;
+          break;
+        }
+      }
+      if (same) {
+        this.#pos = start + n;
+        return cached;
+      }
+    }
+    const key = this.#value(depth);
+    // Only ASCII keys compare byte for char.
+    if (typeof key === "string" && key.length === n) this.#keys[slot] = key;
+    return key;
+  }
+
+  #keys: (string | undefined)[] = new Array(KEY_CACHE_SLOTS);
+
   #map(n: number, depth: number): Record<string, unknown> {
     this.#container(n * 2, depth);
     const out: Record<string, unknown> = {};
     for (let i = 0; i < n; i++) {
-      const k = this.#value(depth + 1);
+      const k = this.#key(depth + 1);
       const key = typeof k === "string" ? k : String(k);
       const value = this.#value(depth + 1);
       // A "__proto__" key must stay data, never become the object's prototype.

@@ -602,7 +602,15 @@ class SchedulerServer implements SchedulerNode {
         for (const address of this.#workersOf(comm)) {
           state.taskErred(address, key, error, killed);
           const now = Date.now();
-          this.#dashboard?.onTask(key, keyPrefix(key), address, thread ?? 0, start ?? now, stop ?? now, "erred");
+          this.#dashboard?.onTask(
+            key,
+            keyPrefix(key),
+            address,
+            thread ?? 0,
+            start ?? now,
+            stop ?? now,
+            "erred",
+          );
         }
       },
       ping: () => "pong",

@@ -25,6 +25,7 @@ import {
   VALUE_DEPTH_MAX,
 } from "../protocol/codec.ts";
 import { ProtocolError } from "../protocol/errors.ts";
+import { Rng } from "../testing/rng.ts";
 
 // ---------------------------------------------------------------------------------------
 // Helpers
@@ -1362,4 +1363,30 @@ Deno.test("codec: whatever the encoder accepts, the decoder accepts (a Set at th
   // 255 arrays around one Set: 256 containers, exactly VALUE_DEPTH_MAX.
   const value = nest(VALUE_DEPTH_MAX - 1, (v) => [v], new Set([1]));
   assertDecodesWhatEncodes(value, "a Set inside 255 arrays");
+});
+
+Deno.test("codec: one decoder gives every map key right, however many keys share its cache's slots", () => {
+  const seed = 7_204;
+  console.log(`seed ${seed}`);
+  const rng = new Rng(seed);
+  const alphabet = "abcdefghijklmnopqrstuvwxyz_0123456789é😀\uFFFD";
+  const chars = Array.from(alphabet);
+  const packr = new Packr({ useRecords: false });
+  const decoder = new Decoder();
+  for (let m = 0; m < 2_000; m++) {
+    const value: Record<string, number> = {};
+    for (let k = 0; k < 1 + rng.int(6); k++) {
+      const length = rng.int(18);
+      let key = "";
+      for (let i = 0; i < length; i++) key += chars[rng.int(chars.length)];
+      value[key] = m;
+    }
+    assert.deepEqual(decoder.decode(packr.pack(value)), value, `message ${m}`);
+  }
+  // A key that is not UTF-8 is refused, cached keys of its length or not.
+  packr.pack({ "\uFFFD": 0, é: 0 });
+  assert.deepEqual(decoder.decode(packr.pack({ "\uFFFD": 1 })), { "\uFFFD": 1 });
+  assert.throws(() => decoder.decode(new Uint8Array([0x81, 0xa1, 0xff, 0x01])), ProtocolError);
+  assert.throws(() => decoder.decode(new Uint8Array([0x81, 0xa2, 0xc3, 0x28, 0x01])), ProtocolError);
+  assert.deepEqual(decoder.decode(packr.pack({ é: 3 })), { é: 3 });
 });
