@@ -97,7 +97,7 @@ interface Plan {
 const FULL: Plan = {
   mode: "full",
   roundTrips: 5_000,
-  roundTripWarmup: 500,
+  roundTripWarmup: 2_000,
   roundTripBlocks: 10,
   bulkBytes: 256 * MiB,
   bulkRuns: 3,
@@ -1285,6 +1285,13 @@ function report(plan: Plan, dist: Side, dask: Side | null) {
   const rawRtt = median(dist.rawRoundTripUs);
   const rawFresh = median(dist.rawBulkFreshMBps);
   const rawReused = median(dist.rawBulkMBps);
+  /** Issue 14's bulk target: 70% of Deno's raw TCP throughput into a reused buffer (and, said, the share of fresh). */
+  const rawTarget = (mbps: number, detail: string) =>
+    check(
+      `>= 70% raw reused (${fmt((100 * mbps) / rawReused)}%; ${fmt((100 * mbps) / rawFresh)}% of fresh)`,
+      mbps >= 0.7 * rawReused,
+      `${detail} over raw bulk into a reused buffer`,
+    );
   rows.push({
     figure: "raw TCP round trip, 8 B (median / p99)",
     dist: lat(dist.rawRoundTripUs, "us", 1),
@@ -1316,6 +1323,8 @@ function report(plan: Plan, dist: Side, dask: Side | null) {
     });
   }
   const rpcMed = median(dist.rpcRoundTripUs);
+  const rpcP99 = percentile(dist.rpcRoundTripUs, 99);
+  const rawP99 = percentile(dist.rawRoundTripUs, 99);
   const daskRpc = dask && median(dask.rpcRoundTripUs);
   rows.push({
     figure: "tiny get_data round trip (median / p99)",
@@ -1324,7 +1333,16 @@ function report(plan: Plan, dist: Side, dask: Side | null) {
     advantage: adv(rpcMed, daskRpc, true),
     target: [
       check("<= 1/10 Dask", daskRpc ? rpcMed * 10 <= daskRpc : null, "tiny round trip, medians"),
-      check(`<= 2x raw (${times(rpcMed / rawRtt)})`, rpcMed <= 2 * rawRtt, "tiny round trip over dist's raw"),
+      check(
+        `median <= 1.25x raw (${times(rpcMed / rawRtt)})`,
+        rpcMed <= 1.25 * rawRtt,
+        "tiny round trip median over dist's raw median",
+      ),
+      check(
+        `p99 <= 2x raw p99 (${times(rpcP99 / rawP99)})`,
+        rpcP99 <= 2 * rawP99,
+        "tiny round trip p99 over dist's raw p99",
+      ),
     ].join("; "),
   });
   const taskRow = (figure: string, d: number[], k: number[] | undefined, unit: string, lower: boolean) => {
@@ -1375,13 +1393,7 @@ function report(plan: Plan, dist: Side, dask: Side | null) {
       target: headline
         ? [
           check(">= Dask", kw ? w2w >= kw : null, `${label} worker to worker`),
-          check(
-            `>= 60% raw (${fmt((100 * w2w) / rawFresh)}% of fresh, ${
-              fmt((100 * w2w) / rawReused)
-            }% of reused)`,
-            w2w >= 0.6 * rawFresh,
-            `${label} worker to worker over raw bulk into fresh memory`,
-          ),
+          rawTarget(w2w, `${label} worker to worker`),
         ].join("; ")
         : "",
     });
@@ -1403,7 +1415,12 @@ function report(plan: Plan, dist: Side, dask: Side | null) {
         dist: rate(d[what], "MB/s"),
         dask: rate(k?.[what], "MB/s"),
         advantage: adv(median(d[what]), k && median(k[what]), false),
-        target: "",
+        target: headline
+          ? [
+            check(">= Dask", k ? median(d[what]) >= median(k[what]) : null, `${label} ${what}`),
+            rawTarget(median(d[what]), `${label} ${what}`),
+          ].join("; ")
+          : "",
       });
     }
   }
@@ -1632,7 +1649,7 @@ async function main(): Promise<number> {
       "    which Dask lz4-compresses by default (distributed.comm.compression: auto) and dist sends as is.\n" +
       "  - Memory was warmed first (see the line at the top): on this VM a page's first touch is slow once.\n" +
       "  - Each side's raw limits are its own runtime's (Deno conn.read/write; Python asyncio sock_recv_into),\n" +
-      '    measured in the same run. The "<= 2x raw" and "60% of raw" targets use dist\'s (Deno) limits.\n' +
+      '    measured in the same run. The "raw" targets use dist\'s (Deno) limits.\n' +
       "  - A receiver that keeps 256 MiB (every worker, and the client of a gather) reads into fresh memory,\n" +
       '    so "raw bulk into fresh memory" is the limit that applies to transfers, not the reused buffer.\n' +
       "    A page's first touch on this machine costs what the memory line at the top says. Python's raw\n" +

@@ -156,6 +156,15 @@ export class MessageReader {
    * spares an allocation per message, most of what a tiny call costs past the syscalls.
    */
   async next(borrowHead = false): Promise<Uint8Array[] | null> {
+    // A small message is read whole, then taken as tryNext takes it: one wait per read,
+    // not one per header and frame (a tiny call's reply waited through four).
+    for (;;) {
+      const frames = this.tryNext(borrowHead);
+      if (frames !== null) return frames;
+      const need = this.#smallNeeds();
+      if (need === 0) break;
+      if (!(await this.#fill(need, this.#end === this.#start))) return null;
+    }
     if (!(await this.#fill(4, true))) return null;
     const count = new DataView(this.#buf.buffer).getUint32(this.#start, true);
     if (count < 1 || count > MESSAGE_FRAMES_MAX) {
@@ -191,6 +200,29 @@ export class MessageReader {
     const borrow = borrowHead && count === 1;
     for (let i = 0; i < count; i++) frames[i] = await this.#frame(lengths[i], borrow);
     return frames;
+  }
+
+  /**
+   * The bytes the next message takes, header and frames, when it is a small one that is
+   * not whole yet (or what its header needs, while that is not whole); 0 when it goes
+   * the general way: a large frame, one past the limits, a bad header.
+   */
+  #smallNeeds(): number {
+    const available = this.#end - this.#start;
+    if (available < 4) return 4;
+    const view = new DataView(this.#buf.buffer);
+    const count = view.getUint32(this.#start, true);
+    if (count < 1 || count > MESSAGE_FRAMES_MAX) return 0;
+    const headerBytes = 4 + 8 * count;
+    if (available < headerBytes) return headerBytes > READ_CHUNK_BYTES ? 0 : headerBytes;
+    let total = headerBytes;
+    for (let i = 0; i < count; i++) {
+      const at = this.#start + 4 + 8 * i;
+      const n = view.getUint32(at + 4, true) * 0x100000000 + view.getUint32(at, true);
+      if (n > SMALL_FRAME_BYTES || n > this.#frameBytesMax) return 0;
+      total += n;
+    }
+    return total - headerBytes > this.#frameBytesMax || total > READ_CHUNK_BYTES ? 0 : total;
   }
 
   async #frame(n: number, borrow: boolean): Promise<Uint8Array> {

@@ -328,12 +328,25 @@ Deno.test("framing: a lent head is a view of the read buffer; other frames are a
   assert.deepEqual(owned, one);
   assert.notEqual(owned[0].buffer, lent[0].buffer, "without lending, the head is a copy");
 
-  // next() lends only a lone frame: reading later frames may move the buffered bytes.
-  const multi = new MessageReader(new ChunkReader(wire(two), { chunk: () => 1 }));
+  // A small message trickling in byte by byte is read whole, then lent like a buffered one.
+  const multi = new MessageReader(new ChunkReader(wire(two, one), { chunk: () => 1 }));
   const frames = await multi.next(true);
   assert.ok(frames);
   assert.deepEqual(frames, two);
-  assert.equal(frames[0].byteLength, frames[0].buffer.byteLength, "the head of two frames is a copy");
+  assert.notEqual(frames[0].byteLength, frames[0].buffer.byteLength, "the head is a view");
+  assert.deepEqual(await multi.next(true), one, "the next message reads on after it");
+  // Behind a large frame, read into its own memory after the head, the head is a copy:
+  // reading the large frame may move the buffered bytes.
+  const large = [patterned(30, 4), patterned(SMALL_FRAME_BYTES + 1, 5)];
+  const behind = new MessageReader(new ChunkReader(wire(large), { chunk: () => 1000 }));
+  const read = await behind.next(true);
+  assert.ok(read);
+  assert.deepEqual(read, large);
+  assert.equal(
+    read[0].byteLength,
+    read[0].buffer.byteLength,
+    "the head of a message with a large frame is a copy",
+  );
 });
 
 Deno.test("framing: queued small frames are copied at once; the caller may reuse their memory", async () => {
