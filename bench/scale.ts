@@ -16,6 +16,10 @@
  *   2. one graph on 2, 8 and 32 worker processes of 1 thread (sharing this machine's
  *      cores): the scheduler's CPU time per task, which is what a bigger cluster would
  *      see, and wall tasks/s.
+ *   3. what the dashboard costs with the graphs of part 1 held: the scheduler's state
+ *      and its Dashboard in this process (no network, no other work), the time to build
+ *      /api/snapshot's JSON and /metrics' text, median of `DASHBOARD_REPS`. Both read
+ *      counts the state keeps as tasks move, so they should not grow with the graph.
  *
  * CPU (user + system) and memory of the node processes come from /proc/PID/stat and
  * /proc/PID/status, read through `cat` (Deno reads /proc itself only with --allow-all).
@@ -32,7 +36,10 @@
 
 import { parseArgs } from "node:util";
 import { type NodeProcess, spawnNode } from "../client/spawn.ts";
-import { Client, type Future, rpc } from "../mod.ts";
+import { Client, type Future, ref, rpc } from "../mod.ts";
+import { SchedulerTasks, type TaskSpec } from "../scheduler/tasks.ts";
+import { Dashboard } from "../scheduler/dashboard.ts";
+import { prometheus } from "../util/http.ts";
 
 const flags = parseArgs({
   args: Deno.args,
@@ -56,6 +63,8 @@ const FIXED_LEAVES = counts(flags["fixed-leaves"])?.[0] ?? (quick ? 10_000 : 50_
 const GRAPH_TIMEOUT_MS = (counts(flags.timeout)?.[0] ?? 600) * 1000;
 /** Leaves of the warm-up graph each cluster runs first (the processes' JIT). */
 const WARMUP_LEAVES = 2_000;
+/** Renderings of the dashboard timed per graph size in part 3. */
+const DASHBOARD_REPS = 21;
 /** Fan-in of the sum tree. */
 const FAN_IN = 100;
 /** How often the scheduler is pinged, from a process of its own. */
@@ -538,6 +547,66 @@ function growth(runs: Run[], f: (r: Run) => number): string {
   return ok.length < 2 ? "-" : `${fmt(f(ok.at(-1)!) / f(ok[0]), 2)}x`;
 }
 
+/** Part 3: the state holds the graph of `leaves` (2 workers, the first tasks sent); ms to build each view. */
+async function dashboardCost(
+  leaves: number,
+): Promise<{ tasks: number; snapshotMs: number; metricsMs: number }> {
+  const state = new SchedulerTasks();
+  for (const i of [1, 2]) state.addWorker({ address: `tcp://127.0.0.1:${i}`, nthreads: 1 });
+  const incSpec = { source: inc.toString() };
+  const sumSpec = { source: sum.toString() };
+  let level: string[] = [];
+  let specs: TaskSpec[] = [];
+  let tasks = 0;
+  const flush = (wanted: string[]) => {
+    state.updateGraph("bench", specs, wanted);
+    state.drain();
+    specs = [];
+  };
+  for (let i = 0; i < leaves; i++) {
+    const key = `inc-${i}`;
+    level.push(key);
+    specs.push({ key, run: { function: incSpec, args: [i] }, deps: [] });
+    if (specs.length === 10_000) flush([]);
+  }
+  tasks += leaves;
+  while (level.length > 1) {
+    const next: string[] = [];
+    for (let i = 0; i < level.length; i += FAN_IN) {
+      const deps = level.slice(i, i + FAN_IN);
+      const key = `sum-${tasks + next.length}`;
+      specs.push({ key, run: { function: sumSpec, args: deps.map((d) => ref(d)) }, deps });
+      next.push(key);
+    }
+    tasks += next.length;
+    level = next;
+  }
+  flush(level);
+  const dashboard = new Dashboard(
+    state,
+    () => ({ address: "tcp://127.0.0.1:0", id: "bench", clients: 1, started: 0 }),
+  );
+  try {
+    const snapshots: number[] = [];
+    const metrics: number[] = [];
+    for (let r = 0; r < DASHBOARD_REPS; r++) {
+      let t = performance.now();
+      JSON.stringify(dashboard.snapshot());
+      snapshots.push(performance.now() - t);
+      t = performance.now();
+      await prometheus(dashboard.metrics()).text();
+      metrics.push(performance.now() - t);
+    }
+    const median = (xs: number[]) => xs.sort((a, b) => a - b)[xs.length >> 1];
+    if (state.tasks.size !== tasks) {
+      throw new Error(`The state holds ${state.tasks.size} tasks, expected ${tasks}`);
+    }
+    return { tasks, snapshotMs: median(snapshots), metricsMs: median(metrics) };
+  } finally {
+    dashboard.close();
+  }
+}
+
 const started = performance.now();
 const sizeRuns: Run[] = [];
 for (const leaves of SIZES) {
@@ -597,6 +666,15 @@ console.log(table([
   ],
   ...workerRuns.map(workersRow),
 ]));
+const dashboardRows: string[][] = [];
+for (const leaves of SIZES) {
+  const d = await dashboardCost(leaves);
+  dashboardRows.push([fmt(leaves), fmt(d.tasks), fmt(d.snapshotMs, 3), fmt(d.metricsMs, 3)]);
+}
+console.log(
+  `\n3. The dashboard with the graph held (the state and Dashboard in this process, median of ${DASHBOARD_REPS})\n`,
+);
+console.log(table([["leaves", "tasks held", "/api/snapshot ms", "/metrics ms"], ...dashboardRows]));
 const perTaskCpu = (r: Run) => r.schedulerCpuS / r.tasks;
 console.log(
   `\nScheduler CPU per task, largest over smallest: graph size ${growth(sizeRuns, perTaskCpu)}, ` +
