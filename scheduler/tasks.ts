@@ -251,18 +251,13 @@ type PrefixCounts = Record<TaskStateName, number> & {
   name: string;
 };
 
+/** No task in any state. */
+function noTasks(): Record<TaskStateName, number> {
+  return { released: 0, waiting: 0, queued: 0, processing: 0, memory: 0, erred: 0, forgotten: 0 };
+}
+
 function newPrefixCounts(name: string): PrefixCounts {
-  return {
-    released: 0,
-    waiting: 0,
-    queued: 0,
-    processing: 0,
-    memory: 0,
-    erred: 0,
-    forgotten: 0,
-    total: 0,
-    name,
-  };
+  return { ...noTasks(), total: 0, name };
 }
 
 /** Problem lines shown at most (the dashboard, dist info): more are counted. */
@@ -338,15 +333,7 @@ export class SchedulerTasks {
   /** Workers that asked to retire and have not left yet: retirePlan moves nothing to them. */
   #retiring = new Set<string>();
   /** Tasks per state, kept by the gate. */
-  readonly #byState: Record<TaskStateName, number> = {
-    released: 0,
-    waiting: 0,
-    queued: 0,
-    processing: 0,
-    memory: 0,
-    erred: 0,
-    forgotten: 0,
-  };
+  readonly #byState: Record<TaskStateName, number> = noTasks();
   /** Tasks per prefix and state, kept by the gate (a prefix with none goes). */
   readonly #byPrefix = new Map<string, PrefixCounts>();
   readonly #story = new Story<TaskStateName>(SCHEDULER_STORY_MAX);
