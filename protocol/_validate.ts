@@ -262,25 +262,48 @@ export function object<S extends Shape>(shape: S): Schema<ObjectOf<S>> {
           );
         }
       }
-      // A fresh object of the checked fields: nil optional fields become absent, so
-      // handlers' defaults apply, as the protocol promises.
-      const out: Record<string, unknown> = {};
-      for (const key of keys) {
+      // Nil optional fields become absent, so handlers' defaults apply, as the protocol
+      // promises: then (or when a field's check gives another value) the result is a
+      // fresh object of the checked fields; otherwise the value itself, checked (no copy
+      // of every task of a graph).
+      const given = value as Record<string, unknown>;
+      let out: Record<string, unknown> | null = null;
+      for (let i = 0; i < keys.length; i++) {
+        const key = keys[i];
         const s = shape[key];
-        const v = Object.hasOwn(value, key) ? value[key] : undefined;
+        const present = Object.hasOwn(given, key);
+        const v = present ? given[key] : undefined;
         if (v === undefined || v === null) {
           if (!s.optional) throw new TypeError(`${path}.${key}: missing (expected ${s.expected})`);
+          if (present) out ??= checkedSoFar(given, keys, i);
           continue;
         }
+        let checked: unknown;
         try {
-          out[key] = s.parse(v, "");
+          checked = s.parse(v, "");
         } catch (error) {
           throw at(error, `${path}.${key}`);
         }
+        if (checked !== v) out ??= checkedSoFar(given, keys, i);
+        if (out !== null) out[key] = checked;
       }
-      return out as ObjectOf<S>;
+      return (out ?? given) as ObjectOf<S>;
     },
   };
+}
+
+/** A fresh object of `value`'s fields among the first `n` of `keys` that are not nil (checked already). */
+function checkedSoFar(
+  value: Record<string, unknown>,
+  keys: readonly string[],
+  n: number,
+): Record<string, unknown> {
+  const out: Record<string, unknown> = {};
+  for (let i = 0; i < n; i++) {
+    const v = Object.hasOwn(value, keys[i]) ? value[keys[i]] : undefined;
+    if (v !== undefined && v !== null) out[keys[i]] = v;
+  }
+  return out;
 }
 
 /** One of several schemas; the first that accepts wins. */

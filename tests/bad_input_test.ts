@@ -3,6 +3,7 @@ import { RemoteError, rpc, type SchedulerOps, type WorkerOps } from "../mod.ts";
 import { BIGINT_BYTES_MAX, Decoder, Encoder, EXT_BIGINT } from "../protocol/codec.ts";
 import { frameHeader, MessageReader } from "../protocol/framing.ts";
 import { schedulerOps, workerOps } from "../protocol/ops.ts";
+import * as v from "../protocol/_validate.ts";
 import { connect } from "../protocol/transport.ts";
 import { PROTOCOL_VERSION } from "../protocol/handshake.ts";
 import { parseAddress } from "../protocol/address.ts";
@@ -321,4 +322,33 @@ Deno.test("a huge bigint on the wire is refused at once; the nodes keep answerin
     await worker.stop();
     await scheduler.stop();
   }
+});
+
+Deno.test("checked arguments: nil optional fields become absent; a message checked whole is handed over as it came", () => {
+  const schema = v.object({
+    key: v.key,
+    n: v.optional(v.number),
+    inner: v.optional(v.object({ a: v.number, b: v.optional(v.string) })),
+  });
+  const whole = { key: "k", n: 1, inner: { a: 2, b: "x" } };
+  const checked = schema.parse(whole, "args");
+  assert.equal(checked, whole, "nothing to drop: no copy");
+  assert.equal(checked.inner, whole.inner);
+
+  const withNil = { key: "k", n: null, inner: { a: 2 } };
+  const dropped = schema.parse(withNil, "args") as Record<string, unknown>;
+  assert.notEqual(dropped, withNil);
+  assert.deepEqual(dropped, { key: "k", inner: { a: 2 } });
+  assert.equal(Object.hasOwn(dropped, "n"), false, "a nil optional field is absent, so a default applies");
+
+  const nestedNil = { key: "k", inner: { a: 2, b: null } };
+  const outer = schema.parse(nestedNil, "args") as Record<string, unknown>;
+  assert.deepEqual(
+    outer,
+    { key: "k", inner: { a: 2 } },
+    "a nested object with a nil field is copied, and its parent",
+  );
+  assert.equal(Object.hasOwn(outer.inner as object, "b"), false);
+  assert.deepEqual(nestedNil, { key: "k", inner: { a: 2, b: null } }, "what came is left as it was");
+  assert.throws(() => schema.parse(undefined, "args"), /args\.key: missing/);
 });
