@@ -18,9 +18,9 @@ export const NODE_PERMISSIONS = [
 /**
  * V8's setting for a node process: its heap grows by 30% past what the last full
  * collection kept, where V8 alone lets it grow up to 4x while a program allocates fast. A
- * scheduler taking a 1M-task graph peaked at 2.2 GB of RSS with V8's choice and at about
- * 1 GB with this one, for the same CPU time (bench:scale, README). Every way dist starts
- * a node passes it: `distArgs`, `deno task install`, the image's entrypoint, `deno task compile`.
+ * scheduler taking a 300k-task graph peaked at 752 MB of RSS with V8's choice and at 470 MB
+ * with this one, for the same CPU time (DEVELOPERS.md). Every way dist starts a node passes
+ * it: `distArgs`, `deno task install`, the image's entrypoint, `deno task compile`.
  */
 export const NODE_V8_FLAGS = "--v8-flags=--heap-growing-percent=30";
 /** How long a node may take to print its `listening at` line. */

@@ -119,23 +119,15 @@ export class MessageReader {
    * like `next()` on a bad header. With `borrowHead`, see `next()`.
    */
   tryNext(borrowHead = false): Uint8Array[] | null {
-    const available = this.#end - this.#start;
-    if (available < 4) return null;
+    const need = this.#smallNeeds();
+    return need !== 0 && this.#end - this.#start >= need ? this.#take(borrowHead) : null;
+  }
+
+  /** Takes the next message, small and whole in the buffer (`#smallNeeds` said so). */
+  #take(borrowHead: boolean): Uint8Array[] {
     const view = new DataView(this.#buf.buffer);
     const count = view.getUint32(this.#start, true);
-    if (count < 1 || count > MESSAGE_FRAMES_MAX) return null; // next() reports it
-    const headerBytes = 4 + 8 * count;
-    if (available < headerBytes) return null;
-    let total = 0;
-    for (let i = 0; i < count; i++) {
-      const at = this.#start + 4 + 8 * i;
-      const n = view.getUint32(at + 4, true) * 0x100000000 + view.getUint32(at, true);
-      // Large frames, and any past the limit, go the slow way: next() reads or refuses them.
-      if (n > SMALL_FRAME_BYTES || n > this.#frameBytesMax) return null;
-      total += n;
-    }
-    if (total > this.#frameBytesMax || available < headerBytes + total) return null;
-    let at = this.#start + headerBytes;
+    let at = this.#start + 4 + 8 * count;
     const frames: Uint8Array[] = new Array(count);
     for (let i = 0; i < count; i++) {
       const n = view.getUint32(this.#start + 4 + 8 * i, true);
@@ -159,10 +151,10 @@ export class MessageReader {
     // A small message is read whole, then taken as tryNext takes it: one wait per read,
     // not one per header and frame (a tiny call's reply waited through four).
     for (;;) {
-      const frames = this.tryNext(borrowHead);
-      if (frames !== null) return frames;
       const need = this.#smallNeeds();
       if (need === 0) break;
+      if (this.#end - this.#start >= need) return this.#take(borrowHead);
+      if (need > READ_CHUNK_BYTES) break;
       if (!(await this.#fill(need, this.#end === this.#start))) return null;
     }
     if (!(await this.#fill(4, true))) return null;
@@ -203,9 +195,10 @@ export class MessageReader {
   }
 
   /**
-   * The bytes the next message takes, header and frames, when it is a small one that is
-   * not whole yet (or what its header needs, while that is not whole); 0 when it goes
-   * the general way: a large frame, one past the limits, a bad header.
+   * The bytes the next message takes, header and frames, when its frames are all small
+   * and within the limits (or what its header needs, while that is not whole); 0 when it
+   * goes the general way: a large frame, one past the limits, a bad header (which next()
+   * reports).
    */
   #smallNeeds(): number {
     const available = this.#end - this.#start;
@@ -214,15 +207,15 @@ export class MessageReader {
     const count = view.getUint32(this.#start, true);
     if (count < 1 || count > MESSAGE_FRAMES_MAX) return 0;
     const headerBytes = 4 + 8 * count;
-    if (available < headerBytes) return headerBytes > READ_CHUNK_BYTES ? 0 : headerBytes;
-    let total = headerBytes;
+    if (available < headerBytes) return headerBytes;
+    let total = 0;
     for (let i = 0; i < count; i++) {
       const at = this.#start + 4 + 8 * i;
       const n = view.getUint32(at + 4, true) * 0x100000000 + view.getUint32(at, true);
       if (n > SMALL_FRAME_BYTES || n > this.#frameBytesMax) return 0;
       total += n;
     }
-    return total - headerBytes > this.#frameBytesMax || total > READ_CHUNK_BYTES ? 0 : total;
+    return total > this.#frameBytesMax ? 0 : headerBytes + total;
   }
 
   async #frame(n: number, borrow: boolean): Promise<Uint8Array> {
