@@ -320,9 +320,17 @@ export class Comm {
     const decoder = new Decoder();
     let reason: unknown = undefined;
     try {
+      // The turn is the time since the loop last waited for the network: a read lets the
+      // timers and other connections run. Only messages already buffered can hold the
+      // loop longer; then it yields to a timer (setTimeout(0) waits ~2 ms in Deno, so
+      // never on every turn: a connection in steady use would stall every READ_TURN_MS).
       let turn = performance.now();
+      let reads = reader.reads;
       while (!this.#isClosed) {
-        if (performance.now() - turn > READ_TURN_MS) {
+        if (reader.reads !== reads) {
+          reads = reader.reads;
+          turn = performance.now();
+        } else if (performance.now() - turn > READ_TURN_MS) {
           await new Promise((resolve) => setTimeout(resolve, 0));
           turn = performance.now();
         }

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { BusyError, ConnectionClosedError, RemoteError, rpc, TimeoutError, type WorkerOps } from "../mod.ts";
-import { type Dispatch, REQUESTS_IN_FLIGHT_MAX } from "../protocol/comm.ts";
+import { type Dispatch, READ_TURN_MS, REQUESTS_IN_FLIGHT_MAX } from "../protocol/comm.ts";
 import { serve, type Server } from "../protocol/server.ts";
 import { eventually, startCluster } from "./_helpers.ts";
 
@@ -29,6 +29,38 @@ Deno.test("one rpc reuses one connection; concurrent calls each get their own re
     await client.call("echo", { n: 0, delayMs: 0 });
     assert.equal(server.comms.size, 1);
   } finally {
+    await server.close();
+  }
+});
+
+Deno.test("a burst of buffered requests still lets timers run (the read loop yields every READ_TURN_MS)", async () => {
+  // 600 requests of ~0.5 ms each arrive in one write: ~300 ms of handling with no read in
+  // between. The loop yields to timers at least every READ_TURN_MS, so a 5 ms interval
+  // ticks while the burst is still being handled.
+  const handled: number[] = [];
+  const server = await testServer((_op, args) => {
+    const t = performance.now();
+    while (performance.now() - t < 0.5) { /* a handler's own work */ }
+    handled.push(performance.now());
+    return (args as { n: number }).n;
+  });
+  const ticks: number[] = [];
+  const interval = setInterval(() => ticks.push(performance.now()), 5);
+  try {
+    await using client = rpc(server.url);
+    await client.call("warm", { n: -1 });
+    handled.length = 0;
+    const replies = await Promise.all(Array.from({ length: 600 }, (_, n) => client.call("burn", { n })));
+    assert.deepEqual(replies, Array.from({ length: 600 }, (_, n) => n));
+    const [first, last] = [handled[0], handled[handled.length - 1]];
+    const during = ticks.filter((t) => t > first && t < last).length;
+    assert.ok(last - first > 3 * READ_TURN_MS, `the burst took ${(last - first).toFixed(0)} ms`);
+    assert.ok(
+      during >= 2,
+      `timers ran ${during} times during ${(last - first).toFixed(0)} ms of buffered requests`,
+    );
+  } finally {
+    clearInterval(interval);
     await server.close();
   }
 });
