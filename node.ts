@@ -32,4 +32,4 @@ export {
 } from "./scheduler/scheduler.ts";
 export { MemoryLimitError, startWorker, type WorkerNode, type WorkerOptions } from "./worker/worker.ts";
 export type { Isolation } from "./worker/executors.ts";
-export { DataStore, type DataStoreOptions } from "./worker/store.ts";
+export { DataStore, type DataStoreOptions, type ValueHolds } from "./worker/store.ts";

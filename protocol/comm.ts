@@ -20,7 +20,7 @@ import {
   TimeoutError,
   toRemoteErrorInfo,
 } from "./errors.ts";
-import { FRAME_BYTES_MAX, MessageReader, MessageWriter } from "./framing.ts";
+import { FRAME_BYTES_MAX, MessageReader, MessageWriter, type SharedFrames } from "./framing.ts";
 import type { Conn } from "./transport.ts";
 
 /** Most calls one Comm may have waiting for replies. */
@@ -57,8 +57,8 @@ export interface CommOptions {
   frameBytesMax?: number;
   /** Most calls waiting for replies. */
   pendingCallsMax?: number;
-  /** Receive large frames into shared memory (workers do, for their executors). */
-  sharedFrames?: boolean;
+  /** Receive large frames into shared memory (workers do, for their executors), or into what a function gives. */
+  sharedFrames?: SharedFrames;
   /** The reader the handshake used: bytes it buffered belong to this connection. */
   reader?: MessageReader;
   /** The largest message the peer accepts (it says so in its hello): larger ones are refused here. */

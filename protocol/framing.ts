@@ -67,11 +67,18 @@ function putFrameHeader(view: DataView, at: number, frames: readonly Uint8Array[
   }
 }
 
+/**
+ * Where large frames land: their own ArrayBuffer (false), their own SharedArrayBuffer
+ * (true), or shared memory a function gives for a frame of that many bytes (a worker's
+ * pool of reused memory; the frame overwrites all of it).
+ */
+export type SharedFrames = boolean | ((bytes: number) => SharedArrayBuffer);
+
 /** Reads whole messages (arrays of frames) from a byte stream. */
 export class MessageReader {
   #source: ByteReader;
   #frameBytesMax: number;
-  #sharedFrames: boolean;
+  #sharedFrames: SharedFrames;
   #buf: Uint8Array;
   #start = 0;
   #end = 0;
@@ -89,7 +96,7 @@ export class MessageReader {
    */
   constructor(
     source: ByteReader,
-    options: { frameBytesMax?: number; sharedFrames?: boolean; readBytes?: number } = {},
+    options: { frameBytesMax?: number; sharedFrames?: SharedFrames; readBytes?: number } = {},
   ) {
     this.#source = source;
     this.#frameBytesMax = options.frameBytesMax ?? FRAME_BYTES_MAX;
@@ -106,7 +113,7 @@ export class MessageReader {
    * Changes the limits for the messages still to come: a connection reads its
    * handshake under a tight limit and a small buffer, then the node's own.
    */
-  configure(options: { frameBytesMax?: number; sharedFrames?: boolean }): void {
+  configure(options: { frameBytesMax?: number; sharedFrames?: SharedFrames }): void {
     this.#frameBytesMax = options.frameBytesMax ?? FRAME_BYTES_MAX;
     this.#sharedFrames = options.sharedFrames ?? false;
     if (this.#buf.length < READ_CHUNK_BYTES) {
@@ -234,7 +241,10 @@ export class MessageReader {
       return out;
     }
     // A large frame is read straight into memory of its own: one copy, kernel to frame.
-    const out = new Uint8Array(this.#sharedFrames ? new SharedArrayBuffer(n) : new ArrayBuffer(n));
+    const shared = this.#sharedFrames;
+    const out = new Uint8Array(
+      typeof shared === "function" ? shared(n) : shared ? new SharedArrayBuffer(n) : new ArrayBuffer(n),
+    );
     const buffered = Math.min(n, this.#end - this.#start);
     out.set(this.#buf.subarray(this.#start, this.#start + buffered));
     this.#start += buffered;

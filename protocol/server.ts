@@ -10,7 +10,7 @@ import { type Address, formatAddress, isLoopback } from "./address.ts";
 import { Comm, type Dispatch } from "./comm.ts";
 import { ProtocolError } from "./errors.ts";
 import { handshakeReader, type SecurityOptions, serverHandshake } from "./handshake.ts";
-import type { MessageReader } from "./framing.ts";
+import type { MessageReader, SharedFrames } from "./framing.ts";
 import type { ArgsOf, OpTable, ReplyOf } from "./ops.ts";
 import { type Conn, listen } from "./transport.ts";
 import { CONNECTIONS_MAX } from "../util/defaults.ts";
@@ -57,8 +57,8 @@ export interface ServeOptions extends SecurityOptions {
   frameBytesMax?: number;
   /** Most open connections. */
   connectionsMax?: number;
-  /** Receive large frames into shared memory. */
-  sharedFrames?: boolean;
+  /** Receive large frames into shared memory, or into what a function gives. */
+  sharedFrames?: SharedFrames;
   /** Most connections in the handshake at once (default HANDSHAKES_MAX). */
   handshakesMax?: number;
   /** Bytes queued for a peer past which its requests wait (see WRITE_QUEUE_BYTES_MAX). */

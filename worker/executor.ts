@@ -15,7 +15,7 @@
 import { toRemoteErrorInfo } from "../protocol/errors.ts";
 import type { FunctionSpec } from "../protocol/ops.ts";
 import { callFunction, EXECUTOR_FUNCTIONS_MAX, type Fn, loadFunction } from "./functions.ts";
-import { MemoryReclaimer, nbytesOf, sharedBytesOf } from "./store.ts";
+import { eachBuffer, MemoryReclaimer, nbytesOf, sharedBytesOf } from "./store.ts";
 import { Lru } from "../util/lru.ts";
 
 /** One job: run function `fn` (with its spec the first time) on `args`. */
@@ -25,11 +25,27 @@ export interface Job {
   spec?: FunctionSpec;
   args: unknown[];
   key: string;
+  /**
+   * Buffers of `args` from the worker's pool of received frames, by pool id: this thread
+   * says when its last reference to each is gone (`returned`), or that the result kept
+   * one (`shared`), so the worker reuses the memory only once nothing here can read it.
+   */
+  lent?: number[];
+  lentBuffers?: SharedArrayBuffer[];
 }
 
 /** One job's outcome. */
 export type JobResult =
-  | { id: number; ok: true; result: unknown; nbytes: number; start: number; stop: number }
+  | {
+    id: number;
+    ok: true;
+    result: unknown;
+    nbytes: number;
+    start: number;
+    stop: number;
+    /** Ids of lent buffers the result refers to: shared with it for good. */
+    shared?: number[];
+  }
   | {
     id: number;
     ok: false;
@@ -38,8 +54,14 @@ export type JobResult =
     stop?: number;
   };
 
-/** What the pool sends besides jobs: whether its worker is short of memory, or to collect now. */
-export type PoolMessage = { pressure: boolean } | { collect: true };
+/**
+ * What the pool sends besides jobs: whether its worker is short of memory, to collect now,
+ * or (first of all, before any task runs) the port this thread reports returned buffers on.
+ */
+export type PoolMessage = { pressure: boolean } | { collect: true } | { port: MessagePort };
+
+/** What an executor thread says on its private port: its references to these lent buffers are gone. */
+export type ReturnedMessage = { returned: number[] };
 
 /** Longest a finished result waits for the rest of its batch. */
 const RESULT_HOLD_MS = 2;
@@ -73,6 +95,42 @@ function transferables(value: unknown, out: Set<ArrayBuffer>, depth = 0): Set<Ar
   return out;
 }
 
+/**
+ * The port to the pool, given before any task runs and kept where no task can reach it:
+ * a task can post messages of its own, and a forged report of a returned buffer would
+ * have the worker reuse memory a value still uses.
+ */
+let poolPort: MessagePort | null = null;
+/** Lent buffers this thread may still refer to, by pool id, each watched until collected. */
+let lentRefs: { id: number; ref: WeakRef<SharedArrayBuffer> }[] = [];
+
+/** After a collection: the lent buffers no longer referred to here go back to the pool. */
+function reportReturned(): void {
+  if (poolPort === null || lentRefs.length === 0) return;
+  const returned: number[] = [];
+  lentRefs = lentRefs.filter((l) => {
+    if (l.ref.deref() !== undefined) return true;
+    returned.push(l.id);
+    return false;
+  });
+  if (returned.length > 0) poolPort.postMessage({ returned } satisfies ReturnedMessage);
+}
+
+/** Watches `job`'s lent buffers; the ids of those its result refers to (shared with it for good). */
+function watchLent(job: Job, result: unknown): number[] | undefined {
+  const { lent, lentBuffers } = job;
+  job.lentBuffers = undefined;
+  if (lent === undefined || lentBuffers === undefined || lent.length !== lentBuffers.length) return undefined;
+  const inResult = new Set<ArrayBufferLike>();
+  if (typeof result === "object" && result !== null) eachBuffer(result, (b) => inResult.add(b));
+  let shared: number[] | undefined;
+  for (let i = 0; i < lent.length; i++) {
+    if (inResult.has(lentBuffers[i])) (shared ??= []).push(lent[i]);
+    else lentRefs.push({ id: lent[i], ref: new WeakRef(lentBuffers[i]) });
+  }
+  return shared;
+}
+
 async function run(job: Job, fn: Promise<Fn> | undefined): Promise<JobResult> {
   const { id, args, key } = job;
   let start: number | undefined;
@@ -89,8 +147,19 @@ async function run(job: Job, fn: Promise<Fn> | undefined): Promise<JobResult> {
     } catch (error) {
       throw new TypeError(`The result of ${key} cannot be kept: ${(error as Error).message}`);
     }
-    return { id, ok: true, result: result === undefined ? null : result, nbytes, start, stop };
+    const shared = watchLent(job, result);
+    const done: JobResult = {
+      id,
+      ok: true,
+      result: result === undefined ? null : result,
+      nbytes,
+      start,
+      stop,
+    };
+    if (shared !== undefined) done.shared = shared;
+    return done;
   } catch (error) {
+    watchLent(job, undefined);
     const stop = performance.timeOrigin + performance.now();
     return {
       id,
@@ -170,11 +239,17 @@ Object.defineProperty(Deno, "args", { value: Object.freeze([]), configurable: fa
 delete (Deno as unknown as Record<symbol, unknown>)[(Deno as unknown as { internal: symbol }).internal];
 
 const reclaimer = new MemoryReclaimer();
+// Every collection here may end references to lent buffers: look once it is done.
+reclaimer.onCollect = () => setTimeout(reportReturned, 0);
 let chain = Promise.resolve();
 self.addEventListener("message", (event: MessageEvent<Job[] | PoolMessage>) => {
   if (!Array.isArray(event.data)) {
     // The worker is short of memory: shared memory let go of here is collected at once.
-    const m = event.data as Partial<{ pressure: boolean; collect: true }>;
+    const m = event.data as Partial<{ pressure: boolean; collect: true; port: MessagePort }>;
+    if (m?.port instanceof MessagePort && poolPort === null) {
+      poolPort = m.port;
+      return;
+    }
     if (typeof m?.pressure === "boolean") {
       reclaimer.pressure = m.pressure;
       if (m.pressure) reclaimer.collectNow();

@@ -10,7 +10,7 @@ import { CancelledError, RemoteError } from "../protocol/errors.ts";
 import type { FunctionSpec } from "../protocol/ops.ts";
 import { functionKey } from "../protocol/functions.ts";
 import { Lru } from "../util/lru.ts";
-import type { ExecutorMessage, Job as WireJob, PoolMessage } from "./executor.ts";
+import type { ExecutorMessage, Job as WireJob, PoolMessage, ReturnedMessage } from "./executor.ts";
 import { EXECUTOR_FUNCTIONS_MAX } from "./functions.ts";
 import { checkCanSpawn, ProcessExecutor } from "./executor_process.ts";
 
@@ -68,6 +68,18 @@ export interface ExecutorPoolOptions {
   isolation?: Isolation;
   /** With `process`: each executor's JS heap limit in MiB (default: V8's). */
   heapMib?: number;
+  /**
+   * The worker's pool of received frames: buffers of it that arguments lend to a thread
+   * are held until that thread reports its references gone (see worker/frame_pool.ts).
+   */
+  frames?: FrameLender;
+}
+
+/** The part of a `FramePool` that executors use. */
+export interface FrameLender {
+  lend(value: unknown): { ids: number[]; buffers: SharedArrayBuffer[] };
+  returned(ids: readonly number[]): void;
+  shared(ids: readonly number[]): void;
 }
 
 interface Executor {
@@ -76,6 +88,10 @@ interface Executor {
   jobs: Map<number, Job>;
   /** Function ids this executor has, mirroring its own LRU (touched per job, in order). */
   known: Lru<number, true>;
+  /** Pool buffers lent to it and not yet reported returned: id to count. */
+  lent: Map<number, number>;
+  /** Its private port for those reports (threads only). */
+  port: MessagePort | null;
 }
 
 /**
@@ -342,6 +358,11 @@ export class ExecutorPool {
   /** Ends an executor; a process is reaped in the background (close() waits for it). */
   #stop(executor: Executor): void {
     executor.worker.terminate();
+    // A thread ended holds nothing: what was lent to it is returned.
+    executor.port?.close();
+    executor.port = null;
+    for (const [id, n] of executor.lent) this.#options.frames?.returned(Array(n).fill(id));
+    executor.lent.clear();
     if (executor.worker instanceof ProcessExecutor) {
       const ending = executor.worker.closed;
       this.#ending.add(ending);
@@ -363,7 +384,26 @@ export class ExecutorPool {
     } catch (error) {
       throw startError(this.#permissions, error);
     }
-    const executor: Executor = { worker, jobs: new Map(), known: new Lru(EXECUTOR_FUNCTIONS_MAX) };
+    const executor: Executor = {
+      worker,
+      jobs: new Map(),
+      known: new Lru(EXECUTOR_FUNCTIONS_MAX),
+      lent: new Map(),
+      port: null,
+    };
+    if (!(worker instanceof ProcessExecutor) && this.#options.frames !== undefined) {
+      const frames = this.#options.frames;
+      const channel = new MessageChannel();
+      worker.postMessage({ port: channel.port2 } satisfies PoolMessage, [channel.port2]);
+      executor.port = channel.port1;
+      channel.port1.onmessage = (event: MessageEvent<ReturnedMessage>) => {
+        const ids = event.data?.returned;
+        if (!Array.isArray(ids)) return;
+        // Only what was lent to this executor, as often as it was.
+        const returned = ids.filter((id) => this.#unlend(executor, id));
+        if (returned.length > 0) frames.returned(returned);
+      };
+    }
     if (this.#pressure && !(worker instanceof ProcessExecutor)) {
       worker.postMessage({ pressure: true } satisfies PoolMessage);
     }
@@ -385,6 +425,9 @@ export class ExecutorPool {
         if (job === undefined) continue;
         executor.jobs.delete(done.id);
         if (done.ok) {
+          if (Array.isArray(done.shared) && done.shared.length > 0) {
+            this.#options.frames?.shared(done.shared.filter((id) => executor.lent.has(id)));
+          }
           this.#busyMs += done.stop - done.start;
           job.resolve({
             result: done.result,
@@ -410,6 +453,15 @@ export class ExecutorPool {
       };
     }
     return executor;
+  }
+
+  /** Counts one lend of `id` to `executor` as returned; false if it had none. */
+  #unlend(executor: Executor, id: number): boolean {
+    const n = executor.lent.get(id);
+    if (n === undefined) return false;
+    if (n > 1) executor.lent.set(id, n - 1);
+    else executor.lent.delete(id);
+    return true;
   }
 
   /** The executor itself broke (not the task's function): its jobs fail, and it is replaced. */
@@ -499,6 +551,8 @@ export class ExecutorPool {
         ),
       );
       const batch = this.#queue.splice(0, share);
+      const frames = target.port === null ? undefined : this.#options.frames;
+      const lentNow: number[] = [];
       const wire: WireJob[] = batch.map((job) => {
         const k = functionKey(job.spec);
         let fn = this.#fnIds.get(k);
@@ -508,12 +562,24 @@ export class ExecutorPool {
           target.known.set(fn, true);
           message.spec = job.spec;
         }
+        if (frames !== undefined) {
+          const { ids, buffers } = frames.lend(job.args);
+          if (ids.length > 0) {
+            message.lent = ids;
+            message.lentBuffers = buffers;
+            for (const id of ids) target.lent.set(id, (target.lent.get(id) ?? 0) + 1);
+            lentNow.push(...ids);
+          }
+        }
         return message;
       });
       try {
         target.worker.postMessage(wire);
         for (const job of batch) target.jobs.set(job.id, job);
       } catch (error) {
+        // Not sent: nothing was lent.
+        const returned = lentNow.filter((id) => this.#unlend(target, id));
+        if (returned.length > 0) frames?.returned(returned);
         // Values in a worker's store came from the wire or an executor, so they clone;
         // should one not, the batch fails and the executor (whose function LRU no longer
         // matches ours) is replaced.

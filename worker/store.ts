@@ -74,7 +74,7 @@ const COLLECT_SETTLES = 3;
 const BUFFER_SEARCH_NODES_MAX = 10_000;
 
 /** Calls `visit` once with each buffer `value` refers to (its top levels searched). */
-function eachBuffer(value: unknown, visit: (buffer: ArrayBufferLike) => void): void {
+export function eachBuffer(value: unknown, visit: (buffer: ArrayBufferLike) => void): void {
   const seen = new Set<ArrayBufferLike>();
   let budget = BUFFER_SEARCH_NODES_MAX;
   const stack: unknown[] = [value];
@@ -249,6 +249,20 @@ export interface DataStoreOptions {
    * hold the same shared memory (the worker's executor threads) should collect too.
    */
   onCollect?: () => void;
+  /**
+   * Told when a large value (SMALL_FRAME_BYTES or more) comes into memory here and when
+   * it leaves (deleted, replaced or spilled): a pool of received frames reuses a buffer
+   * only once nothing holds it.
+   */
+  holds?: ValueHolds;
+}
+
+/** What a `DataStore` tells of the large values it keeps in memory (a `FramePool` listens). */
+export interface ValueHolds {
+  /** `value` came into memory. */
+  hold(value: unknown): void;
+  /** `value` left memory (deleted, replaced or spilled). */
+  release(value: unknown): void;
 }
 
 /** After a failed spill, how long before the store tries the disk again. */
@@ -285,6 +299,7 @@ export class DataStore {
   spillReadBytes = 0;
   /** Asks V8 to collect once enough buffer memory has been let go of (see FREED_GC_BYTES). */
   #reclaimer = new MemoryReclaimer();
+  readonly #holds: ValueHolds | null;
 
   /** A store; with `targetBytes`, one that spills (see `DataStoreOptions`). */
   constructor(options: DataStoreOptions = {}) {
@@ -293,6 +308,12 @@ export class DataStore {
     this.#parent = options.directory;
     this.#onSpillError = options.onSpillError ?? (() => {});
     this.#reclaimer.onCollect = options.onCollect ?? null;
+    this.#holds = options.holds ?? null;
+  }
+
+  /** Collections started, and the bytes waiting for one: buffers let go of here count, and return at it. */
+  freed(bytes: number): void {
+    this.#reclaimer.freed(bytes);
   }
 
   /** How many keys it holds, in memory and on disk. */
@@ -357,6 +378,7 @@ export class DataStore {
       this.#removeFile(file);
       this.#values.set(key, value);
       this.#memoryBytes += nbytes;
+      if (nbytes >= SMALL_FRAME_BYTES) this.#holds?.hold(value);
       this.#evict(key);
     } else if (nbytes >= SMALL_FRAME_BYTES) {
       // Read for the caller alone: its memory is let go of once the caller is done.
@@ -378,6 +400,7 @@ export class DataStore {
     }
     this.#values.set(key, v);
     this.#memoryBytes += nbytes;
+    if (nbytes >= SMALL_FRAME_BYTES) this.#holds?.hold(v);
     this.#evict(key);
     return nbytes;
   }
@@ -404,6 +427,9 @@ export class DataStore {
   /** Drops `key` from memory or disk, leaving its size entry to the caller. */
   #forget(key: string): void {
     const nbytes = this.#nbytes.get(key) ?? 0;
+    if (nbytes >= SMALL_FRAME_BYTES && this.#holds !== null && this.#values.has(key)) {
+      this.#holds.release(this.#values.get(key));
+    }
     if (this.#values.delete(key)) this.#memoryBytes -= nbytes;
     const file = this.#spilled.get(key);
     if (file !== undefined) {
@@ -435,6 +461,7 @@ export class DataStore {
       this.#let(key);
       this.#values.delete(key);
       this.#memoryBytes -= nbytes;
+      if (nbytes >= SMALL_FRAME_BYTES) this.#holds?.release(value);
     }
   }
 

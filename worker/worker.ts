@@ -38,9 +38,10 @@ import { AuthenticationError, openComm, type SecurityOptions, tokenFromEnv } fro
 import { ConnectionPool } from "../protocol/pool.ts";
 import { fetchData } from "../protocol/fetch.ts";
 import { FETCH_BYTES_IN_FLIGHT_MAX, type Instruction, type WorkerEvent, WorkerState } from "./state.ts";
-import { FRAME_BYTES_MAX } from "../protocol/framing.ts";
+import { FRAME_BYTES_MAX, SMALL_FRAME_BYTES } from "../protocol/framing.ts";
 import { ExecutorDiedError, ExecutorPool, type Isolation, shared } from "./executors.ts";
 import { DataStore, nbytesOf, refsIn, resolveRefs } from "./store.ts";
+import { FramePool } from "./frame_pool.ts";
 import {
   DEATH_TIMEOUT_MS,
   MEMORY_PAUSE_FRACTION,
@@ -60,6 +61,10 @@ const MEMORY_MONITOR_MS = 20;
  * collection it asks for, and until then the process still looks full.
  */
 const MONITOR_SPILL_INTERVAL_MS = 100;
+/** The wait before executors collect for lent frames only they still refer to (one collection for a burst). */
+const LENT_COLLECT_MS = 50;
+/** Bytes of received frames' memory kept for reuse by a worker without a memory limit. */
+const FRAME_POOL_BYTES_UNLIMITED = 1024 ** 3;
 /** Share of the memory limit that values being fetched may take at once. */
 const FETCH_MEMORY_SHARE = 0.1;
 
@@ -233,6 +238,11 @@ class WorkerServer implements WorkerNode {
   #security: SecurityOptions;
   #dispatch: Dispatch;
   #executors: ExecutorPool;
+  /** The memory of received values let go of, for the next frames of the same sizes. */
+  #frames: FramePool;
+  #lentCollect: ReturnType<typeof setTimeout> | undefined;
+  /** Receives a large frame into reused memory when the pool has some of its size. */
+  #frameMemory = (bytes: number) => this.#frames.take(bytes);
   /** Functions the scheduler sent, by its ids: an LRU mirroring the scheduler's (KNOWN_FUNCTIONS_MAX). */
   #schedulerFunctions = new Lru<number, FunctionSpec>(KNOWN_FUNCTIONS_MAX);
   /**
@@ -292,7 +302,21 @@ class WorkerServer implements WorkerNode {
         throw new RangeError(`Invalid ${name} ${value}: expected a share above 0, at most 1`);
       }
     }
+    // An eighth of the memory limit (a GiB without one) stays ready for the next frames.
+    this.#frames = new FramePool({
+      maxBytes: limit > 0 ? Math.floor(limit / 8) : FRAME_POOL_BYTES_UNLIMITED,
+      onDrop: (bytes) => this.data.freed(bytes),
+      // Values let go of that only executors still refer to: have them collect soon (and
+      // say what they let go of), not once 64 MiB have piled up.
+      onLentOnly: () => {
+        this.#lentCollect ??= setTimeout(() => {
+          this.#lentCollect = undefined;
+          this.#executors.collect();
+        }, LENT_COLLECT_MS);
+      },
+    });
     this.data = new DataStore({
+      holds: this.#frames,
       targetBytes: limit > 0 ? Math.floor(limit * fraction) : Infinity,
       directory: options.localDirectory,
       onSpillError: (message) => this.#log.error(message),
@@ -308,11 +332,12 @@ class WorkerServer implements WorkerNode {
     this.#executors = new ExecutorPool(nthreads, options.taskPermissions ?? "none", {
       isolation: options.isolation,
       heapMib: options.taskHeapMib,
+      frames: this.#frames,
     });
     this.#peers = new ConnectionPool({
       ...this.#security,
       frameBytesMax: options.frameBytesMax,
-      sharedFrames: true,
+      sharedFrames: this.#frameMemory,
       log: this.#log,
     });
   }
@@ -339,7 +364,7 @@ class WorkerServer implements WorkerNode {
           ...this.#security,
           frameBytesMax: options.frameBytesMax,
           connectionsMax: options.connectionsMax,
-          sharedFrames: true,
+          sharedFrames: this.#frameMemory,
           log: this.#log,
         },
       );
@@ -402,7 +427,7 @@ class WorkerServer implements WorkerNode {
           ...this.#security,
           dispatch: this.#dispatch,
           frameBytesMax: this.#options.frameBytesMax,
-          sharedFrames: true,
+          sharedFrames: this.#frameMemory,
           log: this.#log,
         });
         if (this.#closing) {
@@ -475,6 +500,8 @@ class WorkerServer implements WorkerNode {
     const beat = async () => {
       if (this.#closing || this.#schedulerComm !== comm) return;
       const now = performance.now();
+      // Reused memory not asked for lately goes back (an idle worker keeps none).
+      this.#frames.trim(now);
       const metrics = {
         nkeys: this.data.size,
         nbytes: this.data.totalBytes(),
@@ -747,6 +774,8 @@ class WorkerServer implements WorkerNode {
         }
         let bytes = 0;
         let count = 0;
+        // Values whose buffers the reply is written from: not reused before it has left.
+        const large: unknown[] = [];
         for (const key of keys) {
           if (!this.data.has(key)) continue;
           const value = this.data.get(key);
@@ -759,6 +788,7 @@ class WorkerServer implements WorkerNode {
           out[key] = value;
           bytes += size;
           count++;
+          if (size > SMALL_FRAME_BYTES) large.push(value);
         }
         if (bytes >= TRANSFER_LARGE_BYTES) {
           const max = this.#options.transfersOutMax ?? TRANSFERS_OUT_MAX;
@@ -770,6 +800,13 @@ class WorkerServer implements WorkerNode {
           // timer runs after that.
           this.#transfersOut++;
           setTimeout(() => comm.flushed().then(() => this.#transfersOut--), 0);
+        }
+        if (large.length > 0) {
+          for (const value of large) this.#frames.hold(value);
+          setTimeout(
+            () => comm.flushed().then(() => large.forEach((value) => this.#frames.release(value))),
+            0,
+          );
         }
         this.#bytesOut += bytes;
         return bytes_max === undefined ? out : { data: out, rest } satisfies DataPart;
@@ -865,6 +902,17 @@ class WorkerServer implements WorkerNode {
           { labels: { direction: "out" }, value: this.data.spillWrittenBytes },
           { labels: { direction: "in" }, value: this.data.spillReadBytes },
         ],
+      },
+      gauge(
+        "dist_worker_frame_pool_bytes",
+        "Memory of values let go of, kept to receive the next large frames of the same sizes into.",
+        this.#frames.freeBytes,
+      ),
+      {
+        name: "dist_worker_frame_pool_reused_bytes_total",
+        help: "Bytes of large frames received into reused memory (no new page touched).",
+        type: "counter",
+        samples: [{ value: this.#frames.reusedBytes }],
       },
       gauge("dist_worker_tasks_running", "Tasks on its executors.", this.#executors.running),
       gauge("dist_worker_tasks_queued", "Tasks waiting for an executor.", this.#executors.queued),
@@ -1025,6 +1073,8 @@ class WorkerServer implements WorkerNode {
     const targetAt = limit * (this.#options.memoryTargetFraction ?? MEMORY_TARGET_FRACTION);
     const pressure = rss > targetAt;
     this.data.pressure = pressure;
+    // Short of memory: what is kept for reuse goes first.
+    if (pressure) this.#frames.trim(now, true);
     this.#executors.pressure = pressure;
     // Values take the target share of the process, less what it holds besides them
     // (the store keeps an eighth of its target whatever the rest holds).
@@ -1091,6 +1141,8 @@ class WorkerServer implements WorkerNode {
       }
       await this.#reconnecting?.catch(() => {});
       await this.#executors.close();
+      clearTimeout(this.#lentCollect);
+      this.#frames.trim(performance.now(), true);
       this.data.close();
       await comm?.close();
       await this.#server?.close();
