@@ -33,6 +33,8 @@ export const REQUESTS_IN_FLIGHT_MAX = 10_000;
  * heartbeats waiting.
  */
 export const READ_TURN_MS = 50;
+/** A wait for the network this long let the event loop go round (timers and other connections ran). */
+const WAITED_MS = 1;
 /**
  * Bytes one connection may have queued for its peer before it stops reading that
  * peer's requests: a peer that asks and never reads the answers (or reads slowly)
@@ -320,17 +322,16 @@ export class Comm {
     const decoder = new Decoder();
     let reason: unknown = undefined;
     try {
-      // The turn is the time since the loop last waited for the network: a read lets the
-      // timers and other connections run. Only messages already buffered can hold the
-      // loop longer; then it yields to a timer (setTimeout(0) waits ~2 ms in Deno, so
-      // never on every turn: a connection in steady use would stall every READ_TURN_MS).
+      // The turn: how long this loop has held the event loop since it last let it go
+      // round (a yield to a timer, or a wait of WAITED_MS or more for the network). A
+      // read of bytes the kernel holds already resolves without going round: a client
+      // sending a 1M-task graph kept the scheduler deaf for 10 s while reads counted as
+      // turns. Shorter waits do not count toward it either, so a connection in steady use
+      // yields (setTimeout(0) waits ~2 ms in Deno) only after READ_TURN_MS of handling
+      // its messages, not of wall time.
       let turn = performance.now();
-      let reads = reader.reads;
       while (!this.#isClosed) {
-        if (reader.reads !== reads) {
-          reads = reader.reads;
-          turn = performance.now();
-        } else if (performance.now() - turn > READ_TURN_MS) {
+        if (performance.now() - turn > READ_TURN_MS) {
           await new Promise((resolve) => setTimeout(resolve, 0));
           turn = performance.now();
         }
@@ -342,7 +343,13 @@ export class Comm {
           turn = performance.now();
         }
         // The head is lent from the reader's buffer: decoded before the next read.
-        let frames: Uint8Array[] | null = reader.tryNext(true) ?? await reader.next(true);
+        let frames: Uint8Array[] | null = reader.tryNext(true);
+        if (frames === null) {
+          const from = performance.now();
+          frames = await reader.next(true);
+          const waited = performance.now() - from;
+          turn = waited >= WAITED_MS ? from + waited : turn + waited;
+        }
         if (frames === null) break;
         let message: unknown = decoder.decode(frames[0], frames.slice(1));
         // Both dropped before the next read waits: the suspended loop would otherwise keep

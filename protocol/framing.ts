@@ -82,12 +82,6 @@ export class MessageReader {
   #buf: Uint8Array;
   #start = 0;
   #end = 0;
-  /**
-   * Reads of the source so far: a caller that handles what is buffered tells by it how
-   * long it has gone without waiting for the network (a read lets timers and other
-   * connections run; taking buffered messages does not).
-   */
-  reads = 0;
 
   /**
    * Reads from `source`; frames (and messages) over `frameBytesMax` are refused. With
@@ -250,7 +244,6 @@ export class MessageReader {
     this.#start += buffered;
     let filled = buffered;
     while (filled < n) {
-      this.reads++;
       const got = await this.#source.read(out.subarray(filled));
       if (got === null) {
         throw new ConnectionClosedError(`Connection closed inside a frame (${filled} of ${n} bytes)`);
@@ -274,7 +267,6 @@ export class MessageReader {
       this.#start = 0;
     }
     while (this.#end - this.#start < n) {
-      this.reads++;
       const got = await this.#source.read(this.#buf.subarray(this.#end));
       if (got === null) {
         if (eofOk && this.#end === this.#start) return false;

@@ -276,29 +276,6 @@ Deno.test("framing: messages read back in random chunk sizes", async () => {
   }
 });
 
-Deno.test("framing: reads counts the source's reads; taking buffered messages reads nothing", async () => {
-  const messages = sampleMessages();
-  const bytes = await writeMessages(messages);
-  const next = xorshift32(4242);
-  const source = new ChunkReader(bytes, { chunk: () => 1 + next() % 20_000 });
-  const reader = new MessageReader(source);
-  let got = 0;
-  for (;;) {
-    const before = reader.reads;
-    const buffered = reader.tryNext();
-    if (buffered !== null) {
-      assert.equal(reader.reads, before, "tryNext takes what is buffered without reading");
-      got++;
-      continue;
-    }
-    if (await reader.next() === null) break;
-    got++;
-  }
-  assert.equal(got, messages.length);
-  assert.ok(source.reads > 1, "the source was read in pieces");
-  assert.equal(reader.reads, source.reads, "every read of the source is counted once");
-});
-
 Deno.test("framing: messages survive a sink that takes a few bytes per write", async () => {
   const messages = sampleMessages();
   for (const max of [1, 7, 4096, 100_000]) {
