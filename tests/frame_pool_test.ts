@@ -47,16 +47,16 @@ Deno.test("frame pool: a lent buffer waits for the executor's report; a shared o
   assert.equal(first.ids.length, 2);
   assert.deepEqual(new Set(first.buffers), new Set([a, b]));
   const again = pool.lend([value.a]); // a second task reads a
-  pool.release(value);
-  assert.equal(pool.freeBytes, 0, "the executor may still read both");
   const [idA, idB] = first.buffers[0] === a ? first.ids : [...first.ids].reverse();
   pool.shared([idB]); // a task returned b as its result
+  pool.release(value);
+  assert.equal(pool.freeBytes, 0, "the executor may still read both");
   pool.returned([idA, idB]);
   assert.equal(pool.freeBytes, 0, "a is still lent once");
   pool.returned([idA]);
   pool.returned(again.ids);
   assert.equal(pool.freeBytes, 2 * MIB, "a is back; b is shared with a result for good");
-  assert.equal(pool.heldCount, 0);
+  assert.equal(pool.heldCount, 0, "b's holds still counted: nothing keeps it once they end");
   // A late report for an old lend does not count against the buffer's next value.
   const reused = pool.take(2 * MIB);
   assert.equal(reused, a);
@@ -67,13 +67,22 @@ Deno.test("frame pool: a lent buffer waits for the executor's report; a shared o
   assert.equal(pool.freeBytes, 0);
 });
 
+Deno.test("frame pool: a value spilled to free memory gives its buffer back, not to the pool", () => {
+  const pool = new FramePool();
+  const value = new Uint8Array(pool.take(2 * MIB));
+  pool.hold(value);
+  pool.release(value, false);
+  assert.equal(pool.freeBytes, 0);
+  assert.equal(pool.heldCount, 0);
+});
+
 Deno.test("frame pool: at most maxBytes kept, oldest out first; idle buffers and trim(all) let go", () => {
   const dropped: number[] = [];
   const pool = new FramePool({ maxBytes: 5 * MIB, onDrop: (bytes) => dropped.push(bytes) });
   const buffers = [2, 2, 2].map((n) => pool.take(n * MIB));
   buffers.forEach((b, i) => {
     pool.hold(new Uint8Array(b));
-    pool.release(new Uint8Array(b), 1_000 + i);
+    pool.release(new Uint8Array(b), true, 1_000 + i);
   });
   assert.equal(pool.freeBytes, 4 * MIB, "the oldest went for the third");
   assert.deepEqual(dropped, [2 * MIB]);

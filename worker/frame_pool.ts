@@ -36,8 +36,11 @@ interface Entry {
   holds: number;
   /** Of the holds, lends to executors. */
   lends: number;
-  /** Shared with a value the pool does not see (a task's result): never reused. */
-  shared: boolean;
+  /**
+   * Never reused: shared with a value the pool does not see (a task's result), or let go
+   * of to free memory (spilled). Its holds still count, so its entry goes when they end.
+   */
+  noReuse: boolean;
 }
 
 interface Free {
@@ -111,7 +114,7 @@ export class FramePool {
       this.reused++;
       this.reusedBytes += n;
     } else buffer = new SharedArrayBuffer(n);
-    this.#known.set(buffer, { id: this.#nextId++, buffer, holds: 0, lends: 0, shared: false });
+    this.#known.set(buffer, { id: this.#nextId++, buffer, holds: 0, lends: 0, noReuse: false });
     return buffer;
   }
 
@@ -123,12 +126,16 @@ export class FramePool {
     });
   }
 
-  /** What hold() counted for `value` is over. */
-  release(value: unknown, now = performance.now()): void {
+  /**
+   * What hold() counted for `value` is over. With `reuse` false (a value spilled to free
+   * memory), its buffers are let go of once free instead of kept.
+   */
+  release(value: unknown, reuse = true, now = performance.now()): void {
     let lentOnly = false;
     this.#each(value, (e) => {
+      if (!reuse) e.noReuse = true;
       this.#drop(e, now);
-      if (e.holds > 0 && e.holds === e.lends && !e.shared) lentOnly = true;
+      if (e.holds > 0 && e.holds === e.lends && !e.noReuse) lentOnly = true;
     });
     if (lentOnly) this.#onLentOnly();
   }
@@ -166,7 +173,7 @@ export class FramePool {
   shared(ids: readonly number[]): void {
     for (const id of ids) {
       const e = this.#held.get(id);
-      if (e !== undefined) e.shared = true;
+      if (e !== undefined) e.noReuse = true;
     }
   }
 
@@ -189,12 +196,12 @@ export class FramePool {
     // The common case, a typed array, without a search.
     if (ArrayBuffer.isView(value)) {
       const e = value.buffer instanceof SharedArrayBuffer ? this.#known.get(value.buffer) : undefined;
-      if (e !== undefined && !e.shared) visit(e);
+      if (e !== undefined) visit(e);
       return;
     }
     eachBuffer(value, (b) => {
       const e = b instanceof SharedArrayBuffer ? this.#known.get(b) : undefined;
-      if (e !== undefined && !e.shared) visit(e);
+      if (e !== undefined) visit(e);
     });
   }
 
@@ -204,7 +211,7 @@ export class FramePool {
     // Its entry goes: a buffer handed out again gets a new id, so a late report of an old
     // lend cannot count against its next value.
     this.#known.delete(e.buffer);
-    if (e.shared) return;
+    if (e.noReuse) return;
     const size = e.buffer.byteLength;
     if (size > this.#maxBytes) return;
     this.#shrinkTo(this.#maxBytes - size);

@@ -261,8 +261,8 @@ export interface DataStoreOptions {
 export interface ValueHolds {
   /** `value` came into memory. */
   hold(value: unknown): void;
-  /** `value` left memory (deleted, replaced or spilled). */
-  release(value: unknown): void;
+  /** `value` left memory: deleted or replaced, or (`reuse` false) spilled to free memory. */
+  release(value: unknown, reuse?: boolean): void;
 }
 
 /** After a failed spill, how long before the store tries the disk again. */
@@ -461,7 +461,7 @@ export class DataStore {
       this.#let(key);
       this.#values.delete(key);
       this.#memoryBytes -= nbytes;
-      if (nbytes >= SMALL_FRAME_BYTES) this.#holds?.release(value);
+      if (nbytes >= SMALL_FRAME_BYTES) this.#holds?.release(value, false);
     }
   }
 
