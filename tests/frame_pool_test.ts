@@ -11,6 +11,11 @@ import assert from "node:assert/strict";
 import { FramePool, POOL_FRAME_BYTES_MIN, POOL_IDLE_MS } from "../worker/frame_pool.ts";
 import { Client, type Future, taskOptions } from "../mod.ts";
 import { eventually, metricAt, startCluster } from "./_helpers.ts";
+import { connect } from "../protocol/transport.ts";
+import { clientHandshake } from "../protocol/handshake.ts";
+import { parseAddress } from "../protocol/address.ts";
+import { Decoder, Encoder } from "../protocol/codec.ts";
+import { frameHeader } from "../protocol/framing.ts";
 
 const MIB = 1024 * 1024;
 
@@ -151,4 +156,44 @@ Deno.test("frame pool: a worker receives into reused memory, and no value that s
   );
   assert.equal(await readStash.result(), true, "a buffer a task still refers to was not reused");
   same.release();
+});
+
+Deno.test("frame pool: memory a reply is still being written from is not reused, even once its key is gone", async () => {
+  await using cluster = await startCluster(1, { httpPort: 0 });
+  const [alice] = cluster.workers;
+  await using client = await Client.connect(cluster.scheduler.address);
+  const metrics = `${alice.httpUrl}/metrics`;
+  const n = (32 * MIB) / 8;
+  const [old] = await client.scatter([new Float64Array(n).fill(7)], { workers: [alice.address] });
+  // A reader that asks for the value and then reads nothing: the reply (32 MiB) waits in
+  // alice's writer, written from the value's own memory, while the kernel's buffers are full.
+  const conn = await connect(parseAddress(alice.address), {});
+  try {
+    const { reader } = await clientHandshake(conn, {});
+    const { head } = new Encoder().encode({ op: "get_data", id: 1, args: { keys: [old.key] } }, "args");
+    const header = frameHeader([head]);
+    const request = new Uint8Array(header.length + head.length);
+    request.set(header);
+    request.set(head, header.length);
+    await conn.write(request);
+    // Counted from the reply's queueing until it has left.
+    await eventually(async () => (await metricAt(metrics, "dist_worker_transfers_out")) === 1);
+    // The key goes, and a value of the same size comes: it must not land in the memory
+    // the reply is still being written from.
+    old.release();
+    await eventually(() => !alice.data.has(old.key));
+    const [next] = await client.scatter([new Float64Array(n).fill(9)], { workers: [alice.address] });
+    reader.configure({}); // past the handshake: the node's own limits
+    const frames = await reader.next();
+    assert.ok(frames !== null);
+    const reply = new Decoder().decode(frames[0], frames.slice(1)) as {
+      result: Record<string, Float64Array>;
+    };
+    const got = reply.result[old.key];
+    assert.equal(got.length, n);
+    assert.ok(got.every((x) => x === 7), "the reply carries the old value's bytes, all of them");
+    assert.ok((await next.result()).every((x) => x === 9));
+  } finally {
+    conn.close();
+  }
 });
