@@ -421,13 +421,14 @@ export class ExecutorPool {
       if (m?.kind === "exit" && typeof m.id === "number") return this.#died(executor, m);
       if (m?.kind !== "results" || !Array.isArray(m.results)) return;
       for (const done of m.results) {
+        // Even for a job let go of: the executor watches no buffer its result shares.
+        if (done.ok && Array.isArray(done.shared) && done.shared.length > 0) {
+          this.#sharedBy(executor, done.shared);
+        }
         const job = executor.jobs.get(done.id);
         if (job === undefined) continue;
         executor.jobs.delete(done.id);
         if (done.ok) {
-          if (Array.isArray(done.shared) && done.shared.length > 0) {
-            this.#options.frames?.shared(done.shared.filter((id) => executor.lent.has(id)));
-          }
           this.#busyMs += done.stop - done.start;
           job.resolve({
             result: done.result,
@@ -453,6 +454,18 @@ export class ExecutorPool {
       };
     }
     return executor;
+  }
+
+  /**
+   * Lent buffers a result refers to: never reused, and the executor's lends of them end
+   * here (it watches them no longer). A forged report can only keep memory from reuse.
+   */
+  #sharedBy(executor: Executor, ids: readonly unknown[]): void {
+    const frames = this.#options.frames;
+    if (frames === undefined) return;
+    const mine = ids.filter((id): id is number => typeof id === "number" && this.#unlend(executor, id));
+    frames.shared(mine);
+    frames.returned(mine);
   }
 
   /** Counts one lend of `id` to `executor` as returned; false if it had none. */
