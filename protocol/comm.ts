@@ -331,24 +331,26 @@ export class Comm {
       // its messages, not of wall time.
       let turn = performance.now();
       while (!this.#isClosed) {
-        if (performance.now() - turn > READ_TURN_MS) {
+        // One clock read per message, and one more after a wait (a tiny call's loop runs
+        // once per message at each end).
+        let now = performance.now();
+        if (now - turn > READ_TURN_MS) {
           await new Promise((resolve) => setTimeout(resolve, 0));
-          turn = performance.now();
+          now = turn = performance.now();
         }
         // Backpressure: a peer whose answers pile up unread is not read until they drain
         // to half the limit (or the stall watch drops it).
         if (this.#writer.queuedBytes > this.#queueBytesMax) {
           await this.#writer.whenBelow(this.#queueBytesMax / 2);
           if (this.#isClosed) break;
-          turn = performance.now();
+          now = turn = performance.now();
         }
         // The head is lent from the reader's buffer: decoded before the next read.
         let frames: Uint8Array[] | null = reader.tryNext(true);
         if (frames === null) {
-          const from = performance.now();
           frames = await reader.next(true);
-          const waited = performance.now() - from;
-          turn = waited >= WAITED_MS ? from + waited : turn + waited;
+          const waited = performance.now() - now;
+          turn = waited >= WAITED_MS ? now + waited : turn + waited;
         }
         if (frames === null) break;
         let message: unknown = decoder.decode(frames[0], frames.slice(1));
