@@ -70,7 +70,7 @@ export class FramePool {
   #free = new Map<number, Free[]>();
   #freeBytes = 0;
   #nextId = 1;
-  #maxBytes: number;
+  readonly #maxBytes: number;
   #onDrop: (bytes: number) => void;
   #onLentOnly: () => void;
   /** Frames received into reused memory so far. */
@@ -87,12 +87,6 @@ export class FramePool {
   /** Bytes kept free for reuse. */
   get freeBytes(): number {
     return this.#freeBytes;
-  }
-
-  /** Changes the most bytes kept free; past the new limit, the oldest go now. */
-  set maxBytes(bytes: number) {
-    this.#maxBytes = bytes;
-    this.#shrinkTo(bytes);
   }
 
   /** Buffers held now (by the store, writes or executors). */

@@ -311,7 +311,7 @@ export class DataStore {
     this.#holds = options.holds ?? null;
   }
 
-  /** Collections started, and the bytes waiting for one: buffers let go of here count, and return at it. */
+  /** `bytes` of buffer memory let go of outside the store (a pool's free buffers): counted toward a collection. */
   freed(bytes: number): void {
     this.#reclaimer.freed(bytes);
   }
@@ -427,8 +427,10 @@ export class DataStore {
   /** Drops `key` from memory or disk, leaving its size entry to the caller. */
   #forget(key: string): void {
     const nbytes = this.#nbytes.get(key) ?? 0;
-    if (nbytes >= SMALL_FRAME_BYTES && this.#holds !== null && this.#values.has(key)) {
-      this.#holds.release(this.#values.get(key));
+    if (nbytes >= SMALL_FRAME_BYTES && this.#holds !== null) {
+      // Values are never undefined here (set() keeps undefined as null).
+      const value = this.#values.get(key);
+      if (value !== undefined) this.#holds.release(value);
     }
     if (this.#values.delete(key)) this.#memoryBytes -= nbytes;
     const file = this.#spilled.get(key);

@@ -796,17 +796,18 @@ class WorkerServer implements WorkerNode {
             this.#busyReplies++;
             throw new BusyError(`Busy: ${this.address} sends ${max} large values already; ask again later`);
           }
-          // Counted until the reply has left: it is queued once this returns, and the
-          // timer runs after that.
           this.#transfersOut++;
-          setTimeout(() => comm.flushed().then(() => this.#transfersOut--), 0);
         }
-        if (large.length > 0) {
+        // The transfer is counted, and the values' memory held, until the reply has left:
+        // it is queued once this returns, and the timer runs after that.
+        const counted = bytes >= TRANSFER_LARGE_BYTES;
+        if (counted || large.length > 0) {
           for (const value of large) this.#frames.hold(value);
-          setTimeout(
-            () => comm.flushed().then(() => large.forEach((value) => this.#frames.release(value))),
-            0,
-          );
+          setTimeout(() =>
+            comm.flushed().then(() => {
+              if (counted) this.#transfersOut--;
+              for (const value of large) this.#frames.release(value);
+            }), 0);
         }
         this.#bytesOut += bytes;
         return bytes_max === undefined ? out : { data: out, rest } satisfies DataPart;
