@@ -122,7 +122,10 @@ export interface WorkerState {
   readonly address: string;
   readonly name: string;
   readonly nthreads: number;
-  readonly processing: Set<TaskState>;
+  /** Tasks sent to it and not finished, each with the microseconds of work it was counted as when sent. */
+  readonly processing: Map<TaskState, number>;
+  /** The work of `processing`, in microseconds: the sum of its values. */
+  occupancyUs: number;
   readonly hasWhat: Set<TaskState>;
   nbytes: number;
   /**
@@ -158,8 +161,33 @@ export type ComputeTaskArgs = ArgsOf<WorkerOps, "compute_task">;
 /** The holders of a task with no dependencies: one object for all (it is only encoded). */
 const NO_HOLDERS: Record<string, string[]> = Object.freeze({});
 
-/** Tasks a worker may hold beyond its threads, so it never waits on a round trip. */
-export const WORKER_EXTRA_TASKS = 32;
+/**
+ * Work (ms, by the average duration of each task's kind) a worker may hold per thread
+ * beyond what its threads run: it never waits on a round trip for its next task, and a
+ * burst of tiny tasks travels and runs in batches (one message, one read, one executor
+ * post for many), while long tasks are not promised to one worker ahead of the others.
+ * Tasks of 1 ms: ~25 per thread; of 10 ms: ~2; of 1 s: none beyond the running one.
+ */
+export const WORKER_AHEAD_MS = 25;
+/**
+ * What a task is counted as at least (us): what a worker spends on one besides running
+ * its function (receiving it, handing it to an executor, reporting it), ~40-50 us here.
+ * So tiny tasks fill a thread's `WORKER_AHEAD_MS` with ~500, not with thousands.
+ */
+export const TASK_OVERHEAD_US = 50;
+/** Most tasks a worker holds per thread, however short they are. */
+export const WORKER_TASKS_PER_THREAD_MAX = 1_000;
+
+/**
+ * How many tasks of `workUs` each (as counted: at least TASK_OVERHEAD_US) a worker of
+ * `nthreads` holds at most: one per thread, then as many more as fit in
+ * `WORKER_AHEAD_MS` per thread. Tasks of different kinds share the same budget.
+ */
+export function tasksPerWorker(nthreads: number, workUs: number): number {
+  const us = Math.max(TASK_OVERHEAD_US, workUs);
+  const fit = Math.floor((nthreads * (WORKER_AHEAD_MS * 1000 + us)) / us);
+  return Math.max(nthreads, Math.min(nthreads * WORKER_TASKS_PER_THREAD_MAX, fit));
+}
 /**
  * Most tasks one turn checks for release and forgetting; the rest of a large release
  * waits for `continueReleases()`. Forgetting a 1M-task graph at once kept the scheduler
@@ -169,7 +197,7 @@ export const RELEASE_STEPS_PER_TURN = 50_000;
 /** Assumed bytes per second between workers when weighing a transfer against load. */
 const BANDWIDTH_BYTES_PER_S = 500e6;
 /** Assumed duration of a task whose kind has not finished once yet. */
-const DEFAULT_DURATION_S = 0.001;
+export const DEFAULT_DURATION_S = 0.001;
 /** Seconds of work per thread that `desiredWorkers` aims at (Dask's adaptive target duration). */
 const ADAPTIVE_TARGET_S = 5;
 /** What `desiredWorkers` assumes a kind of task takes before one has finished (as Dask does). */
@@ -399,7 +427,8 @@ export class SchedulerTasks {
       address: w.address,
       name: w.name || w.address,
       nthreads: w.nthreads ?? 1,
-      processing: new Set(),
+      processing: new Map(),
+      occupancyUs: 0,
       hasWhat: new Set(),
       nbytes: 0,
       knownFunctions: new Lru(KNOWN_FUNCTIONS_MAX),
@@ -444,18 +473,19 @@ export class SchedulerTasks {
     this.#workerLeft = true;
     const lost: string[] = [];
     const killed: TaskState[] = [];
-    for (const ts of ws.processing) {
+    for (const ts of ws.processing.keys()) {
       ts.processingOn = null;
       this.#to(ts, "released", "its worker left");
       if (died && ++ts.suspicious > this.allowedFailures) killed.push(ts);
     }
     for (const ts of killed) {
-      ws.processing.delete(ts);
+      this.#unassign(ws, ts);
       this.failed++;
       this.#err(ts, killedWorker(ts, this.allowedFailures), ts.key);
     }
-    const rerun = [...ws.processing];
+    const rerun = [...ws.processing.keys()];
     ws.processing.clear();
+    ws.occupancyUs = 0;
     for (const ts of ws.hasWhat) {
       ts.whoHas.delete(ws);
       if (ts.whoHas.size === 0 && ts.state === "memory") {
@@ -679,8 +709,7 @@ export class SchedulerTasks {
       if (ts === undefined || !ws.hasWhat.has(ts)) this.#freeOn(address, key);
       return;
     }
-    ws.processing.delete(ts);
-    ts.processingOn = null;
+    this.#unassign(ws, ts);
     const avg = this.durations.get(ts.prefix);
     this.durations.set(ts.prefix, avg === undefined ? durationS : avg * 0.8 + durationS * 0.2);
     for (const h of ts.whoHas) if (h !== ws) h.nbytes += nbytes - ts.nbytes;
@@ -703,8 +732,7 @@ export class SchedulerTasks {
     const ws = this.workers.get(address);
     const ts = this.tasks.get(key);
     if (ws === undefined || ts === undefined || ts.processingOn !== ws) return;
-    ws.processing.delete(ts);
-    ts.processingOn = null;
+    this.#unassign(ws, ts);
     if (killed) {
       if (++ts.suspicious > this.allowedFailures) {
         this.failed++;
@@ -734,8 +762,7 @@ export class SchedulerTasks {
     const ws = this.workers.get(address);
     const ts = this.tasks.get(key);
     if (ws === undefined || ts === undefined || ts.processingOn !== ws) return;
-    ws.processing.delete(ts);
-    ts.processingOn = null;
+    this.#unassign(ws, ts);
     this.#to(ts, "released", "an input was missing; run again");
     for (const [dep, holders] of Object.entries(missing)) {
       for (const holder of holders) {
@@ -992,8 +1019,7 @@ export class SchedulerTasks {
   #refuse(ws: WorkerState, key: string, error: RemoteErrorInfo): void {
     const ts = this.tasks.get(key);
     if (ts === undefined || ts.processingOn !== ws) return;
-    ws.processing.delete(ts);
-    ts.processingOn = null;
+    this.#unassign(ws, ts);
     this.failed++;
     this.#err(ts, error, key);
     this.#fill(ws);
@@ -1207,11 +1233,21 @@ export class SchedulerTasks {
     }
     for (const [address, ws] of this.workers) {
       if (ws.address !== address) fail(`worker ${address} is stored under another address`);
-      for (const ts of ws.processing) {
+      let occupancyUs = 0;
+      for (const [ts, us] of ws.processing) {
+        occupancyUs += us;
         if (ts.processingOn !== ws) {
           fail(`worker ${address} lists ${ts.key} as processing, which is not on it`);
         }
         if (this.tasks.get(ts.key) !== ts) fail(`worker ${address} processes ${ts.key}, which is not known`);
+      }
+      if (occupancyUs !== ws.occupancyUs) {
+        fail(`worker ${address} is counted ${ws.occupancyUs} us of work, its tasks add up to ${occupancyUs}`);
+      }
+      if (ws.processing.size > ws.nthreads * WORKER_TASKS_PER_THREAD_MAX) {
+        fail(
+          `worker ${address} holds ${ws.processing.size} tasks, over ${WORKER_TASKS_PER_THREAD_MAX} per thread`,
+        );
       }
       for (const ts of ws.hasWhat) {
         if (!ts.whoHas.has(ws)) fail(`worker ${address} lists ${ts.key}, which does not name it as a holder`);
@@ -1398,7 +1434,9 @@ export class SchedulerTasks {
   #send(ts: TaskState, ws: WorkerState): void {
     this.#to(ts, "processing", `sent to ${ws.address}`);
     ts.processingOn = ws;
-    ws.processing.add(ts);
+    const us = this.#workUs(ts);
+    ws.processing.set(ts, us);
+    ws.occupancyUs += us;
     const run = ts.run!;
     const fnId = this.functionId(run.function);
     const args: ComputeTaskArgs = { key: ts.key, fn_id: fnId, args: run.args, who_has: NO_HOLDERS };
@@ -1423,9 +1461,30 @@ export class SchedulerTasks {
     return ts.restrictions === null || ts.restrictions.has(ws.address) || ts.restrictions.has(ws.name);
   }
 
-  #hasRoom(ws: WorkerState): boolean {
+  /** The task is no longer on `ws` (finished, failed, released, or lost). */
+  #unassign(ws: WorkerState, ts: TaskState): void {
+    ws.occupancyUs -= ws.processing.get(ts) ?? 0;
+    ws.processing.delete(ts);
+    ts.processingOn = null;
+  }
+
+  /** How much work `ts` is counted as (us): its kind's average duration so far, at least the overhead of a task. */
+  #workUs(ts: TaskState): number {
+    const seconds = this.durations.get(ts.prefix) ?? DEFAULT_DURATION_S;
+    return Math.max(TASK_OVERHEAD_US, Math.ceil(seconds * 1e6));
+  }
+
+  /**
+   * Whether `ws` takes one more task of `us` of work: always while a thread may be free,
+   * then while what it holds stays within `WORKER_AHEAD_MS` per thread.
+   */
+  #hasRoom(ws: WorkerState, us: number): boolean {
     // A worker paused by memory gets no new task: what it was sent waits there.
-    return !ws.paused && ws.processing.size < ws.nthreads + WORKER_EXTRA_TASKS;
+    if (ws.paused) return false;
+    const n = ws.processing.size;
+    if (n < ws.nthreads) return true;
+    return n < ws.nthreads * WORKER_TASKS_PER_THREAD_MAX &&
+      ws.occupancyUs + us <= ws.nthreads * (WORKER_AHEAD_MS * 1000 + us);
   }
 
   /**
@@ -1435,17 +1494,17 @@ export class SchedulerTasks {
   #pickWorker(ts: TaskState): WorkerState | null {
     let best: WorkerState | null = null;
     let bestCost = Infinity;
-    const duration = this.durations.get(ts.prefix) ?? DEFAULT_DURATION_S;
+    const us = this.#workUs(ts);
     const n = this.workers.size;
     if (n === 0) return null;
     const all = [...this.workers.values()];
     const start = this.#roundRobin++ % n;
     for (let i = 0; i < n; i++) {
       const ws = all[(start + i) % n];
-      if (!this.#hasRoom(ws) || !this.#allowed(ts, ws)) continue;
+      if (!this.#hasRoom(ws, us) || !this.#allowed(ts, ws)) continue;
       let missing = 0;
       for (const dep of ts.dependencies) if (!dep.whoHas.has(ws)) missing += dep.nbytes;
-      const cost = missing / BANDWIDTH_BYTES_PER_S + (ws.processing.size / ws.nthreads) * duration;
+      const cost = missing / BANDWIDTH_BYTES_PER_S + ws.occupancyUs / 1e6 / ws.nthreads;
       if (cost < bestCost) {
         best = ws;
         bestCost = cost;
@@ -1454,9 +1513,10 @@ export class SchedulerTasks {
     return best;
   }
 
-  /** A worker has room: give it queued tasks. */
+  /** A worker has room: give it queued tasks, first come first, while the next one fits. */
   #fill(ws: WorkerState): void {
-    while (this.#hasRoom(ws)) {
+    // Nothing fits a paused worker, nor one at its count: no search of the queue for it.
+    while (this.#hasRoom(ws, 0)) {
       let best: TaskState | null = null;
       for (const ts of this.#restricted) {
         if (this.#allowed(ts, ws) && (best === null || less(ts, best))) best = ts;
@@ -1466,13 +1526,16 @@ export class SchedulerTasks {
         this.#queue.pop();
         top = this.#queue.peek();
       }
-      if (top !== undefined && (best === null || less(top, best))) {
+      const fromQueue = top !== undefined && (best === null || less(top, best));
+      const next = fromQueue ? top! : best;
+      if (next === null || !this.#hasRoom(ws, this.#workUs(next))) return;
+      if (fromQueue) {
         this.#queue.pop();
-        this.#send(top, this.#pickWorker(top) ?? ws);
-      } else if (best !== null) {
-        this.#restricted.delete(best);
-        this.#send(best, ws);
-      } else return;
+        this.#send(next, this.#pickWorker(next) ?? ws);
+      } else {
+        this.#restricted.delete(next);
+        this.#send(next, ws);
+      }
     }
   }
 
@@ -1565,8 +1628,7 @@ export class SchedulerTasks {
     }
     if (ts.state === "processing" && ts.processingOn) {
       const ws = ts.processingOn;
-      ws.processing.delete(ts);
-      ts.processingOn = null;
+      this.#unassign(ws, ts);
       this.#toWorker({ to: "worker", address: ws.address, op: "cancel_task", args: { keys: [ts.key] } });
       this.#fill(ws);
     }

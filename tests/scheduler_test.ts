@@ -211,3 +211,36 @@ Deno.test("broadcast refuses the worker's scheduler-only ops: a client cannot re
   // Other ops still go out.
   assert.deepEqual(await s.broadcast({ msg: { op: "ping" } }), { [cluster.workers[0].address]: "pong" });
 });
+
+Deno.test("placement: a worker reports a task's run, not its wait, so tiny tasks that waited still go ahead by the hundred", async () => {
+  await using cluster = await startCluster(1);
+  const { Client } = await import("../mod.ts");
+  await using client = await Client.connect(cluster.scheduler.address);
+  await using s = rpc<SchedulerOps>(cluster.scheduler.address);
+  const tiny = (x: number) => x + 1;
+  const nap = async (ms: number) => {
+    await new Promise((resolve) => setTimeout(resolve, ms));
+    return ms;
+  };
+  const napAgain = async (ms: number) => {
+    await new Promise((resolve) => setTimeout(resolve, ms));
+    return ms;
+  };
+  // Twenty tiny tasks wait ~300 ms behind a nap on the only thread: each runs for
+  // microseconds. Counted by their wait, the kind would take 300 ms and go one at a time.
+  const first = client.submit(nap, 300);
+  const warm = client.map(tiny, Array.from({ length: 20 }, (_, i) => i));
+  assert.deepEqual(await Promise.all(warm.map((f) => f.result())), warm.map((_, i) => i + 1));
+  assert.equal(await first.result(), 300);
+  // Another nap (a kind not seen yet) holds the thread: the tiny tasks sent behind it fill
+  // WORKER_AHEAD_MS at TASK_OVERHEAD_US each, ~480 of them (32 before the work was counted).
+  const second = client.submit(napAgain, 3_000);
+  const many = client.map(tiny, Array.from({ length: 1_000 }, (_, i) => 100 + i));
+  let seen = 0;
+  await eventually(async () => {
+    seen = Math.max(seen, (await s.workers())[0].processing);
+    return seen >= 400;
+  }, 2_500).catch(() => assert.fail(`the worker held at most ${seen} tasks while the nap ran`));
+  assert.equal(await second.result(), 3_000);
+  assert.deepEqual(await Promise.all(many.map((f) => f.result())), many.map((_, i) => 101 + i));
+});

@@ -18,8 +18,10 @@ import {
   RELEASE_STEPS_PER_TURN,
   SchedulerTasks,
   type TaskSpec,
+  tasksPerWorker,
   type TaskStateName,
-  WORKER_EXTRA_TASKS,
+  WORKER_AHEAD_MS,
+  WORKER_TASKS_PER_THREAD_MAX,
 } from "../scheduler/tasks.ts";
 
 const A = "tcp://a:1";
@@ -30,6 +32,8 @@ const C2 = "client-2";
 const C3 = "client-3";
 const BOOM: RemoteErrorInfo = { name: "ValueError", message: "boom", stack: "at f" };
 const IDENTITY = { source: "(x) => x" };
+/** Tasks of a kind that never finished count as 1 ms of work (DEFAULT_DURATION_S), as `finish` reports them. */
+const ROOM_1 = tasksPerWorker(1, 1000);
 
 // ---- helpers ----
 
@@ -180,10 +184,11 @@ function scatter(s: SchedulerTasks, client: string, key: string, holders: string
 function fillUp(s: SchedulerTasks, address: string, prefix = "block"): string[] {
   const keys: string[] = [];
   const nthreads = s.workers.get(address)!.nthreads;
-  for (let i = 0; i < nthreads + WORKER_EXTRA_TASKS; i++) keys.push(`${prefix}-${address}-${i}`);
+  const room = tasksPerWorker(nthreads, 1000);
+  for (let i = 0; i < room; i++) keys.push(`${prefix}-${address}-${i}`);
   s.updateGraph(C3, keys.map((k) => t(k, [], { workers: [address] })), keys);
   assert.equal(computes(s.drain(), address).length, keys.length);
-  assert.equal(s.workers.get(address)!.processing.size, nthreads + WORKER_EXTRA_TASKS);
+  assert.equal(s.workers.get(address)!.processing.size, room);
   return keys;
 }
 
@@ -452,9 +457,10 @@ Deno.test("tasks: a restricted task waits for its full worker rather than going 
 
 // ---- no flooding, queueing, priorities ----
 
-Deno.test("tasks: a worker gets at most nthreads + WORKER_EXTRA_TASKS tasks; the rest are queued", () => {
+Deno.test("tasks: a worker gets at most WORKER_AHEAD_MS of work per thread beyond what runs; the rest are queued", () => {
   const s = cluster(A);
-  const room = 1 + WORKER_EXTRA_TASKS;
+  const room = ROOM_1;
+  assert.equal(room, 1 + WORKER_AHEAD_MS);
   const keys = Array.from({ length: room + 11 }, (_, i) => `t-${i}`);
   s.updateGraph(C1, keys.map((k) => t(k)), keys);
   const first = Object.keys(sentTo(s.drain()));
@@ -463,7 +469,7 @@ Deno.test("tasks: a worker gets at most nthreads + WORKER_EXTRA_TASKS tasks; the
   assert.deepEqual(s.progress(), { t: { processing: room, queued: keys.length - room } });
   const sent = new Set(first);
   while (sent.size < keys.length || s.workers.get(A)!.processing.size > 0) {
-    const next = [...s.workers.get(A)!.processing][0];
+    const next = [...s.workers.get(A)!.processing.keys()][0];
     finish(s, next.key);
     const more = Object.keys(sentTo(s.drain()));
     assert.ok(more.length <= 1, `one finished, ${more.length} sent`);
@@ -477,12 +483,49 @@ Deno.test("tasks: a worker gets at most nthreads + WORKER_EXTRA_TASKS tasks; the
   assert.ok(keys.every((k) => stateOf(s, k) === "memory"));
 
   const two = cluster({ address: A, nthreads: 2 }, { address: B, nthreads: 1 });
-  const many = Array.from({ length: 3 + 2 * WORKER_EXTRA_TASKS + 5 }, (_, i) => `m-${i}`);
+  const roomA = tasksPerWorker(2, 1000);
+  assert.equal(roomA, 2 * (1 + WORKER_AHEAD_MS));
+  const many = Array.from({ length: roomA + ROOM_1 + 5 }, (_, i) => `m-${i}`);
   two.updateGraph(C1, many.map((k) => t(k)), many);
   const sentTwo = sentTo(two.drain());
-  assert.equal(Object.values(sentTwo).filter((w) => w === A).length, 2 + WORKER_EXTRA_TASKS);
-  assert.equal(Object.values(sentTwo).filter((w) => w === B).length, 1 + WORKER_EXTRA_TASKS);
+  assert.equal(Object.values(sentTwo).filter((w) => w === A).length, roomA);
+  assert.equal(Object.values(sentTwo).filter((w) => w === B).length, ROOM_1);
   assert.equal(two.queued, 5);
+});
+
+Deno.test("tasks: tiny tasks go hundreds ahead per thread, long ones one per thread; a worker that comes takes the rest", () => {
+  // Tiny: a kind known to take 2 us counts as TASK_OVERHEAD_US, ~500 a thread.
+  const s = cluster({ address: A, nthreads: 2 });
+  s.updateGraph(C1, [t("tiny-0")], ["tiny-0"]);
+  s.drain();
+  finish(s, "tiny-0", 1, 0.000002);
+  const tiny = Array.from({ length: 1_500 }, (_, i) => `tiny-${i + 1}`);
+  s.updateGraph(C1, tiny.map((k) => t(k)), tiny);
+  const held = tasksPerWorker(2, 2);
+  assert.ok(held >= 2 * 400 && held <= 2 * WORKER_TASKS_PER_THREAD_MAX, `${held} tiny tasks held`);
+  assert.equal(computes(s.drain(), A).length, held);
+  assert.equal(s.queued, tiny.length - held);
+
+  // Long: a kind known to take 1 s gets one task a thread, never more, so a worker that
+  // comes later is not left idle while they wait on the first.
+  const l = cluster(A);
+  l.updateGraph(C1, [t("long-0")], ["long-0"]);
+  l.drain();
+  finish(l, "long-0", 1, 1);
+  const long = ["long-1", "long-2", "long-3"];
+  l.updateGraph(C1, long.map((k) => t(k)), long);
+  assert.deepEqual(sentTo(l.drain()), { "long-1": A });
+  assert.equal(tasksPerWorker(1, 1e6), 1);
+  l.addWorker({ address: B, nthreads: 2 });
+  assert.deepEqual(sentTo(l.drain()), { "long-2": B, "long-3": B });
+
+  // Mixed: a tiny task does not wait behind a long one on a busy worker; it waits for a
+  // worker with room.
+  l.updateGraph(C1, [t("tiny-x")], ["tiny-x"]);
+  assert.deepEqual(l.drain(), []);
+  assert.equal(stateOf(l, "tiny-x"), "queued");
+  finish(l, "long-2", 1, 1);
+  assert.deepEqual(sentTo(l.drain()), { "tiny-x": B });
 });
 
 Deno.test("tasks: queued tasks come out by priority, then by submission order", () => {
@@ -506,14 +549,14 @@ Deno.test("tasks: queued tasks come out by priority, then by submission order", 
 
 Deno.test("tasks: releasing a processing task frees its slot for a queued one", () => {
   const s = cluster(A);
-  const keys = Array.from({ length: WORKER_EXTRA_TASKS + 3 }, (_, i) => `t-${i}`);
+  const keys = Array.from({ length: ROOM_1 + 2 }, (_, i) => `t-${i}`);
   s.updateGraph(C1, keys.map((k) => t(k)), keys);
-  assert.equal(computes(s.drain()).length, 1 + WORKER_EXTRA_TASKS);
+  assert.equal(computes(s.drain()).length, ROOM_1);
   assert.equal(s.queued, 2);
   s.releaseKeys(C1, ["t-0"]);
   const out = s.drain();
   assert.deepEqual(toWorker(out, "cancel_task", A), ["t-0"]);
-  assert.deepEqual(sentTo(out), { [keys[WORKER_EXTRA_TASKS + 1]]: A });
+  assert.deepEqual(sentTo(out), { [keys[ROOM_1]]: A });
 });
 
 // ---- what compute_task carries ----

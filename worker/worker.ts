@@ -86,12 +86,10 @@ const REPLY_ENVELOPE_BYTES = 1024;
 /** What each key takes in a get_data reply besides its UTF-8 bytes (and its value's header). */
 const KEY_OVERHEAD_BYTES = 16;
 
-/** A scheduler's task as the shell keeps it in the state: what to run, and when it came. */
+/** A scheduler's task as the shell keeps it in the state: what to run. */
 interface TaskRun {
   spec: FunctionSpec;
   args: unknown[];
-  /** performance.now() when compute_task arrived (its duration counts from there, fetches included). */
-  received: number;
 }
 
 type ToSchedulerMessage = Extract<Instruction, { type: "send" }>["message"];
@@ -687,7 +685,9 @@ class WorkerServer implements WorkerNode {
     try {
       const run = await this.#executors.run(task.spec, args, key);
       const report = {
-        duration: (performance.now() - task.received) / 1000,
+        // The function's run alone: the scheduler's load estimate averages it, and time
+        // spent waiting here behind other tasks would grow with every task it sends ahead.
+        duration: Math.max(0, run.stop - run.start) / 1000,
         start: run.start,
         stop: run.stop,
         thread: run.thread,
@@ -988,7 +988,7 @@ class WorkerServer implements WorkerNode {
       this.#sendErred(comm, key, error, false, {});
       return;
     }
-    const run: TaskRun = { spec, args: args.args, received: performance.now() };
+    const run: TaskRun = { spec, args: args.args };
     this.#apply({ type: "compute", key, task: { who_has, nbytes: args.nbytes, run } });
   }
 
