@@ -39,7 +39,7 @@ export const EXECUTOR_QUEUE_MAX = 100_000;
 /** Distinct functions the pool keeps ids for. */
 const FUNCTIONS_MAX = 10_000;
 /** Most tasks handed to one executor at once; it runs them in turn. */
-const EXECUTOR_JOBS_MAX = 16;
+const EXECUTOR_JOBS_MAX = 256;
 
 const EXECUTOR_URL = new URL("./executor.ts", import.meta.url).href;
 

@@ -79,15 +79,16 @@ export const FETCH_BATCH_BYTES_MAX = 64 * 1024 * 1024;
 /**
  * Tasks handed to each thread beyond the one it runs, at most: an executor that gets
  * its next tasks before it finishes one never waits for the worker between short tasks
- * (the pool's executors take up to 16 jobs at once).
+ * (the pool's executors take up to 256 jobs at once). Tiny tasks go by the hundred: one
+ * post to the executor and one back for many, where 16 at a time cost ~15% more CPU.
  */
-export const EXECUTE_AHEAD_MAX = 15;
+export const EXECUTE_AHEAD_MAX = 255;
 /**
  * How much compute time a thread's line of tasks may hold, as measured: tasks are handed
  * ahead only while that line stays under it, so a long task never holds short ones back
  * and a free thread never waits behind a busy one for more than about this long.
  */
-export const EXECUTE_AHEAD_MS = 2;
+export const EXECUTE_AHEAD_MS = 20;
 /** Transitions the story keeps, for all keys together (a ring: the oldest go first). */
 export const STORY_EVENTS_MAX = 10_000;
 
