@@ -578,14 +578,11 @@ export class Decoder {
     const b = this.#buf;
     const start = this.#pos;
     this.#pos += n;
-    if (n < 24) {
-      let out = "";
-      for (let i = start; i < start + n; i++) {
-        const c = b[i];
-        if (c >= 0x80) return textDecoder.decode(b.subarray(start, start + n));
-        out += String.fromCharCode(c);
-      }
-      return out;
+    if (n <= 64) {
+      const end = start + n;
+      let i = start;
+      while (i < end && b[i] < 0x80) i++;
+      if (i === end) return String.fromCharCode.apply(null, b.subarray(start, end) as unknown as number[]);
     }
     return textDecoder.decode(b.subarray(start, start + n));
   }
