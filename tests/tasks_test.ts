@@ -13,6 +13,7 @@ import assert from "node:assert/strict";
 import type { RemoteErrorInfo } from "../protocol/errors.ts";
 import {
   type ComputeTaskArgs,
+  DEFAULT_DURATION_S,
   keyPrefix,
   type Outgoing,
   RELEASE_STEPS_PER_TURN,
@@ -33,8 +34,9 @@ const C2 = "client-2";
 const C3 = "client-3";
 const BOOM: RemoteErrorInfo = { name: "ValueError", message: "boom", stack: "at f" };
 const IDENTITY = { source: "(x) => x" };
-/** Tasks of a kind that never finished count as 1 ms of work (DEFAULT_DURATION_S), as `finish` reports them. */
-const ROOM_1 = tasksPerWorker(1, 1000);
+/** What a task counts as before its kind has finished once (us), the same as `finish` reports. */
+const UNKNOWN_US = DEFAULT_DURATION_S * 1e6;
+const ROOM_1 = tasksPerWorker(1, UNKNOWN_US);
 
 // ---- helpers ----
 
@@ -165,7 +167,7 @@ function holder(s: SchedulerTasks, key: string): string {
 }
 
 /** The worker `key` is processing on reports it finished. */
-function finish(s: SchedulerTasks, key: string, nbytes = 1, durationS = 0.001): void {
+function finish(s: SchedulerTasks, key: string, nbytes = 1, durationS = DEFAULT_DURATION_S): void {
   s.taskFinished(where(s, key), key, nbytes, durationS);
 }
 
@@ -185,7 +187,7 @@ function scatter(s: SchedulerTasks, client: string, key: string, holders: string
 function fillUp(s: SchedulerTasks, address: string, prefix = "block"): string[] {
   const keys: string[] = [];
   const nthreads = s.workers.get(address)!.nthreads;
-  const room = tasksPerWorker(nthreads, 1000);
+  const room = tasksPerWorker(nthreads, UNKNOWN_US);
   for (let i = 0; i < room; i++) keys.push(`${prefix}-${address}-${i}`);
   s.updateGraph(C3, keys.map((k) => t(k, [], { workers: [address] })), keys);
   assert.equal(computes(s.drain(), address).length, keys.length);
@@ -484,7 +486,7 @@ Deno.test("tasks: a worker gets nthreads + WORKER_EXTRA_TASKS tasks, or WORKER_A
   assert.ok(keys.every((k) => stateOf(s, k) === "memory"));
 
   const two = cluster({ address: A, nthreads: 2 }, { address: B, nthreads: 1 });
-  const roomA = tasksPerWorker(2, 1000);
+  const roomA = tasksPerWorker(2, UNKNOWN_US);
   assert.equal(roomA, 2 * (1 + WORKER_AHEAD_MS));
   const many = Array.from({ length: roomA + ROOM_1 + 5 }, (_, i) => `m-${i}`);
   two.updateGraph(C1, many.map((k) => t(k)), many);

@@ -80,7 +80,8 @@ export const FETCH_BATCH_BYTES_MAX = 64 * 1024 * 1024;
  * Tasks handed to each thread beyond the one it runs, at most: an executor that gets
  * its next tasks before it finishes one never waits for the worker between short tasks
  * (the pool's executors take up to 256 jobs at once). Tiny tasks go by the hundred: one
- * post to the executor and one back for many, where 16 at a time cost ~15% more CPU.
+ * post to the executor and one back for many (with these and 256-job posts the workers spent
+ * 60-71 us a task of the 100k map and sum tree, against 83-89 with 15 and 16).
  */
 export const EXECUTE_AHEAD_MAX = 255;
 /**
