@@ -18,9 +18,10 @@
  * distributed.cli.dask_scheduler` / `dask_worker --no-nanny`, and bench/dask_bench.py
  * as its client). Dask is looked for as a python3 that can `import distributed, numpy`,
  * /usr/bin/python3 first ($DIST_COMPARE_PYTHON names another); without one, Dask's
- * column is n/a and the run says how to install it. Repeated figures: a smaller
- * warm-up round, then up to `rounds` rounds (fewer once a figure's time budget has run
- * out, at least one), median reported. Throughput is in MB/s, 1 MB = 1e6 bytes.
+ * column is n/a and the run says how to install it. Repeated figures: warm-up rounds
+ * at a tenth of the size (for task figures, as many as fit in `taskWarmupS`, the same
+ * time for both sides), then up to `rounds` rounds (fewer once a figure's time budget
+ * has run out, at least one), median reported. Throughput is in MB/s, 1 MB = 1e6 bytes.
  * Every child process and the temp directory are removed at the end, on failure, on
  * SIGINT/SIGTERM/SIGHUP and when the watchdog fires.
  *
@@ -69,6 +70,9 @@ const RAW_WRITE_CHUNK_BYTES = 16 * MiB;
 const INSTALL_HINT = "apt-get update && apt-get install -y python3-distributed python3-numpy";
 const DASK_SCRIPT = new URL("./dask_bench.py", import.meta.url);
 
+/** The 10,000-task map's target on the bench layout (scheduler and 2 workers x 1 thread). */
+const MAP_TASKS_PER_S_TARGET = 25_000;
+
 /** How much each figure does; the Dask script gets the same plan. */
 interface Plan {
   mode: "full" | "quick";
@@ -77,11 +81,17 @@ interface Plan {
   roundTripBlocks: number;
   bulkBytes: number;
   bulkRuns: number;
-  /** Rounds per task figure after the warm-up round (fewer if `roundBudgetS` runs out). */
+  /** Rounds per task figure after the warm-up (fewer if `roundBudgetS` runs out). */
   rounds: number;
   roundBudgetS: number;
-  /** The warm-up round is this fraction of a round's size. */
+  /** A warm-up round is this fraction of a round's size. */
   warmupFraction: number;
+  /**
+   * Warm-up rounds of a task figure repeat until this long has passed (at least one):
+   * the same time for both sides, so each runtime's compiled code and heaps reach their
+   * working state however many tasks that takes it.
+   */
+  taskWarmupS: number;
   mapTasks: number;
   treeLeaves: number;
   chain: number;
@@ -104,6 +114,7 @@ const FULL: Plan = {
   rounds: 3,
   roundBudgetS: 10,
   warmupFraction: 0.1,
+  taskWarmupS: 3,
   mapTasks: 10_000,
   treeLeaves: 4_096,
   chain: 1_000,
@@ -125,6 +136,7 @@ const QUICK: Plan = {
   rounds: 1,
   roundBudgetS: 5,
   warmupFraction: 0.1,
+  taskWarmupS: 0,
   mapTasks: 1_000,
   treeLeaves: 256,
   chain: 100,
@@ -424,16 +436,21 @@ async function rawBulk(conn: Deno.Conn, data: Uint8Array, fresh: boolean): Promi
 // ---- repeated figures ----
 
 /**
- * A warm-up round at `plan.warmupFraction` of the size, then up to `plan.rounds` rounds;
- * after the first, another round starts only while the figure is within its budget.
- * The Dask script does the same.
+ * Warm-up rounds at `plan.warmupFraction` of the size until `plan.taskWarmupS` has passed
+ * (at least one; each pushed to `warmup` if given, rounds -1, -2, ... so that no two
+ * share keys), then up to `plan.rounds` rounds; after the first, another round starts
+ * only while the figure is within its budget. The Dask script does the same.
  */
 async function rounds(
   plan: Plan,
   once: (round: number, scale: number) => Promise<number>,
   budgetS = plan.roundBudgetS,
+  warmup: number[] = [],
 ): Promise<number[]> {
-  await once(-1, plan.warmupFraction);
+  const w0 = performance.now();
+  do {
+    warmup.push(await once(-1 - warmup.length, plan.warmupFraction));
+  } while ((performance.now() - w0) / 1000 < plan.taskWarmupS);
   const out: number[] = [];
   const t0 = performance.now();
   while (out.length < plan.rounds && (out.length === 0 || (performance.now() - t0) / 1000 < budgetS)) {
@@ -641,6 +658,8 @@ interface Side {
   rawBulkFreshMBps: number[];
   /** dist only: fresh memory with glibc's malloc asked for transparent huge pages. */
   rawBulkFreshHugeMBps?: number[];
+  /** The map's warm-up rounds (`warmupFraction` of its size), in order. */
+  mapWarmupTasksPerS: number[];
   mapTasksPerS: number[];
   treeTasksPerS: number[];
   chainMsPerTask: number[];
@@ -794,7 +813,13 @@ async function runDist(plan: Plan, res: Resources, step: Step): Promise<Side> {
   const w = plan.warmupFraction;
   const sized = (n: number, scale: number) => Math.max(2, Math.round(n * scale));
   step(`dist: map(inc, ${plan.mapTasks}) + gather`);
-  const mapTasksPerS = await rounds(plan, (r, s) => mapRate(client, sized(plan.mapTasks, s), r));
+  const mapWarmupTasksPerS: number[] = [];
+  const mapTasksPerS = await rounds(
+    plan,
+    (r, s) => mapRate(client, sized(plan.mapTasks, s), r),
+    plan.roundBudgetS,
+    mapWarmupTasksPerS,
+  );
   step(`dist: tree reduction of ${plan.treeLeaves} leaves`);
   const treeTasksPerS = await rounds(
     plan,
@@ -823,6 +848,7 @@ async function runDist(plan: Plan, res: Resources, step: Step): Promise<Side> {
     rawBulkMBps,
     rawBulkFreshMBps,
     rawBulkFreshHugeMBps,
+    mapWarmupTasksPerS,
     mapTasksPerS,
     treeTasksPerS,
     chainMsPerTask,
@@ -1345,19 +1371,37 @@ function report(plan: Plan, dist: Side, dask: Side | null) {
       ),
     ].join("; "),
   });
-  const taskRow = (figure: string, d: number[], k: number[] | undefined, unit: string, lower: boolean) => {
+  const taskRow = (
+    figure: string,
+    d: number[],
+    k: number[] | undefined,
+    unit: string,
+    lower: boolean,
+    atLeast?: number,
+  ) => {
     const dm = median(d);
     const km = k && median(k);
     const a = adv(dm, km, lower);
+    const targets = [check(">= 5x Dask", a === null ? null : a >= 5, figure)];
+    if (atLeast !== undefined) targets.push(check(`>= ${fmt(atLeast)} ${unit}`, dm >= atLeast, figure));
     rows.push({
       figure,
       dist: rate(d, unit, lower ? 3 : 0),
       dask: rate(k, unit, lower ? 3 : 0),
       advantage: a,
-      target: check(">= 5x Dask", a === null ? null : a >= 5, figure),
+      target: targets.join("; "),
     });
   };
-  taskRow(`${fmt(plan.mapTasks)} independent tasks`, dist.mapTasksPerS, dask?.mapTasksPerS, "tasks/s", false);
+  // The issue's target for the 10,000-task map on this layout; the quick plan's 1,000 are
+  // too few for it.
+  taskRow(
+    `${fmt(plan.mapTasks)} independent tasks`,
+    dist.mapTasksPerS,
+    dask?.mapTasksPerS,
+    "tasks/s",
+    false,
+    plan.mode === "full" ? MAP_TASKS_PER_S_TARGET : undefined,
+  );
   taskRow(
     `tree reduction, ${fmt(plan.treeLeaves)} leaves (${fmt(2 * plan.treeLeaves - 1)} tasks)`,
     dist.treeTasksPerS,
@@ -1472,10 +1516,13 @@ function report(plan: Plan, dist: Side, dask: Side | null) {
   return { rows, checks, printed };
 }
 
-function runsLine(name: string, side: Side | null): string {
+function runsLine(name: string, side: Side | null, plan: Plan): string {
   if (side === null) return `${name}: n/a`;
   const r = (xs: number[], d = 0) => xs.map((x) => fmt(x, d)).join(" / ");
-  return `${name}: map ${r(side.mapTasksPerS)} tasks/s; tree ${r(side.treeTasksPerS)} tasks/s; chain ${
+  const w = side.mapWarmupTasksPerS;
+  return `${name}: map ${r(side.mapTasksPerS)} tasks/s after ${w.length} warm-up rounds of ${
+    fmt(Math.max(2, Math.round(plan.mapTasks * plan.warmupFraction)))
+  } (first ${fmt(w[0])}, last ${fmt(w[w.length - 1])}); tree ${r(side.treeTasksPerS)} tasks/s; chain ${
     r(side.chainMsPerTask, 3)
   } ms/task; seed ${r(side.seedMs, 2)} ms; w2w f64 ${r(side.transfer_f64.w2w)}, bytes ${
     r(side.transfer_bytes.w2w)
@@ -1632,7 +1679,7 @@ async function main(): Promise<number> {
       `MB/s with 1 MB = 1e6 B; "dist better by": Dask / dist for times and memory, dist / Dask for rates\n`,
   );
   console.log(printed);
-  console.log(`\nruns, in order:\n  ${runsLine("dist", dist)}\n  ${runsLine("Dask", dask)}`);
+  console.log(`\nruns, in order:\n  ${runsLine("dist", dist, plan)}\n  ${runsLine("Dask", dask, plan)}`);
   if (biggerOfDist !== null) console.log(`\n${biggerReport(biggerPlan, biggerOfDist, biggerOfDask)}`);
   if (python === null) {
     console.log(`\nDask's column is n/a: Dask distributed is not installed (${INSTALL_HINT}).`);

@@ -284,12 +284,18 @@ def median(xs):
     return s[(n - 1) // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
 
 
-async def rounds(plan: dict, once, budget_s=None) -> list:
-    """A warm-up round at plan["warmupFraction"] of the size, then up to plan["rounds"]
-    rounds; after the first, another starts only while the figure is within its budget
-    (as bench/compare.ts does for dist)."""
+async def rounds(plan: dict, once, budget_s=None, warmup=None) -> list:
+    """Warm-up rounds at plan["warmupFraction"] of the size until plan["taskWarmupS"] has
+    passed (at least one; each appended to `warmup` if given, rounds -1, -2, ... so that
+    no two share keys), then up to plan["rounds"] rounds; after the first, another starts
+    only while the figure is within its budget (as bench/compare.ts does for dist)."""
     budget_s = plan["roundBudgetS"] if budget_s is None else budget_s
-    await once(-1, plan["warmupFraction"])
+    warmup = [] if warmup is None else warmup
+    w0 = perf_counter()
+    while True:
+        warmup.append(await once(-1 - len(warmup), plan["warmupFraction"]))
+        if perf_counter() - w0 >= plan["taskWarmupS"]:
+            break
     out = []
     t0 = perf_counter()
     while len(out) < plan["rounds"] and (not out or perf_counter() - t0 < budget_s):
@@ -481,7 +487,12 @@ async def bench(args) -> dict:
         del data
 
         progress(f"dask: map(inc, {plan['mapTasks']}) + gather, {plan['rounds']} rounds after a warm-up")
-        result["mapTasksPerS"] = await rounds(plan, lambda r, s: map_rate(client, sized(plan["mapTasks"], s), r))
+        result["mapWarmupTasksPerS"] = []
+        result["mapTasksPerS"] = await rounds(
+            plan,
+            lambda r, s: map_rate(client, sized(plan["mapTasks"], s), r),
+            warmup=result["mapWarmupTasksPerS"],
+        )
         progress(f"dask: tree reduction of {plan['treeLeaves']} leaves")
         warm_leaves = 2 ** round(math.log2(plan["treeLeaves"] * plan["warmupFraction"]))
         result["treeTasksPerS"] = await rounds(

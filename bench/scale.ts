@@ -13,6 +13,10 @@
  *      task of the scheduler and of the client; the scheduler's memory per task (its
  *      RSS from before submission to the peak while the graph is in it) and the
  *      client's (Deno.memoryUsage(), same way).
+ *      Then the same graph again on that cluster, once the first is forgotten: tasks/s
+ *      and scheduler CPU of a cluster that has run one graph (its code compiled, its
+ *      heaps grown), which is what a long-running cluster sees. The first graph's
+ *      figures are a fresh cluster's.
  *   2. one graph on 2, 8 and 32 worker processes of 1 thread (sharing this machine's
  *      cores): the scheduler's CPU time per task, which is what a bigger cluster would
  *      see, and wall tasks/s.
@@ -370,12 +374,25 @@ interface Run {
   warnings: number;
   /** Why the graph did not finish, if it did not. */
   failure?: string;
+  /** Part 1: the same graph again on the same cluster, once the first is forgotten. */
+  again?: Again;
+}
+
+/** A second graph of the same size: what a cluster that has run one costs. */
+interface Again {
+  wallS: number;
+  schedulerCpuS: number;
+  clientCpuS: number;
+  failure?: string;
 }
 
 let nextBase = 1e7;
 
-/** One graph of `leaves` on a fresh cluster of `workers` workers. */
-async function measure(leaves: number, workers: number): Promise<Run> {
+/**
+ * One graph of `leaves` on a fresh cluster of `workers` workers; with `again`, once it is
+ * forgotten, the same graph a second time (CPU and wall time only).
+ */
+async function measure(leaves: number, workers: number, again = false): Promise<Run> {
   const cluster = await startCluster(workers);
   const pids = [cluster.scheduler, ...cluster.workers].map((n) => n.child.pid);
   try {
@@ -441,6 +458,9 @@ async function measure(leaves: number, workers: number): Promise<Run> {
     const left = failure ? {} : await settle(cluster.scheduler.address);
     const releaseS = (performance.now() - releaseStarted) / 1000;
     const releaseDeafMs = await releasePinger.stop();
+    const second = again && !failure && total(left) === 0
+      ? await graphAgain(client, leaves, pids[0])
+      : undefined;
     return {
       leaves,
       tasks,
@@ -462,10 +482,45 @@ async function measure(leaves: number, workers: number): Promise<Run> {
       releaseDeafMs,
       warnings,
       failure,
+      again: second,
     };
   } finally {
     await stop([...cluster.workers, cluster.scheduler]);
   }
+}
+
+/** The graph of `leaves` once more on a cluster that has run it: wall time and CPU. */
+async function graphAgain(client: Client, leaves: number, schedulerPid: number): Promise<Again> {
+  const [before, clientBefore] = await procs([schedulerPid, Deno.pid]);
+  const base = nextBase;
+  nextBase += 1e7;
+  const t0 = performance.now();
+  const { root } = submitGraph(client, leaves, base);
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<"timeout">((resolve) =>
+    timer = setTimeout(() => resolve("timeout"), GRAPH_TIMEOUT_MS)
+  );
+  let failure: string | undefined;
+  try {
+    const value = await Promise.race([root.result(), timeout]);
+    if (value === "timeout") failure = `not done after ${GRAPH_TIMEOUT_MS / 1000} s`;
+    else if (value !== expected(leaves, base)) {
+      failure = `wrong sum ${value}, expected ${expected(leaves, base)}`;
+    }
+  } catch (error) {
+    failure = `${(error as Error).name}: ${(error as Error).message}`;
+  } finally {
+    clearTimeout(timer);
+  }
+  const wallS = (performance.now() - t0) / 1000;
+  const [after, clientAfter] = await procs([schedulerPid, Deno.pid]);
+  root.release();
+  return {
+    wallS,
+    schedulerCpuS: after.cpuS - before.cpuS,
+    clientCpuS: clientAfter.cpuS - clientBefore.cpuS,
+    failure,
+  };
 }
 
 // ---- report ----
@@ -503,6 +558,14 @@ function failedText(r: Run): string {
   } warnings): ${r.failure}`;
 }
 
+/** Part 1's second graph: tasks/s and scheduler CPU us/task. */
+function againText(r: Run): string {
+  const a = r.again;
+  if (a === undefined) return "-";
+  if (a.failure) return `FAILED: ${a.failure}`;
+  return `${fmt(r.tasks / a.wallS)} / ${fmt(a.schedulerCpuS * 1e6 / r.tasks, 1)}`;
+}
+
 function sizeRow(r: Run): string[] {
   if (r.failure) return [fmt(r.leaves), fmt(r.tasks), failedText(r)];
   return [
@@ -513,6 +576,7 @@ function sizeRow(r: Run): string[] {
     fmt(r.submitS * 1e6 / r.tasks, 1),
     fmt(r.schedulerCpuS * 1e6 / r.tasks, 1),
     fmt(r.clientCpuS * 1e6 / r.tasks, 1),
+    againText(r),
     `${fmt(r.schedulerBaseRss / MB)} -> ${fmt(r.schedulerPeakRss / MB)}`,
     perTask(r.schedulerPeakRss - r.schedulerBaseRss, r.tasks),
     perTask(r.clientPeakHeap - r.clientBaseHeap, r.tasks),
@@ -539,6 +603,38 @@ function workersRow(r: Run): string[] {
     fmt(r.warnings),
     leftText(r.left),
   ];
+}
+
+/** Scheduler CPU per task at 100,000 tasks (on a cluster that has run the graph once). */
+const CPU_TARGET_US = 25;
+/** The scheduler's memory per task at 1M tasks. */
+const MEMORY_TARGET_B = 1000;
+
+/** The targets of the sizes this run had: scheduler CPU at 100,000 leaves, memory at 1M. */
+function targets(runs: Run[]): string[] {
+  const out: string[] = [];
+  const verdict = (ok: boolean) => ok ? "PASS" : "MISS";
+  const at = (leaves: number) => runs.find((r) => r.leaves === leaves && !r.failure);
+  const cpu = at(100_000);
+  if (cpu?.again && !cpu.again.failure) {
+    const warm = cpu.again.schedulerCpuS * 1e6 / cpu.tasks;
+    out.push(
+      `target: scheduler CPU per task at 100,000 leaves <= ${CPU_TARGET_US} us: ${
+        fmt(warm, 1)
+      } us the second ` +
+        `time, ${verdict(warm <= CPU_TARGET_US)} (a fresh cluster's first graph: ` +
+        `${fmt(cpu.schedulerCpuS * 1e6 / cpu.tasks, 1)} us)`,
+    );
+  }
+  const memory = at(1_000_000);
+  if (memory) {
+    const b = Math.max(0, memory.schedulerPeakRss - memory.schedulerBaseRss) / memory.tasks;
+    out.push(
+      `target: scheduler memory per task at 1,000,000 leaves <= ${fmt(MEMORY_TARGET_B)} B: ${fmt(b)} B, ` +
+        verdict(b <= MEMORY_TARGET_B),
+    );
+  }
+  return out.length ? out : ["targets: none of this run's sizes has one (100,000 and 1,000,000 leaves do)"];
 }
 
 /** Largest over smallest of a per-task figure among the rows that finished. */
@@ -610,9 +706,9 @@ async function dashboardCost(
 const started = performance.now();
 const sizeRuns: Run[] = [];
 for (const leaves of SIZES) {
-  const run = await measure(leaves, 2);
+  const run = await measure(leaves, 2, true);
   sizeRuns.push(run);
-  console.error(`  ${fmt(leaves)} leaves: ${sizeRow(run).slice(2, 6).join("  ")}`);
+  console.error(`  ${fmt(leaves)} leaves: ${sizeRow(run).slice(2, 9).join("  ")}`);
 }
 const workerRuns: Run[] = [];
 for (const workers of WORKER_COUNTS) {
@@ -636,6 +732,7 @@ console.log(table([
     "submit us/task",
     "sched CPU us/task",
     "client CPU us/task",
+    "again: tasks/s / sched CPU us/task",
     "sched RSS MB",
     "sched B/task",
     "client heap B/task",
@@ -676,13 +773,15 @@ console.log(
 );
 console.log(table([["leaves", "tasks held", "/api/snapshot ms", "/metrics ms"], ...dashboardRows]));
 const perTaskCpu = (r: Run) => r.schedulerCpuS / r.tasks;
+console.log(`\n${targets(sizeRuns).join("\n")}`);
 console.log(
   `\nScheduler CPU per task, largest over smallest: graph size ${growth(sizeRuns, perTaskCpu)}, ` +
     `workers ${growth(workerRuns, perTaskCpu)} (flat: 1.00x)`,
 );
 console.log(
   `\nsubmit: the client's synchronous work to build the graph. sched: the scheduler process (CPU user+sys ` +
-    `from /proc/PID/stat; RSS before submission -> peak while the graph runs). client: this process ` +
+    `from /proc/PID/stat; RSS before submission -> peak while the graph runs). again: the same graph a ` +
+    `second time on that cluster, once the first is forgotten. client: this process ` +
     `(Deno.memoryUsage()). sched deaf: the longest ping round trip to the scheduler (from a process of its ` +
     `own) while the graph ran. release: from releasing the root until the scheduler holds no task, and the ` +
     `longest ping meanwhile. warnings: lines the nodes logged meanwhile. left: tasks the scheduler still ` +
