@@ -538,7 +538,9 @@ interface TransferRates {
 
 /**
  * Per run: scatter `make()` to Bob, gather it back, then Alice runs a task that needs it
- * (its length), so she fetches it from Bob. The warm-up run moves a smaller value.
+ * (its length), so she fetches it from Bob. The warm-up run moves the same value: every
+ * buffer on the way (each side's pools, the kernel's, this process's heap) reaches the
+ * size the measured runs need, for Dask as for dist.
  */
 async function transfers(
   client: Client,
@@ -549,12 +551,11 @@ async function transfers(
   bob: string,
 ): Promise<TransferRates> {
   const out: TransferRates = { scatter: [], gather: [], w2w: [], w2wFaults: [] };
-  const warm = make(Math.max(MiB, Math.round(plan.transferBytes * plan.warmupFraction / 8) * 8));
   const big = make(plan.transferBytes);
   const t0 = performance.now();
   for (let run = -1; run < plan.transferRuns; run++) {
     if (run > 0 && (performance.now() - t0) / 1000 > plan.transferBudgetS) break;
-    const value = run < 0 ? warm : big;
+    const value = big;
     let t = performance.now();
     const [f] = await client.scatter([value], { workers: [bob] });
     const scatterS = (performance.now() - t) / 1000;
