@@ -18,10 +18,10 @@
  * distributed.cli.dask_scheduler` / `dask_worker --no-nanny`, and bench/dask_bench.py
  * as its client). Dask is looked for as a python3 that can `import distributed, numpy`,
  * /usr/bin/python3 first ($DIST_COMPARE_PYTHON names another); without one, Dask's
- * column is n/a and the run says how to install it. Repeated figures: warm-up rounds
- * at a tenth of the size (for task figures, as many as fit in `taskWarmupS`, the same
- * time for both sides), then up to `rounds` rounds (fewer once a figure's time budget
- * has run out, at least one), median reported. Throughput is in MB/s, 1 MB = 1e6 bytes.
+ * column is n/a and the run says how to install it. Repeated figures: full-size
+ * warm-up rounds (for task figures, for `taskWarmupS`, the same time for both sides),
+ * then up to `rounds` rounds (fewer once a figure's time budget has run out, at least
+ * one), median reported. Throughput is in MB/s, 1 MB = 1e6 bytes.
  * Every child process and the temp directory are removed at the end, on failure, on
  * SIGINT/SIGTERM/SIGHUP and when the watchdog fires.
  *
@@ -84,12 +84,11 @@ interface Plan {
   /** Rounds per task figure after the warm-up (fewer if `roundBudgetS` runs out). */
   rounds: number;
   roundBudgetS: number;
-  /** A warm-up round is this fraction of a round's size. */
-  warmupFraction: number;
   /**
-   * Warm-up rounds of a task figure repeat until this long has passed (at least one):
-   * the same time for both sides, so each runtime's compiled code and heaps reach their
-   * working state however many tasks that takes it.
+   * Full-size warm-up rounds of a task figure repeat until this long has passed (at
+   * least one): the same time for both sides (more for a side whose one round takes
+   * longer), so each runtime's compiled code and heaps reach their working state however
+   * many tasks that takes it.
    */
   taskWarmupS: number;
   mapTasks: number;
@@ -113,7 +112,6 @@ const FULL: Plan = {
   bulkRuns: 3,
   rounds: 3,
   roundBudgetS: 10,
-  warmupFraction: 0.1,
   taskWarmupS: 3,
   mapTasks: 10_000,
   treeLeaves: 4_096,
@@ -135,7 +133,6 @@ const QUICK: Plan = {
   bulkRuns: 2,
   rounds: 1,
   roundBudgetS: 5,
-  warmupFraction: 0.1,
   taskWarmupS: 0,
   mapTasks: 1_000,
   treeLeaves: 256,
@@ -436,25 +433,25 @@ async function rawBulk(conn: Deno.Conn, data: Uint8Array, fresh: boolean): Promi
 // ---- repeated figures ----
 
 /**
- * Warm-up rounds at `plan.warmupFraction` of the size until `plan.taskWarmupS` has passed
- * (at least one; each pushed to `warmup` if given, rounds -1, -2, ... so that no two
- * share keys), then up to `plan.rounds` rounds; after the first, another round starts
- * only while the figure is within its budget. The Dask script does the same.
+ * Warm-up rounds until `plan.taskWarmupS` has passed (at least one; each pushed to
+ * `warmup` if given, rounds -1, -2, ... so that no two share keys), then up to
+ * `plan.rounds` rounds; after the first, another round starts only while the figure is
+ * within its budget. The Dask script does the same.
  */
 async function rounds(
   plan: Plan,
-  once: (round: number, scale: number) => Promise<number>,
+  once: (round: number) => Promise<number>,
   budgetS = plan.roundBudgetS,
   warmup: number[] = [],
 ): Promise<number[]> {
   const w0 = performance.now();
   do {
-    warmup.push(await once(-1 - warmup.length, plan.warmupFraction));
+    warmup.push(await once(-1 - warmup.length));
   } while ((performance.now() - w0) / 1000 < plan.taskWarmupS);
   const out: number[] = [];
   const t0 = performance.now();
   while (out.length < plan.rounds && (out.length === 0 || (performance.now() - t0) / 1000 < budgetS)) {
-    out.push(await once(out.length, 1));
+    out.push(await once(out.length));
   }
   return out;
 }
@@ -659,7 +656,7 @@ interface Side {
   rawBulkFreshMBps: number[];
   /** dist only: fresh memory with glibc's malloc asked for transparent huge pages. */
   rawBulkFreshHugeMBps?: number[];
-  /** The map's warm-up rounds (`warmupFraction` of its size), in order. */
+  /** The map's warm-up rounds, in order. */
   mapWarmupTasksPerS: number[];
   mapTasksPerS: number[];
   treeTasksPerS: number[];
@@ -811,28 +808,25 @@ async function runDist(plan: Plan, res: Resources, step: Step): Promise<Side> {
 
   const client = await Client.connect(schedulerNode.address);
   res.closers.push(client);
-  const w = plan.warmupFraction;
-  const sized = (n: number, scale: number) => Math.max(2, Math.round(n * scale));
   step(`dist: map(inc, ${plan.mapTasks}) + gather`);
   const mapWarmupTasksPerS: number[] = [];
   const mapTasksPerS = await rounds(
     plan,
-    (r, s) => mapRate(client, sized(plan.mapTasks, s), r),
+    (r) => mapRate(client, plan.mapTasks, r),
     plan.roundBudgetS,
     mapWarmupTasksPerS,
   );
   step(`dist: tree reduction of ${plan.treeLeaves} leaves`);
   const treeTasksPerS = await rounds(
     plan,
-    (r, s) =>
-      treeRate(client, s === 1 ? plan.treeLeaves : 2 ** Math.round(Math.log2(plan.treeLeaves * w)), r),
+    (r) => treeRate(client, plan.treeLeaves, r),
   );
   step(`dist: chain of ${plan.chain}`);
-  const chainMsPerTask = await rounds(plan, (r, s) => chainMs(client, sized(plan.chain, s), r));
+  const chainMsPerTask = await rounds(plan, (r) => chainMs(client, plan.chain, r));
   step(`dist: seed exchange (${plan.seeds} per round)`);
   const seedMsRounds = await rounds(
     plan,
-    (r, s) => seedMs(client, [aliceAddress, bobAddress], sized(plan.seeds, s), r),
+    (r) => seedMs(client, [aliceAddress, bobAddress], plan.seeds, r),
   );
 
   step(`dist: ${plan.transferBytes / MiB} MiB random Float64Array: scatter, gather, worker to worker`);
@@ -1517,13 +1511,13 @@ function report(plan: Plan, dist: Side, dask: Side | null) {
   return { rows, checks, printed };
 }
 
-function runsLine(name: string, side: Side | null, plan: Plan): string {
+function runsLine(name: string, side: Side | null): string {
   if (side === null) return `${name}: n/a`;
   const r = (xs: number[], d = 0) => xs.map((x) => fmt(x, d)).join(" / ");
   const w = side.mapWarmupTasksPerS;
-  return `${name}: map ${r(side.mapTasksPerS)} tasks/s after ${w.length} warm-up rounds of ${
-    fmt(Math.max(2, Math.round(plan.mapTasks * plan.warmupFraction)))
-  } (first ${fmt(w[0])}, last ${fmt(w[w.length - 1])}); tree ${r(side.treeTasksPerS)} tasks/s; chain ${
+  return `${name}: map ${r(side.mapTasksPerS)} tasks/s after ${w.length} warm-up rounds (first ${
+    fmt(w[0])
+  }, last ${fmt(w[w.length - 1])}); tree ${r(side.treeTasksPerS)} tasks/s; chain ${
     r(side.chainMsPerTask, 3)
   } ms/task; seed ${r(side.seedMs, 2)} ms; w2w f64 ${r(side.transfer_f64.w2w)}, bytes ${
     r(side.transfer_bytes.w2w)
@@ -1680,7 +1674,7 @@ async function main(): Promise<number> {
       `MB/s with 1 MB = 1e6 B; "dist better by": Dask / dist for times and memory, dist / Dask for rates\n`,
   );
   console.log(printed);
-  console.log(`\nruns, in order:\n  ${runsLine("dist", dist, plan)}\n  ${runsLine("Dask", dask, plan)}`);
+  console.log(`\nruns, in order:\n  ${runsLine("dist", dist)}\n  ${runsLine("Dask", dask)}`);
   if (biggerOfDist !== null) console.log(`\n${biggerReport(biggerPlan, biggerOfDist, biggerOfDask)}`);
   if (python === null) {
     console.log(`\nDask's column is n/a: Dask distributed is not installed (${INSTALL_HINT}).`);

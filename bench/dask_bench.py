@@ -36,7 +36,6 @@ import asyncio
 import ctypes
 import gc
 import json
-import math
 import os
 import signal
 import socket
@@ -285,26 +284,22 @@ def median(xs):
 
 
 async def rounds(plan: dict, once, budget_s=None, warmup=None) -> list:
-    """Warm-up rounds at plan["warmupFraction"] of the size until plan["taskWarmupS"] has
-    passed (at least one; each appended to `warmup` if given, rounds -1, -2, ... so that
-    no two share keys), then up to plan["rounds"] rounds; after the first, another starts
-    only while the figure is within its budget (as bench/compare.ts does for dist)."""
+    """Full-size warm-up rounds until plan["taskWarmupS"] has passed (at least one; each
+    appended to `warmup` if given, rounds -1, -2, ... so that no two share keys), then up
+    to plan["rounds"] rounds; after the first, another starts only while the figure is
+    within its budget (as bench/compare.ts does for dist)."""
     budget_s = plan["roundBudgetS"] if budget_s is None else budget_s
     warmup = [] if warmup is None else warmup
     w0 = perf_counter()
     while True:
-        warmup.append(await once(-1 - len(warmup), plan["warmupFraction"]))
+        warmup.append(await once(-1 - len(warmup)))
         if perf_counter() - w0 >= plan["taskWarmupS"]:
             break
     out = []
     t0 = perf_counter()
     while len(out) < plan["rounds"] and (not out or perf_counter() - t0 < budget_s):
-        out.append(await once(len(out), 1))
+        out.append(await once(len(out)))
     return out
-
-
-def sized(n: int, scale: float) -> int:
-    return max(2, round(n * scale))
 
 
 async def map_rate(client, n: int, r: int) -> float:
@@ -489,19 +484,16 @@ async def bench(args) -> dict:
         result["mapWarmupTasksPerS"] = []
         result["mapTasksPerS"] = await rounds(
             plan,
-            lambda r, s: map_rate(client, sized(plan["mapTasks"], s), r),
+            lambda r: map_rate(client, plan["mapTasks"], r),
             warmup=result["mapWarmupTasksPerS"],
         )
         progress(f"dask: tree reduction of {plan['treeLeaves']} leaves")
-        warm_leaves = 2 ** round(math.log2(plan["treeLeaves"] * plan["warmupFraction"]))
-        result["treeTasksPerS"] = await rounds(
-            plan, lambda r, s: tree_rate(client, plan["treeLeaves"] if s == 1 else warm_leaves, r)
-        )
+        result["treeTasksPerS"] = await rounds(plan, lambda r: tree_rate(client, plan["treeLeaves"], r))
         progress(f"dask: chain of {plan['chain']}")
-        result["chainMsPerTask"] = await rounds(plan, lambda r, s: chain_ms(client, sized(plan["chain"], s), r))
+        result["chainMsPerTask"] = await rounds(plan, lambda r: chain_ms(client, plan["chain"], r))
         progress(f"dask: seed exchange ({plan['seeds']} per round)")
         workers = [args.alice, args.bob]
-        result["seedMs"] = await rounds(plan, lambda r, s: seed_ms(client, np, workers, sized(plan["seeds"], s), r))
+        result["seedMs"] = await rounds(plan, lambda r: seed_ms(client, np, workers, plan["seeds"], r))
 
         def check_at(n):
             return [0, 1, 12345 % n, n >> 1, n - 1]
