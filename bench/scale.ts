@@ -417,28 +417,12 @@ async function measure(leaves: number, workers: number, again = false): Promise<
     const { root, tasks } = submitGraph(client, leaves, base);
     const submitS = (performance.now() - t0) / 1000;
     sampling.client();
-    let failure: string | undefined;
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const timeout = new Promise<"timeout">((resolve) =>
-      timer = setTimeout(() => resolve("timeout"), GRAPH_TIMEOUT_MS)
-    );
-    try {
-      const value = await Promise.race([root.result(), timeout, sampling.stalled]);
-      if (value === "timeout" || value === "stalled") {
-        const why = value === "timeout"
-          ? `not done after ${GRAPH_TIMEOUT_MS / 1000} s`
-          : `stalled: every process idle for ${STALL_MS / 1000} s`;
-        const held = await schedulerTasks(cluster.scheduler.address).catch((e) => (e as Error).message);
-        failure = `${why}; the scheduler holds ${JSON.stringify(held)}; first warnings: ${
-          firstWarnings(cluster).join(" | ") || "none"
-        }`;
-      } else if (value !== expected(leaves, base)) {
-        failure = `wrong sum ${value}, expected ${expected(leaves, base)}`;
-      }
-    } catch (error) {
-      failure = `${(error as Error).name}: ${(error as Error).message}`;
-    } finally {
-      clearTimeout(timer);
+    let { failure, stuck } = await waitForRoot(root, leaves, base, sampling.stalled);
+    if (stuck) {
+      const held = await schedulerTasks(cluster.scheduler.address).catch((e) => (e as Error).message);
+      failure = `${failure}; the scheduler holds ${JSON.stringify(held)}; first warnings: ${
+        firstWarnings(cluster).join(" | ") || "none"
+      }`;
     }
     const wallS = (performance.now() - t0) / 1000;
     const peak = await sampling.stop();
@@ -489,6 +473,37 @@ async function measure(leaves: number, workers: number, again = false): Promise<
   }
 }
 
+/**
+ * Waits for the root of a graph of `leaves` from `base`, at most `GRAPH_TIMEOUT_MS` (or
+ * until `stalled` fires): no failure if it gave the right sum; `stuck` if it never came.
+ */
+async function waitForRoot(
+  root: Future<number>,
+  leaves: number,
+  base: number,
+  stalled?: Promise<"stalled">,
+): Promise<{ failure?: string; stuck: boolean }> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<"timeout">((resolve) =>
+    timer = setTimeout(() => resolve("timeout"), GRAPH_TIMEOUT_MS)
+  );
+  try {
+    const value = await Promise.race([root.result(), timeout, ...(stalled ? [stalled] : [])]);
+    if (value === "timeout") return { failure: `not done after ${GRAPH_TIMEOUT_MS / 1000} s`, stuck: true };
+    if (value === "stalled") {
+      return { failure: `stalled: every process idle for ${STALL_MS / 1000} s`, stuck: true };
+    }
+    if (value !== expected(leaves, base)) {
+      return { failure: `wrong sum ${value}, expected ${expected(leaves, base)}`, stuck: false };
+    }
+    return { stuck: false };
+  } catch (error) {
+    return { failure: `${(error as Error).name}: ${(error as Error).message}`, stuck: false };
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 /** The graph of `leaves` once more on a cluster that has run it: wall time and CPU. */
 async function graphAgain(client: Client, leaves: number, schedulerPid: number): Promise<Again> {
   const [before, clientBefore] = await procs([schedulerPid, Deno.pid]);
@@ -496,22 +511,7 @@ async function graphAgain(client: Client, leaves: number, schedulerPid: number):
   nextBase += 1e7;
   const t0 = performance.now();
   const { root } = submitGraph(client, leaves, base);
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const timeout = new Promise<"timeout">((resolve) =>
-    timer = setTimeout(() => resolve("timeout"), GRAPH_TIMEOUT_MS)
-  );
-  let failure: string | undefined;
-  try {
-    const value = await Promise.race([root.result(), timeout]);
-    if (value === "timeout") failure = `not done after ${GRAPH_TIMEOUT_MS / 1000} s`;
-    else if (value !== expected(leaves, base)) {
-      failure = `wrong sum ${value}, expected ${expected(leaves, base)}`;
-    }
-  } catch (error) {
-    failure = `${(error as Error).name}: ${(error as Error).message}`;
-  } finally {
-    clearTimeout(timer);
-  }
+  const { failure } = await waitForRoot(root, leaves, base);
   const wallS = (performance.now() - t0) / 1000;
   const [after, clientAfter] = await procs([schedulerPid, Deno.pid]);
   root.release();
