@@ -548,11 +548,10 @@ async function transfers(
   bob: string,
 ): Promise<TransferRates> {
   const out: TransferRates = { scatter: [], gather: [], w2w: [], w2wFaults: [] };
-  const big = make(plan.transferBytes);
+  const value = make(plan.transferBytes);
   const t0 = performance.now();
   for (let run = -1; run < plan.transferRuns; run++) {
     if (run > 0 && (performance.now() - t0) / 1000 > plan.transferBudgetS) break;
-    const value = big;
     let t = performance.now();
     const [f] = await client.scatter([value], { workers: [bob] });
     const scatterS = (performance.now() - t) / 1000;

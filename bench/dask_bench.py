@@ -366,14 +366,13 @@ async def seed_ms(client, np, workers: list, seeds: int, r: int) -> float:
 async def transfers(client, plan: dict, make, verify, alice: str, alice_pid: int, bob: str) -> dict:
     """Per run: scatter to Bob, gather from Bob, then Alice computes len() of it (she
     fetches it from Bob). The warm-up run moves the same value (as on dist's side)."""
-    big = make(plan["transferBytes"])
+    value = make(plan["transferBytes"])
+    nbytes = memoryview(value).nbytes
     out = {"scatter": [], "gather": [], "w2w": [], "w2wFaults": []}
     t0 = perf_counter()
     for run in range(-1, plan["transferRuns"]):
         if run > 0 and perf_counter() - t0 > plan["transferBudgetS"]:
             break
-        value = big
-        nbytes = memoryview(value).nbytes
         t = perf_counter()
         fut = await client.scatter(value, workers=[bob], direct=True, hash=False)
         scatter_s = perf_counter() - t
