@@ -158,6 +158,9 @@ export interface Encoded {
   buffers: Uint8Array[];
 }
 
+/** The buffers of an encoding that has none (frozen: shared by all of them). */
+const NO_BUFFERS: Uint8Array[] = Object.freeze([]) as unknown as Uint8Array[];
+
 /**
  * A reusable msgpack encoder. Not re-entrant: one `encode` at a time (JS is single
  * threaded, and encoding never awaits).
@@ -166,7 +169,8 @@ export class Encoder {
   #buf = new Uint8Array(64 * 1024);
   #view = new DataView(this.#buf.buffer);
   #pos = 0;
-  #buffers: Uint8Array[] = [];
+  // Made only when a value has a buffer to send apart: most messages have none.
+  #buffers: Uint8Array[] | null = null;
   #inlineBytesMax: number;
 
   /** `inlineBytesMax`: binary values at least this long travel out of band. */
@@ -181,7 +185,7 @@ export class Encoder {
    */
   encode(value: unknown, root = "value", scratch = false): Encoded {
     this.#pos = 0;
-    this.#buffers = [];
+    this.#buffers = null;
     try {
       this.#value(value, 0);
     } catch (error) {
@@ -192,8 +196,8 @@ export class Encoder {
       throw error;
     }
     const head = scratch ? this.#buf.subarray(0, this.#pos) : this.#buf.slice(0, this.#pos);
-    const buffers = this.#buffers;
-    this.#buffers = [];
+    const buffers = this.#buffers ?? NO_BUFFERS;
+    this.#buffers = null;
     return { head, buffers };
   }
 
@@ -357,13 +361,15 @@ export class Encoder {
   }
 
   #binary(kind: number, bytes: Uint8Array): void {
-    if (bytes.byteLength >= this.#inlineBytesMax && this.#buffers.length < BUFFERS_MAX) {
+    const buffers = this.#buffers;
+    if (bytes.byteLength >= this.#inlineBytesMax && (buffers === null || buffers.length < BUFFERS_MAX)) {
       this.#extHeader(EXT_TYPED_FRAME, 5);
       this.#ensure(5);
       this.#buf[this.#pos++] = kind;
-      this.#view.setUint32(this.#pos, this.#buffers.length);
+      this.#view.setUint32(this.#pos, buffers === null ? 0 : buffers.length);
       this.#pos += 4;
-      this.#buffers.push(bytes);
+      if (buffers === null) this.#buffers = [bytes];
+      else buffers.push(bytes);
       return;
     }
     const n = bytes.byteLength;
@@ -507,7 +513,7 @@ export class Encoder {
 // What a decoder holds between messages (so it keeps no message alive).
 const NO_BYTES = new Uint8Array(0);
 
-/** Map keys at most this long are cached by the decoder. */
+/** Strings (map keys and values) at most this long are cached by the decoder. */
 const KEY_CACHE_CHARS_MAX = 16;
 /** Slots of the decoder's key cache (a key takes the slot its hash names). */
 const KEY_CACHE_SLOTS = 256;
@@ -614,9 +620,19 @@ export class Decoder {
   #key(depth: number): unknown {
     const t = this.#buf[this.#pos];
     const n = t - 0xa0;
-    if (n < 0 || n > KEY_CACHE_CHARS_MAX || this.#pos + 1 + n > this.#buf.length) return this.#value(depth);
+    if (n < 0 || n > KEY_CACHE_CHARS_MAX) return this.#value(depth);
+    this.#pos++;
+    return this.#cachedString(n);
+  }
+
+  /**
+   * A short string of `n` bytes at #pos, from the cache when it was seen before: map keys
+   * and the values messages repeat (op names, a worker's address) are not built again.
+   */
+  #cachedString(n: number): string {
+    if (this.#pos + n > this.#buf.length) return this.#string(n);
     const b = this.#buf;
-    const start = this.#pos + 1;
+    const start = this.#pos;
     let h = n;
     for (let i = start; i < start + n; i++) h = (Math.imul(h, 31) + b[i]) | 0;
     const slot = (h >>> 0) % KEY_CACHE_SLOTS;
@@ -634,9 +650,9 @@ export class Decoder {
         return cached;
       }
     }
-    const key = this.#value(depth);
-    // Only ASCII keys compare byte for char.
-    if (typeof key === "string" && key.length === n) this.#keys[slot] = key;
+    const key = this.#string(n);
+    // Only ASCII strings compare byte for char.
+    if (key.length === n) this.#keys[slot] = key;
     return key;
   }
 
@@ -663,7 +679,9 @@ export class Decoder {
     if (t >= 0xe0) return t - 0x100;
     if (t < 0x90) return this.#map(t & 0x0f, depth);
     if (t < 0xa0) return this.#array(t & 0x0f, depth);
-    if (t < 0xc0) return this.#string(t & 0x1f);
+    if (t < 0xc0) {
+      return (t & 0x1f) <= KEY_CACHE_CHARS_MAX ? this.#cachedString(t & 0x1f) : this.#string(t & 0x1f);
+    }
     let v: number;
     switch (t) {
       case 0xc0:

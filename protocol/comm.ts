@@ -33,8 +33,12 @@ export const REQUESTS_IN_FLIGHT_MAX = 10_000;
  * heartbeats waiting.
  */
 export const READ_TURN_MS = 50;
-/** A wait for the network this long let the event loop go round (timers and other connections ran). */
-const WAITED_MS = 1;
+/**
+ * A wait for the network this long let the event loop go round (timers and other
+ * connections ran). The read loop's clock is Date.now (half performance.now's cost, read
+ * at least once a message): a wait it measures at 2 ms took over 1 ms.
+ */
+const WAITED_MS = 2;
 /**
  * Bytes one connection may have queued for its peer before it stops reading that
  * peer's requests: a peer that asks and never reads the answers (or reads slowly)
@@ -94,6 +98,9 @@ interface Pending {
   cleanup?: () => void;
 }
 
+/** The out-of-band buffers of a message that has none. */
+const NO_FRAMES: readonly Uint8Array[] = Object.freeze([]);
+
 // One encoder for the whole process: encoding is synchronous, so it is never shared.
 const encoder = new Encoder();
 
@@ -125,7 +132,7 @@ export class Comm {
     this.conn = conn;
     this.#options = options;
     this.#log = options.log ?? silentLogger;
-    this.#writer = new MessageWriter(conn);
+    this.#writer = new MessageWriter(conn, { onError: (error) => this.close(error) });
     this.#queueBytesMax = options.writeQueueBytesMax ?? WRITE_QUEUE_BYTES_MAX;
     this.closed = this.#readLoop();
     this.#updateRef();
@@ -232,7 +239,7 @@ export class Comm {
   }
 
   #send(frames: Uint8Array[]): void {
-    this.#writer.write(frames, true).catch((error) => this.close(error));
+    this.#writer.send(frames, true);
     if (this.#writer.queuedBytes > this.#queueBytesMax && this.#stallTimer === undefined) this.#watchStall();
   }
 
@@ -329,31 +336,42 @@ export class Comm {
       // turns. Shorter waits do not count toward it either, so a connection in steady use
       // yields (setTimeout(0) waits ~2 ms in Deno) only after READ_TURN_MS of handling
       // its messages, not of wall time.
-      let turn = performance.now();
+      let turn = Date.now();
       while (!this.#isClosed) {
         // One clock read per message, and one more after a wait (a tiny call's loop runs
         // once per message at each end).
-        let now = performance.now();
+        let now = Date.now();
+        // The wall clock stepped back: the turn starts over rather than last that long.
+        if (now < turn) turn = now;
         if (now - turn > READ_TURN_MS) {
           await new Promise((resolve) => setTimeout(resolve, 0));
-          now = turn = performance.now();
+          now = turn = Date.now();
         }
         // Backpressure: a peer whose answers pile up unread is not read until they drain
         // to half the limit (or the stall watch drops it).
         if (this.#writer.queuedBytes > this.#queueBytesMax) {
           await this.#writer.whenBelow(this.#queueBytesMax / 2);
           if (this.#isClosed) break;
-          now = turn = performance.now();
+          now = turn = Date.now();
         }
         // The head is lent from the reader's buffer: decoded before the next read.
         let frames: Uint8Array[] | null = reader.tryNext(true);
-        if (frames === null) {
-          frames = await reader.next(true);
-          const waited = performance.now() - now;
+        while (frames === null) {
+          // A small message's bytes are awaited here, straight from the socket; others
+          // through next().
+          const reading = reader.readSmall();
+          const got = reading === null ? undefined : await reading;
+          if (reading === null) frames = await reader.next(true);
+          const after = Date.now();
+          const waited = after - now;
           turn = waited >= WAITED_MS ? now + waited : turn + waited;
+          now = after;
+          if (reading === null) break;
+          if (!reader.received(got!)) break;
+          frames = reader.tryNext(true);
         }
         if (frames === null) break;
-        let message: unknown = decoder.decode(frames[0], frames.slice(1));
+        let message: unknown = decoder.decode(frames[0], frames.length === 1 ? NO_FRAMES : frames.slice(1));
         // Both dropped before the next read waits: the suspended loop would otherwise keep
         // the last message, and the large values in it, alive while the connection idles.
         frames = null;

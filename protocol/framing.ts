@@ -80,8 +80,12 @@ export class MessageReader {
   #frameBytesMax: number;
   #sharedFrames: SharedFrames;
   #buf: Uint8Array;
+  // A view of #buf, made again only when #buf is replaced: not one per message.
+  #view: DataView;
   #start = 0;
   #end = 0;
+  /** The bytes the message `readSmall` reads for takes (for the error if the stream ends). */
+  #wanted = 0;
 
   /**
    * Reads from `source`; frames (and messages) over `frameBytesMax` are refused. With
@@ -96,6 +100,12 @@ export class MessageReader {
     this.#frameBytesMax = options.frameBytesMax ?? FRAME_BYTES_MAX;
     this.#sharedFrames = options.sharedFrames ?? false;
     this.#buf = new Uint8Array(options.readBytes ?? READ_CHUNK_BYTES);
+    this.#view = new DataView(this.#buf.buffer);
+  }
+
+  #setBuffer(next: Uint8Array): void {
+    this.#buf = next;
+    this.#view = new DataView(next.buffer);
   }
 
   /** The read buffer's size, in bytes: what this reader holds while it waits. */
@@ -115,7 +125,7 @@ export class MessageReader {
       next.set(this.#buf.subarray(this.#start, this.#end));
       this.#end -= this.#start;
       this.#start = 0;
-      this.#buf = next;
+      this.#setBuffer(next);
     }
   }
 
@@ -132,7 +142,7 @@ export class MessageReader {
 
   /** Takes the next message, small and whole in the buffer (`#smallNeeds` said so). */
   #take(borrowHead: boolean): Uint8Array[] {
-    const view = new DataView(this.#buf.buffer);
+    const view = this.#view;
     const count = view.getUint32(this.#start, true);
     let at = this.#start + 4 + 8 * count;
     const frames: Uint8Array[] = new Array(count);
@@ -143,6 +153,46 @@ export class MessageReader {
     }
     this.#start = at;
     return frames;
+  }
+
+  /**
+   * For a read loop that awaits the socket itself (one await a read, the least a tiny
+   * call's path can take): when the next message is small and not yet whole, starts the
+   * read that brings more of it and returns its promise. Give what it resolves to
+   * `received`, then try `tryNext` again. Null when the message is whole already or must
+   * go through `next()` (a large frame, a bad header, one past the limits).
+   */
+  readSmall(): Promise<number | null> | null {
+    const need = this.#smallNeeds();
+    const available = this.#end - this.#start;
+    if (need === 0 || need > this.#buf.length || available >= need) return null;
+    this.#wanted = need;
+    if (available === 0) {
+      // All taken: the read lands at the start, into the buffer itself (no view to make).
+      this.#start = this.#end = 0;
+      return this.#source.read(this.#buf);
+    }
+    if (this.#start + need > this.#buf.length) {
+      this.#buf.copyWithin(0, this.#start, this.#end);
+      this.#end = available;
+      this.#start = 0;
+    }
+    return this.#source.read(this.#buf.subarray(this.#end));
+  }
+
+  /**
+   * Takes in what the read `readSmall` started gave. False when the stream ended
+   * between messages; throws ConnectionClosedError when it ended inside one.
+   */
+  received(got: number | null): boolean {
+    if (got !== null) {
+      this.#end += got;
+      return true;
+    }
+    if (this.#end === this.#start) return false;
+    throw new ConnectionClosedError(
+      `Connection closed inside a message (${this.#end - this.#start} of ${this.#wanted} bytes)`,
+    );
   }
 
   /**
@@ -158,19 +208,19 @@ export class MessageReader {
     // A small message is read whole, then taken as tryNext takes it: one wait per read,
     // not one per header and frame (a tiny call's reply waited through four).
     for (;;) {
-      const need = this.#smallNeeds();
-      if (need === 0) break;
-      if (this.#end - this.#start >= need) return this.#take(borrowHead);
-      if (need > READ_CHUNK_BYTES) break;
-      if (!(await this.#fill(need, this.#end === this.#start))) return null;
+      const frames = this.tryNext(borrowHead);
+      if (frames !== null) return frames;
+      const reading = this.readSmall();
+      if (reading === null) break;
+      if (!this.received(await reading)) return null;
     }
     if (!(await this.#fill(4, true))) return null;
-    const count = new DataView(this.#buf.buffer).getUint32(this.#start, true);
+    const count = this.#view.getUint32(this.#start, true);
     if (count < 1 || count > MESSAGE_FRAMES_MAX) {
       throw new ProtocolError(`Bad frame header: ${count} frames (1 to ${MESSAGE_FRAMES_MAX} allowed)`);
     }
     await this.#fill(4 + 8 * count, false);
-    const view = new DataView(this.#buf.buffer);
+    const view = this.#view;
     const lengths: number[] = new Array(count);
     let total = 0;
     for (let i = 0; i < count; i++) {
@@ -210,7 +260,7 @@ export class MessageReader {
   #smallNeeds(): number {
     const available = this.#end - this.#start;
     if (available < 4) return 4;
-    const view = new DataView(this.#buf.buffer);
+    const view = this.#view;
     const count = view.getUint32(this.#start, true);
     if (count < 1 || count > MESSAGE_FRAMES_MAX) return 0;
     const headerBytes = 4 + 8 * count;
@@ -261,7 +311,7 @@ export class MessageReader {
       else {
         const next = new Uint8Array(n);
         next.set(this.#buf.subarray(this.#start, this.#end));
-        this.#buf = next;
+        this.#setBuffer(next);
       }
       this.#end -= this.#start;
       this.#start = 0;
@@ -300,10 +350,15 @@ export class MessageWriter {
   #arenaView = new DataView(NO_BYTES.buffer);
   #arenaUsed = 0;
   #below: { bytes: number; resolve: () => void } | null = null;
+  #onError: ((error: unknown) => void) | undefined;
 
-  /** Writes to `sink`. */
-  constructor(sink: ByteWriter) {
+  /**
+   * Writes to `sink`. `onError` hears of a failed write once (a connection closes on
+   * it), whoever else waits: then `send` needs no promise per message.
+   */
+  constructor(sink: ByteWriter, options: { onError?: (error: unknown) => void } = {}) {
     this.#sink = sink;
+    this.#onError = options.onError;
   }
 
   /** Bytes queued and not yet written. */
@@ -357,6 +412,24 @@ export class MessageWriter {
    */
   write(frames: readonly Uint8Array[], headIsScratch = false): Promise<void> {
     if (this.#error) return Promise.reject(this.#error);
+    this.#enqueue(frames, headIsScratch);
+    const written = this.#writing!.then(() => {
+      if (this.#error) throw this.#error;
+    });
+    // Callers may ignore the promise; the failure still reaches whoever awaits it.
+    written.catch(() => {});
+    return written;
+  }
+
+  /**
+   * Queues a message as `write` does, with no promise for it: a failure goes to the
+   * `onError` given at construction (a writer that failed already drops it).
+   */
+  send(frames: readonly Uint8Array[], headIsScratch = false): void {
+    if (!this.#error) this.#enqueue(frames, headIsScratch);
+  }
+
+  #enqueue(frames: readonly Uint8Array[], headIsScratch: boolean): void {
     const headerBytes = 4 + 8 * frames.length;
     let copied = headerBytes;
     for (const f of frames) if (f.byteLength <= COPIED_FRAME_BYTES) copied += f.byteLength;
@@ -384,17 +457,13 @@ export class MessageWriter {
     if (at > run) this.#queue.push(arena.subarray(run, at));
     this.#queuedBytes += copied;
     this.#arenaUsed = at;
-    if (this.#writing === null) {
-      this.#writing = this.#drain();
-      // Callers may ignore the promise; the failure still reaches whoever awaits it.
-      this.#writing.catch(() => {});
-    }
-    return this.#writing;
+    // The drain never rejects: a failure is kept in #error and told to onError.
+    this.#writing ??= this.#drain();
   }
 
   /** Resolves when the queue is empty, whether the writes succeeded or not. */
   flushed(): Promise<void> {
-    return this.#writing ? this.#writing.catch(() => {}) : Promise.resolve();
+    return this.#writing ?? Promise.resolve();
   }
 
   async #drain(): Promise<void> {
@@ -414,7 +483,9 @@ export class MessageWriter {
           // A large piece, or the last one alone, is written from where it is.
           if (first.byteLength > OUT_BYTES / 2 || i === batch.length - 1) {
             i++;
-            await this.#writeAll(first);
+            // Written here, not through a helper: one await per write, no view of all of it.
+            let done = await this.#sink.write(first);
+            while (done < first.byteLength) done += await this.#sink.write(first.subarray(done));
             this.#wrote(first.byteLength);
             continue;
           }
@@ -425,7 +496,8 @@ export class MessageWriter {
             out.set(piece, n);
             n += piece.byteLength;
           }
-          await this.#writeAll(out.subarray(0, n));
+          let done = 0;
+          while (done < n) done += await this.#sink.write(out.subarray(done, n));
           this.#wrote(n);
         }
       }
@@ -434,8 +506,9 @@ export class MessageWriter {
       if (this.#arena.length > ARENA_BYTES) this.#newArena(ARENA_BYTES);
       this.#arenaUsed = 0;
     } catch (error) {
+      const first = this.#error === null;
       this.abort(error);
-      throw error;
+      if (first) this.#onError?.(error);
     } finally {
       this.#writing = null;
     }
@@ -452,10 +525,5 @@ export class MessageWriter {
     this.#arena = new Uint8Array(bytes);
     this.#arenaView = new DataView(this.#arena.buffer);
     this.#arenaUsed = 0;
-  }
-
-  async #writeAll(p: Uint8Array): Promise<void> {
-    let done = 0;
-    while (done < p.byteLength) done += await this.#sink.write(p.subarray(done));
   }
 }

@@ -136,15 +136,23 @@ export function rpc<T extends OpTable = NodeOps>(
   options: RpcOptions = {},
 ): Rpc<T> {
   const client = new RpcClient(address, options);
+  // One method per op name, made on its first use: a call makes no closure.
+  const methods = new Map<string, (args?: unknown, options?: CallOptions) => Promise<unknown>>();
   return new Proxy(client, {
     get(target, prop) {
+      if (typeof prop === "string") {
+        const method = methods.get(prop);
+        if (method !== undefined) return method;
+      }
       if (typeof prop !== "string" || prop in target) {
         const value = Reflect.get(target, prop);
         return typeof value === "function" ? value.bind(target) : value;
       }
       // Not a thenable: `await rpc(...)` must not look for an op named "then".
       if (prop === "then") return undefined;
-      return (args?: unknown, options?: CallOptions) => target.call(prop, args, options);
+      const method = (args?: unknown, options?: CallOptions) => target.call(prop, args, options);
+      methods.set(prop, method);
+      return method;
     },
   }) as Rpc<T>;
 }

@@ -386,6 +386,36 @@ Deno.test("codec: strings at every length boundary round-trip", () => {
   }
 });
 
+// The decoder caches short strings, values as well as keys: what it gives back must be
+// the string sent, whatever came before into the same slot.
+Deno.test("codec: short strings decode exactly through the decoder's cache, repeated, colliding and non-ASCII", () => {
+  const d = new Decoder();
+  const once = (v: unknown) => d.decode(encoder.encode(v).head);
+  const strings = [
+    "get_data",
+    "tiny",
+    "a",
+    "",
+    "é",
+    "ée",
+    "ab",
+    "ba",
+    "x".repeat(16),
+    "x".repeat(17),
+    "日本",
+    "\u0000",
+  ];
+  // Enough distinct ones of each length that every cache slot is taken and retaken.
+  for (let i = 0; i < 2000; i++) strings.push(`k${i}`, `${i}é`.slice(0, 4));
+  for (let round = 0; round < 3; round++) {
+    for (const s of strings) {
+      assert.equal(once(s), s);
+      assert.deepEqual(once({ [s]: s, op: s }), { [s]: s, op: s });
+      assert.deepEqual(once([s, s]), [s, s]);
+    }
+  }
+});
+
 Deno.test("codec: the string header declares the UTF-8 byte length", () => {
   assert.deepEqual(encoder.encode("").head, Uint8Array.of(0xa0));
   assert.deepEqual(encoder.encode("ab").head, Uint8Array.of(0xa2, 0x61, 0x62));

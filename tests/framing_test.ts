@@ -429,6 +429,51 @@ Deno.test("framing: codec and framing together carry a value with out-of-band bu
 // ---------------------------------------------------------------------------------------
 // End of stream
 
+/** Reads every message as a Comm's read loop does: tryNext, else readSmall and received, else next. */
+async function readAllAsLoop(reader: MessageReader): Promise<Uint8Array[][]> {
+  const out: Uint8Array[][] = [];
+  for (;;) {
+    let frames = reader.tryNext();
+    while (frames === null) {
+      const reading = reader.readSmall();
+      if (reading === null) {
+        frames = await reader.next();
+        break;
+      }
+      if (!reader.received(await reading)) return out;
+      frames = reader.tryNext();
+    }
+    if (frames === null) return out;
+    out.push(frames);
+  }
+}
+
+Deno.test("framing: a loop of tryNext, readSmall and received reads what next() reads, however the bytes arrive", async () => {
+  const messages = sampleMessages();
+  for (const seed of [1, 2, 3]) {
+    const rand = xorshift32(seed);
+    const chunks = [() => Infinity, () => 1, () => 1 + (rand() % 9000)];
+    for (const chunk of chunks) {
+      const got = await readAllAsLoop(new MessageReader(new ChunkReader(wire(...messages), { chunk })));
+      assert.deepEqual(got, messages, `seed ${seed}`);
+    }
+  }
+});
+
+Deno.test("framing: readSmall's stream ending inside a message is ConnectionClosedError, between messages false", async () => {
+  const whole = wire([patterned(20, 1)], [patterned(3, 2)]);
+  const reader = new MessageReader(new ChunkReader(whole.subarray(0, whole.length - 1), { chunk: () => 7 }));
+  await assertRejects(
+    readAllAsLoop(reader),
+    ConnectionClosedError,
+    /^Connection closed inside a message \(\d+ of 15 bytes\)/,
+  );
+  const clean = new MessageReader(new ChunkReader(whole, { chunk: () => 7 }));
+  assert.deepEqual(await readAllAsLoop(clean), [[patterned(20, 1)], [patterned(3, 2)]]);
+  assert.equal(clean.readSmall() === null, false, "a drained reader asks for the next header");
+  assert.equal(clean.received(null), false);
+});
+
 Deno.test("framing: a clean end of stream between messages gives null, and again null", async () => {
   assert.equal(await new MessageReader(new ChunkReader(new Uint8Array(0))).next(), null);
   const reader = new MessageReader(new ChunkReader(wire([Uint8Array.of(1)], [Uint8Array.of(2)])));
@@ -660,6 +705,46 @@ Deno.test("framing: a sink that throws fails the write, and every later write", 
     await assert.rejects(writer.write([Uint8Array.of(4)]), (e) => e === failure);
     assert.equal(calls, 1, `${how}: nothing more is written after a failure`);
   }
+});
+
+Deno.test("framing: send() reports a failed write once to onError and drops later messages", async () => {
+  const failure = new Error("connection reset");
+  let calls = 0;
+  const heard: unknown[] = [];
+  const writer = new MessageWriter({
+    write(): Promise<number> {
+      calls++;
+      return Promise.reject(failure);
+    },
+  }, { onError: (error) => heard.push(error) });
+  writer.send([Uint8Array.of(1)]);
+  writer.send([Uint8Array.of(2)]); // queued in the same turn: the same failed write
+  await writer.flushed();
+  assert.deepEqual(heard, [failure]);
+  writer.send([Uint8Array.of(3)]);
+  await writer.flushed();
+  assert.equal(calls, 1, "nothing more is written after a failure");
+  assert.deepEqual(heard, [failure], "onError hears of the failure once");
+  assert.equal(writer.queuedBytes, 0);
+  // write() still rejects for whoever awaits it.
+  await assert.rejects(writer.write([Uint8Array.of(4)]), (e) => e === failure);
+});
+
+Deno.test("framing: an abort is not a failure to report: onError stays silent", async () => {
+  const heard: unknown[] = [];
+  let release!: () => void;
+  const writer = new MessageWriter({
+    write: (p) => new Promise<number>((resolve) => release = () => resolve(p.length)),
+  }, { onError: (error) => heard.push(error) });
+  writer.send([Uint8Array.of(1)]);
+  await Promise.resolve();
+  await Promise.resolve();
+  writer.send([Uint8Array.of(2)]); // waits behind the write under way
+  writer.abort(new Error("closing"));
+  release();
+  await writer.flushed();
+  assert.deepEqual(heard, []);
+  assert.equal(writer.queuedBytes, 0);
 });
 
 Deno.test("framing: a sink that fails partway fails the pending writes", async () => {
