@@ -40,6 +40,11 @@ export const READ_TURN_MS = 50;
  */
 const WAITED_MS = 2;
 /**
+ * Microtasks the read loop waits, after a reply settled a call, for the caller to make
+ * its next call before it starts the next read (it stops waiting once one is queued).
+ */
+const CALLER_TICKS = 4;
+/**
  * Bytes one connection may have queued for its peer before it stops reading that
  * peer's requests: a peer that asks and never reads the answers (or reads slowly)
  * holds at most this much of the node's memory, plus one message.
@@ -126,6 +131,8 @@ export class Comm {
   #holds = 0;
   /** Whether the connection keeps the process alive now. */
   #refed = true;
+  /** A call was settled since the read loop last started a read. */
+  #settled = false;
 
   /** Starts reading `conn` at once. */
   constructor(conn: Conn, options: CommOptions = {}) {
@@ -314,6 +321,7 @@ export class Comm {
   #settle(id: number): Pending | undefined {
     const pending = this.#pending.get(id);
     if (pending === undefined) return undefined;
+    this.#settled = true;
     this.#pending.delete(id);
     pending.cleanup?.();
     this.#updateRef();
@@ -357,6 +365,17 @@ export class Comm {
         // The head is lent from the reader's buffer: decoded before the next read.
         let frames: Uint8Array[] | null = reader.tryNext(true);
         while (frames === null) {
+          // What is queued meanwhile is written before the read starts: starting a read
+          // costs the runtime ~1 us, which the peer waiting for that message would wait out
+          // too. The writer's drain waits one microtask, queued before this one. After a
+          // reply settled a call, the caller's continuation gets a few microtasks to make
+          // its next call (its await resumes, its function returns, it calls), which then
+          // leaves first as well: ~1 us less per call of a caller that calls in turn.
+          if (this.#settled) {
+            this.#settled = false;
+            for (let tick = 0; tick < CALLER_TICKS && !this.#writer.busy; tick++) await undefined;
+          }
+          if (this.#writer.busy) await undefined;
           // A small message's bytes are awaited here, straight from the socket; others
           // through next().
           const reading = reader.readSmall();

@@ -366,6 +366,11 @@ export class MessageWriter {
     return this.#queuedBytes;
   }
 
+  /** True while messages are queued or being written. */
+  get busy(): boolean {
+    return this.#writing !== null;
+  }
+
   /** Bytes written so far: whether a slow reader still takes anything. */
   get writtenBytes(): number {
     return this.#writtenBytes;

@@ -316,3 +316,98 @@ Deno.test("values that cannot travel are refused at the sender, naming the key a
   await assert.rejects(alice.update_data({ data: { p: new Point() } }), /args\.data\.p: a Point instance/);
   assert.deepEqual(await alice.keys(), []);
 });
+
+/**
+ * Two Comms joined by an in-memory pipe that logs, per end, when a read starts and when a
+ * write is made: the order of the two is the behaviour under test.
+ */
+class LoggingPipeEnd {
+  readonly remoteAddress = "memory";
+  readonly local = { host: "memory", port: 0 };
+  peer!: LoggingPipeEnd;
+  #bytes: Uint8Array[] = [];
+  #waiting: { p: Uint8Array; resolve: (n: number | null) => void } | null = null;
+  #closed = false;
+
+  constructor(readonly name: string, readonly log: string[]) {}
+
+  read(p: Uint8Array): Promise<number | null> {
+    this.log.push(`${this.name} read`);
+    if (this.#bytes.length > 0) return Promise.resolve(this.#take(p));
+    if (this.#closed) return Promise.resolve(null);
+    return new Promise((resolve) => this.#waiting = { p, resolve });
+  }
+
+  write(p: Uint8Array): Promise<number> {
+    this.log.push(`${this.name} write`);
+    this.peer.#deliver(p.slice());
+    return Promise.resolve(p.byteLength);
+  }
+
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#waiting?.resolve(null);
+    this.#waiting = null;
+    this.peer.close();
+  }
+
+  setRef(): void {}
+
+  #deliver(bytes: Uint8Array): void {
+    this.#bytes.push(bytes);
+    const waiting = this.#waiting;
+    if (waiting === null) return;
+    this.#waiting = null;
+    waiting.resolve(this.#take(waiting.p));
+  }
+
+  #take(p: Uint8Array): number {
+    const first = this.#bytes[0];
+    const n = Math.min(first.byteLength, p.byteLength);
+    p.set(first.subarray(0, n));
+    if (n === first.byteLength) this.#bytes.shift();
+    else this.#bytes[0] = first.subarray(n);
+    return n;
+  }
+}
+
+Deno.test("a message queued while a read loop handles one leaves before its next read starts, at both ends", async () => {
+  const { Comm } = await import("../protocol/comm.ts");
+  const log: string[] = [];
+  const c = new LoggingPipeEnd("client", log);
+  const s = new LoggingPipeEnd("server", log);
+  c.peer = s;
+  s.peer = c;
+  const server = new Comm(s, { dispatch: () => "pong" });
+  const client = new Comm(c, { keepsAlive: "busy" });
+  try {
+    // A caller that calls in turn, as most do: each reply's continuation makes the next call.
+    for (let i = 0; i < 3; i++) assert.equal(await client.call("ping"), "pong");
+    await client.flushed();
+    const serverEnd = log.filter((e) => e.startsWith("server"));
+    const clientEnd = log.filter((e) => e.startsWith("client"));
+    // The server answers each request before it starts the read for the next one.
+    assert.deepEqual(serverEnd, [
+      "server read",
+      "server write",
+      "server read",
+      "server write",
+      "server read",
+      "server write",
+      "server read",
+    ]);
+    // The client's next request leaves before the read for its reply starts.
+    assert.deepEqual(clientEnd, [
+      "client write",
+      "client read",
+      "client write",
+      "client read",
+      "client write",
+      "client read",
+    ]);
+  } finally {
+    await client.close();
+    await server.close();
+  }
+});
