@@ -118,8 +118,8 @@ const FULL: Plan = {
   chain: 1_000,
   seeds: 200,
   transferBytes: 256 * MiB,
-  transferRuns: 3,
-  transferBudgetS: 8,
+  transferRuns: 5,
+  transferBudgetS: 12,
   registrationSamples: 3,
   settleMs: 1_000,
 };
