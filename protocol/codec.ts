@@ -514,9 +514,9 @@ export class Encoder {
 const NO_BYTES = new Uint8Array(0);
 
 /** Strings (map keys and values) at most this long are cached by the decoder. */
-const KEY_CACHE_CHARS_MAX = 16;
-/** Slots of the decoder's key cache (a key takes the slot its hash names). */
-const KEY_CACHE_SLOTS = 256;
+const STRING_CACHE_CHARS_MAX = 16;
+/** Slots of the decoder's string cache (a string takes the slot its hash names). */
+const STRING_CACHE_SLOTS = 256;
 
 /** Decodes msgpack bytes, resolving out-of-band references against `buffers`. */
 export class Decoder {
@@ -613,21 +613,9 @@ export class Decoder {
   }
 
   /**
-   * A map's key: a short fixstr key is looked up in a cache of the keys seen, so the
-   * field names every message repeats ("key", "nbytes"...) are not built again, char by
-   * char, for each message.
-   */
-  #key(depth: number): unknown {
-    const t = this.#buf[this.#pos];
-    const n = t - 0xa0;
-    if (n < 0 || n > KEY_CACHE_CHARS_MAX) return this.#value(depth);
-    this.#pos++;
-    return this.#cachedString(n);
-  }
-
-  /**
-   * A short string of `n` bytes at #pos, from the cache when it was seen before: map keys
-   * and the values messages repeat (op names, a worker's address) are not built again.
+   * A short string of `n` bytes at #pos, from the cache when it was seen before: the field
+   * names every message repeats ("key", "nbytes"...) and the values it repeats (op names, a
+   * worker's address) are not built again, char by char, for each message.
    */
   #cachedString(n: number): string {
     if (this.#pos + n > this.#buf.length) return this.#string(n);
@@ -635,8 +623,8 @@ export class Decoder {
     const start = this.#pos;
     let h = n;
     for (let i = start; i < start + n; i++) h = (Math.imul(h, 31) + b[i]) | 0;
-    const slot = (h >>> 0) % KEY_CACHE_SLOTS;
-    const cached = this.#keys[slot];
+    const slot = (h >>> 0) % STRING_CACHE_SLOTS;
+    const cached = this.#strings[slot];
     if (cached !== undefined && cached.length === n) {
       let same = true;
       for (let i = 0; i < n; i++) {
@@ -652,17 +640,17 @@ export class Decoder {
     }
     const key = this.#string(n);
     // Only ASCII strings compare byte for char.
-    if (key.length === n) this.#keys[slot] = key;
+    if (key.length === n) this.#strings[slot] = key;
     return key;
   }
 
-  #keys: (string | undefined)[] = new Array(KEY_CACHE_SLOTS);
+  #strings: (string | undefined)[] = new Array(STRING_CACHE_SLOTS);
 
   #map(n: number, depth: number): Record<string, unknown> {
     this.#container(n * 2, depth);
     const out: Record<string, unknown> = {};
     for (let i = 0; i < n; i++) {
-      const k = this.#key(depth + 1);
+      const k = this.#value(depth + 1);
       const key = typeof k === "string" ? k : String(k);
       const value = this.#value(depth + 1);
       // A "__proto__" key must stay data, never become the object's prototype.
@@ -680,7 +668,7 @@ export class Decoder {
     if (t < 0x90) return this.#map(t & 0x0f, depth);
     if (t < 0xa0) return this.#array(t & 0x0f, depth);
     if (t < 0xc0) {
-      return (t & 0x1f) <= KEY_CACHE_CHARS_MAX ? this.#cachedString(t & 0x1f) : this.#string(t & 0x1f);
+      return (t & 0x1f) <= STRING_CACHE_CHARS_MAX ? this.#cachedString(t & 0x1f) : this.#string(t & 0x1f);
     }
     let v: number;
     switch (t) {

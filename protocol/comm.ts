@@ -379,14 +379,14 @@ export class Comm {
           // A small message's bytes are awaited here, straight from the socket; others
           // through next().
           const reading = reader.readSmall();
-          const got = reading === null ? undefined : await reading;
+          let got: number | null = null;
           if (reading === null) frames = await reader.next(true);
+          else got = await reading;
           const after = Date.now();
           const waited = after - now;
           turn = waited >= WAITED_MS ? now + waited : turn + waited;
           now = after;
-          if (reading === null) break;
-          if (!reader.received(got!)) break;
+          if (reading === null || !reader.received(got)) break;
           frames = reader.tryNext(true);
         }
         if (frames === null) break;

@@ -172,11 +172,7 @@ export class MessageReader {
       this.#start = this.#end = 0;
       return this.#source.read(this.#buf);
     }
-    if (this.#start + need > this.#buf.length) {
-      this.#buf.copyWithin(0, this.#start, this.#end);
-      this.#end = available;
-      this.#start = 0;
-    }
+    this.#makeRoom(need);
     return this.#source.read(this.#buf.subarray(this.#end));
   }
 
@@ -303,19 +299,23 @@ export class MessageReader {
     return out;
   }
 
+  /** Moves what is buffered to the start (or to a larger buffer) if `n` bytes from #start would not fit. */
+  #makeRoom(n: number): void {
+    if (this.#start + n <= this.#buf.length) return;
+    if (n <= this.#buf.length) this.#buf.copyWithin(0, this.#start, this.#end);
+    else {
+      const next = new Uint8Array(n);
+      next.set(this.#buf.subarray(this.#start, this.#end));
+      this.#setBuffer(next);
+    }
+    this.#end -= this.#start;
+    this.#start = 0;
+  }
+
   /** Makes `n` bytes available at #start; false only if `eofOk` and the stream ended clean. */
   async #fill(n: number, eofOk: boolean): Promise<boolean> {
     if (this.#end - this.#start >= n) return true;
-    if (this.#start + n > this.#buf.length) {
-      if (n <= this.#buf.length) this.#buf.copyWithin(0, this.#start, this.#end);
-      else {
-        const next = new Uint8Array(n);
-        next.set(this.#buf.subarray(this.#start, this.#end));
-        this.#setBuffer(next);
-      }
-      this.#end -= this.#start;
-      this.#start = 0;
-    }
+    this.#makeRoom(n);
     while (this.#end - this.#start < n) {
       const got = await this.#source.read(this.#buf.subarray(this.#end));
       if (got === null) {

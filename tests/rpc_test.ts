@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { BusyError, ConnectionClosedError, RemoteError, rpc, TimeoutError, type WorkerOps } from "../mod.ts";
-import { type Dispatch, READ_TURN_MS, REQUESTS_IN_FLIGHT_MAX } from "../protocol/comm.ts";
+import { Comm, type Dispatch, READ_TURN_MS, REQUESTS_IN_FLIGHT_MAX } from "../protocol/comm.ts";
 import { serve, type Server } from "../protocol/server.ts";
 import { eventually, startCluster } from "./_helpers.ts";
 
@@ -373,7 +373,6 @@ class LoggingPipeEnd {
 }
 
 Deno.test("a message queued while a read loop handles one leaves before its next read starts, at both ends", async () => {
-  const { Comm } = await import("../protocol/comm.ts");
   const log: string[] = [];
   const c = new LoggingPipeEnd("client", log);
   const s = new LoggingPipeEnd("server", log);
