@@ -1,6 +1,6 @@
 /**
- * The raw-TCP helper both benchmarks run as a separate process, to measure the
- * machine's limits next to dist's figures.
+ * The raw-TCP helper the benchmarks run as a separate process, to measure the
+ * machine's limits next to dist's figures, and the random data they send.
  *
  * @module
  */
@@ -76,3 +76,16 @@ async function serveSink(conn) {
 (async () => { for await (const c of echo) serveEcho(c); })();
 (async () => { for await (const c of sink) serveSink(c); })();
 `;
+
+/** Random floats in [0, 1): incompressible, as most real data (xorshift32, seeded: the same every run). */
+export function randomF64(bytes: number): Float64Array {
+  const a = new Float64Array(bytes / 8);
+  let x = 0x9e3779b9;
+  for (let i = 0; i < a.length; i++) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    a[i] = (x >>> 0) / 4294967296;
+  }
+  return a;
+}

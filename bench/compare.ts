@@ -37,7 +37,7 @@
  * @module
  */
 
-import { RAW_HELPER_SOURCE } from "./_raw.ts";
+import { randomF64, RAW_HELPER_SOURCE } from "./_raw.ts";
 import { parseArgs } from "node:util";
 import { type NodeProcess, spawnNode } from "../client/spawn.ts";
 import {
@@ -599,19 +599,6 @@ function collectGarbage(): void {
 }
 
 const CHECK_AT = (n: number) => [0, 1, 12345 % n, n >> 1, n - 1];
-
-/** Random floats in [0, 1): incompressible, as most real data (xorshift32, seeded: the same every run). */
-function randomF64(bytes: number): Float64Array {
-  const a = new Float64Array(bytes / 8);
-  let x = 0x9e3779b9;
-  for (let i = 0; i < a.length; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    a[i] = (x >>> 0) / 4294967296;
-  }
-  return a;
-}
 
 /** Random bytes: incompressible. */
 function randomU8(bytes: number): Uint8Array {

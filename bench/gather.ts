@@ -14,7 +14,7 @@
  */
 
 import { parseArgs } from "node:util";
-import { RAW_HELPER_SOURCE } from "./_raw.ts";
+import { randomF64, RAW_HELPER_SOURCE } from "./_raw.ts";
 import { type NodeProcess, spawnNode } from "../client/spawn.ts";
 import { Client } from "../mod.ts";
 
@@ -134,18 +134,6 @@ function median(xs: number[]): number {
 function summary(xs: number[]): string {
   const r = (x: number) => Math.round(x).toLocaleString("en-US");
   return `median ${r(median(xs))} MB/s (runs: ${xs.map(r).join(" ")})`;
-}
-
-function randomF64(bytes: number): Float64Array {
-  const a = new Float64Array(bytes / 8);
-  let x = 0x9e3779b9;
-  for (let i = 0; i < a.length; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    a[i] = (x >>> 0) / 2 ** 32;
-  }
-  return a;
 }
 
 async function findPython(): Promise<string | null> {
