@@ -44,8 +44,7 @@ async function startHelper(command: string, args: string[], env: Record<string, 
     if (done || Date.now() > deadline) throw new Error(`${command} printed no ports: ${text.slice(0, 300)}`);
     text += value;
   }
-  reader.releaseLock();
-  child.stdout.cancel().catch(() => {});
+  await reader.cancel().catch(() => {}); // the helper prints nothing more
   const ports = JSON.parse(/(\{"echo".*\})/.exec(text)![1]) as { sink: number };
   return { child, sink: ports.sink };
 }
@@ -148,13 +147,29 @@ async function findPython(): Promise<string | null> {
 }
 
 async function main(): Promise<number> {
-  const { values } = parseArgs({
-    args: Deno.args,
-    options: { runs: { type: "string", default: "10" }, perf: { type: "boolean" } },
-  });
+  const usage = "Usage: deno task bench:gather [--runs N] [--perf]";
+  let values: { runs: string; perf?: boolean; help?: boolean };
+  try {
+    ({ values } = parseArgs({
+      args: Deno.args,
+      options: {
+        runs: { type: "string", default: "10" },
+        perf: { type: "boolean" },
+        help: { type: "boolean" },
+      },
+      strict: true,
+    }));
+  } catch (error) {
+    console.error(`${(error as Error).message.split("\n")[0]}\n${usage}`);
+    return 2;
+  }
+  if (values.help) {
+    console.log(usage);
+    return 0;
+  }
   const runs = Number(values.runs);
   if (!Number.isInteger(runs) || runs < 1 || runs > 100) {
-    console.error(`--runs ${values.runs}: expected a whole number from 1 to 100`);
+    console.error(`--runs ${values.runs}: expected a whole number from 1 to 100\n${usage}`);
     return 2;
   }
   if (!(Deno.env.get("GLIBC_TUNABLES") ?? "").includes("glibc.malloc.hugetlb=1")) {
