@@ -38,7 +38,7 @@
  */
 
 import { randomF64, RAW_HELPER_SOURCE } from "./_raw.ts";
-import { parseArgs } from "node:util";
+import { benchArgs } from "./_args.ts";
 import { type NodeProcess, spawnNode } from "../client/spawn.ts";
 import {
   Client,
@@ -1555,26 +1555,12 @@ function reportFailure(side: string, error: unknown, res: Resources): void {
 
 async function main(): Promise<number> {
   const usage = "Usage: deno task bench:compare [--quick] [--bigger-only] [--json PATH]";
-  let values: { quick?: boolean; json?: string; help?: boolean; "bigger-only"?: boolean };
-  try {
-    ({ values } = parseArgs({
-      args: Deno.args,
-      options: {
-        quick: { type: "boolean" },
-        json: { type: "string" },
-        help: { type: "boolean" },
-        "bigger-only": { type: "boolean" },
-      },
-      strict: true,
-    }));
-  } catch (error) {
-    console.error(`${(error as Error).message.split("\n")[0]}\n${usage}`);
-    return 2;
-  }
-  if (values.help) {
-    console.log(usage);
-    return 0;
-  }
+  const values = benchArgs(usage, {
+    quick: { type: "boolean" },
+    json: { type: "string" },
+    "bigger-only": { type: "boolean" },
+  });
+  if (typeof values === "number") return values;
   const plan = values.quick ? QUICK : FULL;
   const started = performance.now();
   const step: Step = (what) =>

@@ -13,7 +13,7 @@
  * @module
  */
 
-import { parseArgs } from "node:util";
+import { benchArgs } from "./_args.ts";
 import { randomF64, RAW_HELPER_SOURCE } from "./_raw.ts";
 import { type NodeProcess, spawnNode } from "../client/spawn.ts";
 import { Client } from "../mod.ts";
@@ -148,25 +148,8 @@ async function findPython(): Promise<string | null> {
 
 async function main(): Promise<number> {
   const usage = "Usage: deno task bench:gather [--runs N] [--perf]";
-  let values: { runs: string; perf?: boolean; help?: boolean };
-  try {
-    ({ values } = parseArgs({
-      args: Deno.args,
-      options: {
-        runs: { type: "string", default: "10" },
-        perf: { type: "boolean" },
-        help: { type: "boolean" },
-      },
-      strict: true,
-    }));
-  } catch (error) {
-    console.error(`${(error as Error).message.split("\n")[0]}\n${usage}`);
-    return 2;
-  }
-  if (values.help) {
-    console.log(usage);
-    return 0;
-  }
+  const values = benchArgs(usage, { runs: { type: "string", default: "10" }, perf: { type: "boolean" } });
+  if (typeof values === "number") return values;
   const runs = Number(values.runs);
   if (!Number.isInteger(runs) || runs < 1 || runs > 100) {
     console.error(`--runs ${values.runs}: expected a whole number from 1 to 100\n${usage}`);
