@@ -1,6 +1,7 @@
 /**
- * The raw-TCP helper the benchmarks run as a separate process, to measure the
- * machine's limits next to dist's figures, and the random data they send.
+ * What the benchmarks share: the raw-TCP helper they run as a separate process to
+ * measure the machine's limits next to dist's figures, the sending side of its sink, the
+ * random data they send, and the small measuring helpers around them.
  *
  * @module
  */
@@ -88,4 +89,66 @@ export function randomF64(bytes: number): Float64Array {
     a[i] = (x >>> 0) / 4294967296;
   }
   return a;
+}
+
+const MiB = 1024 * 1024;
+const MB = 1e6;
+/** Largest piece handed to one conn.write in the raw bulk test. */
+const RAW_WRITE_CHUNK_BYTES = 16 * MiB;
+
+/** Runs a small command and returns its stdout, or null if it fails. */
+export async function output(command: string, args: string[]): Promise<string | null> {
+  try {
+    const out = await new Deno.Command(command, { args, stdin: "null", stdout: "piped", stderr: "null" })
+      .output();
+    return out.success ? new TextDecoder().decode(out.stdout) : null;
+  } catch {
+    return null;
+  }
+}
+
+/** Minor page faults of `pid` so far (/proc/PID/stat field 10), or null where unreadable. */
+export async function minorFaults(pid: number): Promise<number | null> {
+  const stat = await output("cat", [`/proc/${pid}/stat`]);
+  const fields = stat?.slice(stat.lastIndexOf(")") + 2).split(" ");
+  const n = Number(fields?.[7]);
+  return Number.isFinite(n) ? n : null;
+}
+
+/** Writes all of `p`. */
+export async function writeAll(conn: Deno.Conn, p: Uint8Array): Promise<void> {
+  let done = 0;
+  while (done < p.byteLength) done += await conn.write(p.subarray(done));
+}
+
+/** Reads exactly `p.byteLength` bytes into `p`; a close before that throws. */
+export async function readFull(conn: Deno.Conn, p: Uint8Array): Promise<void> {
+  let got = 0;
+  while (got < p.byteLength) {
+    const n = await conn.read(p.subarray(got));
+    if (n === null) throw new Error("The raw TCP helper closed the connection");
+    got += n;
+  }
+}
+
+/** Sends `data` through the helper's sink, into its reused buffer or into fresh memory; MB/s. */
+export async function rawBulk(conn: Deno.Conn, data: Uint8Array, fresh: boolean): Promise<number> {
+  const header = new Uint8Array(16);
+  new DataView(header.buffer).setBigUint64(0, BigInt(data.byteLength), true);
+  new DataView(header.buffer).setBigUint64(8, fresh ? 1n : 0n, true);
+  const ack = new Uint8Array(1);
+  const t0 = performance.now();
+  await writeAll(conn, header);
+  for (let at = 0; at < data.byteLength;) {
+    at += await conn.write(data.subarray(at, Math.min(at + RAW_WRITE_CHUNK_BYTES, data.byteLength)));
+  }
+  await readFull(conn, ack);
+  const t1 = performance.now();
+  return data.byteLength / MB / ((t1 - t0) / 1000);
+}
+
+/** The median of `xs` (the mean of the middle two for an even count). */
+export function median(xs: readonly number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
 }

@@ -37,7 +37,16 @@
  * @module
  */
 
-import { randomF64, RAW_HELPER_SOURCE } from "./_raw.ts";
+import {
+  median,
+  minorFaults,
+  output,
+  randomF64,
+  RAW_HELPER_SOURCE,
+  rawBulk,
+  readFull,
+  writeAll,
+} from "./_raw.ts";
 import { benchArgs } from "./_args.ts";
 import { type NodeProcess, spawnNode } from "../client/spawn.ts";
 import {
@@ -65,8 +74,6 @@ const REGISTRATION_POLL_MS = 2;
 const LOG_LINES_MAX = 400;
 /** The Dask client script may take this long. */
 const DASK_BENCH_TIMEOUT_MS = 360_000;
-/** Largest piece handed to one conn.write in the raw bulk test. */
-const RAW_WRITE_CHUNK_BYTES = 16 * MiB;
 const INSTALL_HINT = "apt-get update && apt-get install -y python3-distributed python3-numpy";
 const DASK_SCRIPT = new URL("./dask_bench.py", import.meta.url);
 
@@ -347,17 +354,6 @@ interface Memory {
   file: number | null;
 }
 
-/** Runs a small command and returns its stdout, or null if it fails. */
-async function output(command: string, args: string[]): Promise<string | null> {
-  try {
-    const out = await new Deno.Command(command, { args, stdin: "null", stdout: "piped", stderr: "null" })
-      .output();
-    return out.success ? new TextDecoder().decode(out.stdout) : null;
-  } catch {
-    return null;
-  }
-}
-
 /**
  * RSS from `ps` (Deno reads /proc only with --allow-all, so /proc goes through a child
  * process); the split into anonymous and file-backed pages from /proc/PID/status.
@@ -373,34 +369,12 @@ async function memoryOf(pid: number): Promise<Memory> {
   return { rss: kib * 1024, anon: field("RssAnon"), file: field("RssFile") };
 }
 
-/** Minor page faults of `pid` so far (/proc/PID/stat field 10), or null where unreadable. */
-async function minorFaults(pid: number): Promise<number | null> {
-  const stat = await output("cat", [`/proc/${pid}/stat`]);
-  const fields = stat?.slice(stat.lastIndexOf(")") + 2).split(" ");
-  const n = Number(fields?.[7]);
-  return Number.isFinite(n) ? n : null;
-}
-
 // ---- raw TCP on Deno: a helper process, Deno.listen + conn.read/conn.write only ----
 
 /** Ports printed as `{"echo": P, "sink": P}` by either raw helper. */
 async function helperPorts(proc: Spawned): Promise<{ echo: number; sink: number }> {
   const m = await proc.waitFor(/^(\{"echo".*\})$/, START_TIMEOUT_MS);
   return JSON.parse(m[1]) as { echo: number; sink: number };
-}
-
-async function writeAll(conn: Deno.Conn, p: Uint8Array): Promise<void> {
-  let done = 0;
-  while (done < p.byteLength) done += await conn.write(p.subarray(done));
-}
-
-async function readFull(conn: Deno.Conn, p: Uint8Array): Promise<void> {
-  let got = 0;
-  while (got < p.byteLength) {
-    const n = await conn.read(p.subarray(got));
-    if (n === null) throw new Error("The raw TCP helper closed the connection");
-    got += n;
-  }
 }
 
 /** One round trip of 8 bytes through the echo helper; microseconds. */
@@ -412,22 +386,6 @@ async function rawRoundTrip(conn: Deno.Conn, out: Uint8Array, back: Uint8Array, 
   const t1 = performance.now();
   if (back[0] !== out[0] || back[1] !== out[1]) throw new Error("The echo came back wrong");
   return (t1 - t0) * 1000;
-}
-
-/** Sends `data` through the sink; MB/s. */
-async function rawBulk(conn: Deno.Conn, data: Uint8Array, fresh: boolean): Promise<number> {
-  const header = new Uint8Array(16);
-  new DataView(header.buffer).setBigUint64(0, BigInt(data.byteLength), true);
-  new DataView(header.buffer).setBigUint64(8, fresh ? 1n : 0n, true);
-  const ack = new Uint8Array(1);
-  const t0 = performance.now();
-  await writeAll(conn, header);
-  for (let at = 0; at < data.byteLength;) {
-    at += await conn.write(data.subarray(at, Math.min(at + RAW_WRITE_CHUNK_BYTES, data.byteLength)));
-  }
-  await readFull(conn, ack);
-  const t1 = performance.now();
-  return data.byteLength / MB / ((t1 - t0) / 1000);
 }
 
 // ---- repeated figures ----
@@ -1261,11 +1219,6 @@ function percentile(samples: readonly number[], p: number): number {
   const sorted = [...samples].sort((a, b) => a - b);
   const rank = Math.max(1, Math.ceil((p / 100) * sorted.length));
   return sorted[Math.min(rank, sorted.length) - 1];
-}
-
-function median(xs: readonly number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
 }
 
 const fmt = (x: number, digits = 0) =>

@@ -14,7 +14,7 @@
  */
 
 import { benchArgs } from "./_args.ts";
-import { randomF64, RAW_HELPER_SOURCE } from "./_raw.ts";
+import { median, minorFaults, randomF64, RAW_HELPER_SOURCE, rawBulk } from "./_raw.ts";
 import { type NodeProcess, spawnNode } from "../client/spawn.ts";
 import { Client } from "../mod.ts";
 
@@ -24,8 +24,6 @@ const BYTES = 256 * MiB;
 const START_TIMEOUT_MS = 60_000;
 const WATCHDOG_MS = 300_000;
 const DASK_SCRIPT = new URL("./dask_bench.py", import.meta.url);
-/** Largest piece handed to one conn.write by the raw sender (as bench:compare). */
-const RAW_WRITE_CHUNK_BYTES = 16 * MiB;
 
 interface Helper {
   child: Deno.ChildProcess;
@@ -47,22 +45,6 @@ async function startHelper(command: string, args: string[], env: Record<string, 
   await reader.cancel().catch(() => {}); // the helper prints nothing more
   const ports = JSON.parse(/(\{"echo".*\})/.exec(text)![1]) as { sink: number };
   return { child, sink: ports.sink };
-}
-
-/** One transfer of `data` into the helper's fresh memory; MB/s. */
-async function rawFresh(conn: Deno.Conn, data: Uint8Array): Promise<number> {
-  const header = new Uint8Array(16);
-  const view = new DataView(header.buffer);
-  view.setBigUint64(0, BigInt(data.byteLength), true);
-  view.setBigUint64(8, 1n, true);
-  const t0 = performance.now();
-  for (let at = 0; at < header.byteLength;) at += await conn.write(header.subarray(at));
-  for (let at = 0; at < data.byteLength;) {
-    at += await conn.write(data.subarray(at, Math.min(at + RAW_WRITE_CHUNK_BYTES, data.byteLength)));
-  }
-  const ack = new Uint8Array(1);
-  if (await conn.read(ack) !== 1) throw new Error("The raw sink closed instead of acknowledging");
-  return data.byteLength / MB / ((performance.now() - t0) / 1000);
 }
 
 /** A `perf record -g` of `pid` until stopped; null when perf is missing or may not attach. */
@@ -116,18 +98,6 @@ async function profileLines(file: string): Promise<string> {
   const sym = await perfTop(file, "sym", 2);
   return `    by object: ${dso.map(([p, n]) => `${n} ${p.toFixed(1)}%`).join(", ")}\n` +
     `    top symbols: ${sym.slice(0, 6).map(([p, n]) => `${n} ${p.toFixed(1)}%`).join(", ")}`;
-}
-
-/** Minor page faults of `pid` so far (/proc/PID/stat field 10; Deno lets only `cat` read /proc here). */
-async function minorFaults(pid: number): Promise<number> {
-  const out = await new Deno.Command("cat", { args: [`/proc/${pid}/stat`], stderr: "null" }).output();
-  const stat = new TextDecoder().decode(out.stdout);
-  return Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[7]);
-}
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length % 2 ? s[s.length >> 1] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
 }
 
 function summary(xs: number[]): string {
@@ -208,7 +178,8 @@ async function main(): Promise<number> {
       for (let i = 0; i < runs; i++) {
         const f0 = await minorFaults(pid);
         out.push(await one());
-        took.push(await minorFaults(pid) - f0);
+        const f1 = await minorFaults(pid);
+        if (f0 !== null && f1 !== null) took.push(f1 - f0);
       }
       faults[name] = took;
       if (perf && await perf.stop()) profiles[name] = await profileLines(file);
@@ -238,7 +209,7 @@ async function main(): Promise<number> {
     helpers.push(deno);
     const denoSink = await Deno.connect({ hostname: "127.0.0.1", port: deno.sink });
     conns.push(denoSink);
-    await measure("Deno's raw sink", deno.child.pid, () => rawFresh(denoSink, bytes));
+    await measure("Deno's raw sink", deno.child.pid, () => rawBulk(denoSink, bytes, true));
 
     const python = await findPython();
     if (python) {
@@ -248,12 +219,17 @@ async function main(): Promise<number> {
       helpers.push(py);
       const pySink = await Deno.connect({ hostname: "127.0.0.1", port: py.sink });
       conns.push(pySink);
-      await measure("Python's raw sink (asyncio, numpy.empty)", py.child.pid, () => rawFresh(pySink, bytes));
+      await measure(
+        "Python's raw sink (asyncio, numpy.empty)",
+        py.child.pid,
+        () => rawBulk(pySink, bytes, true),
+      );
     }
 
     console.log("\n256 MiB into fresh memory (huge pages), MB/s with 1 MB = 1e6 B:");
     for (const [name, xs] of Object.entries(rates)) {
-      console.log(`  ${name}: ${summary(xs)}; page faults per run, median ${median(faults[name])}`);
+      const took = faults[name].length ? `; page faults per run, median ${median(faults[name])}` : "";
+      console.log(`  ${name}: ${summary(xs)}${took}`);
       if (profiles[name]) console.log(profiles[name]);
     }
     if (!python) console.log("  Python's raw sink: n/a (no python3 with numpy; apt install python3-numpy)");
