@@ -31,7 +31,7 @@
 
 import { parseArgs } from "node:util";
 import { type NodeProcess, spawnNode } from "../client/spawn.ts";
-import { RAW_HELPER_SOURCE } from "./_raw.ts";
+import { RAW_HELPER_SOURCE, rawBulk, readFull, writeAll } from "./_raw.ts";
 import { type Rpc, rpc, type WorkerOps } from "../mod.ts";
 import { DataStore } from "../worker/store.ts";
 
@@ -174,20 +174,6 @@ class Resources {
   }
 }
 
-async function writeAll(conn: Deno.Conn, p: Uint8Array): Promise<void> {
-  let done = 0;
-  while (done < p.byteLength) done += await conn.write(p.subarray(done));
-}
-
-async function readFull(conn: Deno.Conn, p: Uint8Array): Promise<void> {
-  let got = 0;
-  while (got < p.byteLength) {
-    const n = await conn.read(p.subarray(got));
-    if (n === null) throw new Error("The raw TCP helper closed the connection");
-    got += n;
-  }
-}
-
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
 /** Round trips of 8 bytes through the echo helper; one sample each, in microseconds. */
@@ -248,25 +234,6 @@ async function roundTrips(echo: RawEcho, worker: Rpc<WorkerOps>, plan: Plan) {
   }
   return { raw, rpc, idle };
 }
-
-/** Figure 2 and diagnostic 2b: sends `data` through the sink; MB/s. */
-async function rawBulk(conn: Deno.Conn, data: Uint8Array, fresh: boolean): Promise<number> {
-  const header = new Uint8Array(16);
-  new DataView(header.buffer).setBigUint64(0, BigInt(data.byteLength), true);
-  new DataView(header.buffer).setBigUint64(8, fresh ? 1n : 0n, true);
-  const ack = new Uint8Array(1);
-  const t0 = performance.now();
-  await writeAll(conn, header);
-  for (let at = 0; at < data.byteLength;) {
-    at += await conn.write(data.subarray(at, Math.min(at + RAW_WRITE_CHUNK_BYTES, data.byteLength)));
-  }
-  await readFull(conn, ack);
-  const t1 = performance.now();
-  return data.byteLength / MB / ((t1 - t0) / 1000);
-}
-
-/** Largest piece handed to one conn.write in the raw bulk test. */
-const RAW_WRITE_CHUNK_BYTES = 16 * MiB;
 
 // ---- dist figures ----
 
